@@ -1,0 +1,3 @@
+"""rlvr: entropy-focused RL fine-tuning (forking-token GRPO) for Mixture-of-Experts language models."""
+
+__version__ = "0.1.0"

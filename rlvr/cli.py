@@ -1,0 +1,130 @@
+"""The ``rlvr`` command line.
+
+    rlvr quickstart                      # warm start + forking-token GRPO on the embedded tiny MoE
+    rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.learning_rate=1e-5
+    rlvr validate --config F             # check a config and print it resolved, building nothing
+
+Every config key can be overridden as ``--section.key value`` or ``section.key=value``;
+``rlvr train --help`` lists them all with their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlvr import __version__
+from rlvr.config import ConfigError, format_help, load_config, to_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlvr",
+        description="Entropy-focused RL fine-tuning (forking-token GRPO) for Mixture-of-Experts models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'rlvr train --help' for every config key.",
+    )
+    parser.add_argument("--version", action="version", version=f"rlvr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "Config keys (override with --key value or key=value):\n" + format_help()
+
+    train = commands.add_parser(
+        "train",
+        help="train a policy with ForkingGRPOTrainer from a YAML config",
+        description="Train with forking-token GRPO. Example:\n"
+        "  rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.max_steps=50",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help,
+    )
+    train.add_argument("--config", required=True, help="YAML config file")
+
+    quickstart = commands.add_parser(
+        "quickstart",
+        help="warm-start the embedded tiny MoE, then forking-token GRPO, eval before/after",
+        description="Runs configs/quickstart.yaml (overrides allowed, e.g. grpo.max_steps=20).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help,
+    )
+    quickstart.add_argument("--config", default=str(QUICKSTART_CONFIG), help=argparse.SUPPRESS)
+
+    check = commands.add_parser(
+        "validate",
+        help="validate a config and print it fully resolved (builds no model)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help,
+    )
+    check.add_argument("--config", required=True, help="YAML config file")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to rlvr's progress bars and TRL's training log."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.basicConfig(level=logging.INFO, format="[rlvr] %(message)s")
+    for noisy in ("math_verify", "latex2sympy2_extended"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _run_training(config) -> int:
+    from rlvr.recipe import summary_table, train
+
+    _quiet_libraries()
+    result = train(config)
+    print("\n" + "=" * 72)
+    print(f"rlvr: finished {config.model.name_or_path} in {config.output_dir}")
+    if result.warm_start is not None:
+        source = "cached" if result.warm_start.cached else f"{result.warm_start.seconds:.0f} s"
+        print(
+            f"warm start: {result.warm_start.steps} SFT steps, dev accuracy {result.warm_start.dev_accuracy:.3f} "
+            f"({source}: {result.warm_start.path})"
+        )
+    print(summary_table(result))
+    forking_log = Path(config.output_dir) / "forking_tokens.jsonl"
+    if forking_log.exists():
+        last = json.loads(forking_log.read_text().splitlines()[-1])
+        if last["examples"]:
+            print(f"forking tokens (marked « ») at step {last['step']}: {last['examples'][0]!r}")
+    print(f"metrics: {Path(config.output_dir) / 'metrics.jsonl'}   summary: {Path(config.output_dir) / 'summary.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.command == "quickstart" and not Path(args.config).is_file():
+            raise ConfigError(
+                f"quickstart config not found at {args.config}; run from a source checkout (pip install -e .)"
+            )
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"rlvr {args.command}: config error: {error}", file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        print("config OK", file=sys.stderr)
+        return 0
+    from rlvr.data import DataError
+
+    try:
+        return _run_training(config)
+    except DataError as error:
+        print(f"rlvr {args.command}: data error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Run configuration: one YAML file, typed sections, command-line overrides, validation up front.
+
+A config has rlvr's own sections (``model``, ``data``, ``reward``, ``forking``, ``warm_start``,
+``eval``) and a ``grpo`` section whose keys are TRL ``GRPOConfig`` fields, passed through unchanged.
+Every field carries a one-line help that ``rlvr train --help`` prints.
+
+Values are read in three layers: defaults < YAML file < overrides (``--forking.rho 0.3`` or
+``forking.rho=0.3``). :func:`validate` runs before any model or dataset is built and raises
+:class:`ConfigError` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlvr.data.arithmetic import ArithmeticTask
+from rlvr.data.loader import ANSWER_FORMATS
+from rlvr.forking import NORMALIZATIONS, SCOPES, SELECTIONS
+from rlvr.models.tiny import ARCHITECTURES, TinyMoESpec
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted key."""
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, type):  # a section class, or list/dict: a fresh instance per config
+        return field(default_factory=default, metadata=metadata, **kwargs)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda value=default: type(value)(value), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _field(
+        "tiny:qwen3_moe",
+        "policy: 'tiny:<arch>' (embedded random MoE, arch in "
+        + ", ".join(sorted(ARCHITECTURES))
+        + "), a hub id (Qwen/Qwen3-30B-A3B) or a local checkpoint directory",
+    )
+    tiny: TinyMoESpec = _field(TinyMoESpec, "size of the embedded tiny MoE (used with 'tiny:<arch>')")
+    dtype: str = _field("float32", "weights dtype when loading", choices=("float32", "bfloat16", "float16", "float64"))
+    trust_remote_code: bool = _field(False, "allow custom modelling code from the hub")
+
+
+@dataclass
+class DataConfig:
+    source: str = _field(
+        "arithmetic",
+        "'arithmetic' (embedded task), a local .jsonl/.json/.parquet/.csv file, a dataset directory, or a hub name",
+    )
+    config_name: str | None = _field(None, "hub dataset config (e.g. 'main' for openai/gsm8k)")
+    train_split: str = _field("train", "split to train on (hub datasets and dataset dicts)")
+    eval_split: str | None = _field("test", "held-out split to evaluate on; null: no held-out evaluation")
+    question_column: str = _field("question", "column holding the question")
+    answer_column: str = _field("answer", "column holding the gold answer")
+    answer_format: str = _field("raw", "how to read the gold answer ('gsm8k' keeps what follows '####')", ANSWER_FORMATS)
+    system_prompt: str | None = _field(None, "optional system message put before every question")
+    chat: bool = _field(True, "conversational prompts (chat template) instead of plain text")
+    num_train: int = _field(4000, "training problems (embedded task: generated; files: first N rows, 0 = all)")
+    num_eval: int = _field(200, "evaluation problems (first N of the eval split)")
+    task: ArithmeticTask = _field(ArithmeticTask, "embedded arithmetic task: terms, operand range, eval share")
+
+
+@dataclass
+class RewardConfig:
+    functions: list = _field(
+        ["arithmetic_exact"], "reward functions: names (arithmetic_exact, math_accuracy, boxed_format) or module:function"
+    )
+    weights: list | None = _field(None, "one weight per reward function (default: all 1.0)")
+
+
+@dataclass
+class ForkingConfig:
+    rho: float = _field(0.2, "fraction of completion tokens selected as forking tokens (the paper: 0.2)")
+    selection: str = _field(
+        "top", "which tokens: top (highest entropy), bottom (lowest), random (same count)", SELECTIONS
+    )
+    scope: str = _field(
+        "micro_batch", "unit in which k = ceil(rho * n) is counted (micro_batch is gathered across ranks)", SCOPES
+    )
+    policy_tokens: str = _field(
+        "forking", "tokens in the policy-gradient loss: forking (the selection) or all (full/hybrid arms)",
+        ("forking", "all"),
+    )
+    loss_normalization: str = _field(
+        "selected", "normalise the loss over the selected tokens (the paper) or all completion tokens (TRL)",
+        NORMALIZATIONS,
+    )
+    mask_kl: bool = _field(False, "let the KL penalty's gradient flow only through forking tokens")
+    mask_entropy_bonus: bool = _field(True, "apply the entropy bonus on forking tokens only (TRL's behaviour)")
+    log_examples: int = _field(2, "completions per logging step written with their forking tokens marked")
+
+
+@dataclass
+class WarmStartConfig:
+    enabled: str = _field(
+        "auto", "supervised warm start before RL: auto (only for tiny models), true, false", ("auto", "true", "false")
+    )
+    target_accuracy: float = _field(0.3, "stop once greedy dev accuracy reaches this (a partly right policy)")
+    max_steps: int = _field(1500, "upper bound on supervised steps")
+    eval_every: int = _field(50, "steps between dev-accuracy checks")
+    learning_rate: float = _field(3e-3, "supervised learning rate")
+    batch_size: int = _field(32, "supervised batch size")
+    num_dev: int = _field(100, "dev problems used to pick the checkpoint (disjoint from the eval set)")
+    cache_dir: str = _field("~/.cache/rlvr/warm_start", "where warm-started checkpoints are cached, keyed by config")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = _field(True, "evaluate before and after training")
+    sampled_completions: int = _field(4, "completions per problem for sampled accuracy (0: greedy only)")
+    temperature: float = _field(1.0, "sampling temperature for sampled accuracy")
+    batch_size: int = _field(64, "prompts per generation batch")
+    max_new_tokens: int | None = _field(None, "generation limit (default: grpo.max_completion_length)")
+
+
+# GRPOConfig defaults that rlvr changes. Everything else is TRL's default.
+GRPO_DEFAULTS: dict[str, Any] = {
+    # TRL adds the MoE load-balancing loss from the model config by default; RL frameworks (verl, NeMo-RL)
+    # turn it off. rlvr follows them.
+    "router_aux_loss_coef": 0.0,
+    "report_to": [],
+    "save_strategy": "no",
+}
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _field("runs/rlvr", "run directory: metrics.jsonl, summary.json, the final model")
+    seed: int = _field(0, "seed for model init, data generation and training")
+    save_model: bool = _field(True, "save the final policy to <output_dir>/model")
+    model: ModelConfig = _field(ModelConfig, "policy")
+    data: DataConfig = _field(DataConfig, "prompts and gold answers")
+    reward: RewardConfig = _field(RewardConfig, "verifiable rewards")
+    forking: ForkingConfig = _field(ForkingConfig, "forking-token selection (Wang et al., 2025)")
+    warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
+    eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
+    grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
+
+    def grpo_kwargs(self) -> dict[str, Any]:
+        """GRPOConfig keyword arguments: rlvr's defaults, the config's ``grpo`` section, derived fields."""
+        import torch
+
+        kwargs = dict(GRPO_DEFAULTS) | dict(self.grpo)
+        kwargs.setdefault("output_dir", self.output_dir)
+        kwargs.setdefault("seed", self.seed)
+        if not torch.cuda.is_available():
+            kwargs.setdefault("bf16", False)
+            kwargs.setdefault("use_cpu", True)
+        return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: defaults < YAML < overrides
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):  # "1e3" and friends, which YAML leaves as strings
+            value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            value = _number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # YAML reads true/false for enum-like strings such as warm_start.enabled
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _number(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{key}: unknown key{hint}")
+
+
+def _apply(instance: Any, values: dict, prefix: str) -> None:
+    """Set nested ``values`` on a dataclass instance, coercing types and rejecting unknown keys."""
+    hints = _section_types(type(instance))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            raise _unknown_key(key, list(hints))
+        tp = hints[name]
+        current = getattr(instance, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {', '.join(_section_types(type(current)))}")
+            _apply(current, value, f"{key}.")
+        elif name == "grpo" and isinstance(instance, RunConfig):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of GRPOConfig fields")
+            instance.grpo.update(value)
+        else:
+            setattr(instance, name, _coerce(key, value, tp))
+
+
+def parse_overrides(arguments: list[str]) -> dict:
+    """``["--forking.rho", "0.3", "grpo.learning_rate=1e-5"]`` -> nested dict with YAML-typed values."""
+    nested: dict = {}
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if "=" in argument:
+            key, _, raw = argument.lstrip("-").partition("=")
+            index += 1
+        elif argument.startswith("--"):
+            if index + 1 >= len(arguments):
+                raise ConfigError(f"{argument[2:]}: missing value")
+            key, raw = argument[2:], arguments[index + 1]
+            index += 2
+        else:
+            raise ConfigError(f"cannot read override {argument!r}; write --key value or key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with an earlier override")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    config = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _apply(config, values, "")
+    if overrides:
+        _apply(config, parse_overrides(overrides), "")
+    validate(config)
+    return config
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (before any model is built)
+
+
+def _check_choices(instance: Any, prefix: str) -> None:
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{prefix}{f.name}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: RunConfig) -> None:
+    """Raise ConfigError on the first bad value; builds nothing heavier than a GRPOConfig."""
+    _check_choices(config, "")
+    forking = config.forking
+    _require(0.0 <= forking.rho <= 1.0, "forking.rho", f"must be in [0, 1]; got {forking.rho}")
+    _require(forking.log_examples >= 0, "forking.log_examples", "must be >= 0")
+
+    model = config.model
+    if model.name_or_path.startswith("tiny:"):
+        architecture = model.name_or_path[len("tiny:") :]
+        _require(
+            architecture in ARCHITECTURES, "model.name_or_path",
+            f"unknown tiny architecture {architecture!r}; one of {', '.join(sorted(ARCHITECTURES))}",
+        )
+        tiny = model.tiny
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "expert_size", "num_experts", "top_k"):
+            _require(getattr(tiny, name) >= 1, f"model.tiny.{name}", f"must be >= 1; got {getattr(tiny, name)}")
+        _require(tiny.hidden_size % tiny.num_heads == 0, "model.tiny.hidden_size", "must be divisible by num_heads")
+        _require(tiny.num_heads % tiny.num_kv_heads == 0, "model.tiny.num_kv_heads", "must divide num_heads")
+        _require(tiny.top_k <= tiny.num_experts, "model.tiny.top_k", "must be <= num_experts")
+
+    data = config.data
+    _require(data.num_train >= 0, "data.num_train", "must be >= 0")
+    _require(data.num_eval >= 0, "data.num_eval", "must be >= 0")
+    if data.source == "arithmetic":
+        _require(data.num_train > 0, "data.num_train", "must be > 0 for the embedded task")
+        try:
+            data.task.validate()
+        except ValueError as error:
+            raise ConfigError(f"data.task: {error}") from None
+
+    reward = config.reward
+    _require(len(reward.functions) > 0, "reward.functions", "needs at least one reward function")
+    from rewards.registry import resolve_reward
+
+    for index, name in enumerate(reward.functions):
+        try:
+            resolve_reward(str(name))
+        except ValueError as error:
+            raise ConfigError(f"reward.functions[{index}]: {error}") from None
+    if reward.weights is not None:
+        _require(
+            len(reward.weights) == len(reward.functions), "reward.weights",
+            f"needs {len(reward.functions)} weights (one per function); got {len(reward.weights)}",
+        )
+
+    warm = config.warm_start
+    _require(0.0 < warm.target_accuracy <= 1.0, "warm_start.target_accuracy", "must be in (0, 1]")
+    for name in ("max_steps", "eval_every", "batch_size", "num_dev"):
+        _require(getattr(warm, name) >= 1, f"warm_start.{name}", "must be >= 1")
+    if warm.enabled == "true":
+        _require(data.source == "arithmetic", "warm_start.enabled", "needs the embedded task's worked solutions")
+
+    _require(config.eval.sampled_completions >= 0, "eval.sampled_completions", "must be >= 0")
+    _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+    _validate_grpo(config)
+
+
+def _validate_grpo(config: RunConfig) -> None:
+    from trl import GRPOConfig
+
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    hints = typing.get_type_hints(GRPOConfig)
+    for key, value in list(config.grpo.items()):
+        if key not in known:
+            raise _unknown_key(f"grpo.{key}", sorted(known))
+        if hints.get(key) in (int, float, bool, int | None, float | None, bool | None):
+            config.grpo[key] = _coerce(f"grpo.{key}", value, hints[key])
+    if "top_entropy_quantile" in config.grpo:
+        raise ConfigError(
+            "grpo.top_entropy_quantile: use forking.rho; rlvr replaces TRL's quantile threshold with an exact top-k"
+        )
+    try:
+        GRPOConfig(**config.grpo_kwargs())
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"grpo: {error}") from None
+    if config.forking.mask_entropy_bonus is False and config.grpo.get("use_adaptive_entropy"):
+        raise ConfigError("forking.mask_entropy_bonus: false is not supported with grpo.use_adaptive_entropy")
+
+
+# --------------------------------------------------------------------------------------------------
+# Help
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, help)`` for every leaf field, in declaration order."""
+    rows = []
+    hints = _section_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            rows += describe_fields(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "grpo" and cls is RunConfig:
+            default = GRPO_DEFAULTS
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += f" [{'|'.join(map(str, f.metadata['choices']))}]"
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((f"{prefix}{f.name}", shown, help_text))
+    return rows
+
+
+def format_help() -> str:
+    rows = describe_fields()
+    width = max(len(key) for key, _, _ in rows) + 2
+    lines = []
+    section = None
+    for key, default, help_text in rows:
+        head = key.split(".")[0] if "." in key else "run"
+        if head != section:
+            lines.append(f"\n  [{head}]")
+            section = head
+        lines.append(f"  --{key.ljust(width)}{help_text} (default: {default})")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""The embedded verifiable task: multi-step integer arithmetic with a boxed answer.
+
+A problem is a chain of additions and subtractions, e.g. ``Compute: 23+45-17``. Its worked solution
+writes one step per line and ends with the answer in ``\\boxed{}``::
+
+    23+45=68
+    68-17=51
+    \\boxed{51}
+
+Generation is deterministic for a seed. Train and eval problems come from disjoint halves of the
+problem space (a hash of the problem text decides which split a problem belongs to), so an eval
+problem can never appear in training, whatever the seeds and sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class ArithmeticTask:
+    """Distribution of problems. Each field is a knob of the ``data.task`` config section."""
+
+    min_terms: int = field(default=2, metadata={"help": "fewest numbers in a problem (>= 2)"})
+    max_terms: int = field(default=3, metadata={"help": "most numbers in a problem"})
+    max_operand: int = field(default=50, metadata={"help": "numbers are drawn from 1..max_operand"})
+    operators: str = field(default="+-", metadata={"help": "operators to draw from, a subset of '+-'"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of the problem space reserved for eval"})
+
+    def validate(self) -> None:
+        if not 2 <= self.min_terms <= self.max_terms:
+            raise ValueError(f"need 2 <= min_terms <= max_terms, got {self.min_terms} and {self.max_terms}")
+        if self.max_operand < 1:
+            raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
+        if not self.operators or set(self.operators) - set("+-"):
+            raise ValueError(f"operators must be a non-empty subset of '+-', got {self.operators!r}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str  # what the user asks, e.g. "Compute: 23+45-17"
+    expression: str  # "23+45-17"
+    solution: str  # worked steps ending in \boxed{answer}
+    answer: str  # "51"
+
+
+def split_of(expression: str, eval_fraction: float) -> str:
+    """Which split owns a problem: a stable hash of its text, independent of seeds."""
+    bucket = int.from_bytes(hashlib.sha256(expression.encode()).digest()[:8], "big") / 2**64
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
+    """Worked left-to-right solution of ``terms[0] op terms[1] op ...`` and its value."""
+    lines, value = [], terms[0]
+    for operator, term in zip(operators, terms[1:]):
+        result = value + term if operator == "+" else value - term
+        lines.append(f"{value}{operator}{term}={result}")
+        value = result
+    lines.append(f"\\boxed{{{value}}}")
+    return "\n".join(lines), value
+
+
+def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
+    num_terms = rng.randint(task.min_terms, task.max_terms)
+    terms = [rng.randint(1, task.max_operand) for _ in range(num_terms)]
+    operators = [rng.choice(task.operators) for _ in range(num_terms - 1)]
+    expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(operators, terms[1:]))
+    solution, value = solve(terms, operators)
+    return Problem(question=f"Compute: {expression}", expression=expression, solution=solution, answer=str(value))
+
+
+def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -> list[Problem]:
+    """``count`` distinct problems of one split, the same list for the same arguments.
+
+    Raises if the split's share of the problem space is too small to hold ``count`` distinct problems.
+    """
+    task.validate()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    # Seed from (seed, split) so that the train and eval streams differ even for the same seed.
+    rng = random.Random(f"{seed}:{split}")
+    problems: dict[str, Problem] = {}
+    attempts, max_attempts = 0, 200 * count + 1000
+    while len(problems) < count:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(
+                f"could only find {len(problems)} distinct {split} problems out of {count} requested; "
+                "raise max_operand or max_terms, or ask for fewer problems"
+            )
+        problem = _random_problem(task, rng)
+        if problem.expression not in problems and split_of(problem.expression, task.eval_fraction) == split:
+            problems[problem.expression] = problem
+    return list(problems.values())

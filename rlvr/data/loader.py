@@ -1,0 +1,92 @@
+"""Load question/answer data from HF ``datasets`` (hub name or local file) into rlvr's schema.
+
+Sources: a hub dataset name (``openai/gsm8k``), a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file,
+or a directory saved with ``Dataset.save_to_disk``. Columns are configurable; GSM8K-style answers
+(``"...reasoning... #### 42"``) are reduced to the final answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from rlvr.data.records import make_prompt
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ANSWER_FORMATS = ("raw", "gsm8k")
+MAX_REPORTED_BAD_ROWS = 5
+
+
+class DataError(ValueError):
+    """A data source that cannot be mapped to prompts and answers; the message names rows and columns."""
+
+
+def read_source(source: str, split: str, config_name: str | None = None) -> Dataset:
+    """Read one split of a hub dataset, a local data file or a local dataset directory."""
+    path = Path(source)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        return load_dataset(builder, data_files=str(path), split="train")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            loaded = load_from_disk(str(path))
+            if isinstance(loaded, DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{source}: no split {split!r}; available: {sorted(loaded)}")
+                return loaded[split]
+            return loaded
+        return load_dataset(str(path), config_name, split=split)  # a folder of data files
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
+        raise DataError(f"{source}: no such file or directory")
+    return load_dataset(source, config_name, split=split)  # hub name, e.g. "openai/gsm8k" with config "main"
+
+
+def extract_answer(raw: object, answer_format: str) -> str:
+    """The gold answer as a string; ``gsm8k`` keeps what follows the last ``####``."""
+    text = str(raw).strip()
+    if answer_format == "gsm8k":
+        if "####" not in text:
+            raise ValueError("has no '####' marker")
+        text = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
+
+
+def to_prompt_answer(
+    dataset: Dataset,
+    question_column: str = "question",
+    answer_column: str = "answer",
+    answer_format: str = "raw",
+    system_prompt: str | None = None,
+    chat: bool = True,
+    source_name: str = "dataset",
+) -> Dataset:
+    """Map rows to ``{"prompt", "answer"}``; raise :class:`DataError` naming every bad row (up to 5)."""
+    if answer_format not in ANSWER_FORMATS:
+        raise DataError(f"data.answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    for role, column in (("question_column", question_column), ("answer_column", answer_column)):
+        if column not in dataset.column_names:
+            raise DataError(
+                f"{source_name}: data.{role}={column!r} is not a column; available columns: {dataset.column_names}"
+            )
+    prompts, answers, problems = [], [], []
+    for index, (question, answer) in enumerate(zip(dataset[question_column], dataset[answer_column])):
+        if question is None or not str(question).strip():
+            problems.append(f"row {index}, column {question_column!r}: empty question")
+            continue
+        if answer is None or not str(answer).strip():
+            problems.append(f"row {index}, column {answer_column!r}: empty answer")
+            continue
+        try:
+            answers.append(extract_answer(answer, answer_format))
+        except ValueError as error:
+            problems.append(f"row {index}, column {answer_column!r}: {error} (answer_format={answer_format!r})")
+            continue
+        prompts.append(make_prompt(str(question), system_prompt, chat))
+    if problems:
+        shown = "\n  ".join(problems[:MAX_REPORTED_BAD_ROWS])
+        more = f"\n  ... and {len(problems) - MAX_REPORTED_BAD_ROWS} more" if len(problems) > MAX_REPORTED_BAD_ROWS else ""
+        raise DataError(f"{source_name}: {len(problems)} bad row(s) of {len(dataset)}:\n  {shown}{more}")
+    return Dataset.from_dict({"prompt": prompts, "answer": answers})

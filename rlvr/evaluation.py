@@ -1,0 +1,173 @@
+"""Accuracy of a policy on held-out problems: greedy pass@1 and sampled accuracy.
+
+Greedy accuracy on a few hundred problems has a standard error of several points, so the sampled
+accuracy (mean reward over ``num_samples`` completions per problem at temperature 1) is reported as well.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class EvalResult:
+    greedy_accuracy: float
+    sampled_accuracy: float  # NaN when num_samples == 0
+    num_problems: int
+    num_samples: int
+    mean_completion_tokens: float
+
+    @property
+    def greedy_stderr(self) -> float:
+        p, n = self.greedy_accuracy, max(self.num_problems, 1)
+        return math.sqrt(p * (1 - p) / n)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"greedy_stderr": self.greedy_stderr}
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence) -> list[str]:
+    """Prompts as text: chat messages go through the chat template, strings pass through."""
+    rendered = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            rendered.append(prompt)
+        else:
+            rendered.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+@contextmanager
+def router_logits_off(model: PreTrainedModel):
+    """Generate with ``output_router_logits=False``: with it on, ``generate()`` computes the MoE aux loss
+    at every decoding step against the full attention mask and crashes on left-padded prompts."""
+    config = model.config.get_text_config()
+    previous = getattr(config, "output_router_logits", None)
+    if previous:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if previous:
+            config.output_router_logits = previous
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    num_return_sequences: int = 1,
+    progress: str | None = None,
+) -> tuple[list[str], list[int]]:
+    """Completions (special tokens removed) and their token counts, ``num_return_sequences`` per prompt."""
+    texts = render_prompts(tokenizer, prompts)
+    completions, lengths = [], []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = range(0, len(texts), batch_size)
+    with router_logits_off(model):
+        for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+            batch_texts = texts[start : start + batch_size]
+            batch_completions, batch_lengths = _generate_batch(
+                model, tokenizer, batch_texts, device, max_new_tokens, do_sample, temperature, num_return_sequences
+            )
+            completions += batch_completions
+            lengths += batch_lengths
+    model.train(was_training)
+    return completions, lengths
+
+
+def _generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    device: torch.device,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    num_return_sequences: int,
+) -> tuple[list[str], list[int]]:
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    output = model.generate(
+        **encoded,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=None,
+        top_k=None,
+        num_return_sequences=num_return_sequences,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]  # (B * num_return_sequences, C)
+    completions, lengths = [], []
+    for row in new_tokens:
+        real = row[row != tokenizer.pad_token_id]
+        lengths.append(int(real.numel()))
+        completions.append(tokenizer.decode(real, skip_special_tokens=True))
+    return completions, lengths
+
+
+def evaluate_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    answers: Sequence[str],
+    reward_fn: Callable[..., list],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    num_samples: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: str | None = None,
+) -> EvalResult:
+    """Greedy accuracy, plus sampled accuracy over ``num_samples`` completions per problem.
+
+    A completion counts as correct when ``reward_fn`` gives it a reward of at least 1.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        return EvalResult(math.nan, math.nan, 0, num_samples, math.nan)
+    greedy, lengths = generate_completions(
+        model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress and f"{progress} (greedy)"
+    )
+    greedy_rewards = reward_fn(completions=greedy, answer=list(answers))
+    sampled_accuracy = math.nan
+    if num_samples > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sampled, _ = generate_completions(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                max(1, batch_size // num_samples),
+                do_sample=True,
+                temperature=temperature,
+                num_return_sequences=num_samples,
+                progress=progress and f"{progress} (sampled)",
+            )
+        repeated_answers = [a for a in answers for _ in range(num_samples)]
+        sampled_rewards = reward_fn(completions=sampled, answer=repeated_answers)
+        sampled_accuracy = sum(r >= 1.0 for r in sampled_rewards) / len(sampled_rewards)
+    return EvalResult(
+        greedy_accuracy=sum(r >= 1.0 for r in greedy_rewards) / len(greedy_rewards),
+        sampled_accuracy=sampled_accuracy,
+        num_problems=len(prompts),
+        num_samples=num_samples,
+        mean_completion_tokens=sum(lengths) / len(lengths),
+    )

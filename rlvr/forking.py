@@ -1,0 +1,244 @@
+"""Forking-token selection: which completion tokens carry the policy gradient.
+
+*Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM
+Reasoning* (Wang et al., 2025, arXiv 2506.01939) keeps the policy-gradient loss only on the top
+``rho`` (~20%) highest-entropy completion tokens, the "forking tokens". Their code takes an exact
+top-k with ``k = ceil(rho * n)`` per micro-batch and normalises the loss by the selected tokens.
+
+This module is plain PyTorch (no TRL import) so that every rule here is testable on tensors:
+
+* :func:`count_to_keep`        -- ``k = ceil(rho * n)`` without float noise (0.2 * 15 is 3, not 4).
+* :func:`select_forking_tokens` -- exact-k selection per scope unit, deterministic tie-breaking.
+* :func:`loss_weights`          -- the selection as per-token loss weights, normalised over the selected
+  tokens (the paper) or over all completion tokens (TRL's ``top_entropy_quantile``).
+* :func:`selection_stats`       -- threshold, kept fraction, entropy of kept vs dropped tokens.
+
+Shapes: ``B`` sequences (rows), ``T`` completion positions. ``mask`` marks real (non-padding)
+completion tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SELECTIONS = ("top", "bottom", "random")
+SCOPES = ("micro_batch", "sequence", "group")
+
+# Relative slack applied before the ceiling: rho * n computed in binary floating point can land a hair
+# above an integer (0.2 * 15 = 3.0000000000000004), which a plain ceil would turn into one extra token.
+_CEIL_RELATIVE_SLACK = 1e-9
+
+
+def count_to_keep(rho: float, n: torch.Tensor) -> torch.Tensor:
+    """Number of tokens to keep, ``ceil(rho * n)``, for each entry of ``n`` (an integer tensor).
+
+    ``rho = 0`` keeps nothing, ``rho = 1`` keeps everything, any ``rho > 0`` keeps at least one token
+    of a non-empty unit (the paper's ``ceil``).
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    exact = rho * n.to(torch.float64)
+    k = torch.ceil(exact * (1.0 - _CEIL_RELATIVE_SLACK)).to(torch.long)
+    return torch.minimum(k, n.to(torch.long))
+
+
+def _unit_ids(mask: torch.Tensor, scope: str, group_ids: torch.Tensor | None) -> torch.Tensor:
+    """Scope unit of every position, (B, T) long: which tokens compete for the same k."""
+    B, T = mask.shape
+    if scope == "micro_batch":
+        return torch.zeros(B, T, dtype=torch.long, device=mask.device)
+    if scope == "sequence":
+        return torch.arange(B, device=mask.device).unsqueeze(1).expand(B, T)
+    if scope == "group":
+        if group_ids is None:
+            raise ValueError("scope='group' needs group_ids, a (B,) tensor naming the prompt of each row")
+        if group_ids.shape != (B,):
+            raise ValueError(f"group_ids must have shape ({B},), got {tuple(group_ids.shape)}")
+        # Re-index to 0..G-1 so that arbitrary ids (e.g. global prompt indices) work.
+        _, dense = torch.unique(group_ids.to(mask.device), return_inverse=True)
+        return dense.unsqueeze(1).expand(B, T)
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def _priority(
+    entropies: torch.Tensor, selection: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sort key, (B, T) float64: higher is kept first. NaN entropies are never preferred."""
+    values = entropies.detach().to(torch.float64)
+    if selection == "top":
+        priority = values
+    elif selection == "bottom":
+        priority = -values
+    elif selection == "random":
+        # Drawn on the CPU so that one seed gives one selection on every device and rank.
+        priority = torch.rand(values.shape, generator=generator, dtype=torch.float64).to(values.device)
+    else:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    lowest = torch.finfo(torch.float64).min
+    return torch.nan_to_num(priority, nan=lowest, posinf=torch.finfo(torch.float64).max, neginf=lowest)
+
+
+def select_forking_tokens(
+    entropies: torch.Tensor,
+    mask: torch.Tensor,
+    rho: float,
+    selection: str = "top",
+    scope: str = "micro_batch",
+    group_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick exactly ``k = ceil(rho * n)`` completion tokens in each scope unit.
+
+    Args:
+        entropies: (B, T) per-token entropy of the policy's next-token distribution.
+        mask: (B, T) bool or 0/1; True for real completion tokens, False for padding.
+        rho: fraction of tokens to keep, in [0, 1] (the paper uses 0.2).
+        selection: ``"top"`` highest entropy (the paper), ``"bottom"`` lowest entropy, ``"random"``
+            uniformly random tokens (a control with the same token count).
+        scope: unit in which ``k`` is counted: ``"micro_batch"`` (all rows together, the paper's
+            code), ``"sequence"`` (each row), ``"group"`` (rows sharing a ``group_ids`` value: the
+            completions of one prompt).
+        group_ids: (B,) prompt id of each row, required for ``scope="group"``.
+        generator: random source for ``selection="random"`` (CPU generator).
+
+    Returns:
+        (B, T) bool mask of kept tokens. Padding is never kept; an empty unit keeps nothing.
+
+    Ties are broken deterministically: among equal entropies the earlier token (row-major order:
+    lower row, then lower position) is kept first. This is what makes the count exact; a
+    ``entropy >= quantile`` threshold (TRL's ``top_entropy_quantile``) keeps every tied token.
+    """
+    if entropies.dim() != 2:
+        raise ValueError(f"entropies must be (B, T), got shape {tuple(entropies.shape)}")
+    if mask.shape != entropies.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != entropies shape {tuple(entropies.shape)}")
+    valid = mask.bool()
+    B, T = valid.shape
+    if B * T == 0:
+        return torch.zeros_like(valid)
+
+    units = _unit_ids(valid, scope, group_ids).reshape(-1)  # (N,)
+    priority = _priority(entropies, selection, generator).reshape(-1)  # (N,)
+    flat_valid = valid.reshape(-1)  # (N,)
+    num_units = int(units.max().item()) + 1
+
+    # Order tokens by (unit, valid first, priority descending, flat index ascending). Stable sorts
+    # applied from the least to the most significant key give that lexicographic order.
+    order = torch.sort(priority, descending=True, stable=True).indices
+    order = order[torch.sort(flat_valid[order].to(torch.int8), descending=True, stable=True).indices]
+    order = order[torch.sort(units[order], stable=True).indices]
+
+    # Rank of each sorted token within its unit = sorted position - first sorted position of the unit.
+    tokens_per_unit = torch.bincount(units, minlength=num_units)  # (U,)
+    unit_start = torch.cumsum(tokens_per_unit, 0) - tokens_per_unit  # (U,)
+    sorted_units = units[order]
+    rank_in_unit = torch.arange(order.numel(), device=order.device) - unit_start[sorted_units]
+
+    valid_per_unit = torch.bincount(units, weights=flat_valid.to(torch.float64), minlength=num_units)
+    k_per_unit = count_to_keep(rho, valid_per_unit.round().to(torch.long))  # (U,)
+    keep_sorted = (rank_in_unit < k_per_unit[sorted_units]) & flat_valid[order]
+
+    keep = torch.zeros_like(flat_valid)
+    keep[order] = keep_sorted
+    return keep.view(B, T)
+
+
+NORMALIZATIONS = ("selected", "all")
+
+
+def loss_weights(
+    keep: torch.Tensor,
+    mask: torch.Tensor,
+    normalization: str = "selected",
+    per_sequence: bool = False,
+    totals: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Turn a selection into per-token loss weights, (B, T) float.
+
+    A trainer that normalises its policy loss by the number of completion tokens ``n`` (as TRL does)
+    and multiplies the per-token loss by these weights computes:
+
+    * ``normalization="all"``: ``sum_kept(loss) / n`` -- TRL's ``top_entropy_quantile`` behaviour:
+      dropping tokens also shrinks the loss (and the gradient) by the kept fraction.
+    * ``normalization="selected"``: ``sum_kept(loss) / k`` -- the paper: a mean over the selected
+      tokens. Kept tokens get weight ``n / k``; dropped tokens and padding get 0.
+
+    Args:
+        keep: (B, T) bool selection from :func:`select_forking_tokens`.
+        mask: (B, T) real completion tokens.
+        normalization: ``"selected"`` or ``"all"``.
+        per_sequence: count ``n`` and ``k`` per row (for losses that average each sequence first,
+            like TRL's ``grpo`` loss type) instead of over the whole tensor.
+        totals: optional ``(n, k)`` scalar tensors to use instead of this tensor's counts, e.g. counts
+            summed over all ranks when the loss is normalised globally.
+    """
+    keep_f = (keep.bool() & mask.bool()).to(torch.float32)
+    if normalization == "all":
+        return keep_f
+    if normalization != "selected":
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    mask_f = mask.bool().to(torch.float32)
+    if per_sequence:
+        n, k = mask_f.sum(dim=1, keepdim=True), keep_f.sum(dim=1, keepdim=True)  # (B, 1)
+    elif totals is not None:
+        n, k = (t.to(keep_f.device, torch.float32) for t in totals)
+    else:
+        n, k = mask_f.sum(), keep_f.sum()
+    scale = torch.where(k > 0, n / k.clamp(min=1.0), torch.zeros_like(k))
+    return keep_f * scale
+
+
+@dataclass
+class SelectionStats:
+    """What a selection kept, for logging. Entropy means are NaN when their set is empty."""
+
+    kept_fraction: float  # kept tokens / real completion tokens
+    kept_tokens: int
+    total_tokens: int
+    threshold: float  # entropy at the boundary: lowest kept ("top"), highest kept ("bottom"), NaN ("random")
+    entropy_kept: float
+    entropy_dropped: float
+
+
+def selection_stats(entropies: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, selection: str) -> SelectionStats:
+    """Summarise a selection made by :func:`select_forking_tokens` on the same tensors."""
+    valid = mask.bool()
+    kept = keep.bool() & valid
+    dropped = valid & ~kept
+    values = entropies.detach().to(torch.float64)
+    n_valid, n_kept = int(valid.sum()), int(kept.sum())
+
+    def mean_of(where: torch.Tensor) -> float:
+        return float(values[where].mean()) if bool(where.any()) else math.nan
+
+    if n_kept == 0 or selection == "random":
+        threshold = math.nan
+    elif selection == "top":
+        threshold = float(values[kept].min())
+    else:
+        threshold = float(values[kept].max())
+    return SelectionStats(
+        kept_fraction=n_kept / n_valid if n_valid else math.nan,
+        kept_tokens=n_kept,
+        total_tokens=n_valid,
+        threshold=threshold,
+        entropy_kept=mean_of(kept),
+        entropy_dropped=mean_of(dropped),
+    )
+
+
+def quantile_threshold_mask(entropies: torch.Tensor, mask: torch.Tensor, rho: float) -> torch.Tensor:
+    """TRL's rule (``top_entropy_quantile=rho``), for comparison: keep ``entropy >= quantile(1 - rho)``.
+
+    With ties at the threshold this keeps more than ``rho`` of the tokens; it exists here so that tests
+    and benchmarks can show the difference with :func:`select_forking_tokens`.
+    """
+    valid = mask.bool()
+    values = entropies[valid].float()
+    if values.numel() == 0:
+        return torch.zeros_like(valid)
+    threshold = torch.quantile(values, 1.0 - rho)
+    return (entropies >= threshold) & valid

@@ -1,0 +1,19 @@
+"""Policies: tiny MoE factory, offline tokenizer, and the shared ``from_pretrained`` loading path."""
+
+from rlvr.models.loading import DTYPES, TINY_PREFIX, is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
+from rlvr.models.tiny import ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
+from rlvr.models.tokenizer import build_char_tokenizer
+
+__all__ = [
+    "ARCHITECTURES",
+    "DTYPES",
+    "TINY_PREFIX",
+    "TinyMoESpec",
+    "build_char_tokenizer",
+    "build_tiny_moe",
+    "is_tiny",
+    "load_pretrained",
+    "save_tiny_policy",
+    "tiny_architecture",
+    "tiny_moe_config",
+]

@@ -1,0 +1,62 @@
+"""One loading path for every policy: hub ids, local checkpoints, and the embedded tiny models.
+
+``tiny:<architecture>`` builds a random tiny MoE and its offline tokenizer, saves both to a directory
+and then loads them back through :func:`load_pretrained`, the very function that loads
+``Qwen/Qwen3-30B-A3B`` from the hub. The tiny path therefore tests the real loading code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlvr.models.tiny import TinyMoESpec, build_tiny_moe
+from rlvr.models.tokenizer import build_char_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def is_tiny(name_or_path: str) -> bool:
+    return name_or_path.startswith(TINY_PREFIX)
+
+
+def tiny_architecture(name_or_path: str) -> str:
+    """``"tiny:olmoe"`` -> ``"olmoe"``."""
+    return name_or_path[len(TINY_PREFIX):]
+
+
+def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a random tiny MoE with the offline tokenizer and save both to ``directory``."""
+    directory = Path(directory)
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_moe(architecture, spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_pretrained(
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub id or local directory).
+
+    The tokenizer is set up for RL: left padding, a pad token (the eos token when it has none).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,137 @@
+"""Tiny Mixture-of-Experts policies built from transformers config classes.
+
+The same modelling code as the real models (``Qwen/Qwen3-30B-A3B``, ``allenai/OLMoE-1B-7B-0125``,
+``mistralai/Mixtral-8x7B-v0.1``...), shrunk to a few layers and randomly initialised, so that every
+code path of rlvr (routers, fused experts, TRL's fused LM head) runs on a laptop CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
+)
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TinyMoESpec:
+    """Size of a tiny MoE policy; every architecture shares these knobs."""
+
+    num_layers: int = field(default=2, metadata=_help("decoder layers, each with a sparse MoE block"))
+    hidden_size: int = field(default=64, metadata=_help("model width"))
+    num_heads: int = field(default=4, metadata=_help("attention heads (hidden_size must divide by it)"))
+    num_kv_heads: int = field(default=2, metadata=_help("key/value heads (grouped-query attention)"))
+    expert_size: int = field(default=128, metadata=_help("intermediate size of each expert"))
+    num_experts: int = field(default=8, metadata=_help("experts per MoE block (E)"))
+    top_k: int = field(default=2, metadata=_help("experts each token is routed to (k)"))
+    max_positions: int = field(default=512, metadata=_help("longest prompt + completion, in tokens"))
+
+
+def _qwen3_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return Qwen3MoeConfig(
+        **common,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        moe_intermediate_size=spec.expert_size,
+        intermediate_size=spec.expert_size,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+    )
+
+
+def _qwen2_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return Qwen2MoeConfig(
+        **common,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        moe_intermediate_size=spec.expert_size,
+        intermediate_size=spec.expert_size,
+        shared_expert_intermediate_size=spec.expert_size,
+        decoder_sparse_step=1,
+    )
+
+
+def _olmoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return OlmoeConfig(
+        **common, num_experts=spec.num_experts, num_experts_per_tok=spec.top_k, intermediate_size=spec.expert_size
+    )
+
+
+def _mixtral(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return MixtralConfig(
+        **common, num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k, intermediate_size=spec.expert_size
+    )
+
+
+def _gpt_oss(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return GptOssConfig(
+        **common,
+        num_local_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        intermediate_size=spec.expert_size,
+        layer_types=["full_attention"] * spec.num_layers,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+# Adding an architecture: one function from the spec to its transformers config.
+ARCHITECTURES = {
+    "qwen3_moe": _qwen3_moe,
+    "qwen2_moe": _qwen2_moe,
+    "olmoe": _olmoe,
+    "mixtral": _mixtral,
+    "gpt_oss": _gpt_oss,
+}
+
+
+def tiny_moe_config(
+    architecture: str, spec: TinyMoESpec, vocab_size: int, pad_token_id: int, eos_token_id: int
+) -> PretrainedConfig:
+    """The transformers config of a tiny MoE of ``architecture`` (a key of ``ARCHITECTURES``)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    if spec.hidden_size % spec.num_heads:
+        raise ValueError(f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        max_position_embeddings=spec.max_positions,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        # Router logits are requested by the training forward only: with this True, generate() on
+        # left-padded prompts of different lengths crashes in the per-step aux loss.
+        output_router_logits=False,
+    )
+    return ARCHITECTURES[architecture](spec, common)
+
+
+def build_tiny_moe(
+    architecture: str, spec: TinyMoESpec, vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int = 0
+) -> PreTrainedModel:
+    """A randomly initialised tiny MoE causal LM; the same seed gives the same weights."""
+    config = tiny_moe_config(architecture, spec, vocab_size, pad_token_id, eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = pad_token_id
+    model.generation_config.eos_token_id = eos_token_id
+    return model

@@ -1,0 +1,215 @@
+"""The training recipe: config in, trained policy and a summary out. Read it top to bottom.
+
+    1. data      -- prompts/answers for training, a held-out eval set
+    2. policy    -- tiny MoE (saved, then loaded like a hub model) or a hub/local checkpoint
+    3. warm start (tiny policies) -- SFT until partly right, cached
+    4. rewards   -- verifiable checkers, weighted
+    5. eval before, ForkingGRPOTrainer.train(), eval after
+    6. outputs   -- metrics.jsonl, forking_tokens.jsonl, summary.json, model/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from datasets import Dataset
+from transformers import TrainerCallback, set_seed
+from trl import GRPOConfig
+
+from rewards.registry import resolve_reward
+from rlvr.config import RunConfig, to_dict
+from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
+from rlvr.evaluation import EvalResult, evaluate_accuracy
+from rlvr.models import is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
+from rlvr.trainer import ForkingGRPOTrainer
+from rlvr.warmstart import WarmStartResult, run_warm_start
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: Dataset  # columns: prompt, answer
+    eval_prompts: list
+    eval_answers: list[str]
+    eval_expressions: set[str]  # embedded task only: keeps warm-start dev problems out of the eval set
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    before: EvalResult | None
+    after: EvalResult | None
+    warm_start: WarmStartResult | None
+    train_seconds: float
+    steps: int
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    data = config.data
+    if data.source == "arithmetic":
+        train_problems = generate_problems(data.task, "train", data.num_train, config.seed)
+        eval_problems = generate_problems(data.task, "eval", data.num_eval, config.seed)
+        return PreparedData(
+            train=problems_to_dataset(train_problems, data.system_prompt, chat=data.chat),
+            eval_prompts=[make_prompt(p.question, data.system_prompt, data.chat) for p in eval_problems],
+            eval_answers=[p.answer for p in eval_problems],
+            eval_expressions={p.expression for p in eval_problems},
+        )
+
+    def load(split: str, limit: int) -> Dataset:
+        raw = read_source(data.source, split, data.config_name)
+        if limit:
+            raw = raw.select(range(min(limit, len(raw))))
+        return to_prompt_answer(
+            raw, data.question_column, data.answer_column, data.answer_format, data.system_prompt, data.chat,
+            source_name=f"{data.source} [{split}]",
+        )
+
+    train = load(data.train_split, data.num_train)
+    eval_set = load(data.eval_split, data.num_eval) if data.eval_split and data.num_eval else None
+    return PreparedData(
+        train=train,
+        eval_prompts=list(eval_set["prompt"]) if eval_set is not None else [],
+        eval_answers=list(eval_set["answer"]) if eval_set is not None else [],
+        eval_expressions=set(),
+    )
+
+
+def resolve_rewards(config: RunConfig) -> tuple[list[Callable], list[float] | None, Callable]:
+    """The reward functions for TRL, their weights, and the accuracy function for evaluation.
+
+    Accuracy uses the first function only (the verifier): shaping rewards must not count as correct.
+    """
+    functions = [resolve_reward(str(name)) for name in config.reward.functions]
+    weights = [float(w) for w in config.reward.weights] if config.reward.weights else None
+    return functions, weights, functions[0]
+
+
+def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable):
+    """Load the policy; tiny policies are built, saved, warm-started (cached) and loaded back."""
+    warm_result = None
+    name = config.model.name_or_path
+    if is_tiny(name):
+        cache = Path(os.path.expanduser(config.warm_start.cache_dir))
+        spec_key = json.dumps([name, vars(config.model.tiny), config.seed], sort_keys=True)
+        base = cache / f"base-{hashlib.sha256(spec_key.encode()).hexdigest()[:16]}"
+        if not (base / "config.json").exists():
+            save_tiny_policy(tiny_architecture(name), config.model.tiny, base, seed=config.seed)
+        name = str(base)
+        wants_warm_start = config.warm_start.enabled in ("auto", "true")
+    else:
+        wants_warm_start = config.warm_start.enabled == "true"
+    if wants_warm_start:
+        _, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
+        warm_result = run_warm_start(config, Path(name), tokenizer, accuracy_fn, data.eval_expressions)
+        name = str(warm_result.path)
+    model, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
+    return model, tokenizer, warm_result
+
+
+class MetricsFile(TrainerCallback):
+    """Append every log record (train and eval) to ``metrics.jsonl`` as one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_fn, label: str) -> EvalResult | None:
+    if not config.eval.enabled or not data.eval_prompts:
+        return None
+    max_new_tokens = config.eval.max_new_tokens or int(config.grpo_kwargs().get("max_completion_length", 256))
+    return evaluate_accuracy(
+        model, tokenizer, data.eval_prompts, data.eval_answers, accuracy_fn, max_new_tokens,
+        batch_size=config.eval.batch_size, num_samples=config.eval.sampled_completions,
+        temperature=config.eval.temperature, seed=config.seed, progress=label,
+    )
+
+
+def train(config: RunConfig) -> RunResult:
+    """Run one training job described by ``config`` (already validated)."""
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    set_seed(config.seed)
+
+    data = prepare_data(config)
+    reward_functions, reward_weights, accuracy_fn = resolve_rewards(config)
+    model, tokenizer, warm_result = prepare_policy(config, data, accuracy_fn)
+
+    before = evaluate(config, model, tokenizer, data, accuracy_fn, "eval before RL")
+    set_seed(config.seed)
+    grpo_kwargs = config.grpo_kwargs()
+    if reward_weights is not None:
+        grpo_kwargs["reward_weights"] = reward_weights
+    trainer = ForkingGRPOTrainer(
+        model=model,
+        reward_funcs=reward_functions,
+        args=GRPOConfig(**grpo_kwargs),
+        train_dataset=data.train,
+        processing_class=tokenizer,
+        forking=config.forking,
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
+    )
+    start = time.time()
+    trainer.train()
+    train_seconds = time.time() - start
+    after = evaluate(config, trainer.model, tokenizer, data, accuracy_fn, "eval after RL")
+
+    if config.save_model:
+        trainer.save_model(str(output_dir / "model"))
+        tokenizer.save_pretrained(output_dir / "model")
+    result = RunResult(output_dir, before, after, warm_result, train_seconds, trainer.state.global_step)
+    write_summary(config, result)
+    return result
+
+
+def write_summary(config: RunConfig, result: RunResult) -> None:
+    summary = {
+        "output_dir": str(result.output_dir),
+        "model": config.model.name_or_path,
+        "forking": vars(config.forking),
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "eval_before": result.before.as_dict() if result.before else None,
+        "eval_after": result.after.as_dict() if result.after else None,
+        "warm_start": None
+        if result.warm_start is None
+        else {
+            "path": str(result.warm_start.path),
+            "steps": result.warm_start.steps,
+            "dev_accuracy": result.warm_start.dev_accuracy,
+            "cached": result.warm_start.cached,
+        },
+    }
+    (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def summary_table(result: RunResult) -> str:
+    """A small fixed-width table of eval accuracy before and after RL."""
+    rows = [("", "greedy acc", "sampled acc", "problems")]
+    for label, res in (("before RL", result.before), ("after RL", result.after)):
+        if res is not None:
+            sampled = "n/a" if res.sampled_accuracy != res.sampled_accuracy else f"{res.sampled_accuracy:.3f}"
+            rows.append((label, f"{res.greedy_accuracy:.3f} ± {res.greedy_stderr:.3f}", sampled, str(res.num_problems)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    if result.before and result.after:
+        delta = result.after.greedy_accuracy - result.before.greedy_accuracy
+        lines.append(f"greedy accuracy change: {delta:+.3f}   ({result.steps} RL steps in {result.train_seconds:.0f} s)")
+    return "\n".join(lines)
+

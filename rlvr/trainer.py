@@ -1,0 +1,244 @@
+"""ForkingGRPOTrainer: TRL's GRPOTrainer with the policy gradient kept on forking tokens.
+
+*Beyond the 80/20 Rule* (Wang et al., 2025, arXiv 2506.01939): restricting the RLVR policy gradient
+to the ~20% highest-entropy completion tokens matches or beats full-token updates. TRL ships a
+version of this (``top_entropy_quantile``) that thresholds at a quantile (ties keep more than ``rho``),
+keeps TRL's normaliser over all tokens, and logs neither the threshold nor the kept fraction.
+
+This subclass changes three things and nothing else; rollout, rewards, advantages, loss types,
+vLLM, logging and checkpointing are TRL's:
+
+1. ``_get_per_token_logps_and_entropies``: after TRL's fused forward returns per-token entropies,
+   select exactly ``k = ceil(rho * n)`` tokens per scope unit with :func:`rlvr.forking.select_forking_tokens`
+   (entropies and masks gathered across ranks for the micro-batch and group scopes).
+2. ``get_high_entropy_mask``: hand TRL that selection as loss weights, normalised over the selected
+   tokens (the paper) or over all completion tokens (TRL), in the unit TRL's loss type averages over.
+3. ``log``: add the selection's threshold, kept fraction, entropy of kept vs dropped tokens, and write
+   a few completions with their forking tokens marked to ``<output_dir>/forking_tokens.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOTrainer
+
+from rlvr.config import ForkingConfig
+from rlvr.forking import loss_weights, select_forking_tokens, selection_stats
+
+GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
+
+# How each TRL loss type normalises: per sequence, per local micro-batch, or over the generation batch
+# of all ranks. "selected" normalisation divides by the selected-token count of the same unit.
+PER_SEQUENCE_LOSSES = ("grpo", "sapo", "luspo")
+GLOBAL_LOSSES = ("dapo", "cispo", "vespo")
+
+
+class _GradientMask(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by a fixed (B, T) mask."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None
+
+
+@dataclass
+class MicroBatchSelection:
+    """The forking tokens of the micro-batch being trained on (this rank's rows)."""
+
+    keep: torch.Tensor  # (B, T) bool
+    weights: torch.Tensor  # (B, T) float loss weights (0 for dropped tokens and padding)
+
+
+class ForkingGRPOTrainer(GRPOTrainer):
+    """GRPO with the policy-gradient loss on the forking tokens (Wang et al., 2025).
+
+    Args:
+        forking: which tokens are forking and how the loss treats them (see :class:`rlvr.config.ForkingConfig`).
+        *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
+            ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
+    """
+
+    def __init__(self, *args, forking: ForkingConfig | None = None, **kwargs):
+        self.forking = forking or ForkingConfig()
+        super().__init__(*args, **kwargs)
+        if self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "ForkingGRPOTrainer replaces top_entropy_quantile with forking.rho; leave top_entropy_quantile at 1.0"
+            )
+        # TRL calls get_high_entropy_mask() only when top_entropy_quantile < 1; any value below 1 turns
+        # that call on, and our override ignores the quantile.
+        self.top_entropy_quantile = 0.0 if self.forking.policy_tokens == "forking" else 1.0
+        self._micro_batch: dict | None = None  # inputs of the micro-batch whose loss is being computed
+        self._selection: MicroBatchSelection | None = None
+        self._loss_entropies: torch.Tensor | None = None
+        self._forking_token_counts: Counter[int] = Counter()
+        self._forking_examples: list[dict] = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation batch: remember which prompt each row belongs to (for scope="group").
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        rows = output["prompt_ids"].size(0)
+        # TRL's RepeatSampler puts the completions of one prompt on consecutive global rows, and this
+        # rank holds global rows [process_index * rows, (process_index + 1) * rows).
+        first_row = self.accelerator.process_index * rows
+        output[GROUP_IDS_KEY] = (torch.arange(rows, device=output["prompt_ids"].device) + first_row) // group_size
+        return output
+
+    # ---------------------------------------------------------------------------------------------
+    # Loss: select after the forward, hand TRL the weights.
+
+    def _compute_loss(self, model, inputs):
+        self._micro_batch, self._selection = inputs, None
+        own_entropy_bonus = (
+            self._entropy_bonus_enabled and not self.forking.mask_entropy_bonus and self.forking.policy_tokens == "forking"
+        )
+        if own_entropy_bonus:  # TRL would restrict the bonus to the selected tokens; add it ourselves instead
+            self._entropy_bonus_enabled = False
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            if own_entropy_bonus:
+                self._entropy_bonus_enabled = True
+            self._micro_batch = None
+        if own_entropy_bonus:
+            loss = loss - self.entropy_coef * self._entropy_bonus(inputs, self._loss_entropies)
+        self._loss_entropies = None
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        if self._micro_batch is not None and entropies is not None:  # the loss forward of _compute_loss
+            self._loss_entropies = entropies  # (B, T), with gradient: for the all-token entropy bonus
+            self._selection = self._select(entropies.detach(), self._micro_batch)
+            if self.forking.mask_kl and self.beta != 0.0 and torch.is_grad_enabled():
+                # The policy term already ignores dropped tokens; this also keeps the KL term's gradient
+                # off them. The KL value that TRL logs still covers every token.
+                logps = _GradientMask.apply(logps, self._selection.keep)
+        return logps, entropies, aux_loss
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Loss weights of the forking tokens (replaces TRL's ``entropy >= quantile`` mask)."""
+        if self._selection is None:  # called outside _compute_loss: select on the spot
+            keep = select_forking_tokens(entropies, mask, self.forking.rho, self.forking.selection, "sequence")
+            return loss_weights(keep, mask, self.forking.loss_normalization, per_sequence=True)
+        return self._selection.weights
+
+    def _loss_mask(self, inputs: dict) -> torch.Tensor:
+        """TRL's per-token loss mask: completion tokens, minus tool-output tokens."""
+        mask = inputs["completion_mask"]
+        return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+    def _select(self, entropies: torch.Tensor, inputs: dict) -> MicroBatchSelection:
+        """Exact-k selection over this micro-batch (all ranks), as this rank's keep mask and loss weights."""
+        mask = self._loss_mask(inputs).bool()  # (B, T)
+        group_ids = inputs.get(GROUP_IDS_KEY)
+        if group_ids is None:
+            group_ids = torch.arange(mask.size(0), device=mask.device)
+        world = self.accelerator.num_processes
+        if world > 1:  # k is counted over the micro-batch of every rank: gather, select, keep our rows
+            all_entropies = self.accelerator.gather(self.accelerator.pad_across_processes(entropies, dim=1))
+            all_mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
+            all_group_ids = self.accelerator.gather(group_ids)
+        else:
+            all_entropies, all_mask, all_group_ids = entropies, mask, group_ids
+        # One random stream per micro-step, identical on every rank.
+        generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + self._step)
+        all_keep = select_forking_tokens(
+            all_entropies,
+            all_mask,
+            self.forking.rho,
+            self.forking.selection,
+            self.forking.scope,
+            group_ids=all_group_ids,
+            generator=generator,
+        )
+        rows, length = mask.shape
+        first = self.accelerator.process_index * rows
+        keep = all_keep[first : first + rows, :length]
+
+        loss_type = self.loss_type
+        totals = None
+        if loss_type in GLOBAL_LOSSES:
+            totals = (all_mask.sum(), (all_keep & all_mask.bool()).sum())
+        weights = loss_weights(
+            keep,
+            mask,
+            self.forking.loss_normalization,
+            per_sequence=loss_type in PER_SEQUENCE_LOSSES,
+            totals=totals,
+        ).to(entropies.dtype)
+        self._record(all_entropies, all_mask, all_keep, inputs, keep)
+        return MicroBatchSelection(keep=keep, weights=weights)
+
+    def _entropy_bonus(self, inputs: dict, entropies: torch.Tensor) -> torch.Tensor:
+        """Mean entropy over all completion tokens, scaled for gradient accumulation (as TRL does)."""
+        mask = self._loss_mask(inputs).to(entropies.dtype)
+        accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return (entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+
+    # ---------------------------------------------------------------------------------------------
+    # Logging
+
+    def _record(self, all_entropies, all_mask, all_keep, inputs, keep) -> None:
+        """Selection metrics (over all ranks) and examples of forking tokens (this rank)."""
+        mode = "train" if self.model.training else "eval"
+        stats = selection_stats(all_entropies, all_mask, all_keep, self.forking.selection)
+        metrics = self._metrics[mode]
+        metrics["forking/threshold"].append(stats.threshold)
+        metrics["forking/kept_fraction"].append(stats.kept_fraction)
+        metrics["forking/kept_tokens"].append(float(stats.kept_tokens))
+        metrics["forking/entropy_kept"].append(stats.entropy_kept)
+        metrics["forking/entropy_dropped"].append(stats.entropy_dropped)
+        if not self.accelerator.is_main_process or mode != "train":
+            return
+        completion_ids = inputs["completion_ids"]
+        self._forking_token_counts.update(completion_ids[keep].tolist())
+        if len(self._forking_examples) < self.forking.log_examples:
+            for row in range(min(completion_ids.size(0), self.forking.log_examples - len(self._forking_examples))):
+                real = self._loss_mask(inputs)[row].bool()
+                self._forking_examples.append(
+                    {"token_ids": completion_ids[row][real].tolist(), "forking": keep[row][real].tolist()}
+                )
+
+    def _decode_example(self, example: dict) -> str:
+        """The completion with each forking token wrapped in « »."""
+        tokenizer = self.processing_class
+        pieces = []
+        for token_id, is_forking in zip(example["token_ids"], example["forking"]):
+            text = tokenizer.decode([token_id])
+            pieces.append(f"«{text}»" if is_forking else text)
+        return "".join(pieces)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        examples, counts = self._forking_examples, self._forking_token_counts
+        self._forking_examples, self._forking_token_counts = [], Counter()
+        super().log(logs, start_time)
+        if not self.accelerator.is_main_process or not (examples or counts):
+            return
+        tokenizer = self.processing_class
+        record = {
+            "step": self.state.global_step,
+            "examples": [self._decode_example(example) for example in examples],
+            "top_forking_tokens": [[tokenizer.decode([token]), count] for token, count in counts.most_common(20)],
+        }
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "forking_tokens.jsonl"), "a") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+

@@ -1,0 +1,166 @@
+"""Supervised warm start: make a random tiny policy partly right so that RL gets a reward signal.
+
+A random MoE never writes a correct answer, so every GRPO group has zero reward variance and zero
+advantage. A short SFT run on the task's worked solutions (TRL's ``SFTTrainer``) fixes that. Accuracy
+of such runs rises suddenly rather than steadily, so the checkpoint is chosen by evaluation: training
+stops at the first dev-accuracy check that reaches ``warm_start.target_accuracy``.
+
+The result is cached on disk under a key derived from everything that shapes it (model, task,
+warm-start settings, seed), written to a temporary directory and renamed when complete, so an
+interrupted warm start is never picked up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from rlvr.config import RunConfig
+from rlvr.data import generate_problems, make_prompt, problems_to_dataset
+from rlvr.evaluation import evaluate_accuracy
+
+logger = logging.getLogger(__name__)
+
+DONE_FILE = "warm_start.json"
+
+
+@dataclass
+class WarmStartResult:
+    path: Path
+    steps: int
+    dev_accuracy: float
+    seconds: float
+    reached_target: bool
+    history: list = field(default_factory=list)  # [(step, dev accuracy), ...]
+    cached: bool = False
+
+
+def cache_key(config: RunConfig) -> str:
+    """Hash of everything that determines the warm-started weights."""
+    warm = asdict(config.warm_start)
+    warm.pop("cache_dir")
+    warm.pop("enabled")
+    identity = {
+        "model": config.model.name_or_path,
+        "tiny": asdict(config.model.tiny),
+        "task": asdict(config.data.task),
+        "chat": config.data.chat,
+        "system_prompt": config.data.system_prompt,
+        "max_completion_length": config.grpo.get("max_completion_length"),
+        "warm_start": warm,
+        "seed": config.seed,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _StopAtAccuracy(TrainerCallback):
+    """Evaluate greedy dev accuracy every ``every`` steps; stop once it reaches ``target``."""
+
+    def __init__(self, evaluate: Callable[[object], float], every: int, target: float):
+        self.evaluate, self.every, self.target = evaluate, every, target
+        self.history: list[tuple[int, float]] = []
+        self.reached = False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return control
+        accuracy = self.evaluate(model)
+        self.history.append((state.global_step, accuracy))
+        logger.info("warm start step %d: dev accuracy %.3f", state.global_step, accuracy)
+        if accuracy >= self.target:
+            self.reached = True
+            control.should_training_stop = True
+        return control
+
+
+def run_warm_start(
+    config: RunConfig,
+    base_path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    reward_fn: Callable[..., list],
+    eval_expressions: set[str],
+) -> WarmStartResult:
+    """Warm-start the policy at ``base_path`` (or reuse the cached result) and return where it is."""
+    warm = config.warm_start
+    cache_dir = Path(os.path.expanduser(warm.cache_dir))
+    target_dir = cache_dir / f"warm-{cache_key(config)}"
+    done_file = target_dir / DONE_FILE
+    if done_file.exists():
+        info = json.loads(done_file.read_text())
+        return WarmStartResult(path=target_dir, cached=True, **info)
+
+    task = config.data.task
+    train_problems = generate_problems(task, "train", config.data.num_train, config.seed)
+    # Dev problems come from the eval half of the problem space but never from the eval set itself,
+    # so that choosing the checkpoint does not peek at the numbers reported later.
+    dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.seed + 7919)
+    dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
+    dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
+    dev_answers = [p.answer for p in dev_problems]
+    max_new_tokens = int(config.grpo.get("max_completion_length", 64))
+
+    def dev_accuracy(model) -> float:
+        result = evaluate_accuracy(
+            model, tokenizer, dev_prompts, dev_answers, reward_fn, max_new_tokens, config.eval.batch_size
+        )
+        return result.greedy_accuracy
+
+    dataset = problems_to_dataset(
+        train_problems, config.data.system_prompt, with_solutions=True, chat=config.data.chat
+    )
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    stopper = _StopAtAccuracy(dev_accuracy, warm.eval_every, warm.target_accuracy)
+    scratch = cache_dir / f"tmp-{target_dir.name}-{os.getpid()}"
+    args = SFTConfig(
+        output_dir=str(scratch),
+        max_steps=warm.max_steps,
+        per_device_train_batch_size=warm.batch_size,
+        learning_rate=warm.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(20, warm.max_steps // 10),
+        completion_only_loss=True,
+        logging_steps=warm.eval_every,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        bf16=False,
+        use_cpu=config.grpo_kwargs().get("use_cpu", False),
+        dataloader_num_workers=0,
+    )
+    start = time.time()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stopper])
+    trainer.train()
+    seconds = time.time() - start
+    steps, accuracy = stopper.history[-1] if stopper.history else (trainer.state.global_step, float("nan"))
+    if not stopper.reached:
+        logger.warning(
+            "warm start reached dev accuracy %.3f after %d steps, below warm_start.target_accuracy=%.2f; "
+            "RL may get little reward signal (raise warm_start.max_steps)", accuracy, steps, warm.target_accuracy,
+        )
+    info = {
+        "steps": steps,
+        "dev_accuracy": accuracy,
+        "seconds": seconds,
+        "reached_target": stopper.reached,
+        "history": stopper.history,
+    }
+    trainer.model.save_pretrained(scratch / "model")
+    tokenizer.save_pretrained(scratch / "model")
+    (scratch / "model" / DONE_FILE).write_text(json.dumps(info, indent=1))
+    if target_dir.exists():  # a concurrent run finished first; keep its result
+        shutil.rmtree(scratch, ignore_errors=True)
+    else:
+        os.replace(scratch / "model", target_dir)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return WarmStartResult(path=target_dir, **info)

@@ -23,6 +23,22 @@ from rlvr.config import ConfigError, format_help, load_config, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
+ARMS_DIR = CONFIG_DIR / "arms"
+
+
+def _arm_names() -> list[str]:
+    return sorted(path.stem for path in ARMS_DIR.glob("*.yaml"))
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument(
+        "--config", action="append", required=required, metavar="FILE",
+        help="YAML config; repeat to overlay several files (later ones win)",
+    )
+    parser.add_argument(
+        "--arm", choices=_arm_names(), metavar="ARM",
+        help=f"overlay configs/arms/ARM.yaml, one of: {', '.join(_arm_names())}",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,28 +56,33 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train a policy with ForkingGRPOTrainer from a YAML config",
         description="Train with forking-token GRPO. Example:\n"
-        "  rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.max_steps=50",
+        "  rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.max_steps=50\n"
+        "  rlvr train --config configs/quickstart.yaml --arm full      # the full-update baseline",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help,
+        allow_abbrev=False,  # "--c 1" must not be read as --config
     )
-    train.add_argument("--config", required=True, help="YAML config file")
+    _add_config_arguments(train, required=True)
 
     quickstart = commands.add_parser(
         "quickstart",
         help="warm-start the embedded tiny MoE, then forking-token GRPO, eval before/after",
-        description="Runs configs/quickstart.yaml (overrides allowed, e.g. grpo.max_steps=20).",
+        description="Runs configs/quickstart.yaml (overrides allowed, e.g. grpo.max_steps=20;\n"
+        "--arm full runs the full-update baseline instead of forking tokens).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help,
+        allow_abbrev=False,  # "--c 1" must not be read as --config
     )
-    quickstart.add_argument("--config", default=str(QUICKSTART_CONFIG), help=argparse.SUPPRESS)
+    _add_config_arguments(quickstart, required=False)
 
     check = commands.add_parser(
         "validate",
         help="validate a config and print it fully resolved (builds no model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help,
+        allow_abbrev=False,  # "--c 1" must not be read as --config
     )
-    check.add_argument("--config", required=True, help="YAML config file")
+    _add_config_arguments(check, required=True)
     return parser
 
 
@@ -104,12 +125,17 @@ def _run_training(config) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
+    paths = list(args.config or [])
+    if args.command == "quickstart":
+        paths.insert(0, str(QUICKSTART_CONFIG))
+    if args.arm:
+        paths.append(str(ARMS_DIR / f"{args.arm}.yaml"))
     try:
-        if args.command == "quickstart" and not Path(args.config).is_file():
+        if args.command == "quickstart" and not QUICKSTART_CONFIG.is_file():
             raise ConfigError(
-                f"quickstart config not found at {args.config}; run from a source checkout (pip install -e .)"
+                f"quickstart config not found at {QUICKSTART_CONFIG}; install from a source checkout (pip install -e .)"
             )
-        config = load_config(args.config, overrides)
+        config = load_config(paths, overrides)
     except ConfigError as error:
         print(f"rlvr {args.command}: config error: {error}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,8 @@ def parse_overrides(arguments: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 leaves 1e-5 (no dot) as a string
+            value = _number(value)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -299,14 +302,25 @@ def parse_overrides(arguments: list[str]) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the overrides; validated."""
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Defaults, then each YAML file in order (later files overlay earlier ones), then the overrides; validated.
+
+    Several files make an experiment arm: ``load_config(["configs/quickstart.yaml", "configs/arms/full.yaml"])``.
+    """
     config = RunConfig()
-    if path is not None:
-        path = Path(path)
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in map(Path, paths):
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         _apply(config, values, "")
@@ -413,7 +427,9 @@ def _validate_grpo(config: RunConfig) -> None:
             "grpo.top_entropy_quantile: use forking.rho; rlvr replaces TRL's quantile threshold with an exact top-k"
         )
     try:
-        GRPOConfig(**config.grpo_kwargs())
+        with warnings.catch_warnings():  # TRL/transformers deprecation notices are not the user's concern here
+            warnings.simplefilter("ignore")
+            GRPOConfig(**config.grpo_kwargs())
     except (ValueError, TypeError) as error:
         raise ConfigError(f"grpo: {error}") from None
     if config.forking.mask_entropy_bonus is False and config.grpo.get("use_adaptive_entropy"):

@@ -1,0 +1,100 @@
+"""Config: defaults, YAML, overrides and validation errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from rlvr.config import ConfigError, format_help, load_config, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_defaults_are_valid():
+    config = load_config()
+    assert config.forking.rho == 0.2 and config.forking.selection == "top"
+    assert config.grpo_kwargs()["router_aux_loss_coef"] == 0.0
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
+
+
+@pytest.mark.parametrize("arm", sorted((CONFIGS / "arms").glob("*.yaml")), ids=lambda p: p.stem)
+def test_arm_overlays_validate_on_the_quickstart(arm):
+    config = load_config([CONFIGS / "quickstart.yaml", arm])
+    assert config.model.name_or_path.startswith("tiny:")
+
+
+def test_arm_overlays_change_only_the_forking_section():
+    base = load_config(CONFIGS / "quickstart.yaml")
+    for arm in (CONFIGS / "arms").glob("*.yaml"):
+        overlaid = load_config([CONFIGS / "quickstart.yaml", arm])
+        assert overlaid.model == base.model and overlaid.data == base.data and overlaid.grpo == base.grpo, arm
+
+
+def test_overrides_both_forms_and_yaml_types():
+    assert parse_overrides(["--forking.rho", "0.3", "grpo.learning_rate=1e-5", "--eval.enabled", "false"]) == {
+        "forking": {"rho": 0.3},
+        "grpo": {"learning_rate": 1e-5},
+        "eval": {"enabled": False},
+    }
+    config = load_config(None, ["--forking.rho", "0.5", "model.tiny.num_layers=3", "grpo.learning_rate=1e-5"])
+    assert config.forking.rho == 0.5 and config.model.tiny.num_layers == 3
+    assert config.grpo["learning_rate"] == pytest.approx(1e-5)
+
+
+def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("warm_start:\n  learning_rate: 3e-3\ngrpo:\n  learning_rate: 1e-5\n")
+    config = load_config(path)
+    assert config.warm_start.learning_rate == pytest.approx(3e-3)
+    assert config.grpo["learning_rate"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["forking.rho=1.5"], r"forking.rho: must be in \[0, 1\]"),
+        (["forking.selection=highest"], r"forking.selection: must be one of top, bottom, random; got 'highest'"),
+        (["forking.scope=batchh"], r"forking.scope: must be one of"),
+        (["forking.rh=0.2"], r"forking.rh: unknown key; did you mean rho"),
+        (["modle.dtype=float32"], r"modle: unknown key; did you mean model"),
+        (["model.name_or_path=tiny:llama"], r"model.name_or_path: unknown tiny architecture 'llama'"),
+        (["model.tiny.top_k=9"], r"model.tiny.top_k: must be <= num_experts"),
+        (["model.tiny.num_layers=two"], r"model.tiny.num_layers: expected an integer"),
+        (["reward.functions=[nope]"], r"reward.functions\[0\]: unknown reward 'nope'; known:"),
+        (["reward.weights=[1.0, 2.0]"], r"reward.weights: needs 1 weights"),
+        (["grpo.learning_rat=1e-5"], r"grpo.learning_rat: unknown key; did you mean learning_rate"),
+        (["grpo.num_generations=abc"], r"grpo.num_generations: expected an integer"),
+        (["grpo.top_entropy_quantile=0.2"], r"grpo.top_entropy_quantile: use forking.rho"),
+        (["data.task.max_terms=1"], r"data.task: need 2 <= min_terms <= max_terms"),
+        (["warm_start.enabled=maybe"], r"warm_start.enabled: must be one of auto, true, false"),
+        (["eval.enabled=yes please"], r"eval.enabled: expected true or false"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_grpo_batch_constraints_are_checked_up_front():
+    # TRL requires the generation batch to divide by num_generations; the error surfaces at config time.
+    with pytest.raises(ConfigError, match="grpo:"):
+        load_config(None, ["grpo.per_device_train_batch_size=6", "grpo.num_generations=4"])
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_help_lists_every_key_with_its_help():
+    text = format_help()
+    for key in ("--forking.rho", "--forking.loss_normalization", "--model.tiny.num_experts", "--warm_start.target_accuracy"):
+        assert key in text
+    assert "[top|bottom|random]" in text

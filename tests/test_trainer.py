@@ -1,0 +1,230 @@
+"""ForkingGRPOTrainer against stock TRL and against a plain reference loss."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from rewards.text import completion_text
+from rlvr.config import ForkingConfig
+from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
+from rlvr.models import ARCHITECTURES, load_pretrained
+from rlvr.trainer import ForkingGRPOTrainer
+
+GENERATIONS = 4
+ROWS = 8  # 2 prompts x 4 completions per micro-batch
+
+
+def odd_length_reward(completions, **_):
+    """A reward with variance on a random policy, so that the policy gradient is not zero."""
+    return [float(len(completion_text(c)) % 2) for c in completions]
+
+
+def _dataset():
+    return problems_to_dataset(generate_problems(ArithmeticTask(), "train", 16, seed=0))
+
+
+def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, **grpo):
+    model, tokenizer = load_pretrained(checkpoint)
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=ROWS, num_generations=GENERATIONS,
+        max_completion_length=12, use_cpu=True, bf16=False, report_to=[], logging_steps=1, max_steps=2,
+        beta=0.0, seed=0, save_strategy="no", disable_tqdm=True, router_aux_loss_coef=0.0,
+    ) | grpo
+    extra = {"forking": forking or ForkingConfig()} if trainer_cls is ForkingGRPOTrainer else {}
+    trainer = trainer_cls(
+        model=model, reward_funcs=odd_length_reward, args=GRPOConfig(**settings),
+        train_dataset=_dataset(), processing_class=tokenizer, **extra,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def make_batch(trainer) -> dict:
+    """One generation batch with random (non-zero) advantages; deterministic."""
+    dataset = _dataset()
+    rows = [dataset[i] for i in range(ROWS // GENERATIONS) for _ in range(GENERATIONS)]
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    batch["advantages"] = torch.randn(ROWS, generator=torch.Generator().manual_seed(1))
+    assert batch["completion_mask"].sum() > ROWS  # real completions, not just end tokens
+    return batch
+
+
+def loss_and_grads(trainer, batch):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same_grads(actual, expected, rtol=1e-5, atol=1e-7):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# rho = 1 (and the full arm) is stock TRL
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize(
+    "forking",
+    [
+        ForkingConfig(rho=1.0, loss_normalization="selected"),
+        ForkingConfig(rho=1.0, loss_normalization="all"),
+        ForkingConfig(rho=0.2, policy_tokens="all"),
+    ],
+    ids=["rho1-selected", "rho1-all", "full-arm"],
+)
+def test_all_tokens_equals_stock_trl(tiny_checkpoint, tmp_path, loss_type, forking):
+    stock = make_trainer(tiny_checkpoint(), tmp_path / "stock", GRPOTrainer, loss_type=loss_type)
+    ours = make_trainer(tiny_checkpoint(), tmp_path / "ours", forking=forking, loss_type=loss_type)
+    batch = make_batch(stock)
+    expected_loss, expected_grads = loss_and_grads(stock, batch)
+    loss, grads = loss_and_grads(ours, batch)
+    assert expected_loss != 0
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-8)
+    assert_same_grads(grads, expected_grads)
+
+
+# --------------------------------------------------------------------------------------------------
+# rho = 0.2 against a plain float64 reference
+
+
+def reference_loss(trainer, batch, rho, loss_type, scope):
+    """The paper's objective written out: top-k entropy tokens, mean over the selected tokens."""
+    prompt_completion = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    length = batch["completion_ids"].size(1)
+    logits = trainer.model(input_ids=prompt_completion, attention_mask=attention).logits[:, -length - 1 : -1]
+    logps_all = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
+    logps = logps_all.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)  # (B, T)
+    entropies = -(logps_all.exp() * logps_all).sum(-1).detach()  # (B, T)
+    mask = batch["completion_mask"].bool()
+    advantages = batch["advantages"].double().unsqueeze(1)  # (B, 1)
+    per_token = -advantages * torch.exp(logps - logps.detach())  # (B, T): the clipped ratio is 1 on-policy
+
+    keep = torch.zeros_like(mask)
+    units = [mask] if scope == "micro_batch" else [row_mask(mask, r) for r in range(mask.size(0))]
+    for unit in units:
+        n = int(unit.sum())
+        k = math.ceil(rho * n)
+        order = torch.argsort(entropies.masked_fill(~unit, -1.0).flatten(), descending=True)[:k]
+        keep.view(-1)[order] = True
+        kept_values = entropies.flatten()[order]
+        rest = entropies.flatten()[unit.flatten() & ~keep.flatten()]
+        if k and rest.numel():  # the selection must be unambiguous for the comparison to be fair
+            assert kept_values.min() - rest.max() > 1e-6
+    if loss_type == "grpo":
+        per_row = [(per_token[r][keep[r]]).sum() / keep[r].sum() for r in range(mask.size(0)) if keep[r].any()]
+        return torch.stack(per_row).sum() / mask.size(0)
+    return (per_token[keep]).sum() / keep.sum()  # dapo and bnpo: one token mean over the micro-batch
+
+
+def row_mask(mask, row):
+    unit = torch.zeros_like(mask)
+    unit[row] = mask[row]
+    return unit
+
+
+@pytest.mark.parametrize(
+    "loss_type, scope", [("dapo", "micro_batch"), ("bnpo", "micro_batch"), ("grpo", "micro_batch"), ("grpo", "sequence")]
+)
+def test_forking_loss_matches_reference(tiny_checkpoint, tmp_path, loss_type, scope):
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, forking=ForkingConfig(rho=0.2, scope=scope), loss_type=loss_type
+    )
+    batch = make_batch(trainer)
+    loss, grads = loss_and_grads(trainer, batch)
+
+    trainer.model.zero_grad(set_to_none=True)
+    expected = reference_loss(trainer, batch, 0.2, loss_type, scope)
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    assert_same_grads(grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_selected_vs_all_normalisation_differs_by_the_kept_fraction(tiny_checkpoint, tmp_path):
+    selected = make_trainer(tiny_checkpoint(), tmp_path / "s", forking=ForkingConfig(rho=0.2), loss_type="dapo")
+    everything = make_trainer(
+        tiny_checkpoint(), tmp_path / "a", forking=ForkingConfig(rho=0.2, loss_normalization="all"), loss_type="dapo"
+    )
+    batch = make_batch(selected)
+    n = int(batch["completion_mask"].sum())
+    k = math.ceil(0.2 * n)
+    loss_selected, _ = loss_and_grads(selected, batch)
+    loss_all, _ = loss_and_grads(everything, batch)
+    torch.testing.assert_close(loss_all, loss_selected * k / n, rtol=1e-5, atol=1e-8)
+
+
+def test_kl_mask_keeps_kl_gradient_off_dropped_tokens(tiny_checkpoint, tmp_path):
+    def grads_with(mask_kl):
+        trainer = make_trainer(
+            tiny_checkpoint(), tmp_path / str(mask_kl), forking=ForkingConfig(rho=0.0, mask_kl=mask_kl),
+            loss_type="dapo", beta=0.1,
+        )
+        batch = make_batch(trainer)
+        noise = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(2))
+        batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 0.5 * noise  # a reference that differs
+        return loss_and_grads(trainer, batch)[1]
+
+    unmasked, masked = grads_with(False), grads_with(True)
+    assert sum(g.abs().sum() for g in unmasked.values()) > 0  # the KL term alone moves the policy
+    assert all(g.abs().sum() == 0 for g in masked.values())  # rho=0 and masked KL: nothing moves
+
+
+@pytest.mark.parametrize("mask_entropy_bonus", [True, False])
+def test_entropy_bonus_scope(tiny_checkpoint, tmp_path, mask_entropy_bonus):
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, forking=ForkingConfig(rho=0.0, mask_entropy_bonus=mask_entropy_bonus),
+        loss_type="dapo", entropy_coef=0.1,
+    )
+    batch = make_batch(trainer)
+    batch["advantages"] = torch.zeros(ROWS)  # only the bonus remains
+    loss, grads = loss_and_grads(trainer, batch)
+    if mask_entropy_bonus:  # TRL applies the bonus on the selected tokens; rho=0 selects none
+        assert loss == 0
+    else:  # rlvr's own bonus: mean entropy over every completion token
+        with torch.no_grad():
+            length = batch["completion_ids"].size(1)
+            ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+            attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+            logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -length - 1 : -1]
+            entropy = torch.distributions.Categorical(logits=logits.double()).entropy()
+            mask = batch["completion_mask"].double()
+            expected = -0.1 * (entropy * mask).sum() / mask.sum()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+        assert sum(g.abs().sum() for g in grads.values()) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A few real training steps per architecture
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_training_changes_weights_and_logs_forking_metrics(tiny_checkpoint, tmp_path, architecture):
+    trainer = make_trainer(tiny_checkpoint(architecture), tmp_path, forking=ForkingConfig(rho=0.2), learning_rate=1e-2)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
+    assert any("router" in name or "gate.weight" in name for name in changed), changed[:5]
+    assert any("experts" in name for name in changed)
+
+    logs = [entry for entry in trainer.state.log_history if "forking/kept_fraction" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert 0.2 <= entry["forking/kept_fraction"] < 0.2 + 1 / 8  # exact k = ceil(rho * n), n >= 8
+        assert entry["forking/entropy_kept"] >= entry["forking/threshold"] >= entry["forking/entropy_dropped"]
+    records = [json.loads(line) for line in (tmp_path / "forking_tokens.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(len(record["examples"]) == 2 for record in records)
+    assert any("«" in example for record in records for example in record["examples"])
+    assert records[0]["top_forking_tokens"]

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -95,6 +96,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     logging.basicConfig(level=logging.INFO, format="[rlvr] %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     for noisy in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -29,6 +29,7 @@ from rlvr.config import RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy
 from rlvr.models import is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
+from rlvr.progress import use_compact_progress
 from rlvr.trainer import ForkingGRPOTrainer
 from rlvr.warmstart import WarmStartResult, run_warm_start
 
@@ -164,6 +165,7 @@ def train(config: RunConfig) -> RunResult:
         forking=config.forking,
         callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
     )
+    use_compact_progress(trainer)
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start

@@ -28,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from rlvr.config import RunConfig
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
+from rlvr.progress import use_compact_progress
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def run_warm_start(
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=min(20, warm.max_steps // 10),
         completion_only_loss=True,
-        logging_steps=warm.eval_every,
+        logging_steps=warm.max_steps,  # progress is reported by the dev-accuracy checks
         save_strategy="no",
         report_to=[],
         seed=config.seed,
@@ -140,6 +141,7 @@ def run_warm_start(
     )
     start = time.time()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stopper])
+    use_compact_progress(trainer)
     trainer.train()
     seconds = time.time() - start
     steps, accuracy = stopper.history[-1] if stopper.history else (trainer.state.global_step, float("nan"))
@@ -155,6 +157,7 @@ def run_warm_start(
         "reached_target": stopper.reached,
         "history": stopper.history,
     }
+    trainer.model.config.get_text_config().output_router_logits = False  # SFTTrainer turned it on; see load_pretrained
     trainer.model.save_pretrained(scratch / "model")
     tokenizer.save_pretrained(scratch / "model")
     (scratch / "model" / DONE_FILE).write_text(json.dumps(info, indent=1))

@@ -57,6 +57,12 @@ def load_pretrained(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):
+        # Saved by a trainer that computed the MoE aux loss (e.g. SFTTrainer). Left on, every generate()
+        # call computes that loss per decoding step and crashes on left-padded batches; router losses
+        # belong to the training forward, which asks for router logits explicitly.
+        text_config.output_router_logits = False
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -1,0 +1,74 @@
+"""The command line: help, validation errors before any model is built, and a tiny end-to-end run."""
+
+import json
+
+import pytest
+
+from rlvr.cli import CONFIG_DIR as CONFIGS, main
+from rlvr.progress import format_log_line
+
+TINY = [
+    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
+    "data.num_train=64", "data.num_eval=8", "data.task.max_operand=9", "data.task.eval_fraction=0.2",
+    "eval.sampled_completions=1", "warm_start.max_steps=4", "warm_start.eval_every=2", "warm_start.num_dev=8",
+    "grpo.max_steps=2", "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
+    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+]
+
+
+def test_help_teaches_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("--forking.rho", "--forking.selection", "--data.answer_column", "--warm_start.enabled", "--arm"):
+        assert key in text
+
+
+def test_config_error_names_the_key_and_exits_2(capsys, tmp_path):
+    code = main(["quickstart", "forking.selection=highest", f"output_dir={tmp_path}"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "config error: forking.selection: must be one of top, bottom, random; got 'highest'" in error
+    assert "Traceback" not in error
+    assert not any(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_data_error_is_one_line_not_a_traceback(capsys, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "no marker"}\n')
+    code = main([
+        "train", "--config", str(CONFIGS / "quickstart.yaml"), f"data.source={data}", "data.answer_format=gsm8k",
+        "data.eval_split=null", f"output_dir={tmp_path / 'run'}", "warm_start.enabled=false",
+    ])
+    assert code == 2
+    assert "data error:" in capsys.readouterr().err
+
+
+def test_validate_prints_the_resolved_config(capsys):
+    assert main(["validate", "--config", str(CONFIGS / "quickstart.yaml"), "--arm", "bottom"]) == 0
+    out = capsys.readouterr().out
+    assert "selection: bottom" in out and "rho: 0.8" in out
+
+
+def test_tiny_end_to_end_run_writes_its_outputs(capsys, tmp_path):
+    output = tmp_path / "run"
+    code = main(["quickstart", f"output_dir={output}", f"warm_start.cache_dir={tmp_path / 'cache'}", *TINY])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "before RL" in printed and "after RL" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["warm_start"]["steps"] == 4 and not summary["warm_start"]["cached"]
+    assert 0.0 <= summary["eval_after"]["greedy_accuracy"] <= 1.0
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert any("forking/kept_fraction" in record for record in metrics)
+    assert (output / "model" / "config.json").exists() and (output / "config.yaml").exists()
+
+    # Second run: the warm start comes from the cache.
+    assert main(["quickstart", f"output_dir={output}2", f"warm_start.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["warm_start"]["cached"]
+
+
+def test_console_line_shows_the_watched_metrics():
+    line = format_log_line(10, {"loss": 0.01, "reward": 0.5, "forking/kept_fraction": 0.2, "step_time": 0.6, "x": 1})
+    assert line == "step 10 | loss 0.01 | reward 0.500 | kept 0.200 | s/step 0.60"

@@ -135,6 +135,7 @@ GRPO_DEFAULTS: dict[str, Any] = {
     "router_aux_loss_coef": 0.0,
     "report_to": [],
     "save_strategy": "no",
+    "disable_tqdm": False,  # transformers hides progress bars when its logging is quiet; rlvr always shows them
 }
 
 

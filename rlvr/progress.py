@@ -7,7 +7,7 @@ the console shows the few numbers a person watches during a run.
 from __future__ import annotations
 
 from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 # (log key, label, format) in display order; keys absent from a log record are skipped.
 CONSOLE_METRICS = (
@@ -41,8 +41,13 @@ class CompactProgressCallback(ProgressCallback):
 
 
 def use_compact_progress(trainer: Trainer) -> None:
-    """Swap the trainer's progress callback for :class:`CompactProgressCallback` (when progress bars are on)."""
+    """Swap the trainer's progress callback for :class:`CompactProgressCallback`.
+
+    With progress bars off (``disable_tqdm``), the console stays quiet: metrics go to the metrics file.
+    """
     if trainer.args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
         return
-    trainer.remove_callback(ProgressCallback)
+    while any(isinstance(callback, ProgressCallback) for callback in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CompactProgressCallback)

@@ -138,6 +138,7 @@ def run_warm_start(
         bf16=False,
         use_cpu=config.grpo_kwargs().get("use_cpu", False),
         dataloader_num_workers=0,
+        disable_tqdm=False,
     )
     start = time.time()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[stopper])

@@ -105,6 +105,32 @@ class ForkingConfig:
     log_examples: int = _field(2, "completions per logging step written with their forking tokens marked")
 
 
+GATE_SCOPES = ("all", "completion", "forking")
+ROUTER_LOSS_SCOPES = ("none", "all", "completion", "forking")
+
+
+@dataclass
+class MoEConfig:
+    router_gate_scope: str = _field(
+        "all", "positions whose router gradient is kept: all, completion decisions, or forking decisions", GATE_SCOPES
+    )
+    router_gate_outside: float = _field(0.0, "router-gradient weight of positions outside router_gate_scope (0 = none)")
+    expert_gate_scope: str = _field(
+        "all", "positions whose MoE-block-output gradient is kept (same choices as router_gate_scope)", GATE_SCOPES
+    )
+    expert_gate_outside: float = _field(0.0, "expert-gradient weight of positions outside expert_gate_scope")
+    load_balancing_coef: float = _field(0.0, "coefficient of rlvr's load-balancing loss (Switch form); 0 = off")
+    load_balancing_scope: str = _field("completion", "tokens the load-balancing loss covers", ROUTER_LOSS_SCOPES)
+    z_loss_coef: float = _field(0.0, "coefficient of the router z-loss (ST-MoE); 0 = off")
+    z_loss_scope: str = _field("completion", "tokens the router z-loss covers", ROUTER_LOSS_SCOPES)
+    router_lr_multiplier: float = _field(1.0, "router learning rate = grpo.learning_rate x this")
+    freeze_router: bool = _field(False, "do not train the routers at all")
+    analytics: bool = _field(True, "log routing on forking vs other tokens (MoE models)")
+
+    def is_default(self) -> bool:
+        return self == MoEConfig()
+
+
 @dataclass
 class WarmStartConfig:
     enabled: str = _field(
@@ -148,6 +174,7 @@ class RunConfig:
     data: DataConfig = _field(DataConfig, "prompts and gold answers")
     reward: RewardConfig = _field(RewardConfig, "verifiable rewards")
     forking: ForkingConfig = _field(ForkingConfig, "forking-token selection (Wang et al., 2025)")
+    moe: MoEConfig = _field(MoEConfig, "router-aware updates and routing analytics (MoE policies)")
     warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
     grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
@@ -360,6 +387,18 @@ def validate(config: RunConfig) -> None:
     forking = config.forking
     _require(0.0 <= forking.rho <= 1.0, "forking.rho", f"must be in [0, 1]; got {forking.rho}")
     _require(forking.log_examples >= 0, "forking.log_examples", "must be >= 0")
+
+    moe = config.moe
+    for name in ("router_gate_outside", "expert_gate_outside"):
+        _require(0.0 <= getattr(moe, name) <= 1.0, f"moe.{name}", f"must be in [0, 1]; got {getattr(moe, name)}")
+    for name in ("load_balancing_coef", "z_loss_coef"):
+        _require(getattr(moe, name) >= 0.0, f"moe.{name}", "must be >= 0")
+    _require(moe.router_lr_multiplier > 0.0, "moe.router_lr_multiplier", "must be > 0 (use moe.freeze_router to freeze)")
+    if moe.load_balancing_coef > 0 and float(config.grpo.get("router_aux_loss_coef") or 0.0) != 0.0:
+        raise ConfigError(
+            "moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef is also set; the load-balancing loss would be "
+            "added twice. Keep one (rlvr's can be scoped to completion or forking tokens)."
+        )
 
     model = config.model
     if model.name_or_path.startswith("tiny:"):

@@ -163,6 +163,7 @@ def train(config: RunConfig) -> RunResult:
         train_dataset=data.train,
         processing_class=tokenizer,
         forking=config.forking,
+        moe=config.moe,
         callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
     )
     use_compact_progress(trainer)

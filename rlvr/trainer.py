@@ -15,6 +15,10 @@ vLLM, logging and checkpointing are TRL's:
    tokens (the paper) or over all completion tokens (TRL), in the unit TRL's loss type averages over.
 3. ``log``: add the selection's threshold, kept fraction, entropy of kept vs dropped tokens, and write
    a few completions with their forking tokens marked to ``<output_dir>/forking_tokens.jsonl``.
+
+On MoE policies it also applies router-aware updates (:mod:`rlvr.moe`): per-position gradient gates
+on routers and expert outputs, token-scoped load-balancing and z-losses, router learning-rate
+multiplier or freeze, and routing analytics (``moe/*`` metrics, ``<output_dir>/routing.jsonl``).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from dataclasses import dataclass
 import torch
 from trl import GRPOTrainer
 
-from rlvr.config import ForkingConfig
+from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.forking import loss_weights, select_forking_tokens, selection_stats
+from rlvr.moe import UnknownMoEArchitecture
+from rlvr.moe.updates import RouterAwareUpdates
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
 
@@ -65,13 +71,25 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     Args:
         forking: which tokens are forking and how the loss treats them (see :class:`rlvr.config.ForkingConfig`).
+        moe: router-aware updates and routing analytics (see :class:`rlvr.config.MoEConfig`); ignored
+            for dense models when left at its defaults.
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
     """
 
-    def __init__(self, *args, forking: ForkingConfig | None = None, **kwargs):
+    def __init__(self, *args, forking: ForkingConfig | None = None, moe: MoEConfig | None = None, **kwargs):
         self.forking = forking or ForkingConfig()
+        self.moe = moe or MoEConfig()
         super().__init__(*args, **kwargs)
+        try:
+            self.router_updates: RouterAwareUpdates | None = RouterAwareUpdates(self.model, self.moe)
+        except UnknownMoEArchitecture:
+            if not self.moe.is_default():
+                raise
+            self.router_updates = None  # a dense policy: nothing to route
+        if self.router_updates is not None and self.moe.freeze_router:
+            self.router_updates.freeze_routers()
+        self._router_loss: torch.Tensor | None = None
         if self.top_entropy_quantile < 1.0:
             raise ValueError(
                 "ForkingGRPOTrainer replaces top_entropy_quantile with forking.rho; leave top_entropy_quantile at 1.0"
@@ -117,21 +135,58 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self._micro_batch = None
         if own_entropy_bonus:
             loss = loss - self.entropy_coef * self._entropy_bonus(inputs, self._loss_entropies)
-        self._loss_entropies = None
+        if self._router_loss is not None:  # scaled for gradient accumulation like TRL's policy loss
+            accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0
+            loss = loss + self._router_loss / accumulation
+        self._loss_entropies, self._router_loss = None, None
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+        loss_forward = self._micro_batch is not None and torch.is_grad_enabled()
+        if loss_forward and self.router_updates is not None:
+            self.router_updates.begin(*input_ids.shape)
+        try:
+            logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        except BaseException:
+            if self.router_updates is not None:
+                self.router_updates.abort()
+            raise
         if self._micro_batch is not None and entropies is not None:  # the loss forward of _compute_loss
             self._loss_entropies = entropies  # (B, T), with gradient: for the all-token entropy bonus
             self._selection = self._select(entropies.detach(), self._micro_batch)
+            if loss_forward and self.router_updates is not None:
+                self._finish_router_updates(attention_mask)
             if self.forking.mask_kl and self.beta != 0.0 and torch.is_grad_enabled():
                 # The policy term already ignores dropped tokens; this also keeps the KL term's gradient
                 # off them. The KL value that TRL logs still covers every token.
                 logps = _GradientMask.apply(logps, self._selection.keep)
         return logps, entropies, aux_loss
+
+    def _finish_router_updates(self, attention_mask: torch.Tensor) -> None:
+        """Gates, router losses and analytics of the loss forward, now that the forking tokens are known."""
+        mode = "train" if self.model.training else "eval"
+        self._router_loss, metrics = self.router_updates.finish(
+            attention_mask, self._loss_mask(self._micro_batch), self._selection.keep, analytics=self.moe.analytics
+        )
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+
+    def create_optimizer(self, *args, **kwargs):
+        """TRL's optimizer, with the router parameters in their own groups at ``lr x moe.router_lr_multiplier``."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.router_updates is None or self.moe.router_lr_multiplier == 1.0:
+            return optimizer
+        router_ids = {id(p) for p in self.router_updates.router_parameters()}
+        for group in list(optimizer.param_groups):
+            routers = [p for p in group["params"] if id(p) in router_ids]
+            if not routers:
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+            optimizer.add_param_group({**group, "params": routers, "lr": group["lr"] * self.moe.router_lr_multiplier})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        return optimizer
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """Loss weights of the forking tokens (replaces TRL's ``entropy >= quantile`` mask)."""
@@ -230,7 +285,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
         examples, counts = self._forking_examples, self._forking_token_counts
         self._forking_examples, self._forking_token_counts = [], Counter()
         super().log(logs, start_time)
-        if not self.accelerator.is_main_process or not (examples or counts):
+        if not self.accelerator.is_main_process:
+            return
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        if self.router_updates is not None:
+            loads = self.router_updates.pop_expert_loads()
+            if loads:  # per-layer expert loads on forking vs other tokens, for the report's heatmaps
+                with open(os.path.join(self.args.output_dir, "routing.jsonl"), "a") as handle:
+                    handle.write(json.dumps({"step": self.state.global_step, "expert_load": loads}) + "\n")
+        if not (examples or counts):
             return
         tokenizer = self.processing_class
         record = {
@@ -238,7 +301,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
             "examples": [self._decode_example(example) for example in examples],
             "top_forking_tokens": [[tokenizer.decode([token]), count] for token, count in counts.most_common(20)],
         }
-        os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, "forking_tokens.jsonl"), "a") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 

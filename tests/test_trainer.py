@@ -10,9 +10,10 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from rewards.text import completion_text
-from rlvr.config import ForkingConfig
+from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import ARCHITECTURES, load_pretrained
+from rlvr.moe import UnknownMoEArchitecture
 from rlvr.trainer import ForkingGRPOTrainer
 
 GENERATIONS = 4
@@ -28,14 +29,14 @@ def _dataset():
     return problems_to_dataset(generate_problems(ArithmeticTask(), "train", 16, seed=0))
 
 
-def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, **grpo):
+def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, **grpo):
     model, tokenizer = load_pretrained(checkpoint)
     settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=ROWS, num_generations=GENERATIONS,
         max_completion_length=12, use_cpu=True, bf16=False, report_to=[], logging_steps=1, max_steps=2,
         beta=0.0, seed=0, save_strategy="no", disable_tqdm=True, router_aux_loss_coef=0.0,
     ) | grpo
-    extra = {"forking": forking or ForkingConfig()} if trainer_cls is ForkingGRPOTrainer else {}
+    extra = {"forking": forking or ForkingConfig(), "moe": moe} if trainer_cls is ForkingGRPOTrainer else {}
     trainer = trainer_cls(
         model=model, reward_funcs=odd_length_reward, args=GRPOConfig(**settings),
         train_dataset=_dataset(), processing_class=tokenizer, **extra,
@@ -228,3 +229,69 @@ def test_training_changes_weights_and_logs_forking_metrics(tiny_checkpoint, tmp_
     assert len(records) == 2 and all(len(record["examples"]) == 2 for record in records)
     assert any("«" in example for record in records for example in record["examples"])
     assert records[0]["top_forking_tokens"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Router-aware updates wired into the trainer
+
+
+def test_forking_router_arm_trains_and_logs_routing(tiny_checkpoint, tmp_path):
+    moe = MoEConfig(router_gate_scope="forking", expert_gate_scope="forking")
+    trainer = make_trainer(tiny_checkpoint("olmoe"), tmp_path, forking=ForkingConfig(rho=0.2), moe=moe, learning_rate=1e-2)
+    routers = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".gate.weight" in n}
+    trainer.train()
+    assert any(not torch.equal(p, routers[n]) for n, p in trainer.model.named_parameters() if n in routers)
+    logs = [entry for entry in trainer.state.log_history if "moe/specialization_js" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert 0.0 <= entry["moe/specialization_js"] <= 1.0
+        assert 1.0 <= entry["moe/load_imbalance"] <= 4.0
+    records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    loads = records[0]["expert_load"]
+    assert len(loads["forking"]) == 2 and all(abs(sum(layer) - 1) < 1e-9 for layer in loads["forking"])
+
+
+def test_load_balancing_loss_is_added_with_its_coefficient(tiny_checkpoint, tmp_path):
+    plain = make_trainer(tiny_checkpoint(), tmp_path / "plain", loss_type="dapo")
+    balanced = make_trainer(
+        tiny_checkpoint(), tmp_path / "lb", moe=MoEConfig(load_balancing_coef=0.5, load_balancing_scope="forking"),
+        loss_type="dapo",
+    )
+    batch = make_batch(plain)
+    loss_plain, _ = loss_and_grads(plain, batch)
+    loss_balanced, _ = loss_and_grads(balanced, batch)
+    balance = balanced._metrics["train"]["moe/load_balancing_loss"][-1]
+    assert balance > 0
+    torch.testing.assert_close(loss_balanced - loss_plain, torch.tensor(0.5 * balance), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_router_and_router_learning_rate(tiny_checkpoint, tmp_path):
+    frozen = make_trainer(tiny_checkpoint(), tmp_path / "f", moe=MoEConfig(freeze_router=True), learning_rate=1e-2)
+    routers = {n: p.detach().clone() for n, p in frozen.model.named_parameters() if ".gate.weight" in n}
+    assert routers
+    frozen.train()
+    assert all(torch.equal(p, routers[n]) for n, p in frozen.model.named_parameters() if n in routers)
+
+    scaled = make_trainer(tiny_checkpoint(), tmp_path / "s", moe=MoEConfig(router_lr_multiplier=0.1), learning_rate=1e-2)
+    optimizer = scaled.create_optimizer()
+    router_ids = {id(p) for p in scaled.router_updates.router_parameters()}
+    rates = {("router" if id(p) in router_ids else "other"): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates == {"router": pytest.approx(1e-3), "other": pytest.approx(1e-2)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(scaled.model.parameters()))
+
+
+def test_dense_model_needs_default_moe_settings(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rlvr.models import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    trainer = make_trainer(str(tmp_path / "dense"), tmp_path / "a")
+    assert trainer.router_updates is None
+    with pytest.raises(UnknownMoEArchitecture, match="no sparse MoE block"):
+        make_trainer(str(tmp_path / "dense"), tmp_path / "b", moe=MoEConfig(router_gate_scope="forking"))

@@ -1,0 +1,114 @@
+"""Routing analytics: how routing on forking tokens differs from routing on the other completion tokens.
+
+For each MoE layer, over the decision positions of one training forward:
+
+* ``load_forking`` / ``load_other`` (E,): share of the top-k assignments that went to each expert,
+  for forking tokens and for the other completion tokens (each sums to 1);
+* ``specialization``: Jensen-Shannon divergence (base 2, in [0, 1]) between those two loads,
+  0 when forking tokens use the experts exactly like the others;
+* ``router_entropy_forking`` / ``router_entropy_other``: mean entropy (nats) of the routing
+  distribution on each token class;
+* ``imbalance``: max expert load x E over all completion tokens (1 = perfectly balanced, E = one expert);
+* ``drift`` (with routing replay): share of tokens whose live top-k set differs from the replayed one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerRouting:
+    load_forking: list[float]
+    load_other: list[float]
+    specialization: float
+    router_entropy_forking: float
+    router_entropy_other: float
+    imbalance: float
+    drift: float
+
+
+def expert_load(indices: torch.Tensor, tokens: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) share of the top-k assignments of the chosen ``tokens`` (N,) bool that go to each expert."""
+    chosen = indices[tokens.bool()].reshape(-1)
+    if chosen.numel() == 0:
+        return torch.full((num_experts,), math.nan, dtype=torch.float64)
+    counts = torch.bincount(chosen.long().cpu(), minlength=num_experts).to(torch.float64)
+    return counts / counts.sum()
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence in bits between two distributions (NaN if either is undefined)."""
+    if torch.isnan(p).any() or torch.isnan(q).any():
+        return math.nan
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        nonzero = a > 0
+        return (a[nonzero] * torch.log2(a[nonzero] / b[nonzero])).sum()
+
+    return float(0.5 * kl(p, m) + 0.5 * kl(q, m))
+
+
+def mean_entropy(probabilities: torch.Tensor, tokens: torch.Tensor) -> float:
+    rows = probabilities[tokens.bool()].to(torch.float64)
+    if rows.shape[0] == 0:
+        return math.nan
+    return float(-(rows * torch.log(rows.clamp(min=1e-30))).sum(-1).mean())
+
+
+def layer_routing(
+    indices: torch.Tensor,
+    probabilities: torch.Tensor,
+    forking: torch.Tensor,
+    completion: torch.Tensor,
+    replayed_indices: torch.Tensor | None = None,
+    live_indices: torch.Tensor | None = None,
+) -> LayerRouting:
+    """Analytics of one layer. ``indices`` (N, k), ``probabilities`` (N, E), ``forking``/``completion`` (N,) bool.
+
+    ``forking`` must be a subset of ``completion``; "other" tokens are completion tokens not forking.
+    """
+    num_experts = probabilities.shape[-1]
+    forking, completion = forking.bool().reshape(-1), completion.bool().reshape(-1)
+    other = completion & ~forking
+    load_forking = expert_load(indices, forking, num_experts)
+    load_other = expert_load(indices, other, num_experts)
+    load_all = expert_load(indices, completion, num_experts)
+    drift = math.nan
+    if replayed_indices is not None and live_indices is not None and bool(completion.any()):
+        same = torch.sort(replayed_indices, -1).values == torch.sort(live_indices, -1).values
+        drift = float((~same.all(-1))[completion].to(torch.float64).mean())
+    return LayerRouting(
+        load_forking=load_forking.tolist(),
+        load_other=load_other.tolist(),
+        specialization=js_divergence(load_forking, load_other),
+        router_entropy_forking=mean_entropy(probabilities, forking),
+        router_entropy_other=mean_entropy(probabilities, other),
+        imbalance=float(load_all.max() * num_experts) if not torch.isnan(load_all).any() else math.nan,
+        drift=drift,
+    )
+
+
+def summarize(layers: list[LayerRouting]) -> dict[str, float]:
+    """Scalar metrics for logging: means over layers (NaN-aware) plus the specialisation of each layer."""
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    metrics = {
+        "moe/specialization_js": mean([layer.specialization for layer in layers]),
+        "moe/router_entropy_forking": mean([layer.router_entropy_forking for layer in layers]),
+        "moe/router_entropy_other": mean([layer.router_entropy_other for layer in layers]),
+        "moe/load_imbalance": mean([layer.imbalance for layer in layers]),
+    }
+    drift = mean([layer.drift for layer in layers])
+    if not math.isnan(drift):
+        metrics["moe/routing_drift"] = drift
+    for index, layer in enumerate(layers):
+        metrics[f"moe/layer{index}/specialization_js"] = layer.specialization
+    return metrics

@@ -1,0 +1,107 @@
+"""Router-aware updates for one training forward: gates, scoped router losses, analytics.
+
+:class:`RouterAwareUpdates` turns an ``rlvr.config.MoEConfig`` into actions on a forward recorded by
+:class:`rlvr.moe.hooks.RoutingHooks`. A trainer calls :meth:`begin` before its loss forward and
+:meth:`finish` once the forking tokens of that forward are known (before backward). Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from rlvr.moe.hooks import ForwardRouting, RoutingHooks
+from rlvr.moe.losses import load_balancing_loss, router_z_loss
+from rlvr.moe.positions import decision_positions
+from rlvr.moe.stats import layer_routing, summarize
+
+
+class RouterAwareUpdates:
+    """Gates, router losses and routing analytics of an MoE policy (see :class:`rlvr.config.MoEConfig`)."""
+
+    def __init__(self, model: nn.Module, config):
+        self.config = config
+        self.hooks = RoutingHooks(
+            model,
+            gate_routers=config.router_gate_scope != "all",
+            gate_experts=config.expert_gate_scope != "all",
+        )
+        self.layers = self.hooks.layers
+        # Per-layer expert loads accumulated between logging steps: {"forking"|"other": (layers, E) sums}
+        self._load_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(self.layers), self.hooks.num_experts, dtype=torch.float64))
+        self._load_counts: dict[str, int] = defaultdict(int)
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.router.parameters()]
+
+    def freeze_routers(self) -> None:
+        for parameter in self.router_parameters():
+            parameter.requires_grad_(False)
+
+    def begin(self, batch: int, length: int) -> None:
+        self.hooks.begin(batch, length)
+
+    def abort(self) -> None:
+        self.hooks.end()
+
+    def finish(
+        self,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        keep: torch.Tensor,
+        analytics: bool,
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Set the gates of the recorded forward and return ``(router loss to add, metrics)``.
+
+        Args:
+            attention_mask: (B, L) real (non-padding) positions of the forward's input.
+            loss_mask: (B, C) completion tokens in the loss.
+            keep: (B, C) forking tokens.
+        """
+        routing: ForwardRouting | None = self.hooks.end()
+        if routing is None or not routing.logits:
+            return None, {}
+        length = attention_mask.shape[1]
+        completion = decision_positions(loss_mask, length)  # (B, L)
+        forking = decision_positions(keep & loss_mask.bool(), length)  # (B, L)
+        scopes = {"all": attention_mask.bool(), "completion": completion, "forking": forking}
+
+        config = self.config
+        routing.router_gate.set(None if config.router_gate_scope == "all" else scopes[config.router_gate_scope], config.router_gate_outside)
+        routing.expert_gate.set(None if config.expert_gate_scope == "all" else scopes[config.expert_gate_scope], config.expert_gate_outside)
+
+        probabilities = [layer.adapter.router_probabilities(logits) for layer, logits in zip(self.layers, routing.logits)]
+        loss, metrics = None, {}
+        if config.load_balancing_coef > 0 and config.load_balancing_scope != "none":
+            balance = load_balancing_loss(probabilities, routing.indices, scopes[config.load_balancing_scope].reshape(-1))
+            loss = config.load_balancing_coef * balance
+            metrics["moe/load_balancing_loss"] = float(balance.detach())
+        if config.z_loss_coef > 0 and config.z_loss_scope != "none":
+            z_loss = router_z_loss(routing.logits, scopes[config.z_loss_scope].reshape(-1))
+            loss = config.z_loss_coef * z_loss if loss is None else loss + config.z_loss_coef * z_loss
+            metrics["moe/z_loss"] = float(z_loss.detach())
+        if analytics:
+            layers = [
+                layer_routing(indices, probs.detach(), forking.reshape(-1), completion.reshape(-1))
+                for indices, probs in zip(routing.indices, probabilities)
+            ]
+            metrics.update(summarize(layers))
+            for name in ("forking", "other"):
+                loads = torch.tensor([getattr(layer, f"load_{name}") for layer in layers], dtype=torch.float64)
+                if not torch.isnan(loads).any():
+                    self._load_sums[name] += loads
+                    self._load_counts[name] += 1
+        return loss, metrics
+
+    def pop_expert_loads(self) -> dict[str, list[list[float]]]:
+        """Mean per-layer expert loads since the last call: {"forking"|"other": [[E floats] per layer]}."""
+        loads = {
+            name: (self._load_sums[name] / self._load_counts[name]).tolist()
+            for name in ("forking", "other")
+            if self._load_counts[name]
+        }
+        self._load_sums.clear()
+        self._load_counts.clear()
+        return loads

@@ -1,0 +1,243 @@
+"""rlvr.moe: adapters, gradient gates, scoped router losses and routing analytics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+from rlvr.moe import (
+    RoutingHooks,
+    UnknownMoEArchitecture,
+    decision_positions,
+    find_moe_layers,
+    layer_routing,
+    load_balancing_loss,
+    router_z_loss,
+    summarize,
+)
+from rlvr.models import ARCHITECTURES, TinyMoESpec, build_char_tokenizer, build_tiny_moe
+
+SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2)
+BATCH, LENGTH = 3, 9
+
+
+def float64_model(architecture: str, seed: int = 0):
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_moe(architecture, SPEC, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    model.set_experts_implementation("eager")  # grouped_mm rejects float64
+    return model.double().train()
+
+
+def random_batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, 90, (BATCH, LENGTH), generator=generator)
+    attention_mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    attention_mask[0, :3] = 0  # left padding
+    in_scope = torch.rand(BATCH, LENGTH, generator=generator) < 0.4  # (B, L) positions kept
+    targets = torch.randn(BATCH, LENGTH, generator=generator, dtype=torch.float64)
+    return input_ids, attention_mask, in_scope, targets
+
+
+def objective(model, input_ids, attention_mask, targets):
+    """A scalar that depends on every position (so every router gets gradient)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
+    return (logits.logsumexp(-1) * targets * attention_mask).sum()
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def mix(values, in_scope_rows, outside):
+    """Reference gate: in-scope rows unchanged, other rows' gradient scaled by ``outside``."""
+    scale = in_scope_rows.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return scale * values + (1 - scale) * (outside * values + (1 - outside) * values.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapters
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_adapters_find_every_layer_and_recompute_gate_weights(architecture):
+    model = float64_model(architecture)
+    layers = find_moe_layers(model)
+    assert len(layers) == SPEC.num_layers and all(layer.num_experts == 4 and layer.top_k == 2 for layer in layers)
+    hidden = torch.randn(11, SPEC.hidden_size, dtype=torch.float64)
+    for layer in layers:
+        logits, weights, indices = layer.router(hidden)
+        torch.testing.assert_close(layer.adapter.gate_weights(logits, indices, layer.router), weights)
+
+
+def test_unknown_architecture_lists_what_was_looked_for():
+    with pytest.raises(UnknownMoEArchitecture, match="Qwen3MoeSparseMoeBlock.*MixtralSparseMoeBlock"):
+        find_moe_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_decision_positions_shift_by_one():
+    completion = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)  # (B, C=3)
+    positions = decision_positions(completion, 5)  # prompt of 2 tokens
+    assert positions.tolist() == [[False, True, False, True, False], [False, False, True, True, False]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradient gates
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("outside", [0.0, 0.25])
+def test_router_gate_equals_detaching_out_of_scope_router_outputs(architecture, outside):
+    input_ids, attention_mask, in_scope, targets = random_batch()
+    gated = float64_model(architecture)
+    hooks = RoutingHooks(gated, gate_routers=True, gate_experts=False)
+    routing = hooks.begin(BATCH, LENGTH)
+    value = objective(gated, input_ids, attention_mask, targets)
+    routing.router_gate.set(in_scope, outside)  # known only after the forward, as in the trainer
+    value.backward()
+    hooks.end()
+
+    reference = float64_model(architecture)
+    rows = in_scope.reshape(-1)
+    for layer in find_moe_layers(reference):
+        layer.router.register_forward_hook(
+            lambda module, inputs, output: (mix(output[0], rows, outside), mix(output[1], rows, outside), output[2])
+        )
+    expected = objective(reference, input_ids, attention_mask, targets)
+    expected.backward()
+    torch.testing.assert_close(value, expected, rtol=0, atol=0)
+    actual, wanted = grads_of(gated), grads_of(reference)
+    assert actual.keys() == wanted.keys()
+    for name in wanted:
+        torch.testing.assert_close(actual[name], wanted[name], rtol=1e-10, atol=1e-12, msg=name)
+    router_grads = [actual[n] for n in actual if ".gate.weight" in n or ".router.weight" in n]
+    assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
+def test_expert_gate_equals_detaching_out_of_scope_block_outputs(architecture):
+    input_ids, attention_mask, in_scope, targets = random_batch(1)
+    gated = float64_model(architecture)
+    hooks = RoutingHooks(gated, gate_routers=False, gate_experts=True)
+    routing = hooks.begin(BATCH, LENGTH)
+    value = objective(gated, input_ids, attention_mask, targets)
+    routing.expert_gate.set(in_scope, 0.0)
+    value.backward()
+    hooks.end()
+
+    reference = float64_model(architecture)
+
+    def detach_outside(module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        scale = in_scope.to(hidden.dtype).unsqueeze(-1)
+        hidden = scale * hidden + (1 - scale) * hidden.detach()
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    for layer in find_moe_layers(reference):
+        layer.block.register_forward_hook(detach_outside)
+    objective(reference, input_ids, attention_mask, targets).backward()
+    actual, wanted = grads_of(gated), grads_of(reference)
+    for name in wanted:
+        torch.testing.assert_close(actual[name], wanted[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_scope_all_with_weight_one_is_bit_identical():
+    input_ids, attention_mask, in_scope, targets = random_batch(2)
+    plain = float64_model("qwen3_moe")
+    objective(plain, input_ids, attention_mask, targets).backward()
+    gated = float64_model("qwen3_moe")
+    hooks = RoutingHooks(gated)
+    routing = hooks.begin(BATCH, LENGTH)
+    value = objective(gated, input_ids, attention_mask, targets)
+    routing.router_gate.set(torch.ones(BATCH, LENGTH, dtype=torch.bool), 0.0)  # every position in scope
+    routing.expert_gate.set(None, 0.0)  # scope "all": no gate
+    value.backward()
+    for name, grad in grads_of(plain).items():
+        assert torch.equal(grad, dict(gated.named_parameters())[name].grad), name
+
+
+def test_hooks_do_nothing_outside_a_recorded_forward():
+    model = float64_model("olmoe")
+    hooks = RoutingHooks(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 90, (2, 4)))
+    assert hooks.current is None
+    routing = hooks.begin(2, 4)
+    with torch.no_grad():  # generation / old log-probs: no recording
+        model(input_ids=torch.randint(5, 90, (2, 4)))
+    assert routing.logits == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Router losses
+
+
+def test_load_balancing_scope_all_equals_transformers():
+    generator = torch.Generator().manual_seed(0)
+    logits = tuple(torch.randn(BATCH * LENGTH, 6, generator=generator, dtype=torch.float64) for _ in range(3))
+    attention_mask = torch.ones(BATCH, LENGTH)
+    attention_mask[0, :4] = 0
+    probabilities = [torch.softmax(layer, -1) for layer in logits]
+    indices = [torch.topk(p, 2, dim=-1).indices for p in probabilities]
+    ours = load_balancing_loss(probabilities, indices, attention_mask.reshape(-1))
+    theirs = load_balancing_loss_func(logits, num_experts=6, top_k=2, attention_mask=attention_mask)
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=1e-8)
+    # no attention mask form
+    ones = load_balancing_loss(probabilities, indices, torch.ones(BATCH * LENGTH))
+    torch.testing.assert_close(ones.double(), load_balancing_loss_func(logits, 6, 2).double(), rtol=1e-6, atol=1e-8)
+
+
+def test_router_losses_on_empty_scope_are_zero_not_nan():
+    logits = [torch.randn(5, 4, requires_grad=True)]
+    indices = [torch.topk(logits[0], 2).indices]
+    empty = torch.zeros(5)
+    balance = load_balancing_loss([torch.softmax(logits[0], -1)], indices, empty)
+    z_loss = router_z_loss(logits, empty)
+    assert balance.item() == 0.0 and z_loss.item() == 0.0
+    (balance + z_loss).backward()
+    assert torch.isfinite(logits[0].grad).all()
+
+
+def test_z_loss_matches_definition_on_chosen_tokens():
+    logits = [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)]
+    chosen = torch.tensor([1, 0, 1, 1, 0, 0.0])
+    expected = sum(torch.logsumexp(layer[chosen.bool()], -1).square().mean() for layer in logits) / 2
+    torch.testing.assert_close(router_z_loss(logits, chosen).double(), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Analytics
+
+
+def test_analytics_on_a_hand_built_routing():
+    # 4 experts, top-1 for clarity. Tokens 0-1 forking -> expert 0; tokens 2-5 other -> experts 0,1,2,3.
+    indices = torch.tensor([[0], [0], [0], [1], [2], [3], [3]])
+    probabilities = torch.tensor([[1.0, 0, 0, 0]] * 2 + [[0.25] * 4] * 4 + [[0.5, 0.5, 0, 0]])
+    forking = torch.tensor([1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    completion = torch.tensor([1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)  # the last token is a prompt token
+    layer = layer_routing(indices, probabilities, forking, completion)
+    assert layer.load_forking == [1.0, 0.0, 0.0, 0.0]
+    assert layer.load_other == [0.25, 0.25, 0.25, 0.25]
+    # JS(p, q) with p = (1,0,0,0), q uniform: m = (5/8, 1/8, 1/8, 1/8)
+    expected_js = 0.5 * math.log2(1 / (5 / 8)) + 0.5 * (0.25 * math.log2(0.25 / (5 / 8)) + 0.75 * math.log2(0.25 / (1 / 8)))
+    assert layer.specialization == pytest.approx(expected_js)
+    assert layer.router_entropy_forking == pytest.approx(0.0)
+    assert layer.router_entropy_other == pytest.approx(math.log(4))
+    assert layer.imbalance == pytest.approx(3 / 6 * 4)  # expert 0 has 3 of 6 completion assignments
+    assert math.isnan(layer.drift)
+    replayed = torch.tensor([[0], [1], [0], [1], [2], [3], [0]])
+    drifted = layer_routing(indices, probabilities, forking, completion, replayed_indices=replayed, live_indices=indices)
+    assert drifted.drift == pytest.approx(1 / 6)  # token 1 differs; token 6 is not a completion token
+    metrics = summarize([layer, drifted])
+    assert metrics["moe/specialization_js"] == pytest.approx(expected_js)
+    assert metrics["moe/routing_drift"] == pytest.approx(1 / 6)
+
+
+def test_analytics_with_no_forking_tokens_give_nan_not_errors():
+    indices = torch.tensor([[0], [1]])
+    layer = layer_routing(indices, torch.full((2, 2), 0.5), torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    assert math.isnan(layer.specialization) and math.isnan(layer.router_entropy_forking)
+    assert layer.load_other == [0.5, 0.5]

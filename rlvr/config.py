@@ -125,6 +125,12 @@ class MoEConfig:
     z_loss_scope: str = _field("completion", "tokens the router z-loss covers", ROUTER_LOSS_SCOPES)
     router_lr_multiplier: float = _field(1.0, "router learning rate = grpo.learning_rate x this")
     freeze_router: bool = _field(False, "do not train the routers at all")
+    routing_replay: str = _field(
+        "none",
+        "force recorded experts in training forwards: none, old_policy (recorded in TRL's old-policy forward), "
+        "rollout (recorded during generate; not with vLLM)",
+        ("none", "old_policy", "rollout"),
+    )
     analytics: bool = _field(True, "log routing on forking vs other tokens (MoE models)")
 
     def is_default(self) -> bool:
@@ -399,6 +405,14 @@ def validate(config: RunConfig) -> None:
             "moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef is also set; the load-balancing loss would be "
             "added twice. Keep one (rlvr's can be scoped to completion or forking tokens)."
         )
+
+    if moe.routing_replay == "rollout":
+        for key in ("use_vllm", "use_transformers_paged"):
+            if config.grpo.get(key):
+                raise ConfigError(
+                    f"moe.routing_replay: 'rollout' records routing inside transformers' generate(), which "
+                    f"grpo.{key} bypasses; use routing_replay=old_policy (or none) with grpo.{key}"
+                )
 
     model = config.model
     if model.name_or_path.startswith("tiny:"):

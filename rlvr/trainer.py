@@ -34,9 +34,11 @@ from trl import GRPOTrainer
 from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.forking import loss_weights, select_forking_tokens, selection_stats
 from rlvr.moe import UnknownMoEArchitecture
+from rlvr.moe.replay import stitch_forwards, stitch_rollout
 from rlvr.moe.updates import RouterAwareUpdates
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
+ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
 
 # How each TRL loss type normalises: per sequence, per local micro-batch, or over the generation batch
 # of all ranks. "selected" normalisation divides by the selected-token count of the same unit.
@@ -89,7 +91,20 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.router_updates = None  # a dense policy: nothing to route
         if self.router_updates is not None and self.moe.freeze_router:
             self.router_updates.freeze_routers()
+        reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        needs_recorded_routing = (
+            self.moe.router_gate_scope != "all" or self.moe.expert_gate_scope != "all"
+            or self.moe.load_balancing_coef > 0 or self.moe.z_loss_coef > 0 or self.moe.routing_replay != "none"
+        )
+        if self.router_updates is not None and reentrant and needs_recorded_routing:
+            raise ValueError(
+                "rlvr.moe gates, router losses and routing replay need gradient_checkpointing_kwargs.use_reentrant=False "
+                "(TRL's default): reentrant checkpointing re-runs the forward in backward without the recorded routing"
+            )
         self._router_loss: torch.Tensor | None = None
+        self._replay = self.moe.routing_replay if self.router_updates is not None else "none"
+        self._recording_old_policy = False
+        self._recorded_forwards: list[torch.Tensor] | None = None
         if self.top_entropy_quantile < 1.0:
             raise ValueError(
                 "ForkingGRPOTrainer replaces top_entropy_quantile with forking.rho; leave top_entropy_quantile at 1.0"
@@ -107,7 +122,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # Generation batch: remember which prompt each row belongs to (for scope="group").
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._recorded_forwards = None
+        self._recording_old_policy = self._replay == "old_policy"
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._recording_old_policy = False
+        self._attach_recorded_routing(output)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         rows = output["prompt_ids"].size(0)
@@ -116,6 +137,33 @@ class ForkingGRPOTrainer(GRPOTrainer):
         first_row = self.accelerator.process_index * rows
         output[GROUP_IDS_KEY] = (torch.arange(rows, device=output["prompt_ids"].device) + first_row) // group_size
         return output
+
+    # ---------------------------------------------------------------------------------------------
+    # Routing replay: record experts while the data is produced, force them in the loss forwards.
+
+    def _generate_single_turn(self, *args, **kwargs):
+        if self._replay != "rollout":
+            return super()._generate_single_turn(*args, **kwargs)
+        if self._recorded_forwards is not None:
+            raise RuntimeError("moe.routing_replay=rollout supports single-turn generation only (no tool calls)")
+        hooks = self.router_updates.hooks
+        hooks.start_recording()
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            self._recorded_forwards = hooks.stop_recording()
+
+    def _attach_recorded_routing(self, output: dict) -> None:
+        forwards, self._recorded_forwards = self._recorded_forwards, None
+        if not forwards:
+            return
+        batch, prompt_length = output["prompt_ids"].shape
+        completion_length = output["completion_ids"].shape[1]
+        num_experts = self.router_updates.hooks.num_experts
+        if self._replay == "rollout":
+            output[ROUTING_KEY] = stitch_rollout(forwards, batch, prompt_length, completion_length, num_experts)
+        else:
+            output[ROUTING_KEY] = stitch_forwards(forwards, batch, prompt_length + completion_length, num_experts)
 
     # ---------------------------------------------------------------------------------------------
     # Loss: select after the forward, hand TRL the weights.
@@ -144,7 +192,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         loss_forward = self._micro_batch is not None and torch.is_grad_enabled()
         if loss_forward and self.router_updates is not None:
-            self.router_updates.begin(*input_ids.shape)
+            self.router_updates.begin(*input_ids.shape, forced=self._micro_batch.get(ROUTING_KEY))
+        # The first policy forward inside generate-and-score is TRL's old-policy forward (reference
+        # log-probs come later, from the reference model or with adapters disabled).
+        record_old_policy = self._recording_old_policy and model is self.model and self._recorded_forwards is None
+        if record_old_policy:
+            self.router_updates.hooks.start_recording()
         try:
             logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -153,6 +206,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
             if self.router_updates is not None:
                 self.router_updates.abort()
             raise
+        finally:
+            if record_old_policy:
+                self._recorded_forwards = self.router_updates.hooks.stop_recording()
         if self._micro_batch is not None and entropies is not None:  # the loss forward of _compute_loss
             self._loss_entropies = entropies  # (B, T), with gradient: for the all-token entropy bonus
             self._selection = self._select(entropies.detach(), self._micro_batch)
@@ -163,6 +219,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 # off them. The KL value that TRL logs still covers every token.
                 logps = _GradientMask.apply(logps, self._selection.keep)
         return logps, entropies, aux_loss
+
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)  # forward, loss, backward
+        finally:
+            if self.router_updates is not None:
+                self.router_updates.release()
 
     def _finish_router_updates(self, attention_mask: torch.Tensor) -> None:
         """Gates, router losses and analytics of the loss forward, now that the forking tokens are known."""

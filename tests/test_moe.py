@@ -241,3 +241,85 @@ def test_analytics_with_no_forking_tokens_give_nan_not_errors():
     layer = layer_routing(indices, torch.full((2, 2), 0.5), torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
     assert math.isnan(layer.specialization) and math.isnan(layer.router_entropy_forking)
     assert layer.load_other == [0.5, 0.5]
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing replay
+
+
+def record_routing(model, hooks, input_ids, attention_mask):
+    hooks.start_recording()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    (forward,) = hooks.stop_recording()
+    return logits, forward.reshape(*input_ids.shape, *forward.shape[1:])  # (B, L, layers, k)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_replaying_own_routing_reproduces_logits_exactly(architecture):
+    input_ids, attention_mask, _, _ = random_batch(3)
+    model = float64_model(architecture)
+    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    live_logits, recorded = record_routing(model, hooks, input_ids, attention_mask)
+    assert recorded.shape == (BATCH, LENGTH, SPEC.num_layers, SPEC.top_k)
+    routing = hooks.begin(BATCH, LENGTH, forced=recorded)
+    replayed_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    hooks.end()
+    assert torch.equal(replayed_logits, live_logits)
+    for used, live in zip(routing.indices, routing.live_indices):
+        assert torch.equal(used, live)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_replay_after_a_weight_change_uses_recorded_experts_and_trains_the_router(architecture):
+    input_ids, attention_mask, _, targets = random_batch(4)
+    model = float64_model(architecture)
+    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    _, recorded = record_routing(model, hooks, input_ids, attention_mask)
+    layers = find_moe_layers(model)
+    with torch.no_grad():
+        for layer in layers:  # move the routers far enough that their own choices change
+            layer.router.weight.add_(torch.randn_like(layer.router.weight))
+    routing = hooks.begin(BATCH, LENGTH, forced=recorded)
+    objective(model, input_ids, attention_mask, targets).backward()
+    hooks.end()
+    for index, (used, live) in enumerate(zip(routing.indices, routing.live_indices)):
+        assert torch.equal(used, recorded[:, :, index].reshape(-1, SPEC.top_k).to(used.dtype))
+    assert any(not torch.equal(used, live) for used, live in zip(routing.indices, routing.live_indices))
+    for layer in layers:
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_forced_routing_with_wrong_shape_is_refused():
+    model = float64_model("qwen3_moe")
+    hooks = RoutingHooks(model)
+    with pytest.raises(ValueError, match="recorded routing has shape"):
+        hooks.begin(2, 5, forced=torch.zeros(2, 4, SPEC.num_layers, SPEC.top_k, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "olmoe"])
+def test_rollout_record_matches_the_full_forward_routing(architecture):
+    """Routing recorded step by step during generate(), stitched to the (B, P + C) layout, equals the
+    routing of one forward over prompt + completion (same weights): the position bookkeeping is right."""
+    from rlvr.moe.replay import NOT_RECORDED, stitch_rollout
+
+    model = float64_model(architecture).eval()
+    tokenizer = build_char_tokenizer()
+    prompts = tokenizer(["Compute: 1+2", "9-4+3"], return_tensors="pt", padding=True)
+    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    hooks.start_recording()
+    with torch.no_grad():
+        generated = model.generate(**prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+    forwards = hooks.stop_recording()
+    batch, prompt_length = prompts["input_ids"].shape
+    completion_length = generated.shape[1] - prompt_length
+    stitched = stitch_rollout(forwards, batch, prompt_length, completion_length, SPEC.num_experts)
+
+    attention = torch.cat([prompts["attention_mask"], torch.ones(batch, completion_length, dtype=torch.long)], 1)
+    _, full = record_routing(model, hooks, generated, attention)
+    recorded = stitched[..., 0] != NOT_RECORDED  # (B, L, layers)
+    assert recorded[:, : prompt_length + completion_length - 1].all() and not recorded[:, -1].any()
+    real = attention.bool()[:, :, None].expand_as(recorded) & recorded  # padding routing is arbitrary
+    same_set = torch.sort(stitched.long(), -1).values == torch.sort(full.long(), -1).values
+    assert same_set.all(-1)[real].all()

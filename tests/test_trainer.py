@@ -295,3 +295,47 @@ def test_dense_model_needs_default_moe_settings(tmp_path):
     assert trainer.router_updates is None
     with pytest.raises(UnknownMoEArchitecture, match="no sparse MoE block"):
         make_trainer(str(tmp_path / "dense"), tmp_path / "b", moe=MoEConfig(router_gate_scope="forking"))
+
+
+@pytest.mark.parametrize("replay", ["old_policy", "rollout"])
+def test_routing_replay_records_with_the_batch_and_logs_drift(tiny_checkpoint, tmp_path, replay):
+    from rlvr.trainer import ROUTING_KEY
+
+    # old_policy needs a generation batch reused over optimiser steps: two steps per generation.
+    reuse = {"steps_per_generation": 2} if replay == "old_policy" else {}
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, moe=MoEConfig(routing_replay=replay), learning_rate=3e-2, max_steps=4, **reuse
+    )
+    batch = make_batch(trainer)
+    length = batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+    assert batch[ROUTING_KEY].shape == (ROWS, length, 2, 2) and batch[ROUTING_KEY].dtype == torch.int16
+
+    trainer.train()
+    drift = [entry["moe/routing_drift"] for entry in trainer.state.log_history if "moe/routing_drift" in entry]
+    assert len(drift) == 4
+    assert drift[0] < 0.05  # the first step trains on its own routing: (almost) no drift
+    assert all(0.0 <= value <= 1.0 for value in drift)
+
+
+def test_no_replay_without_reuse_records_nothing(tiny_checkpoint, tmp_path):
+    from rlvr.trainer import ROUTING_KEY
+
+    trainer = make_trainer(tiny_checkpoint(), tmp_path, moe=MoEConfig(routing_replay="old_policy"))
+    assert ROUTING_KEY not in make_batch(trainer)  # one optimiser step per batch: old policy == current policy
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_hybrid_gates_stop_router_and_expert_gradient_outside_forking_decisions(tiny_checkpoint, tmp_path, checkpointing):
+    # hybrid arm with rho=0: the policy loss covers every token, but no decision is forking, so the
+    # routers and experts get no gradient at all while attention and embeddings do.
+    moe = MoEConfig(router_gate_scope="forking", expert_gate_scope="forking")
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, forking=ForkingConfig(rho=0.0, policy_tokens="all"), moe=moe,
+        loss_type="dapo", gradient_checkpointing=checkpointing,
+    )
+    _, grads = loss_and_grads(trainer, make_batch(trainer))
+    trainer.router_updates.release()
+    moe_grads = {n: g for n, g in grads.items() if ".mlp." in n}
+    other_grads = {n: g for n, g in grads.items() if "self_attn" in n}
+    assert moe_grads and all(g.abs().sum() == 0 for g in moe_grads.values()), [n for n, g in moe_grads.items() if g.abs().sum()]
+    assert other_grads and all(g.abs().sum() > 0 for g in other_grads.values())

@@ -40,11 +40,15 @@ class RouterAwareUpdates:
         for parameter in self.router_parameters():
             parameter.requires_grad_(False)
 
-    def begin(self, batch: int, length: int) -> None:
-        self.hooks.begin(batch, length)
+    def begin(self, batch: int, length: int, forced: torch.Tensor | None = None) -> None:
+        self.hooks.begin(batch, length, forced)
 
     def abort(self) -> None:
-        self.hooks.end()
+        self.hooks.release()
+
+    def release(self) -> None:
+        """Call after the backward of the training forward (replay and gates stay on until then)."""
+        self.hooks.release()
 
     def finish(
         self,
@@ -83,9 +87,13 @@ class RouterAwareUpdates:
             loss = config.z_loss_coef * z_loss if loss is None else loss + config.z_loss_coef * z_loss
             metrics["moe/z_loss"] = float(z_loss.detach())
         if analytics:
+            live = routing.live_indices or [None] * len(routing.indices)
             layers = [
-                layer_routing(indices, probs.detach(), forking.reshape(-1), completion.reshape(-1))
-                for indices, probs in zip(routing.indices, probabilities)
+                layer_routing(
+                    indices, probs.detach(), forking.reshape(-1), completion.reshape(-1),
+                    replayed_indices=indices if live_indices is not None else None, live_indices=live_indices,
+                )
+                for indices, probs, live_indices in zip(routing.indices, probabilities, live)
             ]
             metrics.update(summarize(layers))
             for name in ("forking", "other"):

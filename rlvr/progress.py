@@ -17,6 +17,8 @@ CONSOLE_METRICS = (
     ("forking/threshold", "threshold", "{:.3g}"),
     ("forking/entropy_kept", "H kept", "{:.3g}"),
     ("forking/entropy_dropped", "H dropped", "{:.3g}"),
+    ("moe/specialization_js", "routing JS", "{:.3f}"),
+    ("moe/routing_drift", "drift", "{:.3f}"),
     ("completions/mean_length", "length", "{:.1f}"),
     ("step_time", "s/step", "{:.2f}"),
 )

@@ -103,6 +103,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
             )
         self._router_loss: torch.Tensor | None = None
         self._replay = self.moe.routing_replay if self.router_updates is not None else "none"
+        if self._replay == "rollout" and (self.use_vllm or getattr(self.args, "use_transformers_paged", False)):
+            raise ValueError(
+                "moe.routing_replay='rollout' records routing inside transformers' generate(), which vLLM and paged "
+                "generation bypass; use routing_replay='old_policy' or 'none'"
+            )
         self._recording_old_policy = False
         self._recorded_forwards: list[torch.Tensor] | None = None
         if self.top_entropy_quantile < 1.0:

@@ -323,3 +323,23 @@ def test_rollout_record_matches_the_full_forward_routing(architecture):
     real = attention.bool()[:, :, None].expand_as(recorded) & recorded  # padding routing is arbitrary
     same_set = torch.sort(stitched.long(), -1).values == torch.sort(full.long(), -1).values
     assert same_set.all(-1)[real].all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_analytics_match_the_per_layer_reference(seed):
+    from rlvr.moe.stats import routing_by_layer
+
+    generator = torch.Generator().manual_seed(seed)
+    tokens, experts, layers = 50, 6, 3
+    probabilities = [torch.softmax(torch.randn(tokens, experts, generator=generator), -1) for _ in range(layers)]
+    used = [torch.topk(p, 2).indices for p in probabilities]
+    live = [torch.topk(p + 0.3 * torch.rand(tokens, experts, generator=generator), 2).indices for p in probabilities]
+    completion = torch.rand(tokens, generator=generator) < 0.7
+    forking = completion & (torch.rand(tokens, generator=generator) < 0.3)
+    fast = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
+    for index in range(layers):
+        slow = layer_routing(used[index], probabilities[index], forking, completion, used[index], live[index])
+        for name in ("specialization", "router_entropy_forking", "router_entropy_other", "imbalance", "drift"):
+            assert getattr(fast[index], name) == pytest.approx(getattr(slow, name), rel=1e-5, abs=1e-6), name
+        assert fast[index].load_forking == pytest.approx(slow.load_forking)
+        assert fast[index].load_other == pytest.approx(slow.load_other)

@@ -248,7 +248,7 @@ def test_forking_router_arm_trains_and_logs_routing(tiny_checkpoint, tmp_path):
         assert 1.0 <= entry["moe/load_imbalance"] <= 4.0
     records = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
     loads = records[0]["expert_load"]
-    assert len(loads["forking"]) == 2 and all(abs(sum(layer) - 1) < 1e-9 for layer in loads["forking"])
+    assert len(loads["forking"]) == 2 and all(abs(sum(layer) - 1) < 1e-6 for layer in loads["forking"])
 
 
 def test_load_balancing_loss_is_added_with_its_coefficient(tiny_checkpoint, tmp_path):

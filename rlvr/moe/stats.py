@@ -93,6 +93,55 @@ def layer_routing(
     )
 
 
+def routing_by_layer(
+    indices: list[torch.Tensor],
+    probabilities: list[torch.Tensor],
+    forking: torch.Tensor,
+    completion: torch.Tensor,
+    live_indices: list[torch.Tensor] | None = None,
+) -> list[LayerRouting]:
+    """:func:`layer_routing` for every layer at once (one pass over stacked tensors, one host copy).
+
+    ``indices`` per layer (N, k) (the experts used), ``probabilities`` per layer (N, E),
+    ``forking``/``completion`` (N,) bool, ``live_indices`` per layer (N, k) when routing was replayed.
+    """
+    forking, completion = forking.bool().reshape(-1), completion.bool().reshape(-1)
+    other = completion & ~forking
+    used = torch.stack(indices).long()  # (layers, N, k)
+    probs = torch.stack([p.detach().float() for p in probabilities])  # (layers, N, E)
+    layers, _, top_k = used.shape
+    num_experts = probs.shape[-1]
+
+    def loads(tokens: torch.Tensor) -> torch.Tensor:  # (layers, E), rows sum to 1 (NaN if no tokens)
+        chosen = used[:, tokens].reshape(layers, -1)
+        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        return counts / counts.sum(-1, keepdim=True)
+
+    def entropies(tokens: torch.Tensor) -> torch.Tensor:  # (layers,)
+        rows = probs[:, tokens]
+        return -(rows * torch.log(rows.clamp(min=1e-30))).sum(-1).mean(-1)
+
+    load_forking, load_other, load_all = loads(forking), loads(other), loads(completion)
+    mixture = 0.5 * (load_forking + load_other)
+
+    def kl_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return torch.where(p > 0, p * torch.log2(p / q.clamp(min=1e-30)), torch.zeros_like(p)).sum(-1)
+
+    specialization = 0.5 * kl_bits(load_forking, mixture) + 0.5 * kl_bits(load_other, mixture)
+    drift = torch.full((layers,), math.nan)
+    if live_indices is not None and bool(completion.any()):
+        live = torch.stack(live_indices).long()
+        differs = ~(torch.sort(used, -1).values == torch.sort(live, -1).values).all(-1)  # (layers, N)
+        drift = differs[:, completion].float().mean(-1)
+    host = torch.stack(
+        [specialization, entropies(forking), entropies(other), load_all.max(-1).values * num_experts, drift.to(used.device)], 1
+    ).tolist()
+    load_forking, load_other = load_forking.tolist(), load_other.tolist()
+    return [
+        LayerRouting(load_forking[i], load_other[i], *host[i]) for i in range(layers)
+    ]
+
+
 def summarize(layers: list[LayerRouting]) -> dict[str, float]:
     """Scalar metrics for logging: means over layers (NaN-aware) plus the specialisation of each layer."""
 

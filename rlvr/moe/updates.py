@@ -15,7 +15,7 @@ from torch import nn
 from rlvr.moe.hooks import ForwardRouting, RoutingHooks
 from rlvr.moe.losses import load_balancing_loss, router_z_loss
 from rlvr.moe.positions import decision_positions
-from rlvr.moe.stats import layer_routing, summarize
+from rlvr.moe.stats import routing_by_layer, summarize
 
 
 class RouterAwareUpdates:
@@ -87,14 +87,10 @@ class RouterAwareUpdates:
             loss = config.z_loss_coef * z_loss if loss is None else loss + config.z_loss_coef * z_loss
             metrics["moe/z_loss"] = float(z_loss.detach())
         if analytics:
-            live = routing.live_indices or [None] * len(routing.indices)
-            layers = [
-                layer_routing(
-                    indices, probs.detach(), forking.reshape(-1), completion.reshape(-1),
-                    replayed_indices=indices if live_indices is not None else None, live_indices=live_indices,
-                )
-                for indices, probs, live_indices in zip(routing.indices, probabilities, live)
-            ]
+            layers = routing_by_layer(
+                routing.indices, probabilities, forking.reshape(-1), completion.reshape(-1),
+                live_indices=routing.live_indices or None,
+            )
             metrics.update(summarize(layers))
             for name in ("forking", "other"):
                 loads = torch.tensor([getattr(layer, f"load_{name}") for layer in layers], dtype=torch.float64)

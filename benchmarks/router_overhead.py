@@ -10,7 +10,7 @@ timed interleaved in one process:
     python benchmarks/router_overhead.py
     python benchmarks/router_overhead.py --replay old_policy
 
-Prints the medians and the ratio on / off.
+Prints the medians, the ratio on / off, and the replay storage in bytes per token.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
         }
         batch = fixed_batch(trainers["on"], args)
         plain = {key: value for key, value in batch.items() if key != ROUTING_KEY}
+        record = batch.get(ROUTING_KEY)
         results = {
             "loss step": interleaved_loss_steps(trainers, {"off": plain, "on": batch}, args.repeats),
             "train step": interleaved_train_steps(trainers, args.rounds),
@@ -59,6 +60,13 @@ def main() -> None:
         f"replay={args.replay}",
         "off", "on", results,
     )
+    if record is not None:
+        tokens = record.shape[0] * record.shape[1]
+        layers, top_k = record.shape[2:]
+        print(
+            f"replay storage: {record.numel() * record.element_size() / tokens:.0f} bytes per token "
+            f"({record.dtype}, {layers} layers x top-{top_k}; budget 4 x layers x k = {4 * layers * top_k})"
+        )
 
 
 if __name__ == "__main__":

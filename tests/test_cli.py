@@ -72,3 +72,24 @@ def test_tiny_end_to_end_run_writes_its_outputs(capsys, tmp_path):
 def test_console_line_shows_the_watched_metrics():
     line = format_log_line(10, {"loss": 0.01, "reward": 0.5, "forking/kept_fraction": 0.2, "step_time": 0.6, "x": 1})
     assert line == "step 10 | loss 0.01 | reward 0.500 | kept 0.200 | s/step 0.60"
+
+
+ARMS = ["full", "forking", "forking_router", "hybrid", "random", "bottom"]
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "olmoe", "mixtral"])
+def test_every_arm_runs_from_config_on_each_architecture(capsys, tmp_path, architecture):
+    for arm in ARMS:
+        output = tmp_path / arm
+        code = main([
+            "train", "--config", str(CONFIGS / "quickstart.yaml"), "--arm", arm, *TINY,
+            f"model.name_or_path=tiny:{architecture}", f"output_dir={output}", "warm_start.enabled=false",
+            "eval.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}",
+        ])
+        assert code == 0, arm
+        metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        logged = {key for record in metrics for key in record}
+        assert {"forking/kept_fraction", "moe/specialization_js", "moe/load_imbalance"} <= logged, arm
+        config = (output / "config.yaml").read_text()
+        if arm in ("forking_router", "hybrid"):
+            assert "router_gate_scope: forking" in config

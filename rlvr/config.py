@@ -81,6 +81,9 @@ class RewardConfig:
         ["arithmetic_exact"], "reward functions: names (arithmetic_exact, math_accuracy, boxed_format) or module:function"
     )
     weights: list | None = _field(None, "one weight per reward function (default: all 1.0)")
+    budget_seconds: float = _field(2.0, "math_accuracy: time allowed per completion before it scores failure_score")
+    failure_score: float = _field(0.0, "math_accuracy: score of a completion whose verification timed out or failed")
+    workers: int = _field(2, "math_accuracy: verification processes (hard time bound); 0 = in-process, main thread")
 
 
 @dataclass
@@ -447,6 +450,8 @@ def validate(config: RunConfig) -> None:
             resolve_reward(str(name))
         except ValueError as error:
             raise ConfigError(f"reward.functions[{index}]: {error}") from None
+    _require(reward.budget_seconds > 0, "reward.budget_seconds", "must be > 0")
+    _require(reward.workers >= 0, "reward.workers", "must be >= 0")
     if reward.weights is not None:
         _require(
             len(reward.weights) == len(reward.functions), "reward.weights",

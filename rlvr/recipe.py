@@ -24,6 +24,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig
 
+from rewards.math import MathAccuracy
 from rewards.registry import resolve_reward
 from rlvr.config import RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
@@ -90,9 +91,16 @@ def resolve_rewards(config: RunConfig) -> tuple[list[Callable], list[float] | No
 
     Accuracy uses the first function only (the verifier): shaping rewards must not count as correct.
     """
-    functions = [resolve_reward(str(name)) for name in config.reward.functions]
+    functions = [_reward_function(str(name), config) for name in config.reward.functions]
     weights = [float(w) for w in config.reward.weights] if config.reward.weights else None
     return functions, weights, functions[0]
+
+
+def _reward_function(name: str, config: RunConfig) -> Callable:
+    if name == "math_accuracy":  # configured instance: time budget, failure score, worker processes
+        reward = config.reward
+        return MathAccuracy(budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers)
+    return resolve_reward(name)
 
 
 def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable):

@@ -350,6 +350,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return "".join(pieces)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for function in self.reward_funcs:  # failure, timeout and parse-failure counts of rlvr's reward functions
+            pop_stats = getattr(function, "pop_stats", None)
+            if callable(pop_stats) and "loss" in logs:
+                logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
         examples, counts = self._forking_examples, self._forking_token_counts
         self._forking_examples, self._forking_token_counts = [], Counter()
         super().log(logs, start_time)

@@ -93,3 +93,16 @@ def test_every_arm_runs_from_config_on_each_architecture(capsys, tmp_path, archi
         config = (output / "config.yaml").read_text()
         if arm in ("forking_router", "hybrid"):
             assert "router_gate_scope: forking" in config
+
+
+def test_math_reward_failure_counts_reach_the_metrics_file(tmp_path):
+    output = tmp_path / "run"
+    code = main([
+        "quickstart", *TINY, f"output_dir={output}", "warm_start.enabled=false", "eval.enabled=false",
+        "save_model=false", "reward.functions=[math_accuracy]", "reward.workers=1",
+    ])
+    assert code == 0
+    metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged = [record for record in metrics if "rewards/math_accuracy/timeouts" in record]
+    assert len(logged) == 2  # every logging step
+    assert all(0.0 <= record["rewards/math_accuracy/parse_failure_rate"] <= 1.0 for record in logged)

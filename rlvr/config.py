@@ -84,6 +84,9 @@ class RewardConfig:
     budget_seconds: float = _field(2.0, "math_accuracy: time allowed per completion before it scores failure_score")
     failure_score: float = _field(0.0, "math_accuracy: score of a completion whose verification timed out or failed")
     workers: int = _field(2, "math_accuracy: verification processes (hard time bound); 0 = in-process, main thread")
+    overlong_buffer: int = _field(
+        0, "overlong_penalty: tokens before grpo.max_completion_length where the DAPO penalty ramps to -1 (0: a fifth)"
+    )
 
 
 @dataclass
@@ -187,6 +190,14 @@ class RunConfig:
     warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
     grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
+
+    def max_completion_length(self) -> int:
+        """``grpo.max_completion_length``, or TRL's default for it."""
+        from trl import GRPOConfig
+
+        default = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "max_completion_length")
+        value = self.grpo.get("max_completion_length", default)
+        return int(value) if value is not None else 512
 
     def grpo_kwargs(self) -> dict[str, Any]:
         """GRPOConfig keyword arguments: rlvr's defaults, the config's ``grpo`` section, derived fields."""
@@ -443,15 +454,21 @@ def validate(config: RunConfig) -> None:
 
     reward = config.reward
     _require(len(reward.functions) > 0, "reward.functions", "needs at least one reward function")
-    from rewards.registry import resolve_reward
+    from rewards.registry import check_reward_name
 
     for index, name in enumerate(reward.functions):
         try:
-            resolve_reward(str(name))
+            check_reward_name(str(name))
         except ValueError as error:
             raise ConfigError(f"reward.functions[{index}]: {error}") from None
     _require(reward.budget_seconds > 0, "reward.budget_seconds", "must be > 0")
     _require(reward.workers >= 0, "reward.workers", "must be >= 0")
+    _require(reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
+    max_completion_length = config.max_completion_length()
+    _require(
+        reward.overlong_buffer <= max_completion_length, "reward.overlong_buffer",
+        f"must be <= grpo.max_completion_length ({max_completion_length})",
+    )
     if reward.weights is not None:
         _require(
             len(reward.weights) == len(reward.functions), "reward.weights",

@@ -24,7 +24,6 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig
 
-from rewards.math import MathAccuracy
 from rewards.registry import resolve_reward
 from rlvr.config import RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
@@ -97,9 +96,15 @@ def resolve_rewards(config: RunConfig) -> tuple[list[Callable], list[float] | No
 
 
 def _reward_function(name: str, config: RunConfig) -> Callable:
-    if name == "math_accuracy":  # configured instance: time budget, failure score, worker processes
-        reward = config.reward
-        return MathAccuracy(budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers)
+    """Rewards with settings get them from the ``reward`` section; others resolve by name."""
+    reward = config.reward
+    if name == "math_accuracy":
+        return resolve_reward(
+            name, budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers
+        )
+    if name == "overlong_penalty":
+        max_length = config.max_completion_length()
+        return resolve_reward(name, max_length=max_length, cache=reward.overlong_buffer or max(1, max_length // 5))
     return resolve_reward(name)
 
 
@@ -140,7 +145,7 @@ class MetricsFile(TrainerCallback):
 def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_fn, label: str) -> EvalResult | None:
     if not config.eval.enabled or not data.eval_prompts:
         return None
-    max_new_tokens = config.eval.max_new_tokens or int(config.grpo_kwargs().get("max_completion_length", 256))
+    max_new_tokens = config.eval.max_new_tokens or config.max_completion_length()
     return evaluate_accuracy(
         model, tokenizer, data.eval_prompts, data.eval_answers, accuracy_fn, max_new_tokens,
         batch_size=config.eval.batch_size, num_samples=config.eval.sampled_completions,

@@ -109,7 +109,7 @@ def run_warm_start(
     dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
     dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
     dev_answers = [p.answer for p in dev_problems]
-    max_new_tokens = int(config.grpo.get("max_completion_length", 64))
+    max_new_tokens = config.max_completion_length()
 
     def dev_accuracy(model) -> float:
         result = evaluate_accuracy(

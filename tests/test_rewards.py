@@ -34,3 +34,35 @@ def test_resolve_reward_by_name_and_import_path():
         resolve_reward("nope")
     with pytest.raises(ValueError, match="cannot import"):
         resolve_reward("no_such_module:f")
+
+
+def test_think_answer_format():
+    from rewards.format import think_answer_format
+
+    good = "<think>a+b</think>\n<answer>3</answer>"
+    assert think_answer_format([good, "<answer>3</answer>", "<think>x</think><answer>3</answer> trailing", ""]) == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "length, expected",
+    [(0, 0.0), (80, 0.0), (81, -0.05), (90, -0.5), (100, -1.0), (101, -1.0), (5000, -1.0)],
+)
+def test_overlong_penalty_is_daPO_soft_punishment(length, expected):
+    from rewards.format import OverlongPenalty
+
+    penalty = OverlongPenalty(max_length=100, cache=20)
+    assert penalty(["x"], completion_ids=[[7] * length]) == [pytest.approx(expected)]
+
+
+def test_overlong_penalty_settings_are_checked_and_built_from_config():
+    from rewards.format import OverlongPenalty
+    from rlvr.config import ConfigError, load_config
+    from rlvr.recipe import resolve_rewards
+
+    with pytest.raises(ValueError, match="cache"):
+        OverlongPenalty(max_length=10, cache=0)
+    config = load_config(None, ["reward.functions=[arithmetic_exact, overlong_penalty]", "grpo.max_completion_length=50"])
+    functions, _, accuracy = resolve_rewards(config)
+    assert accuracy is functions[0] and (functions[1].max_length, functions[1].cache) == (50, 10)
+    with pytest.raises(ConfigError, match="reward.overlong_buffer: must be <= grpo.max_completion_length"):
+        load_config(None, ["reward.overlong_buffer=60", "grpo.max_completion_length=50"])

@@ -84,6 +84,9 @@ class RewardConfig:
     budget_seconds: float = _field(2.0, "math_accuracy: time allowed per completion before it scores failure_score")
     failure_score: float = _field(0.0, "math_accuracy: score of a completion whose verification timed out or failed")
     workers: int = _field(2, "math_accuracy: verification processes (hard time bound); 0 = in-process, main thread")
+    fallbacks: list = _field(
+        ["answer_tag", "last_number"], "math_accuracy: where to look without a \\boxed{} answer, in order (answer_tag, last_number)"
+    )
     overlong_buffer: int = _field(
         0, "overlong_penalty: tokens before grpo.max_completion_length where the DAPO penalty ramps to -1 (0: a fifth)"
     )
@@ -464,6 +467,10 @@ def validate(config: RunConfig) -> None:
     _require(reward.budget_seconds > 0, "reward.budget_seconds", "must be > 0")
     _require(reward.workers >= 0, "reward.workers", "must be >= 0")
     _require(reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
+    from rewards.verifier import FALLBACKS
+
+    for index, fallback in enumerate(reward.fallbacks):
+        _require(fallback in FALLBACKS, f"reward.fallbacks[{index}]", f"must be one of {', '.join(FALLBACKS)}; got {fallback!r}")
     max_completion_length = config.max_completion_length()
     _require(
         reward.overlong_buffer <= max_completion_length, "reward.overlong_buffer",

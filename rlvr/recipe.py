@@ -100,7 +100,8 @@ def _reward_function(name: str, config: RunConfig) -> Callable:
     reward = config.reward
     if name == "math_accuracy":
         return resolve_reward(
-            name, budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers
+            name, budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers,
+            fallbacks=tuple(reward.fallbacks),
         )
     if name == "overlong_penalty":
         max_length = config.max_completion_length()

@@ -2,6 +2,8 @@
 
     rlvr quickstart                      # warm start + forking-token GRPO on the embedded tiny MoE
     rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.learning_rate=1e-5
+    rlvr compare --config configs/compare/quickstart.yaml   # arms x seeds on the same data, then report.md
+    rlvr report runs/compare             # report.md + figures from run or compare directories
     rlvr validate --config F             # check a config and print it resolved, building nothing
 
 Every config key can be overridden as ``--section.key value`` or ``section.key=value``;
@@ -76,6 +78,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(quickstart, required=False)
 
+    compare = commands.add_parser(
+        "compare",
+        help="run every arm x seed on the same data, then write report.md",
+        description="The central experiment: arms are overlays (configs/arms/*.yaml) on one base config.\n"
+        "Runs go to <output_dir>/<arm>-seed<seed>/; finished runs are skipped, so an interrupted compare resumes.\n"
+        "Example:\n  rlvr compare --config configs/compare/quickstart.yaml --arms full,forking --seeds 0,1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help,
+        allow_abbrev=False,
+    )
+    compare.add_argument("--config", action="append", required=True, metavar="FILE", help="base YAML config (repeatable)")
+    compare.add_argument("--arms", help="comma-separated arms (default: compare.arms of the config)")
+    compare.add_argument("--seeds", help="comma-separated integer seeds (default: compare.seeds of the config)")
+
+    report = commands.add_parser(
+        "report",
+        help="write report.md and figures from run or compare directories",
+        description="Example:\n  rlvr report runs/compare            # a compare directory\n"
+        "  rlvr report runs/a runs/b --out runs/ab",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    report.add_argument("directories", nargs="+", metavar="RUN_DIR", help="run directories or compare directories")
+    report.add_argument("--out", help="where report.md and the figures go (default: the first directory)")
+
     check = commands.add_parser(
         "validate",
         help="validate a config and print it fully resolved (builds no model)",
@@ -124,14 +151,66 @@ def _run_training(config) -> int:
     return 0
 
 
+def _run_compare(args, overrides) -> int:
+    from rlvr.compare import plan_runs, run_compare
+    from rlvr.recipe import train
+    from rlvr.report import write_report
+
+    try:
+        seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        print(f"rlvr compare: config error: --seeds: expected comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    arms = None if args.arms is None else [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    try:
+        output_dir, runs = plan_runs(args.config, overrides, arms, seeds)
+    except ConfigError as error:
+        print(f"rlvr compare: config error: {error}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    run_compare(output_dir, runs, train)
+    report = write_report([output_dir])
+    text = report.read_text()
+    summary = text.split("## Summary", 1)[-1].split("\n## ", 1)[0]
+    print("\n" + "=" * 72 + "\nrlvr compare: summary" + summary.rstrip())
+    print(f"\nreport: {report} (figures next to it)")
+    return 0
+
+
+def _run_report(args) -> int:
+    from rlvr.report import write_report
+
+    directories = [Path(d) for d in args.directories]
+    for directory in directories:
+        if not directory.is_dir():
+            print(f"rlvr report: {directory} is not a directory", file=sys.stderr)
+            return 2
+    report = write_report(directories, Path(args.out) if args.out else None)
+    print(f"report: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "report":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return _run_report(args)
+    from rlvr.data import DataError
+
+    if args.command == "compare":
+        try:
+            return _run_compare(args, overrides)
+        except DataError as error:
+            print(f"rlvr compare: data error: {error}", file=sys.stderr)
+            return 2
     paths = list(args.config or [])
     if args.command == "quickstart":
         paths.insert(0, str(QUICKSTART_CONFIG))
     if args.arm:
         paths.append(str(ARMS_DIR / f"{args.arm}.yaml"))
+        overrides = [f"arm={args.arm}", *overrides]
     try:
         if args.command == "quickstart" and not QUICKSTART_CONFIG.is_file():
             raise ConfigError(
@@ -145,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         print("config OK", file=sys.stderr)
         return 0
-    from rlvr.data import DataError
 
     try:
         return _run_training(config)

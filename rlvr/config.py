@@ -73,6 +73,7 @@ class DataConfig:
     num_train: int = _field(4000, "training problems (embedded task: generated; files: first N rows, 0 = all)")
     num_eval: int = _field(200, "evaluation problems (first N of the eval split)")
     task: ArithmeticTask = _field(ArithmeticTask, "embedded arithmetic task: terms, operand range, eval share")
+    seed: int | None = _field(None, "seed of the embedded task's problems (default: the run seed; fix it to share data across seeds)")
 
 
 @dataclass
@@ -158,6 +159,7 @@ class WarmStartConfig:
     batch_size: int = _field(32, "supervised batch size")
     num_dev: int = _field(100, "dev problems used to pick the checkpoint (disjoint from the eval set)")
     cache_dir: str = _field("~/.cache/rlvr/warm_start", "where warm-started checkpoints are cached, keyed by config")
+    seed: int | None = _field(None, "seed of the tiny model's init and its warm start (default: the run seed)")
 
 
 @dataclass
@@ -167,6 +169,14 @@ class EvalConfig:
     temperature: float = _field(1.0, "sampling temperature for sampled accuracy")
     batch_size: int = _field(64, "prompts per generation batch")
     max_new_tokens: int | None = _field(None, "generation limit (default: grpo.max_completion_length)")
+    every: int = _field(0, "also evaluate every N training steps (0: only before and after)")
+    pass_k: int = _field(0, "report pass@k from the sampled completions (0: off; needs k <= sampled_completions)")
+
+
+@dataclass
+class CompareConfig:
+    arms: list = _field(["full", "forking"], "arms to run (configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom")
+    seeds: list = _field([0, 1], "seeds; every arm runs once per seed on the same data")
 
 
 # GRPOConfig defaults that rlvr changes. Everything else is TRL's default.
@@ -184,6 +194,7 @@ GRPO_DEFAULTS: dict[str, Any] = {
 class RunConfig:
     output_dir: str = _field("runs/rlvr", "run directory: metrics.jsonl, summary.json, the final model")
     seed: int = _field(0, "seed for model init, data generation and training")
+    arm: str = _field("", "label of the experiment arm this run belongs to (set by --arm and rlvr compare)")
     save_model: bool = _field(True, "save the final policy to <output_dir>/model")
     model: ModelConfig = _field(ModelConfig, "policy")
     data: DataConfig = _field(DataConfig, "prompts and gold answers")
@@ -192,7 +203,14 @@ class RunConfig:
     moe: MoEConfig = _field(MoEConfig, "router-aware updates and routing analytics (MoE policies)")
     warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
+    compare: CompareConfig = _field(CompareConfig, "rlvr compare: which arms and seeds")
     grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
+
+    def data_seed(self) -> int:
+        return self.seed if self.data.seed is None else self.data.seed
+
+    def warm_start_seed(self) -> int:
+        return self.seed if self.warm_start.seed is None else self.warm_start.seed
 
     def max_completion_length(self) -> int:
         """``grpo.max_completion_length``, or TRL's default for it."""
@@ -491,6 +509,16 @@ def validate(config: RunConfig) -> None:
 
     _require(config.eval.sampled_completions >= 0, "eval.sampled_completions", "must be >= 0")
     _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _require(config.eval.every >= 0, "eval.every", "must be >= 0")
+    _require(
+        0 <= config.eval.pass_k <= config.eval.sampled_completions, "eval.pass_k",
+        f"must be between 0 and eval.sampled_completions ({config.eval.sampled_completions})",
+    )
+
+    for index, seed in enumerate(config.compare.seeds):
+        _require(isinstance(seed, int) and not isinstance(seed, bool), f"compare.seeds[{index}]", f"must be an integer; got {seed!r}")
+    _require(len(config.compare.arms) > 0, "compare.arms", "needs at least one arm")
+    _require(len(set(map(str, config.compare.arms))) == len(config.compare.arms), "compare.arms", "lists an arm twice")
 
     _validate_grpo(config)
 

@@ -1,7 +1,9 @@
-"""Accuracy of a policy on held-out problems: greedy pass@1 and sampled accuracy.
+"""Accuracy of a policy on held-out problems: greedy pass@1, sampled accuracy and pass@k.
 
 Greedy accuracy on a few hundred problems has a standard error of several points, so the sampled
-accuracy (mean reward over ``num_samples`` completions per problem at temperature 1) is reported as well.
+accuracy (mean reward over ``num_samples`` completions per problem at temperature 1) is reported as
+well, and pass@k with the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models
+Trained on Code", eq. 1): ``1 - C(n - c, k) / C(n, k)`` averaged over problems.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class EvalResult:
     num_problems: int
     num_samples: int
     mean_completion_tokens: float
+    pass_at_k: float = math.nan  # NaN without sampled completions
+    k: int = 0
 
     @property
     def greedy_stderr(self) -> float:
@@ -42,6 +46,15 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence) -> lis
         else:
             rendered.append(tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True))
     return rendered
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k of one problem from ``num_correct`` correct out of ``num_samples`` (Chen et al., 2021)."""
+    if not 0 < k <= num_samples:
+        raise ValueError(f"need 0 < k <= num_samples, got k={k}, num_samples={num_samples}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
 @contextmanager
@@ -133,6 +146,7 @@ def evaluate_accuracy(
     temperature: float = 1.0,
     seed: int = 0,
     progress: str | None = None,
+    k: int = 0,
 ) -> EvalResult:
     """Greedy accuracy, plus sampled accuracy over ``num_samples`` completions per problem.
 
@@ -146,7 +160,7 @@ def evaluate_accuracy(
         model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress and f"{progress} (greedy)"
     )
     greedy_rewards = reward_fn(completions=greedy, answer=list(answers))
-    sampled_accuracy = math.nan
+    sampled_accuracy, result_pass_at_k = math.nan, math.nan
     if num_samples > 0:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -164,10 +178,15 @@ def evaluate_accuracy(
         repeated_answers = [a for a in answers for _ in range(num_samples)]
         sampled_rewards = reward_fn(completions=sampled, answer=repeated_answers)
         sampled_accuracy = sum(r >= 1.0 for r in sampled_rewards) / len(sampled_rewards)
+        if 0 < k <= num_samples:
+            correct = [sum(r >= 1.0 for r in sampled_rewards[i * num_samples : (i + 1) * num_samples]) for i in range(len(prompts))]
+            result_pass_at_k = sum(pass_at_k(num_samples, c, k) for c in correct) / len(correct)
     return EvalResult(
         greedy_accuracy=sum(r >= 1.0 for r in greedy_rewards) / len(greedy_rewards),
         sampled_accuracy=sampled_accuracy,
         num_problems=len(prompts),
         num_samples=num_samples,
         mean_completion_tokens=sum(lengths) / len(lengths),
+        pass_at_k=result_pass_at_k,
+        k=k if num_samples >= k > 0 else 0,
     )

@@ -52,13 +52,15 @@ class RunResult:
     warm_start: WarmStartResult | None
     train_seconds: float
     steps: int
+    gradient_tokens: int = 0  # completion tokens whose policy-gradient loss weight was non-zero
+    wall_seconds: float = 0.0
 
 
 def prepare_data(config: RunConfig) -> PreparedData:
     data = config.data
     if data.source == "arithmetic":
-        train_problems = generate_problems(data.task, "train", data.num_train, config.seed)
-        eval_problems = generate_problems(data.task, "eval", data.num_eval, config.seed)
+        train_problems = generate_problems(data.task, "train", data.num_train, config.data_seed())
+        eval_problems = generate_problems(data.task, "eval", data.num_eval, config.data_seed())
         return PreparedData(
             train=problems_to_dataset(train_problems, data.system_prompt, chat=data.chat),
             eval_prompts=[make_prompt(p.question, data.system_prompt, data.chat) for p in eval_problems],
@@ -115,10 +117,10 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
     name = config.model.name_or_path
     if is_tiny(name):
         cache = Path(os.path.expanduser(config.warm_start.cache_dir))
-        spec_key = json.dumps([name, vars(config.model.tiny), config.seed], sort_keys=True)
+        spec_key = json.dumps([name, vars(config.model.tiny), config.warm_start_seed()], sort_keys=True)
         base = cache / f"base-{hashlib.sha256(spec_key.encode()).hexdigest()[:16]}"
         if not (base / "config.json").exists():
-            save_tiny_policy(tiny_architecture(name), config.model.tiny, base, seed=config.seed)
+            save_tiny_policy(tiny_architecture(name), config.model.tiny, base, seed=config.warm_start_seed())
         name = str(base)
         wants_warm_start = config.warm_start.enabled in ("auto", "true")
     else:
@@ -150,15 +152,53 @@ def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_f
     return evaluate_accuracy(
         model, tokenizer, data.eval_prompts, data.eval_answers, accuracy_fn, max_new_tokens,
         batch_size=config.eval.batch_size, num_samples=config.eval.sampled_completions,
-        temperature=config.eval.temperature, seed=config.seed, progress=label,
+        temperature=config.eval.temperature, seed=config.seed, progress=label, k=config.eval.pass_k,
     )
+
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml")
+
+
+class PeriodicEval(TrainerCallback):
+    """Evaluate every ``every`` steps during training (the final step is evaluated after training)."""
+
+    def __init__(self, every: int, run_eval: Callable[[object, int], None]):
+        self.every, self.run_eval = every, run_eval
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps and state.is_world_process_zero:
+            self.run_eval(model, state.global_step)
+        return control
+
+
+def write_eval_record(path: Path, step: int, result: EvalResult | None) -> None:
+    """Append one ``eval/*`` record to the metrics file."""
+    if result is None:
+        return
+    record = {
+        "step": step,
+        "eval/greedy_accuracy": result.greedy_accuracy,
+        "eval/sampled_accuracy": result.sampled_accuracy,
+        "eval/mean_completion_tokens": result.mean_completion_tokens,
+    }
+    if result.k:
+        record[f"eval/pass@{result.k}"] = result.pass_at_k
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def train(config: RunConfig) -> RunResult:
     """Run one training job described by ``config`` (already validated)."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    stale = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if stale:  # the outputs of an earlier run in this directory would mix with this run's
+        logger.info("starting over in %s: replacing %s", output_dir, ", ".join(stale))
+        for name in stale:
+            (output_dir / name).unlink()
     (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    metrics_path = output_dir / "metrics.jsonl"
+    run_start = time.time()
     set_seed(config.seed)
 
     data = prepare_data(config)
@@ -166,7 +206,13 @@ def train(config: RunConfig) -> RunResult:
     model, tokenizer, warm_result = prepare_policy(config, data, accuracy_fn)
 
     before = evaluate(config, model, tokenizer, data, accuracy_fn, "eval before RL")
+    write_eval_record(metrics_path, 0, before)
     set_seed(config.seed)
+    callbacks = [MetricsFile(metrics_path)]
+    if config.eval.enabled and config.eval.every and data.eval_prompts:
+        callbacks.append(PeriodicEval(config.eval.every, lambda policy, step: write_eval_record(
+            metrics_path, step, evaluate(config, policy, tokenizer, data, accuracy_fn, f"eval at step {step}")
+        )))
     grpo_kwargs = config.grpo_kwargs()
     if reward_weights is not None:
         grpo_kwargs["reward_weights"] = reward_weights
@@ -178,18 +224,22 @@ def train(config: RunConfig) -> RunResult:
         processing_class=tokenizer,
         forking=config.forking,
         moe=config.moe,
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl")],
+        callbacks=callbacks,
     )
     use_compact_progress(trainer)
     start = time.time()
     trainer.train()
     train_seconds = time.time() - start
     after = evaluate(config, trainer.model, tokenizer, data, accuracy_fn, "eval after RL")
+    write_eval_record(metrics_path, trainer.state.global_step, after)
 
     if config.save_model:
         trainer.save_model(str(output_dir / "model"))
         tokenizer.save_pretrained(output_dir / "model")
-    result = RunResult(output_dir, before, after, warm_result, train_seconds, trainer.state.global_step)
+    result = RunResult(
+        output_dir, before, after, warm_result, train_seconds, trainer.state.global_step,
+        gradient_tokens=trainer.gradient_tokens, wall_seconds=time.time() - run_start,
+    )
     write_summary(config, result)
     return result
 
@@ -197,10 +247,15 @@ def train(config: RunConfig) -> RunResult:
 def write_summary(config: RunConfig, result: RunResult) -> None:
     summary = {
         "output_dir": str(result.output_dir),
+        "arm": config.arm,
+        "seed": config.seed,
         "model": config.model.name_or_path,
         "forking": vars(config.forking),
+        "moe": vars(config.moe),
         "steps": result.steps,
         "train_seconds": result.train_seconds,
+        "wall_seconds": result.wall_seconds,
+        "gradient_tokens": result.gradient_tokens,
         "eval_before": result.before.as_dict() if result.before else None,
         "eval_after": result.after.as_dict() if result.after else None,
         "warm_start": None

@@ -42,6 +42,10 @@ ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routi
 
 # How each TRL loss type normalises: per sequence, per local micro-batch, or over the generation batch
 # of all ranks. "selected" normalisation divides by the selected-token count of the same unit.
+# Completion-token entropy histogram written with each logging step: 8 log-spaced bins per decade over
+# [1e-6, 10] nats; values outside are counted in the first/last bin.
+ENTROPY_BIN_EDGES = torch.logspace(-6, 1, 57, dtype=torch.float64)
+
 PER_SEQUENCE_LOSSES = ("grpo", "sapo", "luspo")
 GLOBAL_LOSSES = ("dapo", "cispo", "vespo")
 
@@ -102,6 +106,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 "(TRL's default): reentrant checkpointing re-runs the forward in backward without the recorded routing"
             )
         self._router_loss: torch.Tensor | None = None
+        self.gradient_tokens = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
         self._replay = self.moe.routing_replay if self.router_updates is not None else "none"
         if self._replay == "rollout" and (self.use_vllm or getattr(self.args, "use_transformers_paged", False)):
             raise ValueError(
@@ -122,6 +127,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._loss_entropies: torch.Tensor | None = None
         self._forking_token_counts: Counter[int] = Counter()
         self._forking_examples: list[dict] = []
+        self._entropy_histogram = torch.zeros(len(ENTROPY_BIN_EDGES) - 1, dtype=torch.int64)
 
     # ---------------------------------------------------------------------------------------------
     # Generation batch: remember which prompt each row belongs to (for scope="group").
@@ -329,8 +335,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
         metrics["forking/kept_tokens"].append(float(stats.kept_tokens))
         metrics["forking/entropy_kept"].append(stats.entropy_kept)
         metrics["forking/entropy_dropped"].append(stats.entropy_dropped)
+        if mode == "train" and torch.is_grad_enabled():
+            counted = keep if self.forking.policy_tokens == "forking" else self._loss_mask(inputs).bool()
+            self.gradient_tokens += int((counted & self._loss_mask(inputs).bool()).sum())
         if not self.accelerator.is_main_process or mode != "train":
             return
+        values = all_entropies.detach()[all_mask.bool()].to("cpu", torch.float64)  # every rank's tokens
+        bins = torch.bucketize(values, ENTROPY_BIN_EDGES[1:-1])
+        self._entropy_histogram += torch.bincount(bins, minlength=len(self._entropy_histogram))
         completion_ids = inputs["completion_ids"]
         self._forking_token_counts.update(completion_ids[keep].tolist())
         if len(self._forking_examples) < self.forking.log_examples:
@@ -356,6 +368,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
         examples, counts = self._forking_examples, self._forking_token_counts
         self._forking_examples, self._forking_token_counts = [], Counter()
+        histogram, self._entropy_histogram = self._entropy_histogram, torch.zeros_like(self._entropy_histogram)
         super().log(logs, start_time)
         if not self.accelerator.is_main_process:
             return
@@ -372,6 +385,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             "step": self.state.global_step,
             "examples": [self._decode_example(example) for example in examples],
             "top_forking_tokens": [[tokenizer.decode([token]), count] for token, count in counts.most_common(20)],
+            "entropy_histogram": {"edges": ENTROPY_BIN_EDGES.tolist(), "counts": histogram.tolist()},
         }
         with open(os.path.join(self.args.output_dir, "forking_tokens.jsonl"), "a") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -59,7 +59,8 @@ def cache_key(config: RunConfig) -> str:
         "system_prompt": config.data.system_prompt,
         "max_completion_length": config.grpo.get("max_completion_length"),
         "warm_start": warm,
-        "seed": config.seed,
+        "seed": config.warm_start_seed(),
+        "data_seed": config.data_seed(),
         "format": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -102,10 +103,10 @@ def run_warm_start(
         return WarmStartResult(path=target_dir, cached=True, **info)
 
     task = config.data.task
-    train_problems = generate_problems(task, "train", config.data.num_train, config.seed)
+    train_problems = generate_problems(task, "train", config.data.num_train, config.data_seed())
     # Dev problems come from the eval half of the problem space but never from the eval set itself,
     # so that choosing the checkpoint does not peek at the numbers reported later.
-    dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.seed + 7919)
+    dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.data_seed() + 7919)
     dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
     dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
     dev_answers = [p.answer for p in dev_problems]
@@ -134,7 +135,7 @@ def run_warm_start(
         logging_steps=warm.max_steps,  # progress is reported by the dev-accuracy checks
         save_strategy="no",
         report_to=[],
-        seed=config.seed,
+        seed=config.warm_start_seed(),
         bf16=False,
         use_cpu=config.grpo_kwargs().get("use_cpu", False),
         dataloader_num_workers=0,

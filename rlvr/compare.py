@@ -1,0 +1,82 @@
+"""``rlvr compare``: every arm x seed on the same data, then one report.
+
+Arms are overlays (``configs/arms/<arm>.yaml``) on one base config, so two runs differ only in
+their arm (and seed). Runs go to ``<output_dir>/<arm>-seed<seed>/``. A run counts as finished when
+its ``summary.json`` exists (written last), so an interrupted compare skips finished runs and starts
+unfinished ones over. Every run's config is validated before the first run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlvr.config import ConfigError, RunConfig, load_config
+
+ARMS_DIR = Path(__file__).resolve().parent.parent / "configs" / "arms"
+MANIFEST = "compare.json"
+
+
+@dataclass
+class PlannedRun:
+    arm: str
+    seed: int
+    directory: Path
+    config: RunConfig
+
+    @property
+    def finished(self) -> bool:
+        return (self.directory / "summary.json").exists()
+
+
+def plan_runs(config_paths: list[str], overrides: list[str], arms: list[str] | None, seeds: list[int] | None) -> tuple[Path, list[PlannedRun]]:
+    """The runs of a compare, each with its validated config; raises ConfigError naming the bad key or arm."""
+    base = load_config(config_paths, overrides)
+    arms = [str(arm) for arm in (arms or base.compare.arms)]
+    seeds = [int(seed) for seed in (seeds if seeds is not None else base.compare.seeds)]
+    known = sorted(path.stem for path in ARMS_DIR.glob("*.yaml"))
+    for arm in arms:
+        if arm not in known:
+            raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(known)}")
+    output_dir = Path(base.output_dir)
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            directory = output_dir / f"{arm}-seed{seed}"
+            config = load_config(
+                [*config_paths, ARMS_DIR / f"{arm}.yaml"],
+                [*overrides, f"output_dir={directory}", f"seed={seed}", f"arm={arm}"],
+            )
+            runs.append(PlannedRun(arm, seed, directory, config))
+    return output_dir, runs
+
+
+def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "arms": list(dict.fromkeys(run.arm for run in runs)),
+        "seeds": list(dict.fromkeys(run.seed for run in runs)),
+        "runs": [{"arm": run.arm, "seed": run.seed, "directory": run.directory.name} for run in runs],
+    }
+    (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print) -> list[PlannedRun]:
+    """Train every unfinished run in order; returns the runs trained now."""
+    write_manifest(output_dir, runs)
+    trained, durations = [], []
+    for number, run in enumerate(runs, start=1):
+        label = f"run {number}/{len(runs)}: arm={run.arm} seed={run.seed}"
+        if run.finished:
+            say(f"[compare] {label}: finished earlier, skipped ({run.directory})")
+            continue
+        remaining = sum(1 for later in runs[number - 1 :] if not later.finished)
+        eta = f", ETA {sum(durations) / len(durations) * remaining / 60:.0f} min for {remaining} runs" if durations else ""
+        say(f"[compare] {label} -> {run.directory}{eta}")
+        start = time.time()
+        train_fn(run.config)
+        durations.append(time.time() - start)
+        trained.append(run)
+    return trained

@@ -1,0 +1,326 @@
+"""``rlvr report RUN_DIR...``: one ``report.md`` with tables and PNG figures from finished (or partial) runs.
+
+Reads what runs write (``summary.json``, ``metrics.jsonl``, ``forking_tokens.jsonl``, ``routing.jsonl``,
+``config.yaml``), groups runs by arm, and renders whatever exists: a report of a half-finished compare
+says which runs are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlvr.compare import MANIFEST
+
+
+@dataclass
+class Run:
+    directory: Path
+    arm: str
+    seed: int
+    summary: dict | None
+    metrics: list[dict] = field(default_factory=list)
+    forking: list[dict] = field(default_factory=list)
+    routing: list[dict] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a logged metric, in step order (last value wins per step)."""
+        points = {}
+        for record in self.metrics:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                points[record["step"]] = float(value)
+        steps = sorted(points)
+        return steps, [points[step] for step in steps]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+    return records
+
+
+def load_run(directory: Path) -> Run:
+    config = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").exists() else {}
+    summary_path = directory / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return Run(
+        directory=directory,
+        arm=str(config.get("arm") or directory.name.split("-seed")[0]),
+        seed=int(config.get("seed", 0)),
+        summary=summary,
+        metrics=_read_jsonl(directory / "metrics.jsonl"),
+        forking=_read_jsonl(directory / "forking_tokens.jsonl"),
+        routing=_read_jsonl(directory / "routing.jsonl"),
+    )
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """Runs under ``paths`` (run directories or compare directories), and the planned runs that are missing."""
+    runs, missing = [], []
+    for path in paths:
+        if (path / "config.yaml").exists():
+            runs.append(load_run(path))
+            continue
+        manifest = path / MANIFEST
+        planned = json.loads(manifest.read_text())["runs"] if manifest.exists() else []
+        for entry in planned:
+            directory = path / entry["directory"]
+            if (directory / "summary.json").exists():
+                runs.append(load_run(directory))
+            else:
+                missing.append(f"{entry['arm']} seed {entry['seed']} ({directory})")
+        if not planned:
+            runs += [load_run(child) for child in sorted(path.iterdir()) if (child / "summary.json").exists()]
+    return runs, missing
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps present in every run, mean and std over runs."""
+    series = [dict(zip(*run.series(key))) for run in runs]
+    series = [s for s in series if s]
+    if not series:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    means, stds = [], []
+    for step in steps:
+        mean, std = _mean_std([s[step] for s in series])
+        means.append(mean)
+        stds.append(std)
+    return steps, means, stds
+
+
+def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
+    full_final = None
+    if "full" in groups:
+        full_final = _mean_std([run.summary["eval_after"]["greedy_accuracy"] for run in groups["full"] if run.summary and run.summary.get("eval_after")])[0]
+    rows = []
+    for arm, runs in groups.items():
+        finished = [run for run in runs if run.summary and run.summary.get("eval_after")]
+        greedy = [run.summary["eval_after"]["greedy_accuracy"] for run in finished]
+        sampled = [run.summary["eval_after"]["sampled_accuracy"] for run in finished]
+        best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
+        steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
+        reach = next((step for step, mean in zip(steps, means) if full_final is not None and mean >= full_final), None)
+        rows.append({
+            "arm": arm,
+            "seeds": ", ".join(str(run.seed) for run in finished),
+            "greedy": _mean_std(greedy),
+            "sampled": _mean_std(sampled),
+            "best": _mean_std(best),
+            "steps_to_full": reach,
+            "gradient_tokens": _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0],
+            "train_seconds": _mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
+        })
+    return rows
+
+
+def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]]:
+    counts: Counter[str] = Counter()
+    for run in runs:
+        for record in run.forking:
+            for token, n in record.get("top_forking_tokens", []):
+                counts[token] += n
+    return counts.most_common(count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
+    """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
+    plt = _pyplot()
+    present = [(key, label) for key, label in panels if any(run.series(key)[0] for runs in groups.values() for run in runs)]
+    if not present:
+        return False
+    columns = min(2, len(present))
+    rows = math.ceil(len(present) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
+    for axis, (key, label) in zip(axes.flat, present):
+        for arm, runs in groups.items():
+            steps, means, stds = mean_curve(runs, key)
+            if not steps:
+                continue
+            line, = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
+            axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+        axis.set_xlabel("training step")
+        axis.set_ylabel(label)
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(present):]:
+        axis.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Log-scale histogram of completion-token entropy, early vs late, forking threshold marked."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any(run.forking for run in runs)]
+    if not arms:
+        return False
+    figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 3.8), squeeze=False)
+    for axis, arm in zip(axes.flat, arms):
+        runs = [run for run in groups[arm] if run.forking]
+        for phase, pick, metric_pick in (("early", 0, 0), ("late", -1, -1)):
+            edges, counts = None, None
+            for run in runs:
+                histogram = run.forking[pick].get("entropy_histogram")
+                if not histogram:
+                    continue
+                edges = histogram["edges"]
+                counts = histogram["counts"] if counts is None else [a + b for a, b in zip(counts, histogram["counts"])]
+            if counts is None:
+                continue
+            total = max(sum(counts), 1)
+            axis.stairs([c / total for c in counts], edges, label=f"{phase} (step {runs[0].forking[pick]['step']})")
+            thresholds = [run.series("forking/threshold")[1] for run in runs]
+            thresholds = [t[metric_pick] for t in thresholds if t]
+            if thresholds:
+                axis.axvline(statistics.fmean(thresholds), linestyle="--", color="C1" if phase == "late" else "C0",
+                             label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}")
+        axis.set_xscale("log")
+        axis.set_xlabel("token entropy (nats, log scale)")
+        axis.set_ylabel("share of completion tokens")
+        axis.set_title(f"{arm}: completion-token entropy")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-layer expert load on forking vs other tokens (last logging step, first seed of each arm)."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any(run.routing for run in runs)]
+    if not arms:
+        return False
+    figure, axes = plt.subplots(len(arms), 2, figsize=(11, 2.8 * len(arms) + 1), squeeze=False)
+    for row, arm in enumerate(arms):
+        run = next(run for run in groups[arm] if run.routing)
+        loads = run.routing[-1]["expert_load"]
+        top = max((max(map(max, loads[kind])) for kind in ("forking", "other") if kind in loads), default=1.0)
+        for column, kind in enumerate(("forking", "other")):
+            axis = axes[row][column]
+            if kind not in loads:
+                axis.axis("off")
+                continue
+            image = axis.imshow(loads[kind], aspect="auto", cmap="viridis", vmin=0, vmax=top)
+            axis.set_title(f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})", fontsize=10)
+            axis.set_xlabel("expert")
+            axis.set_ylabel("layer")
+            axis.set_xticks(range(len(loads[kind][0])))
+            axis.set_yticks(range(len(loads[kind])))
+            figure.colorbar(image, ax=axis, label="share of assignments")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
+    runs, missing = find_runs(paths)
+    out_dir = out_dir or paths[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.seed)):
+        groups[run.arm].append(run)
+    lines = ["# rlvr report", ""]
+    lines.append(f"Runs: {len(runs)} ({', '.join(f'{arm} x{len(rs)}' for arm, rs in groups.items()) or 'none'}).")
+    if missing:
+        lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
+    lines += ["", "## Summary", "",
+              "Final eval accuracy after RL (mean ± std over seeds); best = best greedy accuracy of any eval during "
+              "training; steps to full = first eval step where the arm's mean greedy accuracy reaches the full arm's "
+              "final mean; gradient tokens = completion tokens with a non-zero policy-gradient weight per run; "
+              "train time = wall-clock seconds of the RL phase (no warm start, no evals).", "",
+              "| arm | seeds | greedy acc | sampled acc | best greedy | steps to full | gradient tokens | train time (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in summary_rows(groups):
+        lines.append(
+            f"| {row['arm']} | {row['seeds']} | {_fmt(*row['greedy'])} | {_fmt(*row['sampled'])} | {_fmt(*row['best'])} | "
+            f"{row['steps_to_full'] if row['steps_to_full'] is not None else 'not reached'} | "
+            f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
+        )
+    figures = []
+    if plot_curves(groups, [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
+                   out_dir / "accuracy.png", "Held-out accuracy vs training step (mean ± std over seeds)"):
+        figures.append(("Eval accuracy", "accuracy.png"))
+    if plot_curves(groups, [("reward", "reward"), ("kl", "KL to reference"), ("clip_ratio/region_mean", "clip fraction"),
+                            ("entropy", "mean token entropy (nats)")], out_dir / "training.png", "Training curves"):
+        figures.append(("Reward, KL, clipping and entropy", "training.png"))
+    if plot_entropy(groups, out_dir / "entropy.png"):
+        figures.append(("Completion-token entropy, early vs late", "entropy.png"))
+    if plot_expert_load(groups, out_dir / "expert_load.png"):
+        figures.append(("Expert load per layer: forking vs other tokens", "expert_load.png"))
+    if plot_curves(groups, [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
+                   out_dir / "routing.png", "Routing on forking vs other tokens"):
+        figures.append(("Routing specialisation and drift", "routing.png"))
+    for title, name in figures:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    lines += ["", "## Most frequent forking tokens", "",
+              "Counts summed over the top-20 list of each logging step (selected tokens, also in arms whose loss uses all tokens).", "",
+              "| arm | tokens (count) |", "|---|---|"]
+    for arm, arm_runs in groups.items():
+        tokens = ", ".join(f"`{token!r}` ({n})" for token, n in top_forking_tokens(arm_runs))
+        lines.append(f"| {arm} | {tokens or 'n/a'} |")
+    lines += ["", "## Runs", "", "| arm | seed | directory | steps | greedy before -> after |", "|---|---|---|---|---|"]
+    for arm, arm_runs in groups.items():
+        for run in arm_runs:
+            s = run.summary or {}
+            before, after = (s.get("eval_before") or {}), (s.get("eval_after") or {})
+            lines.append(
+                f"| {arm} | {run.seed} | {run.directory} | {s.get('steps', 'unfinished')} | "
+                f"{_fmt(before.get('greedy_accuracy', math.nan))} -> {_fmt(after.get('greedy_accuracy', math.nan))} |"
+            )
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

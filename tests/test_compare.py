@@ -1,0 +1,119 @@
+"""rlvr compare and rlvr report: real runs, real numbers in the tables, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+
+import pytest
+
+from rlvr.cli import CONFIG_DIR, main
+from rlvr.compare import plan_runs, run_compare
+from rlvr.evaluation import pass_at_k
+from rlvr.report import write_report
+
+COMPARE_CONFIG = str(CONFIG_DIR / "compare" / "quickstart.yaml")
+TINY = [
+    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
+    "data.num_train=64", "data.num_eval=8", "eval.every=2", "eval.sampled_completions=2", "eval.pass_k=2",
+    "warm_start.max_steps=4", "warm_start.eval_every=2", "warm_start.num_dev=8", "grpo.max_steps=4",
+    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
+    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+]
+TIMING_KEYS = re.compile(r"step_time|runtime|per_second|seconds")
+
+
+def tiny_overrides(tmp_path, name="compare"):
+    return [*TINY, f"output_dir={tmp_path / name}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One real compare: arms full and forking, seed 0."""
+    tmp_path = tmp_path_factory.mktemp("compare")
+    assert main(["compare", "--config", COMPARE_CONFIG, "--arms", "full,forking", "--seeds", "0", *tiny_overrides(tmp_path)]) == 0
+    return tmp_path / "compare"
+
+
+def _table_row(report: str, arm: str) -> list[str]:
+    for line in report.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells and cells[0] == arm and len(cells) == 8:
+            return cells
+    raise AssertionError(f"no summary row for {arm}")
+
+
+def test_report_tables_hold_the_runs_numbers(compared):
+    report = (compared / "report.md").read_text()
+    for arm in ("full", "forking"):
+        summary = json.loads((compared / f"{arm}-seed0" / "summary.json").read_text())
+        cells = _table_row(report, arm)
+        assert cells[1] == "0"
+        assert cells[2] == f"{summary['eval_after']['greedy_accuracy']:.3f} ± 0.000"
+        assert cells[3] == f"{summary['eval_after']['sampled_accuracy']:.3f} ± 0.000"
+        assert cells[6] == f"{summary['gradient_tokens']:.0f}"
+        assert summary["arm"] == arm and summary["steps"] == 4
+    full = json.loads((compared / "full-seed0" / "summary.json").read_text())["gradient_tokens"]
+    forking = json.loads((compared / "forking-seed0" / "summary.json").read_text())["gradient_tokens"]
+    assert 0.15 * full < forking < 0.35 * full  # about rho of the tokens carry gradient
+    for figure in ("accuracy.png", "training.png", "entropy.png", "expert_load.png", "routing.png"):
+        assert (compared / figure).stat().st_size > 5000, figure
+
+
+def test_eval_runs_at_the_configured_interval_with_pass_at_k(compared):
+    records = [json.loads(line) for line in (compared / "full-seed0" / "metrics.jsonl").read_text().splitlines()]
+    evals = [record for record in records if "eval/greedy_accuracy" in record]
+    assert [record["step"] for record in evals] == [0, 2, 4]
+    assert all(0.0 <= record["eval/pass@2"] <= 1.0 for record in evals)
+
+
+def test_compare_resumes_without_rerunning_finished_runs(compared, tmp_path):
+    output_dir, runs = plan_runs([COMPARE_CONFIG], tiny_overrides(compared.parent), ["full", "forking"], [0])
+    assert output_dir == compared and all(run.finished for run in runs)
+    (runs[1].directory / "summary.json").unlink()  # as if the forking run had been interrupted
+    trained = []
+    run_compare(output_dir, runs, train_fn=lambda config: trained.append((config.arm, config.seed)), say=lambda _: None)
+    assert trained == [("forking", 0)]
+
+
+def test_report_names_missing_runs(compared, tmp_path):
+    manifest = json.loads((compared / "compare.json").read_text())
+    manifest["runs"].append({"arm": "random", "seed": 0, "directory": "random-seed0"})
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "compare.json").write_text(json.dumps(manifest))
+    for run in ("full-seed0",):
+        (partial / run).symlink_to(compared / run)
+    text = write_report([partial]).read_text()
+    assert "**Missing runs (2)**" in text and "random seed 0" in text and "forking seed 0" in text
+    assert _table_row(text, "full")[2] != "n/a"
+
+
+def test_identical_seeds_and_configs_give_identical_metrics(tmp_path):
+    def run(name):
+        overrides = [*TINY, f"output_dir={tmp_path / name}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+        assert main(["quickstart", "--arm", "forking", *overrides]) == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if not TIMING_KEYS.search(k)} for line in lines]
+
+    first, second = run("a"), run("b")
+    assert len(first) > 4 and first == second
+
+
+def test_compare_rejects_unknown_arms_and_bad_seeds(capsys, tmp_path):
+    assert main(["compare", "--config", COMPARE_CONFIG, "--arms", "full,best", *tiny_overrides(tmp_path)]) == 2
+    assert "compare.arms: unknown arm 'best'" in capsys.readouterr().err
+    assert main(["compare", "--config", COMPARE_CONFIG, "--seeds", "0,x", *tiny_overrides(tmp_path)]) == 2
+    assert "--seeds: expected comma-separated integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n, c, k", [(4, 0, 1), (4, 1, 1), (4, 2, 2), (5, 3, 4), (8, 8, 3), (6, 1, 6)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(outcomes[i] for i in subset) for subset in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, n + 1)

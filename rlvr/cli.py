@@ -129,10 +129,12 @@ def _quiet_libraries() -> None:
 
 
 def _run_training(config) -> int:
-    from rlvr.recipe import summary_table, train
+    from rlvr.recipe import is_main_process, summary_table, train
 
     _quiet_libraries()
     result = train(config)
+    if not is_main_process():  # one summary per launch
+        return 0
     print("\n" + "=" * 72)
     print(f"rlvr: finished {config.model.name_or_path} in {config.output_dir}")
     if result.warm_start is not None:

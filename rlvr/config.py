@@ -12,6 +12,7 @@ Values are read in three layers: defaults < YAML file < overrides (``--forking.r
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import types
 import typing
@@ -228,7 +229,9 @@ class RunConfig:
         kwargs.setdefault("output_dir", self.output_dir)
         kwargs.setdefault("seed", self.seed)
         if not torch.cuda.is_available():
-            kwargs.setdefault("bf16", False)
+            # Follow the launcher's mixed precision (accelerate configs such as TRL's zero2.yaml ask for bf16,
+            # and DeepSpeed refuses a mismatch); a plain CPU run stays in float32.
+            kwargs.setdefault("bf16", os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16")
             kwargs.setdefault("use_cpu", True)
         return kwargs
 

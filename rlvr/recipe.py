@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
@@ -52,8 +53,9 @@ class RunResult:
     warm_start: WarmStartResult | None
     train_seconds: float
     steps: int
-    gradient_tokens: int = 0  # completion tokens whose policy-gradient loss weight was non-zero
+    gradient_tokens: int = 0  # completion tokens whose policy-gradient loss weight was non-zero (all ranks)
     wall_seconds: float = 0.0
+    world_size: int = 1
 
 
 def prepare_data(config: RunConfig) -> PreparedData:
@@ -171,9 +173,14 @@ class PeriodicEval(TrainerCallback):
         return control
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun, accelerate, deepspeed set RANK), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def write_eval_record(path: Path, step: int, result: EvalResult | None) -> None:
-    """Append one ``eval/*`` record to the metrics file."""
-    if result is None:
+    """Append one ``eval/*`` record to the metrics file (rank 0 only)."""
+    if result is None or not is_main_process():
         return
     record = {
         "step": step,
@@ -192,11 +199,12 @@ def train(config: RunConfig) -> RunResult:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stale = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if stale:  # the outputs of an earlier run in this directory would mix with this run's
+    if stale and is_main_process():  # the outputs of an earlier run in this directory would mix with this run's
         logger.info("starting over in %s: replacing %s", output_dir, ", ".join(stale))
         for name in stale:
             (output_dir / name).unlink()
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    if is_main_process():
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     metrics_path = output_dir / "metrics.jsonl"
     run_start = time.time()
     set_seed(config.seed)
@@ -236,11 +244,16 @@ def train(config: RunConfig) -> RunResult:
     if config.save_model:
         trainer.save_model(str(output_dir / "model"))
         tokenizer.save_pretrained(output_dir / "model")
+    gradient_tokens = trainer.gradient_tokens
+    if trainer.accelerator.num_processes > 1:  # each rank counted its own rows
+        gradient_tokens = int(trainer.accelerator.reduce(torch.tensor(gradient_tokens), reduction="sum"))
     result = RunResult(
         output_dir, before, after, warm_result, train_seconds, trainer.state.global_step,
-        gradient_tokens=trainer.gradient_tokens, wall_seconds=time.time() - run_start,
+        gradient_tokens=gradient_tokens, wall_seconds=time.time() - run_start,
+        world_size=trainer.accelerator.num_processes,
     )
-    write_summary(config, result)
+    if trainer.accelerator.is_main_process:
+        write_summary(config, result)
     return result
 
 
@@ -256,6 +269,7 @@ def write_summary(config: RunConfig, result: RunResult) -> None:
         "train_seconds": result.train_seconds,
         "wall_seconds": result.wall_seconds,
         "gradient_tokens": result.gradient_tokens,
+        "world_size": result.world_size,
         "eval_before": result.before.as_dict() if result.before else None,
         "eval_after": result.after.as_dict() if result.after else None,
         "warm_start": None
@@ -272,6 +286,8 @@ def write_summary(config: RunConfig, result: RunResult) -> None:
 
 def summary_table(result: RunResult) -> str:
     """A small fixed-width table of eval accuracy before and after RL."""
+    if result.before is None and result.after is None:
+        return f"(evaluation off) {result.steps} RL steps in {result.train_seconds:.0f} s"
     rows = [("", "greedy acc", "sampled acc", "problems")]
     for label, res in (("before RL", result.before), ("after RL", result.after)):
         if res is not None:

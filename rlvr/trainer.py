@@ -29,11 +29,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOTrainer
 
 from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.forking import loss_weights, select_forking_tokens, selection_stats
 from rlvr.moe import UnknownMoEArchitecture
+from rlvr.moe.adapters import register_zero3_leaf_modules
 from rlvr.moe.replay import stitch_forwards, stitch_rollout
 from rlvr.moe.updates import RouterAwareUpdates
 
@@ -86,6 +88,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, forking: ForkingConfig | None = None, moe: MoEConfig | None = None, **kwargs):
         self.forking = forking or ForkingConfig()
         self.moe = moe or MoEConfig()
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, torch.nn.Module) and is_deepspeed_zero3_enabled():
+            try:  # before DeepSpeed wraps the model (in train())
+                register_zero3_leaf_modules(model)
+            except UnknownMoEArchitecture:
+                pass  # a dense model has no MoE block to protect
         super().__init__(*args, **kwargs)
         try:
             self.router_updates: RouterAwareUpdates | None = RouterAwareUpdates(self.model, self.moe)

@@ -343,3 +343,16 @@ def test_vectorised_analytics_match_the_per_layer_reference(seed):
             assert getattr(fast[index], name) == pytest.approx(getattr(slow, name), rel=1e-5, abs=1e-6), name
         assert fast[index].load_forking == pytest.approx(slow.load_forking)
         assert fast[index].load_other == pytest.approx(slow.load_other)
+
+
+def test_moe_blocks_become_zero3_leaf_modules():
+    from deepspeed.utils import z3_leaf_module
+
+    from rlvr.moe.adapters import register_zero3_leaf_modules
+
+    for architecture in ("qwen3_moe", "gpt_oss"):
+        model = float64_model(architecture)
+        names = register_zero3_leaf_modules(model)
+        assert names == [type(find_moe_layers(model)[0].block).__name__]
+        assert all(z3_leaf_module(layer.block) for layer in find_moe_layers(model))
+        assert not z3_leaf_module(model.model.layers[0].self_attn)

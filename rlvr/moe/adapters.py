@@ -114,3 +114,17 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             "Add an adapter in rlvr/moe/adapters.py for this architecture."
         )
     return layers
+
+
+def register_zero3_leaf_modules(model: nn.Module) -> list[str]:
+    """Mark every sparse MoE block as a DeepSpeed ZeRO-3 leaf module; returns the block class names.
+
+    ZeRO-3 gathers parameters module by module as the forward reaches them. Inside an MoE block,
+    ranks route their tokens to different experts, so per-expert gathers can diverge between ranks
+    and hang; a leaf module is gathered whole on every rank.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(layer.block) for layer in find_moe_layers(model)}, key=lambda cls: cls.__name__)
+    set_z3_leaf_modules(model, classes)
+    return [cls.__name__ for cls in classes]

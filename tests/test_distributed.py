@@ -1,0 +1,59 @@
+"""Multi-process runs on CPU: torchrun with 2 processes (gloo) trains one run, written once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = [
+    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
+    "data.num_train=64", "warm_start.enabled=false", "eval.enabled=false", "save_model=false", "grpo.max_steps=2",
+    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
+    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+]
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_on_cpu(tmp_path):
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "rlvr.cli", "quickstart", *TINY, f"output_dir={output}"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("rlvr: finished") == 1  # one summary per launch, from rank 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["forking/kept_fraction"] for r in records if "forking/kept_fraction" in r]
+    assert len(kept) == 2  # one record per logging step: only rank 0 writes
+    # k = ceil(rho * n) over the micro-batch gathered from both ranks: the kept share is rho up to rounding
+    assert all(0.2 <= fraction < 0.2 + 1 / 64 for fraction in kept)
+
+
+def _trl_accelerate_config(name: str) -> str:
+    import os
+
+    import trl
+
+    return os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, arm", [("zero2", "forking"), ("zero3", "forking_router")])
+def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage, arm):
+    """TRL's zero2.yaml / zero3.yaml, unchanged, with 2 CPU processes; ZeRO-3 with the router-aware arm and replay."""
+    output = tmp_path / stage
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", _trl_accelerate_config(f"{stage}.yaml"),
+        "--num_processes", "2", "--main_process_port", "29541", "-m", "rlvr.cli", "quickstart", "--arm", arm,
+        "moe.routing_replay=rollout", *TINY, f"output_dir={output}",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert all("moe/routing_drift" in r for r in records if "loss" in r)

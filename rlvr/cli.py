@@ -4,6 +4,7 @@
     rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.learning_rate=1e-5
     rlvr compare --config configs/compare/quickstart.yaml   # arms x seeds on the same data, then report.md
     rlvr report runs/compare             # report.md + figures from run or compare directories
+    rlvr launch --zero 3 --nproc 8 -- train --config my.yaml   # DeepSpeed ZeRO through accelerate launch
     rlvr validate --config F             # check a config and print it resolved, building nothing
 
 Every config key can be overridden as ``--section.key value`` or ``section.key=value``;
@@ -103,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("directories", nargs="+", metavar="RUN_DIR", help="run directories or compare directories")
     report.add_argument("--out", help="where report.md and the figures go (default: the first directory)")
 
+    launch = commands.add_parser(
+        "launch",
+        help="run an rlvr command under DeepSpeed ZeRO through accelerate launch",
+        description="Builds, prints and runs the accelerate launch command. Examples:\n"
+        "  rlvr launch --zero 3 --nproc 8 -- train --config my.yaml\n"
+        "  rlvr launch --zero 3 --offload --nproc 8 --nnodes 2 --node-rank 0 --main-addr 10.0.0.1 -- train --config my.yaml\n"
+        "  rlvr launch --zero 2 --nproc 2 -- quickstart          # on a CPU box: 2 processes over gloo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    from rlvr.launch import add_arguments
+
+    add_arguments(launch)
+
     check = commands.add_parser(
         "validate",
         help="validate a config and print it fully resolved (builds no model)",
@@ -193,6 +208,13 @@ def _run_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "launch":  # everything after "--" is the command to launch
+        split = argv.index("--") if "--" in argv else len(argv)
+        from rlvr.launch import launch
+
+        args = _parser().parse_args(argv[:split])
+        return launch(args, argv[split + 1 :])
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.command == "report":

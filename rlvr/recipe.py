@@ -211,6 +211,12 @@ def train(config: RunConfig) -> RunResult:
 
     data = prepare_data(config)
     reward_functions, reward_weights, accuracy_fn = resolve_rewards(config)
+    grpo_kwargs = config.grpo_kwargs()
+    if reward_weights is not None:
+        grpo_kwargs["reward_weights"] = reward_weights
+    # Built before the model is loaded: under DeepSpeed ZeRO-3 this makes from_pretrained partition the
+    # weights as they load (zero3_init_flag) instead of materialising the full model on every rank.
+    grpo_args = GRPOConfig(**grpo_kwargs)
     model, tokenizer, warm_result = prepare_policy(config, data, accuracy_fn)
 
     before = evaluate(config, model, tokenizer, data, accuracy_fn, "eval before RL")
@@ -221,13 +227,10 @@ def train(config: RunConfig) -> RunResult:
         callbacks.append(PeriodicEval(config.eval.every, lambda policy, step: write_eval_record(
             metrics_path, step, evaluate(config, policy, tokenizer, data, accuracy_fn, f"eval at step {step}")
         )))
-    grpo_kwargs = config.grpo_kwargs()
-    if reward_weights is not None:
-        grpo_kwargs["reward_weights"] = reward_weights
     trainer = ForkingGRPOTrainer(
         model=model,
         reward_funcs=reward_functions,
-        args=GRPOConfig(**grpo_kwargs),
+        args=grpo_args,
         train_dataset=data.train,
         processing_class=tokenizer,
         forking=config.forking,

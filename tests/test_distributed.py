@@ -57,3 +57,32 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
     assert summary["world_size"] == 2 and summary["steps"] == 2
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert all("moe/routing_drift" in r for r in records if "loss" in r)
+
+
+def test_launch_builds_the_accelerate_command(capsys):
+    from rlvr.cli import main
+
+    code = main(["launch", "--zero", "3", "--offload", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
+                 "--main-addr", "10.0.0.1", "--dry-run", "--", "train", "--config", "my.yaml"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for piece in ("accelerate.commands.launch", "configs/deepspeed/zero3_offload.yaml", "configs/deepspeed/zero3_offload.json",
+                  "--num_processes 16", "--num_machines 2", "--machine_rank 1", "--main_process_ip 10.0.0.1",
+                  "-m rlvr.cli train --config my.yaml"):
+        assert piece in printed
+    assert main(["launch", "--zero", "2", "--offload", "--dry-run", "--", "train"]) == 2
+    assert "--offload needs --zero 3" in capsys.readouterr().err
+    assert main(["launch", "--zero", "2", "--nnodes", "2", "--dry-run", "--", "train"]) == 2
+    assert main(["launch", "--zero", "2", "--dry-run"]) == 2
+
+
+@pytest.mark.slow
+def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path):
+    output = tmp_path / "launched"
+    overrides = [o for o in TINY if not o.startswith("eval.")] + ["eval.sampled_completions=1", "data.num_eval=8"]
+    command = [sys.executable, "-m", "rlvr.cli", "launch", "--zero", "3", "--nproc", "2", "--main-port", "29547", "--",
+               "quickstart", *overrides, f"output_dir={output}"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["eval_after"]["num_problems"] == 8

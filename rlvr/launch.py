@@ -1,0 +1,74 @@
+"""``rlvr launch``: build the ``accelerate launch`` command for a DeepSpeed ZeRO job, print it, run it.
+
+rlvr adds no process management: multi-node runs use accelerate's own launcher on every node (or
+under SLURM's ``srun``), with the same command and a different ``--node-rank``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+
+
+def config_files(zero: int, offload: bool) -> tuple[Path, Path]:
+    """The accelerate YAML and DeepSpeed JSON shipped in configs/deepspeed/."""
+    if zero not in (2, 3):
+        raise ValueError(f"--zero must be 2 or 3, got {zero}")
+    if offload and zero != 3:
+        raise ValueError("--offload needs --zero 3 (configs/deepspeed/zero3_offload.json)")
+    name = "zero3_offload" if offload else f"zero{zero}"
+    return DEEPSPEED_DIR / f"{name}.yaml", DEEPSPEED_DIR / f"{name}.json"
+
+
+def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[str]:
+    accelerate_yaml, deepspeed_json = config_files(args.zero, args.offload)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(accelerate_yaml),
+        "--deepspeed_config_file", str(deepspeed_json),
+        "--num_processes", str(args.nproc * args.nnodes),
+        "--num_machines", str(args.nnodes),
+        "--machine_rank", str(args.node_rank),
+    ]
+    if args.nnodes > 1:
+        if not args.main_addr:
+            raise ValueError("--nnodes > 1 needs --main-addr (the address of node 0)")
+        command += ["--main_process_ip", args.main_addr]
+    if args.main_port:
+        command += ["--main_process_port", str(args.main_port)]
+    return command + ["-m", "rlvr.cli", *rlvr_arguments]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zero", type=int, choices=(2, 3), required=True, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--offload", action="store_true", help="offload optimizer states and parameters to CPU (ZeRO-3)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
+    parser.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    parser.add_argument("--node-rank", type=int, default=0, help="rank of this node (0 .. nnodes - 1)")
+    parser.add_argument("--main-addr", help="address of node 0 (multi-node)")
+    parser.add_argument("--main-port", type=int, help="port on node 0 (default: accelerate's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+
+
+def launch(args: argparse.Namespace, rlvr_arguments: list[str]) -> int:
+    if not rlvr_arguments:
+        print("rlvr launch: give the rlvr command after --, e.g. rlvr launch --zero 3 --nproc 8 -- train --config my.yaml",
+              file=sys.stderr)
+        return 2
+    if min(args.nproc, args.nnodes) < 1 or not 0 <= args.node_rank < args.nnodes:
+        print("rlvr launch: need --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes", file=sys.stderr)
+        return 2
+    try:
+        command = build_command(args, rlvr_arguments)
+    except ValueError as error:
+        print(f"rlvr launch: {error}", file=sys.stderr)
+        return 2
+    print("rlvr launch:", shlex.join(command), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(command)

@@ -15,9 +15,20 @@ def test_defaults_are_valid():
     assert config.grpo_kwargs()["router_aux_loss_coef"] == 0.0
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("compare/*.yaml"), *CONFIGS.glob("models/*.yaml")]),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("models/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("arm", ["full", "forking", "forking_router", "hybrid"])
+def test_real_model_configs_validate_with_every_arm(path, arm):
+    config = load_config([path, CONFIGS / "arms" / f"{arm}.yaml"])
+    assert config.grpo["use_vllm"] and config.grpo["loss_type"] == "dapo" and config.grpo["beta"] == 0.0
+    assert not config.model.name_or_path.startswith("tiny:")
 
 
 @pytest.mark.parametrize("arm", sorted((CONFIGS / "arms").glob("*.yaml")), ids=lambda p: p.stem)

@@ -43,6 +43,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, required: bool) -> No
         "--arm", choices=_arm_names(), metavar="ARM",
         help=f"overlay configs/arms/ARM.yaml, one of: {', '.join(_arm_names())}",
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (resume=true)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.arm:
         paths.append(str(ARMS_DIR / f"{args.arm}.yaml"))
         overrides = [f"arm={args.arm}", *overrides]
+    if getattr(args, "resume", False):
+        overrides = [*overrides, "resume=true"]
     try:
         if args.command == "quickstart" and not QUICKSTART_CONFIG.is_file():
             raise ConfigError(

@@ -197,6 +197,9 @@ class RunConfig:
     seed: int = _field(0, "seed for model init, data generation and training")
     arm: str = _field("", "label of the experiment arm this run belongs to (set by --arm and rlvr compare)")
     save_model: bool = _field(True, "save the final policy to <output_dir>/model")
+    resume: bool = _field(
+        False, "continue from the newest complete checkpoint in output_dir (save them with grpo.save_strategy=steps)"
+    )
     model: ModelConfig = _field(ModelConfig, "policy")
     data: DataConfig = _field(DataConfig, "prompts and gold answers")
     reward: RewardConfig = _field(RewardConfig, "verifiable rewards")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig
 
 from rewards.registry import resolve_reward
+from rlvr.checkpoints import MarkCompleteCheckpoints, latest_complete_checkpoint, truncate_jsonl
 from rlvr.config import RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy
@@ -158,7 +160,7 @@ def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_f
     )
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml")
+RUN_FILES = ("summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml", "eval_before.json")
 
 
 class PeriodicEval(TrainerCallback):
@@ -198,8 +200,16 @@ def train(config: RunConfig) -> RunResult:
     """Run one training job described by ``config`` (already validated)."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_complete_checkpoint(output_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        logger.info("no complete checkpoint in %s: starting from the beginning", output_dir)
+    if checkpoint is not None:
+        logger.info("resuming from %s (step %d)", checkpoint[0], checkpoint[1])
+        if is_main_process():  # forget what the killed run logged after its last checkpoint
+            for name in ("metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl"):
+                truncate_jsonl(output_dir / name, checkpoint[1])
     stale = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if stale and is_main_process():  # the outputs of an earlier run in this directory would mix with this run's
+    if stale and checkpoint is None and is_main_process():  # an earlier run's outputs would mix with this one's
         logger.info("starting over in %s: replacing %s", output_dir, ", ".join(stale))
         for name in stale:
             (output_dir / name).unlink()
@@ -219,10 +229,16 @@ def train(config: RunConfig) -> RunResult:
     grpo_args = GRPOConfig(**grpo_kwargs)
     model, tokenizer, warm_result = prepare_policy(config, data, accuracy_fn)
 
-    before = evaluate(config, model, tokenizer, data, accuracy_fn, "eval before RL")
-    write_eval_record(metrics_path, 0, before)
+    before_file = output_dir / "eval_before.json"
+    if checkpoint is not None and before_file.exists():  # evaluated before the interruption
+        before = EvalResult(**json.loads(before_file.read_text()))
+    else:
+        before = evaluate(config, model, tokenizer, data, accuracy_fn, "eval before RL")
+        write_eval_record(metrics_path, 0, before)
+        if before is not None and is_main_process():
+            before_file.write_text(json.dumps(dataclasses.asdict(before)))
     set_seed(config.seed)
-    callbacks = [MetricsFile(metrics_path)]
+    callbacks = [MetricsFile(metrics_path), MarkCompleteCheckpoints()]
     if config.eval.enabled and config.eval.every and data.eval_prompts:
         callbacks.append(PeriodicEval(config.eval.every, lambda policy, step: write_eval_record(
             metrics_path, step, evaluate(config, policy, tokenizer, data, accuracy_fn, f"eval at step {step}")
@@ -239,7 +255,7 @@ def train(config: RunConfig) -> RunResult:
     )
     use_compact_progress(trainer)
     start = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(checkpoint[0]) if checkpoint else None)
     train_seconds = time.time() - start
     after = evaluate(config, trainer.model, tokenizer, data, accuracy_fn, "eval after RL")
     write_eval_record(metrics_path, trainer.state.global_step, after)

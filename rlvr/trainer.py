@@ -239,6 +239,23 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 logps = _GradientMask.apply(logps, self._selection.keep)
         return logps, entropies, aux_loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume with the weights converted as ``from_pretrained`` converts them.
+
+        transformers 5 saves fused MoE experts in the per-expert hub layout and converts them back when
+        loading through ``from_pretrained``; the Trainer's own resume path loads the raw state dict with
+        ``strict=False`` and silently leaves every expert at its initial weights.
+        """
+        model = model if model is not None else self.model
+        has_full_model = os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")) and any(
+            name.endswith(".safetensors") for name in os.listdir(resume_from_checkpoint)
+        )
+        if not has_full_model or not hasattr(type(model), "from_pretrained") or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
     def training_step(self, *args, **kwargs):
         try:
             return super().training_step(*args, **kwargs)  # forward, loss, backward

@@ -1,0 +1,79 @@
+"""Checkpoints and resume: a run killed with SIGKILL resumes from its newest complete checkpoint and
+logs the same metrics as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from rlvr.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
+from rlvr.cli import main
+
+SLOW_REWARD = '''
+import time
+
+def slow_odd_length(completions, **_):
+    time.sleep(0.25)  # slow steps, so that the run can be killed between checkpoints
+    return [float(len(str(c)) % 2) for c in completions]
+'''
+RUN = [
+    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
+    "data.num_train=128", "warm_start.enabled=false", "eval.enabled=false", "save_model=false",
+    "reward.functions=[slow_reward:slow_odd_length]", "grpo.learning_rate=1e-2", "grpo.max_steps=10",
+    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
+    "grpo.max_completion_length=16", "grpo.disable_tqdm=true", "grpo.save_strategy=steps", "grpo.save_steps=2",
+]
+TIMING = re.compile(r"step_time|runtime|per_second|seconds")
+
+
+def _metrics(directory):
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if not TIMING.search(k)} for record in records]
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    # The run that gets killed: wait for the step-4 checkpoint to be complete, then SIGKILL.
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlvr.cli", "quickstart", *RUN, f"output_dir={killed}"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-4" / COMPLETE_MARKER).exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "summary.json").exists()
+    # A checkpoint directory without the marker (as a kill during saving leaves) is never used.
+    (killed / "checkpoint-8").mkdir(exist_ok=True)
+    path, step = latest_complete_checkpoint(killed)
+    assert step in (4, 6) and path.name == f"checkpoint-{step}"
+
+    assert main(["quickstart", *RUN, f"output_dir={killed}", "--resume"]) == 0
+    assert main(["quickstart", *RUN, f"output_dir={tmp_path / 'reference'}"]) == 0
+
+    resumed, reference = _metrics(killed), _metrics(tmp_path / "reference")
+    training = lambda records: [r for r in records if "loss" in r]  # noqa: E731
+    assert [r["step"] for r in training(resumed)] == list(range(1, 11))
+    assert training(resumed) == training(reference)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == 10
+
+
+def test_truncate_drops_records_past_the_checkpoint_and_partial_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert truncate_jsonl(path, 2) == 2
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert latest_complete_checkpoint(tmp_path) is None

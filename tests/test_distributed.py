@@ -86,3 +86,31 @@ def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["eval_after"]["num_problems"] == 8
+
+
+@pytest.mark.slow
+def test_two_process_loss_matches_one_process_on_the_same_global_batch(tmp_path):
+    """Exact-k selection over the micro-batch gathered from both ranks and DAPO's global normaliser:
+    the mean of the two ranks' losses (what the gradient all-reduce averages) equals the one-process
+    loss on all rows. Tolerance 1e-6 relative: the same float32 terms summed in a different order."""
+    from pathlib import Path
+
+    from rlvr.models import TinyMoESpec, save_tiny_policy
+
+    model_dir = save_tiny_policy("qwen3_moe", TinyMoESpec(num_layers=1, hidden_size=32, expert_size=32, num_experts=4), tmp_path / "model")
+    helper = str(Path(__file__).parent / "distributed_loss.py")
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    double.mkdir()
+    for command in (
+        [sys.executable, helper, str(model_dir), str(single)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", helper,
+         str(model_dir), str(double)],
+    ):
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    one = json.loads((single / "loss-0.json").read_text())
+    ranks = [json.loads((double / f"loss-{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert sum(r["kept"] for r in ranks) == one["kept"]  # k counted over the gathered micro-batch
+    assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-6, abs=1e-8)

@@ -121,6 +121,32 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(launch)
 
+    upcycle = commands.add_parser(
+        "upcycle",
+        help="build an MoE checkpoint from dense ones (Branch-Train-MiX or sparse upcycling)",
+        description="BTX: expert i of every layer is dense model i's feed-forward layer, the rest is averaged.\n"
+        "Sparse: one dense model's feed-forward layer copied into --num-experts experts. Families: Qwen3 -> Qwen3-MoE,\n"
+        "Mistral/Llama -> Mixtral. The output loads with AutoModelForCausalLM.from_pretrained. Examples:\n"
+        "  rlvr upcycle --dense ckpt/math ckpt/code --out ckpt/btx --top-k 1 --router-init mean_hidden \\\n"
+        "      --router-samples math.jsonl code.jsonl\n"
+        "  rlvr upcycle --method sparse --dense ckpt/base --num-experts 8 --top-k 2 --out ckpt/sparse",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    from rlvr.upcycle import METHODS, ROUTER_INITS
+
+    upcycle.add_argument("--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)")
+    upcycle.add_argument("--out", required=True, metavar="DIR", help="where the MoE checkpoint goes (must be new or empty)")
+    upcycle.add_argument("--method", choices=METHODS, default="btx", help="btx (default) or sparse")
+    upcycle.add_argument("--num-experts", type=int, help="experts per layer (sparse; btx: number of dense models)")
+    upcycle.add_argument("--top-k", type=int, default=1, help="experts per token (default 1)")
+    upcycle.add_argument("--router-init", choices=ROUTER_INITS, default="random",
+                         help="random (default), zero (uniform routing), mean_hidden (btx: each domain's mean hidden state)")
+    upcycle.add_argument("--router-samples", nargs="+", metavar="FILE",
+                         help="mean_hidden: one text file per dense model, one sample per line (.jsonl: its 'text' field)")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the MoE's random init (default 0)")
+    upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
     check = commands.add_parser(
         "validate",
         help="validate a config and print it fully resolved (builds no model)",
@@ -210,6 +236,36 @@ def _run_report(args) -> int:
     return 0
 
 
+def _read_samples(path: str) -> list[str]:
+    """Router samples: one per line; in a .jsonl file, the ``text`` field of each record."""
+    from rlvr.upcycle import UpcycleError
+
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not path.endswith(".jsonl"):
+        return lines
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            texts.append(str(json.loads(line)["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UpcycleError(f"{path}: line {number} is not a JSON object with a 'text' field") from None
+    return texts
+
+
+def _run_upcycle(args) -> int:
+    from rlvr.upcycle import UpcycleError, upcycle
+
+    try:
+        samples = [_read_samples(path) for path in args.router_samples] if args.router_samples else None
+        out = upcycle(args.dense, args.out, method=args.method, num_experts=args.num_experts, top_k=args.top_k,
+                      router_init=args.router_init, router_samples=samples, seed=args.seed, overwrite=args.overwrite)
+    except (UpcycleError, OSError) as error:
+        print(f"rlvr upcycle: {error}", file=sys.stderr)
+        return 2
+    print(f"rlvr upcycle: {args.method} MoE written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "launch":  # everything after "--" is the command to launch
@@ -224,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         return _run_report(args)
+    if args.command == "upcycle":
+        if overrides:
+            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        return _run_upcycle(args)
     from rlvr.data import DataError
 
     if args.command == "compare":
@@ -258,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run_training(config)
     except DataError as error:
         print(f"rlvr {args.command}: data error: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:  # found once the run directory is read (e.g. --resume of a finished run)
+        print(f"rlvr {args.command}: config error: {error}", file=sys.stderr)
         return 2
 
 

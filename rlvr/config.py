@@ -26,7 +26,7 @@ import yaml
 from rlvr.data.arithmetic import ArithmeticTask
 from rlvr.data.loader import ANSWER_FORMATS
 from rlvr.forking import NORMALIZATIONS, SCOPES, SELECTIONS
-from rlvr.models.tiny import ARCHITECTURES, TinyMoESpec
+from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,8 @@ class ModelConfig:
         "tiny:qwen3_moe",
         "policy: 'tiny:<arch>' (embedded random MoE, arch in "
         + ", ".join(sorted(ARCHITECTURES))
+        + "; or dense: "
+        + ", ".join(sorted(DENSE_ARCHITECTURES))
         + "), a hub id (Qwen/Qwen3-30B-A3B) or a local checkpoint directory",
     )
     tiny: TinyMoESpec = _field(TinyMoESpec, "size of the embedded tiny MoE (used with 'tiny:<arch>')")
@@ -134,6 +136,12 @@ class MoEConfig:
     load_balancing_scope: str = _field("completion", "tokens the load-balancing loss covers", ROUTER_LOSS_SCOPES)
     z_loss_coef: float = _field(0.0, "coefficient of the router z-loss (ST-MoE); 0 = off")
     z_loss_scope: str = _field("completion", "tokens the router z-loss covers", ROUTER_LOSS_SCOPES)
+    router_loss_batch: str = _field(
+        "global",
+        "tokens the router losses pool: global (every rank's micro-batch; Qiu et al. 2025, same loss at any "
+        "process count) or local (each rank's own, as transformers' aux loss)",
+        ("global", "local"),
+    )
     router_lr_multiplier: float = _field(1.0, "router learning rate = grpo.learning_rate x this")
     freeze_router: bool = _field(False, "do not train the routers at all")
     routing_replay: str = _field(
@@ -458,9 +466,10 @@ def validate(config: RunConfig) -> None:
     model = config.model
     if model.name_or_path.startswith("tiny:"):
         architecture = model.name_or_path[len("tiny:") :]
+        known = sorted(ARCHITECTURES) + sorted(DENSE_ARCHITECTURES)
         _require(
-            architecture in ARCHITECTURES, "model.name_or_path",
-            f"unknown tiny architecture {architecture!r}; one of {', '.join(sorted(ARCHITECTURES))}",
+            architecture in known, "model.name_or_path",
+            f"unknown tiny architecture {architecture!r}; one of {', '.join(known)}",
         )
         tiny = model.tiny
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "expert_size", "num_experts", "top_k"):

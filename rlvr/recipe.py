@@ -28,7 +28,7 @@ from trl import GRPOConfig
 
 from rewards.registry import resolve_reward
 from rlvr.checkpoints import MarkCompleteCheckpoints, latest_complete_checkpoint, truncate_jsonl
-from rlvr.config import RunConfig, to_dict
+from rlvr.config import ConfigError, RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy
 from rlvr.models import is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
@@ -201,13 +201,19 @@ def train(config: RunConfig) -> RunResult:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_complete_checkpoint(output_dir) if config.resume else None
-    if config.resume and checkpoint is None:
+    max_steps = int(config.grpo.get("max_steps", -1) or -1)
+    if checkpoint is not None and 0 < max_steps <= checkpoint[1]:
+        # transformers' Trainer would run one more step before it checks max_steps
+        raise ConfigError(
+            f"resume: {checkpoint[0].name} is at step {checkpoint[1]} and grpo.max_steps is {max_steps}, so training "
+            "had already finished; raise grpo.max_steps to train on, or leave out --resume to start over"
+        )
+    if config.resume and checkpoint is None and is_main_process():
         logger.info("no complete checkpoint in %s: starting from the beginning", output_dir)
-    if checkpoint is not None:
+    if checkpoint is not None and is_main_process():
         logger.info("resuming from %s (step %d)", checkpoint[0], checkpoint[1])
-        if is_main_process():  # forget what the killed run logged after its last checkpoint
-            for name in ("metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl"):
-                truncate_jsonl(output_dir / name, checkpoint[1])
+        for name in ("metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl"):  # forget what came after it
+            truncate_jsonl(output_dir / name, checkpoint[1])
     stale = [name for name in RUN_FILES if (output_dir / name).exists()]
     if stale and checkpoint is None and is_main_process():  # an earlier run's outputs would mix with this one's
         logger.info("starting over in %s: replacing %s", output_dir, ", ".join(stale))

@@ -96,7 +96,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 pass  # a dense model has no MoE block to protect
         super().__init__(*args, **kwargs)
         try:
-            self.router_updates: RouterAwareUpdates | None = RouterAwareUpdates(self.model, self.moe)
+            self.router_updates: RouterAwareUpdates | None = RouterAwareUpdates(
+                self.model, self.moe, sum_across_ranks=self._sum_across_ranks, world_size=self.accelerator.num_processes
+            )
         except UnknownMoEArchitecture:
             if not self.moe.is_default():
                 raise
@@ -262,6 +264,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         finally:
             if self.router_updates is not None:
                 self.router_updates.release()
+
+    def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values, reduction="sum")
 
     def _finish_router_updates(self, attention_mask: torch.Tensor) -> None:
         """Gates, router losses and analytics of the loss forward, now that the forking tokens are known."""

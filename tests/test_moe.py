@@ -182,11 +182,12 @@ def test_load_balancing_scope_all_equals_transformers():
     attention_mask[0, :4] = 0
     probabilities = [torch.softmax(layer, -1) for layer in logits]
     indices = [torch.topk(p, 2, dim=-1).indices for p in probabilities]
-    ours = load_balancing_loss(probabilities, indices, attention_mask.reshape(-1))
+    ours, value = load_balancing_loss(probabilities, indices, attention_mask.reshape(-1))
+    assert value == pytest.approx(float(ours))
     theirs = load_balancing_loss_func(logits, num_experts=6, top_k=2, attention_mask=attention_mask)
     torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-6, atol=1e-8)
     # no attention mask form
-    ones = load_balancing_loss(probabilities, indices, torch.ones(BATCH * LENGTH))
+    ones, _ = load_balancing_loss(probabilities, indices, torch.ones(BATCH * LENGTH))
     torch.testing.assert_close(ones.double(), load_balancing_loss_func(logits, 6, 2).double(), rtol=1e-6, atol=1e-8)
 
 
@@ -194,8 +195,8 @@ def test_router_losses_on_empty_scope_are_zero_not_nan():
     logits = [torch.randn(5, 4, requires_grad=True)]
     indices = [torch.topk(logits[0], 2).indices]
     empty = torch.zeros(5)
-    balance = load_balancing_loss([torch.softmax(logits[0], -1)], indices, empty)
-    z_loss = router_z_loss(logits, empty)
+    balance, _ = load_balancing_loss([torch.softmax(logits[0], -1)], indices, empty)
+    z_loss, _ = router_z_loss(logits, empty)
     assert balance.item() == 0.0 and z_loss.item() == 0.0
     (balance + z_loss).backward()
     assert torch.isfinite(logits[0].grad).all()
@@ -205,7 +206,43 @@ def test_z_loss_matches_definition_on_chosen_tokens():
     logits = [torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)]
     chosen = torch.tensor([1, 0, 1, 1, 0, 0.0])
     expected = sum(torch.logsumexp(layer[chosen.bool()], -1).square().mean() for layer in logits) / 2
-    torch.testing.assert_close(router_z_loss(logits, chosen).double(), expected)
+    torch.testing.assert_close(router_z_loss(logits, chosen)[0].double(), expected)
+
+
+@pytest.mark.parametrize("loss_name", ["load_balancing", "z_loss"])
+def test_router_losses_pooled_over_ranks_equal_the_one_process_loss(loss_name):
+    """Global-batch pooling: the mean over ranks of each rank's loss (what gradient averaging sees) equals
+    the loss over all tokens in one process, in value and in gradient; shards of unequal size."""
+    generator = torch.Generator().manual_seed(3)
+    tokens, experts, layers = 23, 5, 2
+    logits = [torch.randn(tokens, experts, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
+    chosen = (torch.rand(tokens, generator=generator) < 0.6).double()  # a scope: some tokens count
+    shards = [slice(0, 9), slice(9, tokens)]  # rank 0 holds 9 tokens, rank 1 holds 14
+
+    def loss_of(rows, **pooling):
+        shard_logits = [layer[rows] for layer in logits]
+        if loss_name == "z_loss":
+            return router_z_loss(shard_logits, chosen[rows], **pooling)
+        probabilities = [torch.softmax(layer, -1) for layer in shard_logits]
+        indices = [torch.topk(layer, 2, dim=-1).indices for layer in shard_logits]
+        return load_balancing_loss(probabilities, indices, chosen[rows], **pooling)
+
+    one_loss, one_value = loss_of(slice(0, tokens))
+    one_gradients = torch.autograd.grad(one_loss, logits)
+
+    recorded = []  # a two-rank all-reduce, replayed: record each rank's statistics, then hand back their sum
+    for rows in shards:
+        loss_of(rows, sum_across_ranks=lambda stats: recorded.append(stats) or stats, world_size=2)
+    total = recorded[0] + recorded[1]
+    rank_losses, rank_values = zip(*(loss_of(rows, sum_across_ranks=lambda stats: total, world_size=2) for rows in shards))
+    mean_loss = (rank_losses[0] + rank_losses[1]) / 2
+    torch.testing.assert_close(mean_loss.double(), one_loss.double(), rtol=1e-6, atol=1e-9)
+    assert rank_values[0] == rank_values[1] == pytest.approx(one_value, rel=1e-6)
+    for pooled, single in zip(torch.autograd.grad(mean_loss, logits), one_gradients):
+        torch.testing.assert_close(pooled, single, rtol=1e-5, atol=1e-9)
+    # without pooling the two ranks' mean is a different loss: the test can tell them apart
+    local_mean = (loss_of(shards[0])[0] + loss_of(shards[1])[0]) / 2
+    assert abs(float(local_mean.detach()) - float(one_loss.detach())) > 1e-4
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,12 +31,36 @@ RUN = [
 TIMING = re.compile(r"step_time|runtime|per_second|seconds")
 
 
+def _kill_process_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, as a scheduler ends a job (torch's elastic agent starts
+    its workers in their own sessions, so killing the launcher's process group leaves them running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        tree.append(current)
+        frontier.extend(children.get(current, []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _metrics(directory):
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in record.items() if not TIMING.search(k)} for record in records]
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
     environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -69,6 +93,10 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatc
     assert training(resumed) == training(reference)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == 10
+    # Resuming a run whose newest checkpoint is its last step is refused (the Trainer would train one more).
+    capsys.readouterr()
+    assert main(["quickstart", *RUN, f"output_dir={killed}", "--resume"]) == 2
+    assert "checkpoint-10 is at step 10 and grpo.max_steps is 10" in capsys.readouterr().err
 
 
 def test_truncate_drops_records_past_the_checkpoint_and_partial_lines(tmp_path):
@@ -77,3 +105,42 @@ def test_truncate_drops_records_past_the_checkpoint_and_partial_lines(tmp_path):
     assert truncate_jsonl(path, 2) == 2
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
     assert latest_complete_checkpoint(tmp_path) is None
+
+
+def test_zero3_two_process_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    """The same under ``rlvr launch --zero 3 --nproc 2``: DeepSpeed engine checkpoints (partitioned
+    weights and optimizer states, one RNG state per rank), with the router-aware arm. The launcher and
+    both ranks are killed together, as a scheduler kills a job."""
+    (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run = [o for o in RUN if not o.startswith("grpo.max_steps")] + ["grpo.max_steps=6", "--arm", "forking_router"]
+
+    def launch(output, port, *extra):
+        command = [sys.executable, "-m", "rlvr.cli", "launch", "--zero", "3", "--nproc", "2", "--main-port", str(port),
+                   "--", "quickstart", *run, f"output_dir={output}", *extra]
+        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    killed = tmp_path / "killed"
+    process = launch(killed, 29591)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoint-2" / COMPLETE_MARKER).exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    _kill_process_tree(process.pid)
+    process.wait()
+    time.sleep(1.0)  # a surviving rank would write on; none may
+    assert not (killed / "summary.json").exists() and not (killed / "checkpoint-6").exists()
+    assert not (killed / "summary.json").exists()
+
+    for output, port, extra in ((killed, 29592, ["--resume"]), (tmp_path / "reference", 29593, [])):
+        finished = launch(output, port, *extra)
+        _, errors = finished.communicate(timeout=600)
+        assert finished.returncode == 0, errors[-3000:]
+
+    resumed, reference = _metrics(killed), _metrics(tmp_path / "reference")
+    training = lambda records: [r for r in records if "loss" in r]  # noqa: E731
+    assert [r["step"] for r in training(resumed)] == list(range(1, 7))
+    assert training(resumed) == training(reference)
+    assert json.loads((killed / "summary.json").read_text())["world_size"] == 2

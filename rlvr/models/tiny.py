@@ -1,8 +1,11 @@
-"""Tiny Mixture-of-Experts policies built from transformers config classes.
+"""Tiny policies built from transformers config classes: Mixture-of-Experts ones, and the dense
+models that ``rlvr upcycle`` turns into MoEs.
 
 The same modelling code as the real models (``Qwen/Qwen3-30B-A3B``, ``allenai/OLMoE-1B-7B-0125``,
-``mistralai/Mixtral-8x7B-v0.1``...), shrunk to a few layers and randomly initialised, so that every
-code path of rlvr (routers, fused experts, TRL's fused LM head) runs on a laptop CPU in seconds.
+``mistralai/Mixtral-8x7B-v0.1``, ``Qwen/Qwen3-8B``...), shrunk to a few layers and randomly
+initialised, so that every code path of rlvr (routers, fused experts, TRL's fused LM head) runs on a
+laptop CPU in seconds. A dense model uses ``expert_size`` as its feed-forward width, so that its
+feed-forward layer has the shape of one expert of the MoE of the same spec.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     GptOssConfig,
+    LlamaConfig,
+    MistralConfig,
     MixtralConfig,
     OlmoeConfig,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2MoeConfig,
+    Qwen3Config,
     Qwen3MoeConfig,
 )
 
@@ -87,6 +93,13 @@ def _gpt_oss(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _dense(config_class):
+    def build(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+        return config_class(**common, intermediate_size=spec.expert_size)
+
+    return build
+
+
 # Adding an architecture: one function from the spec to its transformers config.
 ARCHITECTURES = {
     "qwen3_moe": _qwen3_moe,
@@ -95,14 +108,22 @@ ARCHITECTURES = {
     "mixtral": _mixtral,
     "gpt_oss": _gpt_oss,
 }
+# Dense models (one feed-forward layer of width expert_size per block), the inputs of ``rlvr upcycle``.
+DENSE_ARCHITECTURES = {
+    "qwen3": _dense(Qwen3Config),
+    "mistral": _dense(MistralConfig),
+    "llama": _dense(LlamaConfig),
+}
 
 
 def tiny_moe_config(
     architecture: str, spec: TinyMoESpec, vocab_size: int, pad_token_id: int, eos_token_id: int
 ) -> PretrainedConfig:
-    """The transformers config of a tiny MoE of ``architecture`` (a key of ``ARCHITECTURES``)."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    """The transformers config of a tiny model of ``architecture`` (a key of ``ARCHITECTURES`` or
+    ``DENSE_ARCHITECTURES``)."""
+    builders = ARCHITECTURES | DENSE_ARCHITECTURES
+    if architecture not in builders:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; known: {sorted(builders)}")
     if spec.hidden_size % spec.num_heads:
         raise ValueError(f"hidden_size {spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
     common = dict(
@@ -121,13 +142,14 @@ def tiny_moe_config(
         # left-padded prompts of different lengths crashes in the per-step aux loss.
         output_router_logits=False,
     )
-    return ARCHITECTURES[architecture](spec, common)
+    return builders[architecture](spec, common)
 
 
 def build_tiny_moe(
     architecture: str, spec: TinyMoESpec, vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int = 0
 ) -> PreTrainedModel:
-    """A randomly initialised tiny MoE causal LM; the same seed gives the same weights."""
+    """A randomly initialised tiny causal LM (MoE, or dense for a dense architecture); the same seed
+    gives the same weights."""
     config = tiny_moe_config(architecture, spec, vocab_size, pad_token_id, eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rlvr.moe.hooks import ForwardRouting, RoutingHooks
-from rlvr.moe.losses import load_balancing_loss, router_z_loss
+from rlvr.moe.losses import SumAcrossRanks, load_balancing_loss, router_z_loss
 from rlvr.moe.positions import decision_positions
 from rlvr.moe.stats import routing_by_layer, summarize
 
@@ -21,8 +21,12 @@ from rlvr.moe.stats import routing_by_layer, summarize
 class RouterAwareUpdates:
     """Gates, router losses and routing analytics of an MoE policy (see :class:`rlvr.config.MoEConfig`)."""
 
-    def __init__(self, model: nn.Module, config):
+    def __init__(self, model: nn.Module, config, sum_across_ranks: SumAcrossRanks | None = None, world_size: int = 1):
+        """``sum_across_ranks`` (an all-reduce sum) pools router-loss statistics over ``world_size`` ranks
+        when ``config.router_loss_batch == "global"``; every rank must then call :meth:`finish` in step."""
         self.config = config
+        pooled = config.router_loss_batch == "global" and world_size > 1 and sum_across_ranks is not None
+        self._pooling = {"sum_across_ranks": sum_across_ranks, "world_size": world_size} if pooled else {}
         self.hooks = RoutingHooks(
             model,
             gate_routers=config.router_gate_scope != "all",
@@ -79,13 +83,15 @@ class RouterAwareUpdates:
         probabilities = [layer.adapter.router_probabilities(logits) for layer, logits in zip(self.layers, routing.logits)]
         loss, metrics = None, {}
         if config.load_balancing_coef > 0 and config.load_balancing_scope != "none":
-            balance = load_balancing_loss(probabilities, routing.indices, scopes[config.load_balancing_scope].reshape(-1))
+            balance, value = load_balancing_loss(
+                probabilities, routing.indices, scopes[config.load_balancing_scope].reshape(-1), **self._pooling
+            )
             loss = config.load_balancing_coef * balance
-            metrics["moe/load_balancing_loss"] = float(balance.detach())
+            metrics["moe/load_balancing_loss"] = value
         if config.z_loss_coef > 0 and config.z_loss_scope != "none":
-            z_loss = router_z_loss(routing.logits, scopes[config.z_loss_scope].reshape(-1))
+            z_loss, value = router_z_loss(routing.logits, scopes[config.z_loss_scope].reshape(-1), **self._pooling)
             loss = config.z_loss_coef * z_loss if loss is None else loss + config.z_loss_coef * z_loss
-            metrics["moe/z_loss"] = float(z_loss.detach())
+            metrics["moe/z_loss"] = value
         if analytics:
             layers = routing_by_layer(
                 routing.indices, probabilities, forking.reshape(-1), completion.reshape(-1),

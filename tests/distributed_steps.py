@@ -1,0 +1,102 @@
+"""Helper for test_distributed.py (not a test module): a few training steps on one fixed global batch.
+
+Sampled completions cannot be the same in a one-process and a two-process run (each rank draws from its
+own random stream and pads its own prompts), so generation is replaced by one fixed global batch of
+completions and advantages; everything after generation is the real thing: TRL's training loop, the
+forking-token loss, rlvr's router gates and load-balancing loss, the backward, gradient clipping and
+AdamW, under DeepSpeed when launched with a ZeRO accelerate config. Each rank takes its consecutive share
+of the rows, as TRL's sampler would give it. Rank 0 writes ``<out>/steps.json``: the logged metrics of
+every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
+
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR
+    accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
+        tests/distributed_steps.py MODEL_DIR OUT_DIR
+"""
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+
+import torch
+from trl import GRPOConfig
+
+from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
+from rlvr.models import load_pretrained
+from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
+
+GLOBAL_ROWS, GENERATIONS, PROMPT, COMPLETION, STEPS = 16, 4, 6, 12, 3
+LOGGED = ("loss", "grad_norm", "entropy", "forking/threshold", "forking/kept_tokens", "moe/load_balancing_loss")
+
+
+def fixed_global_batch(vocab: int) -> dict:
+    generator = torch.Generator().manual_seed(123)
+    completion_mask = torch.ones(GLOBAL_ROWS, COMPLETION, dtype=torch.long)
+    lengths = torch.randint(2, COMPLETION + 1, (GLOBAL_ROWS,), generator=generator)
+    completion_mask[torch.arange(COMPLETION)[None, :] >= lengths[:, None]] = 0  # right padding
+    return {
+        "prompt_ids": torch.randint(5, vocab, (GLOBAL_ROWS, PROMPT), generator=generator),  # (B, P)
+        "prompt_mask": torch.ones(GLOBAL_ROWS, PROMPT, dtype=torch.long),  # (B, P)
+        "completion_ids": torch.randint(5, vocab, (GLOBAL_ROWS, COMPLETION), generator=generator),  # (B, C)
+        "completion_mask": completion_mask,  # (B, C)
+        "advantages": torch.randn(GLOBAL_ROWS, generator=generator),  # (B,)
+        "num_items_in_batch": completion_mask.sum(),  # global, as TRL gathers it
+        GROUP_IDS_KEY: torch.arange(GLOBAL_ROWS) // GENERATIONS,  # (B,)
+    }
+
+
+class FixedBatchTrainer(ForkingGRPOTrainer):
+    """Generation replaced by this rank's rows of :func:`fixed_global_batch`."""
+
+    def _generate_and_score_completions(self, inputs):
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rows = GLOBAL_ROWS // world
+        batch = fixed_global_batch(len(self.processing_class))
+        return {key: value[rank * rows : (rank + 1) * rows] if value.dim() else value for key, value in batch.items()}
+
+
+def parameter_fingerprint(trainer) -> dict[str, list[float]]:
+    """(sum, sum of squares) of every parameter, gathered first under ZeRO-3."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    named = list(model.named_parameters())
+    gathered = contextlib.nullcontext()
+    if trainer.is_deepspeed_enabled and hasattr(named[0][1], "ds_id"):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in named])
+    with gathered:
+        return {name: [float(p.double().sum()), float(p.double().pow(2).sum())] for name, p in named}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    model_dir, out_dir = sys.argv[1], sys.argv[2]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
+        output_dir=os.path.join(out_dir, "trainer"), per_device_train_batch_size=GLOBAL_ROWS // world,
+        num_generations=GENERATIONS, max_completion_length=COMPLETION, use_cpu=True, bf16=False, report_to=[],
+        beta=0.0, loss_type="dapo", seed=0, save_strategy="no", router_aux_loss_coef=0.0, max_steps=STEPS,
+        logging_steps=1, learning_rate=1e-3, max_grad_norm=1.0, disable_tqdm=True,
+    )
+    model, tokenizer = load_pretrained(model_dir)
+    trainer = FixedBatchTrainer(
+        model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+        train_dataset=problems_to_dataset(generate_problems(ArithmeticTask(), "train", 64, 0)),
+        processing_class=tokenizer, forking=ForkingConfig(rho=0.2, scope="micro_batch"),
+        # the forking_router arm: router and expert gradients from forking decisions, LB loss over them
+        moe=MoEConfig(router_gate_scope="forking", expert_gate_scope="forking", load_balancing_coef=0.01,
+                      load_balancing_scope="forking"),
+    )
+    trainer.train()
+    fingerprint = parameter_fingerprint(trainer)  # a collective under ZeRO-3: every rank takes part
+    if trainer.accelerator.is_main_process:
+        steps = [{key: record[key] for key in LOGGED if key in record} for record in trainer.state.log_history if "loss" in record]
+        with open(os.path.join(out_dir, "steps.json"), "w") as handle:
+            json.dump({"world": world, "deepspeed": trainer.is_deepspeed_enabled, "steps": steps,
+                       "parameters": fingerprint}, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""rlvr upcycle: BTX and sparse upcycling of tiny dense Qwen3 / Mistral models (float64, eager experts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlvr.cli import main
+from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_pretrained
+from rlvr.moe.hooks import RoutingHooks
+from rlvr.upcycle import MANIFEST, UpcycleError, upcycle
+
+SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=24)
+FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
+
+
+def save_dense(directory, architecture: str, seed: int, shared_from=None, spec: TinyMoESpec = SPEC):
+    """A tiny dense model; with ``shared_from``, every non-feed-forward weight is copied from that model."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_moe(architecture, spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    if shared_from is not None:
+        shared = {name: tensor for name, tensor in shared_from.state_dict().items() if not name.endswith(FFN)}
+        model.load_state_dict(shared, strict=False)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def float64(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model.eval()
+
+
+def batch(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 90, (3, 11), generator=generator)  # (B, T)
+
+
+@pytest.mark.parametrize("architecture, moe_class", [("qwen3", "Qwen3MoeForCausalLM"), ("mistral", "MixtralForCausalLM")])
+def test_btx_with_routing_forced_to_expert_i_reproduces_dense_model_i(tmp_path, architecture, moe_class):
+    first = save_dense(tmp_path / "a", architecture, seed=0)
+    save_dense(tmp_path / "b", architecture, seed=1, shared_from=first)  # only the feed-forward layers differ
+    out = upcycle([tmp_path / "a", tmp_path / "b"], tmp_path / "moe", method="btx", top_k=1)
+    moe = float64(out)
+    assert type(moe).__name__ == moe_class
+    ids = batch()
+    hooks = RoutingHooks(moe, gate_routers=False, gate_experts=False)
+    for expert, name in enumerate(("a", "b")):
+        dense = float64(tmp_path / name)
+        expected = dense(input_ids=ids).logits
+        hooks.begin(*ids.shape, forced=torch.full((*ids.shape, SPEC.num_layers, 1), expert, dtype=torch.long))
+        with torch.no_grad():
+            forced = moe(input_ids=ids).logits
+        hooks.release()
+        torch.testing.assert_close(forced, expected, rtol=1e-12, atol=1e-12)
+    # and the two experts really are different models
+    assert not torch.allclose(float64(tmp_path / "a")(input_ids=ids).logits, float64(tmp_path / "b")(input_ids=ids).logits)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["method"] == "btx" and manifest["num_experts"] == 2
+
+
+def test_btx_averages_every_parameter_but_the_experts(tmp_path):
+    a = save_dense(tmp_path / "a", "qwen3", seed=0)
+    b = save_dense(tmp_path / "b", "qwen3", seed=1)
+    moe = float64(upcycle([tmp_path / "a", tmp_path / "b"], tmp_path / "moe", router_init="zero"))
+    state, a_state, b_state = moe.state_dict(), a.state_dict(), b.state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(state[name], (a_state[name].double() + b_state[name].double()) / 2)
+    for expert, source in enumerate((a_state, b_state)):
+        torch.testing.assert_close(state["model.layers.0.mlp.experts.down_proj"][expert], source["model.layers.0.mlp.down_proj.weight"].double())
+    assert not state["model.layers.0.mlp.gate.weight"].any()  # router_init zero
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "mistral"])
+def test_sparse_upcycling_equals_the_dense_model_whatever_the_routing(tmp_path, architecture):
+    """Identical experts whose top-k weights sum to 1 compute the dense feed-forward layer. Not bit-exact:
+    transformers' routers take the softmax in float32 whatever the model dtype, so the two weights sum to
+    1 within ~1e-7, and logits (~1e-2 here) agree to ~5e-8."""
+    save_dense(tmp_path / "dense", architecture, seed=3)
+    out = upcycle([tmp_path / "dense"], tmp_path / "moe", method="sparse", num_experts=4, top_k=2)
+    ids = batch(1)
+    torch.testing.assert_close(float64(out)(input_ids=ids).logits, float64(tmp_path / "dense")(input_ids=ids).logits,
+                               rtol=0, atol=5e-7)
+
+
+def test_mean_hidden_router_prefers_each_domains_expert(tmp_path):
+    a = save_dense(tmp_path / "a", "qwen3", seed=0)
+    save_dense(tmp_path / "b", "qwen3", seed=1, shared_from=a)
+    samples = [["1+2+3=6", "4+5=9", "7-2=5"], ["3*4=12", "6*7=42", "2*9=18"]]
+    out = upcycle([tmp_path / "a", tmp_path / "b"], tmp_path / "moe", router_init="mean_hidden", router_samples=samples)
+    moe = float64(out)
+    router = moe.state_dict()["model.layers.0.mlp.gate.weight"]  # (E, H)
+    torch.testing.assert_close(router.sum(0), torch.zeros_like(router[0]), atol=1e-6, rtol=0)  # centred
+    assert router.abs().sum() > 0
+    # the router scores each domain's own mean hidden state highest on that domain's expert
+    from rlvr.upcycle import domain_mean_hidden
+
+    means = [domain_mean_hidden(str(tmp_path / name), texts, 2)[0].double() for name, texts in zip("ab", samples)]
+    assert (router @ means[0]).argmax() == 0 and (router @ means[1]).argmax() == 1
+    assert json.loads((out / MANIFEST).read_text())["router_samples"] == [3, 3]
+
+
+def test_round_trip_and_rlvr_loading(tmp_path):
+    a = save_dense(tmp_path / "a", "mistral", seed=0)
+    save_dense(tmp_path / "b", "mistral", seed=1, shared_from=a)
+    out = upcycle([tmp_path / "a", tmp_path / "b"], tmp_path / "moe", top_k=1)
+    model, tokenizer = load_pretrained(str(out))
+    again = tmp_path / "again"
+    model.save_pretrained(again)
+    reloaded = AutoModelForCausalLM.from_pretrained(again)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    assert tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+    from rlvr.moe import find_moe_layers
+
+    assert len(find_moe_layers(model)) == SPEC.num_layers  # rlvr's router hooks find the blocks
+
+
+def _fails_cleanly(tmp_path, message, *args, **kwargs):
+    out = tmp_path / "out"
+    with pytest.raises(UpcycleError, match=message):
+        upcycle(*args, output_dir=out, **kwargs)
+    assert not out.exists() and not (tmp_path / "out.tmp").exists()  # nothing written
+
+
+def test_bad_inputs_fail_before_anything_is_written(tmp_path):
+    save_dense(tmp_path / "qwen", "qwen3", seed=0)
+    save_dense(tmp_path / "mistral", "mistral", seed=0)
+    save_dense(tmp_path / "wide", "qwen3", seed=0, spec=TinyMoESpec(num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2, expert_size=24))
+    save_dense(tmp_path / "qwen2", "qwen3", seed=1)
+    _fails_cleanly(tmp_path, "different families", [tmp_path / "qwen", tmp_path / "mistral"])
+    _fails_cleanly(tmp_path, "has shape", [tmp_path / "qwen", tmp_path / "wide"])
+    _fails_cleanly(tmp_path, "at least 2", [tmp_path / "qwen"])
+    _fails_cleanly(tmp_path, "num_experts", [tmp_path / "qwen"], method="sparse")
+    _fails_cleanly(tmp_path, "top_k", [tmp_path / "qwen", tmp_path / "qwen2"], top_k=3)
+    _fails_cleanly(tmp_path, "one list of sample texts", [tmp_path / "qwen", tmp_path / "qwen2"], router_init="mean_hidden")
+    # a different tokenizer
+    other = build_char_tokenizer()
+    other.add_tokens(["<extra>"])
+    other.save_pretrained(tmp_path / "qwen2")
+    _fails_cleanly(tmp_path, "different tokenizers", [tmp_path / "qwen", tmp_path / "qwen2"])
+    # an MoE is not a dense input
+    tokenizer = build_char_tokenizer()
+    build_tiny_moe("qwen3_moe", SPEC, len(tokenizer), 0, 1).save_pretrained(tmp_path / "moe_in")
+    tokenizer.save_pretrained(tmp_path / "moe_in")
+    _fails_cleanly(tmp_path, "cannot be upcycled", [tmp_path / "moe_in", tmp_path / "qwen"])
+    # an existing output directory is kept
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UpcycleError, match="not empty"):
+        upcycle([tmp_path / "qwen", tmp_path / "qwen2"], tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_upcycle(tmp_path, capsys):
+    a = save_dense(tmp_path / "a", "qwen3", seed=0)
+    save_dense(tmp_path / "b", "qwen3", seed=1, shared_from=a)
+    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "moe"),
+                 "--top-k", "1", "--router-init", "zero"]) == 0
+    assert (tmp_path / "moe" / MANIFEST).exists()
+    assert main(["upcycle", "--dense", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert "rlvr upcycle: btx needs at least 2 dense models" in error and "Traceback" not in error

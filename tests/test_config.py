@@ -71,7 +71,7 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         (["forking.scope=batchh"], r"forking.scope: must be one of"),
         (["forking.rh=0.2"], r"forking.rh: unknown key; did you mean rho"),
         (["modle.dtype=float32"], r"modle: unknown key; did you mean model"),
-        (["model.name_or_path=tiny:llama"], r"model.name_or_path: unknown tiny architecture 'llama'"),
+        (["model.name_or_path=tiny:gpt2"], r"model.name_or_path: unknown tiny architecture 'gpt2'"),
         (["model.tiny.top_k=9"], r"model.tiny.top_k: must be <= num_experts"),
         (["model.tiny.num_layers=two"], r"model.tiny.num_layers: expected an integer"),
         (["reward.functions=[nope]"], r"reward.functions\[0\]: unknown reward 'nope'; known:"),

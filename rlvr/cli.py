@@ -87,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         help="run every arm x seed on the same data, then write report.md",
         description="The central experiment: arms are overlays (configs/arms/*.yaml) on one base config.\n"
         "Runs go to <output_dir>/<arm>-seed<seed>/; finished runs are skipped, so an interrupted compare resumes.\n"
-        "Example:\n  rlvr compare --config configs/compare/quickstart.yaml --arms full,forking --seeds 0,1",
+        "With upcycle.inits, every arm also runs from each starting policy (Branch-Train-MiX, sparse upcycling, scratch).\n"
+        "Examples:\n  rlvr compare --config configs/compare/quickstart.yaml --arms full,forking --seeds 0,1\n"
+        "  rlvr compare --config configs/compare/upcycle.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help,
         allow_abbrev=False,
@@ -214,6 +216,11 @@ def _run_compare(args, overrides) -> int:
         print(f"rlvr compare: config error: {error}", file=sys.stderr)
         return 2
     _quiet_libraries()
+    if runs and runs[0].config.upcycle.inits:
+        from rlvr.compare import config_factory
+        from rlvr.upcycle_policies import build_policies
+
+        build_policies(config_factory(args.config, overrides), output_dir)
     run_compare(output_dir, runs, train)
     report = write_report([output_dir])
     text = report.read_text()

@@ -4,6 +4,9 @@ Arms are overlays (``configs/arms/<arm>.yaml``) on one base config, so two runs 
 their arm (and seed). Runs go to ``<output_dir>/<arm>-seed<seed>/``. A run counts as finished when
 its ``summary.json`` exists (written last), so an interrupted compare skips finished runs and starts
 unfinished ones over. Every run's config is validated before the first run starts.
+
+With ``upcycle.inits`` (see :mod:`rlvr.upcycle_policies`), every arm also runs from each starting
+policy: runs go to ``<output_dir>/<init>-<arm>-seed<seed>/`` and are labelled ``<init>+<arm>``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ MANIFEST = "compare.json"
 
 @dataclass
 class PlannedRun:
-    arm: str
+    arm: str  # the label runs are grouped by: the arm, or "<init>+<arm>"
     seed: int
     directory: Path
     config: RunConfig
@@ -41,16 +44,27 @@ def plan_runs(config_paths: list[str], overrides: list[str], arms: list[str] | N
         if arm not in known:
             raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(known)}")
     output_dir = Path(base.output_dir)
+    from rlvr.upcycle_policies import run_overrides
+
+    inits = list(base.upcycle.inits) or [None]
     runs = []
     for seed in seeds:
-        for arm in arms:
-            directory = output_dir / f"{arm}-seed{seed}"
-            config = load_config(
-                [*config_paths, ARMS_DIR / f"{arm}.yaml"],
-                [*overrides, f"output_dir={directory}", f"seed={seed}", f"arm={arm}"],
-            )
-            runs.append(PlannedRun(arm, seed, directory, config))
+        for init in inits:
+            for arm in arms:
+                label = arm if init is None else f"{init}+{arm}"
+                directory = output_dir / (f"{arm}-seed{seed}" if init is None else f"{init}-{arm}-seed{seed}")
+                starting = [] if init is None else run_overrides(base, output_dir, init)
+                config = load_config(
+                    [*config_paths, ARMS_DIR / f"{arm}.yaml"],
+                    [*overrides, *starting, f"output_dir={directory}", f"seed={seed}", f"arm={label}"],
+                )
+                runs.append(PlannedRun(label, seed, directory, config))
     return output_dir, runs
+
+
+def config_factory(config_paths: list[str], overrides: list[str]):
+    """``extra overrides -> RunConfig`` on the compare's base config (used to build starting policies)."""
+    return lambda extra: load_config(config_paths, [*overrides, *extra])
 
 
 def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:

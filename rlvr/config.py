@@ -188,6 +188,25 @@ class CompareConfig:
     seeds: list = _field([0, 1], "seeds; every arm runs once per seed on the same data")
 
 
+UPCYCLE_INITS = ("btx", "sparse", "scratch")
+
+
+@dataclass
+class UpcycleConfig:
+    inits: list = _field(
+        [],
+        "rlvr compare: starting policies to compare (empty: the model above): btx (dense experts trained apart per "
+        "domain, merged), sparse (one dense model trained on the mix, copied into every expert), scratch (an MoE "
+        "warm-started on the mix)",
+    )
+    dense_model: str = _field("tiny:qwen3", "dense family the btx/sparse experts come from: tiny:qwen3, tiny:mistral or tiny:llama")
+    scratch_model: str = _field("tiny:qwen3_moe", "MoE architecture of the scratch init (a tiny:<arch> name)")
+    num_experts: int = _field(2, "experts per MoE layer (btx: one per data.task.domains entry)")
+    top_k: int = _field(1, "experts per token of every init")
+    router_init: str = _field("mean_hidden", "btx router init: random, zero, mean_hidden (each domain's mean hidden state)", ("random", "zero", "mean_hidden"))
+    router_samples: int = _field(64, "btx mean_hidden: training problems per domain routed through its dense model")
+
+
 # GRPOConfig defaults that rlvr changes. Everything else is TRL's default.
 GRPO_DEFAULTS: dict[str, Any] = {
     # TRL adds the MoE load-balancing loss from the model config by default; RL frameworks (verl, NeMo-RL)
@@ -216,6 +235,7 @@ class RunConfig:
     warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
     compare: CompareConfig = _field(CompareConfig, "rlvr compare: which arms and seeds")
+    upcycle: UpcycleConfig = _field(UpcycleConfig, "rlvr compare with starting policies built by upcycling (Branch-Train-MiX)")
     grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
 
     def data_seed(self) -> int:
@@ -535,7 +555,28 @@ def validate(config: RunConfig) -> None:
     _require(len(config.compare.arms) > 0, "compare.arms", "needs at least one arm")
     _require(len(set(map(str, config.compare.arms))) == len(config.compare.arms), "compare.arms", "lists an arm twice")
 
+    _validate_upcycle(config)
     _validate_grpo(config)
+
+
+def _validate_upcycle(config: RunConfig) -> None:
+    upcycle = config.upcycle
+    for index, init in enumerate(upcycle.inits):
+        _require(init in UPCYCLE_INITS, f"upcycle.inits[{index}]", f"must be one of {', '.join(UPCYCLE_INITS)}; got {init!r}")
+    _require(len(set(upcycle.inits)) == len(upcycle.inits), "upcycle.inits", "lists an init twice")
+    if not upcycle.inits:
+        return
+    _require(config.data.source == "arithmetic", "upcycle.inits", "needs the embedded task (its domains)")
+    dense = upcycle.dense_model[len("tiny:"):] if upcycle.dense_model.startswith("tiny:") else None
+    _require(dense in DENSE_ARCHITECTURES, "upcycle.dense_model", f"must be one of {', '.join('tiny:' + a for a in sorted(DENSE_ARCHITECTURES))}")
+    scratch = upcycle.scratch_model[len("tiny:"):] if upcycle.scratch_model.startswith("tiny:") else None
+    _require(scratch in ARCHITECTURES, "upcycle.scratch_model", f"must be one of {', '.join('tiny:' + a for a in sorted(ARCHITECTURES))}")
+    _require(1 <= upcycle.top_k <= upcycle.num_experts, "upcycle.top_k", f"must be in 1..upcycle.num_experts ({upcycle.num_experts})")
+    _require(upcycle.router_samples >= 1, "upcycle.router_samples", "must be >= 1")
+    if "btx" in upcycle.inits:
+        domains = len(config.data.task.domains)
+        _require(domains >= 2, "data.task.domains", "btx needs at least two domains (one dense expert each)")
+        _require(upcycle.num_experts == domains, "upcycle.num_experts", f"btx makes one expert per domain: must be {domains}")
 
 
 def _validate_grpo(config: RunConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -27,6 +27,8 @@ class EvalResult:
     mean_completion_tokens: float
     pass_at_k: float = math.nan  # NaN without sampled completions
     k: int = 0
+    # per group of problems (the embedded task's domains): {group: {"greedy_accuracy", "sampled_accuracy", "num_problems"}}
+    by_group: dict = field(default_factory=dict)
 
     @property
     def greedy_stderr(self) -> float:
@@ -161,13 +163,17 @@ def evaluate_accuracy(
     seed: int = 0,
     progress: str | None = None,
     k: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> EvalResult:
     """Greedy accuracy, plus sampled accuracy over ``num_samples`` completions per problem.
 
-    A completion counts as correct when ``reward_fn`` gives it a reward of at least 1.
+    A completion counts as correct when ``reward_fn`` gives it a reward of at least 1. With ``groups``
+    (one label per problem, e.g. its domain), accuracies are also reported per group.
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if groups is not None and len(groups) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(groups)} group labels")
     if not prompts:
         return EvalResult(math.nan, math.nan, 0, num_samples, math.nan)
     greedy, lengths = generate_completions(
@@ -175,6 +181,8 @@ def evaluate_accuracy(
     )
     greedy_rewards = reward_fn(completions=greedy, answer=list(answers))
     sampled_accuracy, result_pass_at_k = math.nan, math.nan
+    greedy_correct = [r >= 1.0 for r in greedy_rewards]  # (problems,)
+    sampled_correct: list[float] | None = None  # (problems,) share of correct samples
     if num_samples > 0:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -192,11 +200,24 @@ def evaluate_accuracy(
         repeated_answers = [a for a in answers for _ in range(num_samples)]
         sampled_rewards = reward_fn(completions=sampled, answer=repeated_answers)
         sampled_accuracy = sum(r >= 1.0 for r in sampled_rewards) / len(sampled_rewards)
+        sampled_correct = [
+            sum(r >= 1.0 for r in sampled_rewards[i * num_samples : (i + 1) * num_samples]) / num_samples
+            for i in range(len(prompts))
+        ]
         if 0 < k <= num_samples:
             correct = [sum(r >= 1.0 for r in sampled_rewards[i * num_samples : (i + 1) * num_samples]) for i in range(len(prompts))]
             result_pass_at_k = sum(pass_at_k(num_samples, c, k) for c in correct) / len(correct)
+    by_group = {}
+    for group in dict.fromkeys(groups or []):
+        members = [i for i, label in enumerate(groups) if label == group]
+        by_group[group] = {
+            "greedy_accuracy": sum(greedy_correct[i] for i in members) / len(members),
+            "sampled_accuracy": sum(sampled_correct[i] for i in members) / len(members) if sampled_correct else math.nan,
+            "num_problems": len(members),
+        }
     return EvalResult(
-        greedy_accuracy=sum(r >= 1.0 for r in greedy_rewards) / len(greedy_rewards),
+        greedy_accuracy=sum(greedy_correct) / len(greedy_correct),
+        by_group=by_group,
         sampled_accuracy=sampled_accuracy,
         num_problems=len(prompts),
         num_samples=num_samples,

@@ -45,6 +45,8 @@ class PreparedData:
     eval_prompts: list
     eval_answers: list[str]
     eval_expressions: set[str]  # embedded task only: keeps warm-start dev problems out of the eval set
+    eval_groups: list[str] | None = None  # embedded task with several domains: the domain of each eval problem
+    eval_solutions: list[str] | None = None  # embedded task: worked solutions (teacher-forced routing analysis)
 
 
 @dataclass
@@ -63,13 +65,18 @@ class RunResult:
 def prepare_data(config: RunConfig) -> PreparedData:
     data = config.data
     if data.source == "arithmetic":
-        train_problems = generate_problems(data.task, "train", data.num_train, config.data_seed())
-        eval_problems = generate_problems(data.task, "eval", data.num_eval, config.data_seed())
+        try:
+            train_problems = generate_problems(data.task, "train", data.num_train, config.data_seed())
+            eval_problems = generate_problems(data.task, "eval", data.num_eval, config.data_seed())
+        except ValueError as error:  # the task's problem space is smaller than asked for
+            raise ConfigError(f"data.num_train / data.num_eval: {error}") from None
         return PreparedData(
             train=problems_to_dataset(train_problems, data.system_prompt, chat=data.chat),
             eval_prompts=[make_prompt(p.question, data.system_prompt, data.chat) for p in eval_problems],
             eval_answers=[p.answer for p in eval_problems],
             eval_expressions={p.expression for p in eval_problems},
+            eval_groups=[p.domain for p in eval_problems] if len(data.task.domains) > 1 else None,
+            eval_solutions=[p.solution for p in eval_problems],
         )
 
     def load(split: str, limit: int) -> Dataset:
@@ -157,10 +164,32 @@ def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_f
         model, tokenizer, data.eval_prompts, data.eval_answers, accuracy_fn, max_new_tokens,
         batch_size=config.eval.batch_size, num_samples=config.eval.sampled_completions,
         temperature=config.eval.temperature, seed=config.seed, progress=label, k=config.eval.pass_k,
+        groups=data.eval_groups,
     )
 
 
-RUN_FILES = ("summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml", "eval_before.json")
+RUN_FILES = (
+    "summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml", "eval_before.json",
+    "domain_routing.json",
+)
+
+
+def domain_routing(config: RunConfig, model, tokenizer, data: PreparedData) -> dict | None:
+    """Per-domain expert loads on the eval problems' worked solutions (MoE policy, several domains)."""
+    if not data.eval_groups or not data.eval_solutions or not config.eval.enabled:
+        return None
+    from rlvr.evaluation import gathered_parameters, render_prompts
+    from rlvr.moe import UnknownMoEArchitecture
+    from rlvr.moe.domains import routing_by_domain
+
+    try:
+        with gathered_parameters(model):
+            return routing_by_domain(
+                model, tokenizer, render_prompts(tokenizer, data.eval_prompts), data.eval_solutions, data.eval_groups,
+                batch_size=config.eval.batch_size,
+            )
+    except UnknownMoEArchitecture:  # a dense policy routes nothing
+        return None
 
 
 class PeriodicEval(TrainerCallback):
@@ -192,6 +221,9 @@ def write_eval_record(path: Path, step: int, result: EvalResult | None) -> None:
     }
     if result.k:
         record[f"eval/pass@{result.k}"] = result.pass_at_k
+    for group, accuracies in result.by_group.items():
+        record[f"eval/greedy_accuracy/{group}"] = accuracies["greedy_accuracy"]
+        record[f"eval/sampled_accuracy/{group}"] = accuracies["sampled_accuracy"]
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -243,6 +275,14 @@ def train(config: RunConfig) -> RunResult:
         write_eval_record(metrics_path, 0, before)
         if before is not None and is_main_process():
             before_file.write_text(json.dumps(dataclasses.asdict(before)))
+    routing_file = output_dir / "domain_routing.json"
+    routing_before = None
+    if checkpoint is not None and routing_file.exists():
+        routing_before = json.loads(routing_file.read_text()).get("before")
+    elif checkpoint is None:
+        routing_before = domain_routing(config, model, tokenizer, data)
+        if routing_before is not None and is_main_process():
+            routing_file.write_text(json.dumps({"before": routing_before}))
     set_seed(config.seed)
     callbacks = [MetricsFile(metrics_path), MarkCompleteCheckpoints()]
     if config.eval.enabled and config.eval.every and data.eval_prompts:
@@ -265,6 +305,9 @@ def train(config: RunConfig) -> RunResult:
     train_seconds = time.time() - start
     after = evaluate(config, trainer.model, tokenizer, data, accuracy_fn, "eval after RL")
     write_eval_record(metrics_path, trainer.state.global_step, after)
+    routing_after = domain_routing(config, trainer.model, tokenizer, data)
+    if routing_after is not None and is_main_process():
+        routing_file.write_text(json.dumps({"before": routing_before, "after": routing_after}))
 
     if config.save_model:
         trainer.save_model(str(output_dir / "model"))

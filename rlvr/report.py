@@ -28,6 +28,7 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
     forking: list[dict] = field(default_factory=list)
     routing: list[dict] = field(default_factory=list)
+    domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a logged metric, in step order (last value wins per step)."""
@@ -64,6 +65,8 @@ def load_run(directory: Path) -> Run:
         metrics=_read_jsonl(directory / "metrics.jsonl"),
         forking=_read_jsonl(directory / "forking_tokens.jsonl"),
         routing=_read_jsonl(directory / "routing.jsonl"),
+        domain_routing=json.loads((directory / "domain_routing.json").read_text())
+        if (directory / "domain_routing.json").exists() else None,
     )
 
 
@@ -262,6 +265,86 @@ def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
     return True
 
 
+def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-layer expert load of each domain's solution tokens after RL (first seed of each arm)."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any((run.domain_routing or {}).get("after") for run in runs)]
+    if not arms:
+        return False
+    domains = next(run.domain_routing["after"]["domains"] for run in groups[arms[0]] if run.domain_routing)
+    figure, axes = plt.subplots(len(arms), len(domains), figsize=(4.2 * len(domains), 2.2 * len(arms) + 1), squeeze=False)
+    for row, arm in enumerate(arms):
+        run = next(run for run in groups[arm] if (run.domain_routing or {}).get("after"))
+        after = run.domain_routing["after"]
+        for column, domain in enumerate(domains):
+            axis = axes[row][column]
+            loads = [layer["loads"].get(domain) for layer in after["layers"]]
+            if any(load is None for load in loads):
+                axis.axis("off")
+                continue
+            image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            axis.set_title(f"{arm}: {domain} tokens", fontsize=10)
+            axis.set_xlabel("expert")
+            axis.set_ylabel("layer")
+            axis.set_xticks(range(len(loads[0])))
+            axis.set_yticks(range(len(loads)))
+            figure.colorbar(image, ax=axis, label="share")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> list[str]:
+    """Markdown for multi-domain runs: starting policies, per-domain accuracy and routing (empty otherwise)."""
+    lines: list[str] = []
+    for directory in compare_dirs:
+        record = directory / "policies" / "policies.json"
+        if record.exists():
+            built = json.loads(record.read_text())
+            lines += ["", "## Starting policies", "", "Dense models warm-started for upcycling (supervised, stopped at the "
+                      "first dev check reaching the target accuracy).", "", "| dense model | SFT steps | dev accuracy |", "|---|---|---|"]
+            lines += [f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |" for name, info in built.items()]
+    by_group = {arm: [run for run in runs if run.summary and (run.summary.get("eval_after") or {}).get("by_group")]
+                for arm, runs in groups.items()}
+    by_group = {arm: runs for arm, runs in by_group.items() if runs}
+    if by_group:
+        domains = list(next(iter(by_group.values()))[0].summary["eval_after"]["by_group"])
+        lines += ["", "## Per-domain accuracy", "", "Greedy accuracy before -> after RL and sampled accuracy after RL, "
+                  "per domain of the eval problems (mean over seeds).", "",
+                  "| arm | " + " | ".join(f"{d}: greedy | {d}: sampled" for d in domains) + " |",
+                  "|---|" + "---|---|" * len(domains)]
+        for arm, runs in by_group.items():
+            cells = []
+            for domain in domains:
+                before = _mean_std([((run.summary.get("eval_before") or {}).get("by_group") or {}).get(domain, {}).get("greedy_accuracy", math.nan) for run in runs])[0]
+                after = _mean_std([run.summary["eval_after"]["by_group"][domain]["greedy_accuracy"] for run in runs])[0]
+                sampled = _mean_std([run.summary["eval_after"]["by_group"][domain]["sampled_accuracy"] for run in runs])[0]
+                cells += [f"{_fmt(before)} -> {_fmt(after)}", _fmt(sampled)]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    routed = {arm: [run for run in runs if (run.domain_routing or {}).get("after")] for arm, runs in groups.items()}
+    routed = {arm: runs for arm, runs in routed.items() if runs}
+    if routed:
+        lines += ["", "## Per-domain routing", "", "Each domain's worked eval solutions, teacher-forced through the policy: "
+                  "Jensen-Shannon divergence between the domains' expert loads (bits, mean over layers; 0 = routed "
+                  "alike, 1 = disjoint experts with two domains), before -> after RL, and each domain's top expert and "
+                  "its share per layer after RL (first seed).", "",
+                  "| arm | JS before -> after (bits) | top expert per layer after RL |", "|---|---|---|"]
+        for arm, runs in routed.items():
+            before = _mean_std([(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs])[0]
+            after = _mean_std([run.domain_routing["after"]["mean_js_bits"] for run in runs])[0]
+            first = runs[0].domain_routing["after"]
+            per_layer = "; ".join(
+                f"L{index}: " + ", ".join(
+                    f"{domain} {layer['top_expert'][domain]} ({layer['loads'][domain][layer['top_expert'][domain]]:.2f})"
+                    for domain in first["domains"]
+                )
+                for index, layer in enumerate(first["layers"])
+            )
+            lines.append(f"| {arm} | {_fmt(before)} -> {_fmt(after)} | {per_layer} |")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # The report
 
@@ -304,6 +387,9 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
     if plot_curves(groups, [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
                    out_dir / "routing.png", "Routing on forking vs other tokens"):
         figures.append(("Routing specialisation and drift", "routing.png"))
+    lines += domain_sections(groups, [path for path in paths if (path / MANIFEST).exists()])
+    if plot_domain_routing(groups, out_dir / "domain_routing.png"):
+        figures.append(("Expert load per layer of each domain's tokens, after RL", "domain_routing.png"))
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     lines += ["", "## Most frequent forking tokens", "",

@@ -25,7 +25,7 @@ from typing import Callable
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from rlvr.config import RunConfig
+from rlvr.config import ConfigError, RunConfig
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
 from rlvr.progress import use_compact_progress
@@ -106,7 +106,10 @@ def run_warm_start(
     train_problems = generate_problems(task, "train", config.data.num_train, config.data_seed())
     # Dev problems come from the eval half of the problem space but never from the eval set itself,
     # so that choosing the checkpoint does not peek at the numbers reported later.
-    dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.data_seed() + 7919)
+    try:
+        dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.data_seed() + 7919)
+    except ValueError as error:
+        raise ConfigError(f"warm_start.num_dev (dev problems come from the eval split, beside data.num_eval): {error}") from None
     dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
     dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
     dev_answers = [p.answer for p in dev_problems]

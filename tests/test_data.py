@@ -63,7 +63,7 @@ def test_too_many_problems_for_the_space_fails_clearly():
 def test_dataset_rows_have_prompt_answer_and_optional_solution():
     problems = generate_problems(ArithmeticTask(), "train", 4, seed=0)
     rows = problems_to_dataset(problems, system_prompt="Be brief.", with_solutions=True)
-    assert rows.column_names == ["prompt", "answer", "completion"]
+    assert rows.column_names == ["prompt", "answer", "domain", "completion"]
     assert rows[0]["prompt"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": problems[0].question},

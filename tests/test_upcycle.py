@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,84 @@ def test_cli_upcycle(tmp_path, capsys):
     assert main(["upcycle", "--dense", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err
     assert "rlvr upcycle: btx needs at least 2 dense models" in error and "Traceback" not in error
+    # router samples from files: plain text lines and .jsonl records
+    (tmp_path / "a.txt").write_text("1+2=3\n4+4=8\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "3*3=9"}\n{"text": "2*5=10"}\n')
+    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mean"),
+                 "--router-init", "mean_hidden", "--router-samples", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]) == 0
+    assert json.loads((tmp_path / "mean" / MANIFEST).read_text())["router_samples"] == [2, 2]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
+    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "bad"),
+                 "--router-init", "mean_hidden", "--router-samples", str(tmp_path / "a.txt"), str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl: line 2 is not a JSON object with a 'text' field" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment: configs/compare/upcycle.yaml
+
+UPCYCLE_CONFIG = "configs/compare/upcycle.yaml"
+
+
+def test_plan_runs_with_starting_policies(tmp_path):
+    from rlvr.compare import plan_runs
+
+    output_dir, runs = plan_runs([UPCYCLE_CONFIG], [f"output_dir={tmp_path}"], None, None)
+    assert [run.arm for run in runs] == [
+        "btx+forking", "btx+forking_router", "sparse+forking", "sparse+forking_router", "scratch+forking", "scratch+forking_router",
+    ]
+    btx, scratch = runs[0].config, runs[-1].config
+    assert btx.model.name_or_path == str(tmp_path / "policies" / "btx") and btx.warm_start.enabled == "false"
+    assert btx.moe.router_gate_scope == "all" and runs[1].config.moe.router_gate_scope == "forking"  # the arms apply
+    assert scratch.model.name_or_path == "tiny:qwen3_moe" and scratch.model.tiny.num_experts == 2 and scratch.warm_start.enabled == "true"
+    assert runs[2].directory == tmp_path / "sparse-forking-seed0"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["upcycle.inits=[btx,merge]"], r"upcycle.inits\[1\]: must be one of btx, sparse, scratch"),
+    (["data.task.domains=[addition]"], "data.task.domains: btx needs at least two domains"),
+    (["upcycle.num_experts=3"], "upcycle.num_experts: btx makes one expert per domain: must be 2"),
+    (["upcycle.dense_model=tiny:qwen3_moe"], "upcycle.dense_model: must be one of tiny:llama, tiny:mistral, tiny:qwen3"),
+    (["upcycle.top_k=3"], r"upcycle.top_k: must be in 1..upcycle.num_experts \(2\)"),
+])
+def test_upcycle_config_errors_name_the_key(overrides, message):
+    from rlvr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config([UPCYCLE_CONFIG], overrides)
+
+
+@pytest.mark.slow
+def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
+    """The whole experiment, shrunk: branches warm-started apart, merged, RL per init x arm, report."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "upcycle"
+    command = [
+        sys.executable, "-m", "rlvr.cli", "compare", "--config", UPCYCLE_CONFIG, f"output_dir={out}",
+        f"warm_start.cache_dir={tmp_path / 'cache'}", "warm_start.max_steps=20", "warm_start.eval_every=10",
+        "warm_start.num_dev=10", "grpo.max_steps=2", "data.num_eval=20", "model.tiny.num_layers=1",
+        "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "upcycle.router_samples=8",
+        "eval.sampled_completions=2", "eval.pass_k=2",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    record = json.loads((out / "policies" / "policies.json").read_text())
+    assert set(record) == {"dense_addition", "dense_multiplication", "dense_mix"}
+    # BTX expert i is branch i's feed-forward layer
+    btx = AutoModelForCausalLM.from_pretrained(out / "policies" / "btx").state_dict()
+    for expert, domain in enumerate(("addition", "multiplication")):
+        dense = load_file(str(next((Path(record[f"dense_{domain}"]["path"])).glob("*.safetensors"))))
+        assert torch.equal(btx["model.layers.0.mlp.experts.down_proj"][expert], dense["model.layers.0.mlp.down_proj.weight"])
+    for label in ("btx-forking", "sparse-forking_router", "scratch-forking"):
+        routing = json.loads((out / f"{label}-seed0" / "domain_routing.json").read_text())
+        assert routing["before"]["domains"] == ["addition", "multiplication"] and routing["after"]["layers"]
+        summary = json.loads((out / f"{label}-seed0" / "summary.json").read_text())
+        assert set(summary["eval_after"]["by_group"]) == {"addition", "multiplication"}
+    report = (out / "report.md").read_text()
+    for section in ("## Starting policies", "## Per-domain accuracy", "## Per-domain routing", "domain_routing.png"):
+        assert section in report
+    assert (out / "domain_routing.png").exists()

@@ -1,11 +1,16 @@
 """The embedded verifiable task: multi-step integer arithmetic with a boxed answer.
 
-A problem is a chain of additions and subtractions, e.g. ``Compute: 23+45-17``. Its worked solution
-writes one step per line and ends with the answer in ``\\boxed{}``::
+A problem is a chain of operations, e.g. ``Compute: 23+45-17``. Its worked solution writes one step
+per line, left to right, and ends with the answer in ``\\boxed{}``::
 
     23+45=68
     68-17=51
     \\boxed{51}
+
+Problems come from one or more *domains*, skills that tiny dense models can learn apart (the inputs
+of Branch-Train-MiX upcycling): ``addition`` (chains of + and -) and ``multiplication`` (a product of
+two factors, then + or - further numbers, e.g. ``7*8+3``; the product comes first, so left to right is
+also the usual order of operations).
 
 Generation is deterministic for a seed. Train and eval problems come from disjoint halves of the
 problem space (a hash of the problem text decides which split a problem belongs to), so an eval
@@ -19,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "eval")
+DOMAINS = ("addition", "multiplication")
 
 
 @dataclass
@@ -30,6 +36,11 @@ class ArithmeticTask:
     max_operand: int = field(default=50, metadata={"help": "numbers are drawn from 1..max_operand"})
     operators: str = field(default="+-", metadata={"help": "operators to draw from, a subset of '+-'"})
     eval_fraction: float = field(default=0.1, metadata={"help": "share of the problem space reserved for eval"})
+    domains: list = field(
+        default_factory=lambda: ["addition"],
+        metadata={"help": "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-)"},
+    )
+    max_factor: int = field(default=9, metadata={"help": "multiplication: factors are drawn from 2..max_factor"})
 
     def validate(self) -> None:
         if not 2 <= self.min_terms <= self.max_terms:
@@ -40,6 +51,10 @@ class ArithmeticTask:
             raise ValueError(f"operators must be a non-empty subset of '+-', got {self.operators!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not self.domains or any(domain not in DOMAINS for domain in self.domains) or len(set(self.domains)) < len(self.domains):
+            raise ValueError(f"domains must be distinct names from {', '.join(DOMAINS)}; got {self.domains}")
+        if self.max_factor < 2:
+            raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class Problem:
     expression: str  # "23+45-17"
     solution: str  # worked steps ending in \boxed{answer}
     answer: str  # "51"
+    domain: str = "addition"  # one of DOMAINS
 
 
 def split_of(expression: str, eval_fraction: float) -> str:
@@ -60,7 +76,7 @@ def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
     """Worked left-to-right solution of ``terms[0] op terms[1] op ...`` and its value."""
     lines, value = [], terms[0]
     for operator, term in zip(operators, terms[1:]):
-        result = value + term if operator == "+" else value - term
+        result = {"+": value + term, "-": value - term, "*": value * term}[operator]
         lines.append(f"{value}{operator}{term}={result}")
         value = result
     lines.append(f"\\boxed{{{value}}}")
@@ -68,12 +84,20 @@ def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
 
 
 def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
+    domain = task.domains[0] if len(task.domains) == 1 else rng.choice(task.domains)
     num_terms = rng.randint(task.min_terms, task.max_terms)
-    terms = [rng.randint(1, task.max_operand) for _ in range(num_terms)]
-    operators = [rng.choice(task.operators) for _ in range(num_terms - 1)]
+    if domain == "multiplication":
+        terms = [rng.randint(2, task.max_factor), rng.randint(2, task.max_factor)]
+        terms += [rng.randint(1, task.max_operand) for _ in range(num_terms - 2)]
+        operators = ["*"] + [rng.choice(task.operators) for _ in range(num_terms - 2)]
+    else:
+        terms = [rng.randint(1, task.max_operand) for _ in range(num_terms)]
+        operators = [rng.choice(task.operators) for _ in range(num_terms - 1)]
     expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(operators, terms[1:]))
     solution, value = solve(terms, operators)
-    return Problem(question=f"Compute: {expression}", expression=expression, solution=solution, answer=str(value))
+    return Problem(
+        question=f"Compute: {expression}", expression=expression, solution=solution, answer=str(value), domain=domain
+    )
 
 
 def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -> list[Problem]:

@@ -23,10 +23,11 @@ def make_prompt(question: str, system_prompt: str | None = None, chat: bool = Tr
 def problems_to_dataset(
     problems: list[Problem], system_prompt: str | None = None, with_solutions: bool = False, chat: bool = True
 ) -> Dataset:
-    """GRPO rows (``prompt``, ``answer``), plus ``completion`` for supervised warm start."""
+    """GRPO rows (``prompt``, ``answer``, ``domain``), plus ``completion`` for supervised warm start."""
     rows = {
         "prompt": [make_prompt(p.question, system_prompt, chat) for p in problems],
         "answer": [p.answer for p in problems],
+        "domain": [p.domain for p in problems],
     }
     if with_solutions:
         rows["completion"] = [

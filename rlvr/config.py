@@ -195,9 +195,9 @@ UPCYCLE_INITS = ("btx", "sparse", "scratch")
 class UpcycleConfig:
     inits: list = _field(
         [],
-        "rlvr compare: starting policies to compare (empty: the model above): btx (dense experts trained apart per "
-        "domain, merged), sparse (one dense model trained on the mix, copied into every expert), scratch (an MoE "
-        "warm-started on the mix)",
+        "rlvr compare: starting policies to compare (empty: the model above): btx (branches of a mix-trained dense seed "
+        "trained apart per domain, merged), sparse (the seed copied into every expert), scratch (an MoE from random "
+        "init); each is fine-tuned on the mix (warm_start) before RL",
     )
     dense_model: str = _field("tiny:qwen3", "dense family the btx/sparse experts come from: tiny:qwen3, tiny:mistral or tiny:llama")
     scratch_model: str = _field("tiny:qwen3_moe", "MoE architecture of the scratch init (a tiny:<arch> name)")
@@ -205,6 +205,7 @@ class UpcycleConfig:
     top_k: int = _field(1, "experts per token of every init")
     router_init: str = _field("mean_hidden", "btx router init: random, zero, mean_hidden (each domain's mean hidden state)", ("random", "zero", "mean_hidden"))
     router_samples: int = _field(64, "btx mean_hidden: training problems per domain routed through its dense model")
+    branch_steps: int = _field(200, "btx: supervised steps of each branch on its own domain, starting from the mix-trained seed")
 
 
 # GRPOConfig defaults that rlvr changes. Everything else is TRL's default.
@@ -573,6 +574,7 @@ def _validate_upcycle(config: RunConfig) -> None:
     _require(scratch in ARCHITECTURES, "upcycle.scratch_model", f"must be one of {', '.join('tiny:' + a for a in sorted(ARCHITECTURES))}")
     _require(1 <= upcycle.top_k <= upcycle.num_experts, "upcycle.top_k", f"must be in 1..upcycle.num_experts ({upcycle.num_experts})")
     _require(upcycle.router_samples >= 1, "upcycle.router_samples", "must be >= 1")
+    _require(upcycle.branch_steps >= 1, "upcycle.branch_steps", "must be >= 1")
     if "btx" in upcycle.inits:
         domains = len(config.data.task.domains)
         _require(domains >= 2, "data.task.domains", "btx needs at least two domains (one dense expert each)")

@@ -302,9 +302,28 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
         record = directory / "policies" / "policies.json"
         if record.exists():
             built = json.loads(record.read_text())
-            lines += ["", "## Starting policies", "", "Dense models warm-started for upcycling (supervised, stopped at the "
-                      "first dev check reaching the target accuracy).", "", "| dense model | SFT steps | dev accuracy |", "|---|---|---|"]
-            lines += [f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |" for name, info in built.items()]
+            lines += ["", "## Starting policies", "", "Dense warm starts behind the upcycled MoEs (supervised; the seed stops "
+                      "at the first dev check reaching the target accuracy, each branch trains a fixed number of steps on "
+                      "its domain; dev accuracy on the branch's own domain).", "",
+                      "| dense model | SFT steps | dev accuracy |", "|---|---|---|"]
+            lines += [f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |"
+                      for name, info in built.items() if not name.startswith("routing_")]
+            as_built = {name[len("routing_"):-len("_as_built")]: info for name, info in built.items()
+                        if name.startswith("routing_") and info}
+            if as_built:
+                lines += ["", "Routing of each upcycled MoE as built (before any MoE training): JS between the domains' "
+                          "expert loads, mean over layers, and each domain's top expert in layer 0.", "",
+                          "| init | JS (bits) | layer-0 top expert |", "|---|---|---|"]
+                for init, info in as_built.items():
+                    first = info["layers"][0]
+                    tops = ", ".join(f"{d} {first['top_expert'][d]} ({first['loads'][d][first['top_expert'][d]]:.2f})" for d in info["domains"])
+                    lines.append(f"| {init} | {_fmt(info['mean_js_bits'])} | {tops} |")
+    tuned = {arm: runs[0].summary["warm_start"] for arm, runs in groups.items()
+             if runs and runs[0].summary and runs[0].summary.get("warm_start")}
+    if tuned and compare_dirs:
+        lines += ["", "Supervised fine-tuning on the mixed task before RL (the run's warm start):", "",
+                  "| arm | SFT steps | dev accuracy |", "|---|---|---|"]
+        lines += [f"| {arm} | {info['steps']} | {_fmt(info['dev_accuracy'])} |" for arm, info in tuned.items()]
     by_group = {arm: [run for run in runs if run.summary and (run.summary.get("eval_after") or {}).get("by_group")]
                 for arm, runs in groups.items()}
     by_group = {arm: runs for arm, runs in by_group.items() if runs}

@@ -100,7 +100,6 @@ def moe_config_from_dense(dense: PretrainedConfig, num_experts: int, top_k: int)
         family.expert_width_key: dense.intermediate_size,
         "num_experts_per_tok": top_k,
         "output_router_logits": False,
-        "router_aux_loss_coef": 0.0,  # RL recipes turn the aux loss off; rlvr's moe.* losses are scoped
     })
     if family.moe_config_class is Qwen3MoeConfig:
         values.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)

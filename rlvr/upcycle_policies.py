@@ -1,16 +1,23 @@
 """The starting policies of the upcycling experiment (``upcycle.inits`` in a compare config).
 
-Following Branch-Train-MiX (Sukhbaatar et al., 2024): one seed dense model is branched, each branch is
-trained on one domain of the embedded task (supervised warm start), and the branches are merged into
-one MoE (``btx``: expert i = branch i's feed-forward layers, the rest averaged, router from each
-domain's mean hidden state). The controls start from the same seed model and data:
+Following Branch-Train-MiX (Sukhbaatar et al., 2024, sec. 2): a *seed* dense model (here: a tiny dense
+model warm-started on the mixed task) is branched; each branch continues training on one domain for
+``upcycle.branch_steps`` supervised steps; the branches are merged into one MoE (``btx``: expert i =
+branch i's feed-forward layers, the rest averaged, router from each domain's mean hidden state). The
+controls start from the same seed:
 
-* ``sparse``: the seed trained on the mixed task, its feed-forward layer copied into every expert
-  (sparse upcycling, Komatsuzaki et al., 2022);
-* ``scratch``: a tiny MoE warm-started on the mixed task.
+* ``sparse``: the seed's feed-forward layer copied into every expert (sparse upcycling, Komatsuzaki
+  et al., 2022);
+* ``scratch``: a tiny MoE trained from random init on the mixed task.
+
+Every init then gets the same supervised "MoE fine-tuning" on the mix (BTX's last stage; the run's own
+warm start, to ``warm_start.target_accuracy``) before RL. Branching needs a shared trained seed: the
+averaged attention of branches grown from a random init computes nothing useful (measured: 0.0
+accuracy after merging).
 
 Policies are built once under ``<compare output_dir>/policies/<init>/`` (dense warm starts are cached
-like any warm start) and ``policies/policies.json`` records how each was made.
+like any warm start); ``policies/policies.json`` records the dense warm starts and each built
+policy's per-domain routing on the eval solutions before any MoE training.
 """
 
 from __future__ import annotations
@@ -31,26 +38,35 @@ def policy_directory(output_dir: Path, init: str) -> Path:
 
 
 def run_overrides(config: RunConfig, output_dir: Path, init: str) -> list[str]:
-    """Config overrides that make a run start from ``init``."""
+    """Config overrides that make a run start from ``init`` (each is fine-tuned on the mix first)."""
     upcycle_config = config.upcycle
     if init == "scratch":
         return [
             f"model.name_or_path={upcycle_config.scratch_model}", f"model.tiny.num_experts={upcycle_config.num_experts}",
             f"model.tiny.top_k={upcycle_config.top_k}", "warm_start.enabled=true",
         ]
-    return [f"model.name_or_path={policy_directory(output_dir, init)}", "warm_start.enabled=false"]
+    return [f"model.name_or_path={policy_directory(output_dir, init)}", "warm_start.enabled=true"]
 
 
-def _warm_started_dense(make_config: Callable[[list[str]], RunConfig], domains: list[str], eval_expressions: set[str]):
-    """The seed dense model warm-started on ``domains`` (cached); returns (path, warm-start result)."""
+def _warm_started_dense(
+    make_config: Callable[[list[str]], RunConfig], model: str, domains: list[str], eval_expressions: set[str],
+    fixed_steps: int | None = None,
+):
+    """``model`` warm-started on ``domains`` (cached); returns (path, warm-start result).
+
+    ``fixed_steps``: train exactly that many steps (a branch) instead of stopping at the target accuracy.
+    """
     from rlvr.recipe import prepare_data, prepare_policy, resolve_rewards
 
     base = make_config([])
     # a branch sees as many problems of its domain as the mixed task holds
     num_train = base.data.num_train * len(domains) // len(base.data.task.domains)
+    extra = [] if fixed_steps is None else [
+        "warm_start.target_accuracy=1.0", f"warm_start.max_steps={fixed_steps}", f"warm_start.eval_every={fixed_steps}",
+    ]
     config = make_config([
         "data.task.domains=[" + ",".join(domains) + "]", f"data.num_train={num_train}",
-        f"model.name_or_path={base.upcycle.dense_model}", "warm_start.enabled=true", "upcycle.inits=[]",
+        f"model.name_or_path={model}", "warm_start.enabled=true", "upcycle.inits=[]", *extra,
     ])
     data = prepare_data(config)
     data.eval_expressions = data.eval_expressions | eval_expressions  # dev problems stay out of the RL eval set
@@ -65,8 +81,7 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
     Args:
         make_config: base config with extra overrides applied (the compare's config files and overrides).
     """
-    from rlvr.models import load_pretrained
-    from rlvr.recipe import prepare_data
+    from rlvr.recipe import domain_routing, prepare_data
 
     base = make_config([])
     settings = base.upcycle
@@ -75,38 +90,51 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
     todo = [init for init in wanted if not (built[init] / MANIFEST).exists()]
     if not todo:
         return built
-    mixed_eval = prepare_data(base).eval_expressions
+    data = prepare_data(base)
     record_path = Path(output_dir) / POLICIES_DIR / "policies.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     domains = list(base.data.task.domains)
+    say(f"[upcycle] seed: warm-starting the dense {settings.dense_model} on the mix ({', '.join(domains)})")
+    seed, warm = _warm_started_dense(make_config, settings.dense_model, domains, data.eval_expressions)
+    record["dense_seed (mix)"] = {"path": str(seed), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
     if "btx" in todo:
-        dense_paths, samples = [], []
+        branches, samples = [], []
         for domain in domains:
-            say(f"[upcycle] btx: warm-starting the dense {settings.dense_model} on {domain}")
-            path, warm = _warm_started_dense(make_config, [domain], mixed_eval)
-            record[f"dense_{domain}"] = {"path": str(path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
-            dense_paths.append(path)
-            _, tokenizer = load_pretrained(str(path))
+            say(f"[upcycle] btx: branch {domain}: {settings.branch_steps} more steps of the seed on {domain} only")
+            path, warm = _warm_started_dense(make_config, str(seed), [domain], data.eval_expressions, settings.branch_steps)
+            record[f"branch_{domain}"] = {"path": str(path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
+            branches.append(path)
             task = make_config([f"data.task.domains=[{domain}]", "upcycle.inits=[]"]).data.task
             problems = generate_problems(task, "train", settings.router_samples, base.data_seed())
-            samples.append([
-                tokenizer.apply_chat_template(make_prompt(p.question, base.data.system_prompt, True), tokenize=False,
-                                              add_generation_prompt=True) + p.solution
-                if base.data.chat else make_prompt(p.question, base.data.system_prompt, False) + p.solution
-                for p in problems
-            ])
-        say(f"[upcycle] btx: merging {len(dense_paths)} dense models -> {built['btx']}")
-        upcycle(dense_paths, built["btx"], method="btx", top_k=settings.top_k, router_init=settings.router_init,
+            samples.append([_render(str(path), base, p.question) + p.solution for p in problems])
+        say(f"[upcycle] btx: merging {len(branches)} branches -> {built['btx']}")
+        upcycle(branches, built["btx"], method="btx", top_k=settings.top_k, router_init=settings.router_init,
                 router_samples=samples if settings.router_init == "mean_hidden" else None, seed=base.warm_start_seed(),
                 overwrite=True)
     if "sparse" in todo:
-        say(f"[upcycle] sparse: warm-starting the dense {settings.dense_model} on the mix ({', '.join(domains)})")
-        path, warm = _warm_started_dense(make_config, domains, mixed_eval)
-        record["dense_mix"] = {"path": str(path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
-        say(f"[upcycle] sparse: copying its feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
-        upcycle([path], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
+        say(f"[upcycle] sparse: copying the seed's feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
+        upcycle([seed], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
                 router_init="random" if settings.router_init == "mean_hidden" else settings.router_init,
                 seed=base.warm_start_seed(), overwrite=True)
+    from rlvr.models import load_pretrained
+
+    for init in todo:  # routing of the built MoE before any MoE training
+        model, tokenizer = load_pretrained(str(built[init]))
+        record[f"routing_{init}_as_built"] = domain_routing(base, model, tokenizer, data)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return built
+
+
+def _render(model_path: str, config: RunConfig, question: str) -> str:
+    """A prompt as the policy reads it (chat template applied), for router samples."""
+    prompt = make_prompt(question, config.data.system_prompt, config.data.chat)
+    if isinstance(prompt, str):
+        return prompt
+    from transformers import AutoTokenizer
+
+    tokenizer = _TOKENIZERS.get(model_path) or _TOKENIZERS.setdefault(model_path, AutoTokenizer.from_pretrained(model_path))
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+_TOKENIZERS: dict = {}

@@ -194,7 +194,7 @@ def test_plan_runs_with_starting_policies(tmp_path):
         "btx+forking", "btx+forking_router", "sparse+forking", "sparse+forking_router", "scratch+forking", "scratch+forking_router",
     ]
     btx, scratch = runs[0].config, runs[-1].config
-    assert btx.model.name_or_path == str(tmp_path / "policies" / "btx") and btx.warm_start.enabled == "false"
+    assert btx.model.name_or_path == str(tmp_path / "policies" / "btx") and btx.warm_start.enabled == "true"
     assert btx.moe.router_gate_scope == "all" and runs[1].config.moe.router_gate_scope == "forking"  # the arms apply
     assert scratch.model.name_or_path == "tiny:qwen3_moe" and scratch.model.tiny.num_experts == 2 and scratch.warm_start.enabled == "true"
     assert runs[2].directory == tmp_path / "sparse-forking-seed0"
@@ -228,17 +228,22 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
         f"warm_start.cache_dir={tmp_path / 'cache'}", "warm_start.max_steps=20", "warm_start.eval_every=10",
         "warm_start.num_dev=10", "grpo.max_steps=2", "data.num_eval=20", "model.tiny.num_layers=1",
         "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "upcycle.router_samples=8",
-        "eval.sampled_completions=2", "eval.pass_k=2",
+        "eval.sampled_completions=2", "eval.pass_k=2", "upcycle.branch_steps=20",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     record = json.loads((out / "policies" / "policies.json").read_text())
-    assert set(record) == {"dense_addition", "dense_multiplication", "dense_mix"}
-    # BTX expert i is branch i's feed-forward layer
+    assert set(record) == {"dense_seed (mix)", "branch_addition", "branch_multiplication", "routing_btx_as_built", "routing_sparse_as_built"}
+    assert record["branch_addition"]["steps"] == 20  # upcycle.branch_steps
+    # BTX expert i is branch i's feed-forward layer; the sparse experts are all the seed's
     btx = AutoModelForCausalLM.from_pretrained(out / "policies" / "btx").state_dict()
+    sparse = AutoModelForCausalLM.from_pretrained(out / "policies" / "sparse").state_dict()
+    seed = load_file(str(next(Path(record["dense_seed (mix)"]["path"]).glob("*.safetensors"))))
     for expert, domain in enumerate(("addition", "multiplication")):
-        dense = load_file(str(next((Path(record[f"dense_{domain}"]["path"])).glob("*.safetensors"))))
-        assert torch.equal(btx["model.layers.0.mlp.experts.down_proj"][expert], dense["model.layers.0.mlp.down_proj.weight"])
+        branch = load_file(str(next(Path(record[f"branch_{domain}"]["path"]).glob("*.safetensors"))))
+        assert torch.equal(btx["model.layers.0.mlp.experts.down_proj"][expert], branch["model.layers.0.mlp.down_proj.weight"])
+        assert torch.equal(sparse["model.layers.0.mlp.experts.down_proj"][expert], seed["model.layers.0.mlp.down_proj.weight"])
+    assert not torch.equal(btx["model.layers.0.mlp.experts.down_proj"][0], btx["model.layers.0.mlp.experts.down_proj"][1])
     for label in ("btx-forking", "sparse-forking_router", "scratch-forking"):
         routing = json.loads((out / f"{label}-seed0" / "domain_routing.json").read_text())
         assert routing["before"]["domains"] == ["addition", "multiplication"] and routing["after"]["layers"]

@@ -206,6 +206,7 @@ class UpcycleConfig:
     router_init: str = _field("mean_hidden", "btx router init: random, zero, mean_hidden (each domain's mean hidden state)", ("random", "zero", "mean_hidden"))
     router_samples: int = _field(64, "btx mean_hidden: training problems per domain routed through its dense model")
     branch_steps: int = _field(200, "btx: supervised steps of each branch on its own domain, starting from the mix-trained seed")
+    match_compute: bool = _field(True, "sparse: train the seed branch_steps x domains more steps on the mix first (same supervised compute as btx)")
 
 
 # GRPOConfig defaults that rlvr changes. Everything else is TRL's default.

@@ -7,7 +7,8 @@ branch i's feed-forward layers, the rest averaged, router from each domain's mea
 controls start from the same seed:
 
 * ``sparse``: the seed's feed-forward layer copied into every expert (sparse upcycling, Komatsuzaki
-  et al., 2022);
+  et al., 2022); with ``upcycle.match_compute`` the seed first trains as many more steps on the mix
+  as the branches took together, so that both upcycled MoEs rest on the same supervised compute;
 * ``scratch``: a tiny MoE trained from random init on the mixed task.
 
 Every init then gets the same supervised "MoE fine-tuning" on the mix (BTX's last stage; the run's own
@@ -112,8 +113,14 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
                 router_samples=samples if settings.router_init == "mean_hidden" else None, seed=base.warm_start_seed(),
                 overwrite=True)
     if "sparse" in todo:
-        say(f"[upcycle] sparse: copying the seed's feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
-        upcycle([seed], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
+        source = seed
+        if settings.match_compute:  # as many supervised steps as the btx branches took together
+            steps = settings.branch_steps * len(domains)
+            say(f"[upcycle] sparse: {steps} more steps of the seed on the mix (compute matched to the btx branches)")
+            source, warm = _warm_started_dense(make_config, str(seed), domains, data.eval_expressions, steps)
+            record["seed_continued (mix)"] = {"path": str(source), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
+        say(f"[upcycle] sparse: copying the dense feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
+        upcycle([source], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
                 router_init="random" if settings.router_init == "mean_hidden" else settings.router_init,
                 seed=base.warm_start_seed(), overwrite=True)
     from rlvr.models import load_pretrained

@@ -53,6 +53,7 @@ def cache_key(config: RunConfig) -> str:
     warm.pop("enabled")
     identity = {
         "model": config.model.name_or_path,
+        "checkpoint": _checkpoint_fingerprint(config.model.name_or_path),
         "tiny": asdict(config.model.tiny),
         "task": asdict(config.data.task),
         "chat": config.data.chat,
@@ -64,6 +65,17 @@ def cache_key(config: RunConfig) -> str:
         "format": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checkpoint_fingerprint(name_or_path: str) -> list | None:
+    """(name, size, modification time) of each file of a local checkpoint: a checkpoint rewritten at the
+    same path (e.g. rebuilt by ``rlvr upcycle``) must not reuse the warm start of its old weights."""
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        return None  # a hub id or an embedded tiny model: the name says it all
+    return sorted(
+        (item.name, item.stat().st_size, item.stat().st_mtime_ns) for item in directory.iterdir() if item.is_file()
+    )
 
 
 class _StopAtAccuracy(TrainerCallback):

@@ -233,12 +233,14 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     record = json.loads((out / "policies" / "policies.json").read_text())
-    assert set(record) == {"dense_seed (mix)", "branch_addition", "branch_multiplication", "routing_btx_as_built", "routing_sparse_as_built"}
+    assert set(record) == {"dense_seed (mix)", "branch_addition", "branch_multiplication", "seed_continued (mix)",
+                           "routing_btx_as_built", "routing_sparse_as_built"}
     assert record["branch_addition"]["steps"] == 20  # upcycle.branch_steps
+    assert record["seed_continued (mix)"]["steps"] == 40  # match_compute: 20 steps x 2 domains
     # BTX expert i is branch i's feed-forward layer; the sparse experts are all the seed's
     btx = AutoModelForCausalLM.from_pretrained(out / "policies" / "btx").state_dict()
     sparse = AutoModelForCausalLM.from_pretrained(out / "policies" / "sparse").state_dict()
-    seed = load_file(str(next(Path(record["dense_seed (mix)"]["path"]).glob("*.safetensors"))))
+    seed = load_file(str(next(Path(record["seed_continued (mix)"]["path"]).glob("*.safetensors"))))
     for expert, domain in enumerate(("addition", "multiplication")):
         branch = load_file(str(next(Path(record[f"branch_{domain}"]["path"]).glob("*.safetensors"))))
         assert torch.equal(btx["model.layers.0.mlp.experts.down_proj"][expert], branch["model.layers.0.mlp.down_proj.weight"])
@@ -253,3 +255,22 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
     for section in ("## Starting policies", "## Per-domain accuracy", "## Per-domain routing", "domain_routing.png"):
         assert section in report
     assert (out / "domain_routing.png").exists()
+
+
+def test_warm_start_cache_key_follows_the_checkpoint_not_just_its_path(tmp_path):
+    """An upcycled checkpoint rebuilt at the same path must not reuse the warm start of its old weights."""
+    import os
+
+    from rlvr.config import load_config
+    from rlvr.warmstart import cache_key
+
+    save_dense(tmp_path / "policy", "qwen3", seed=0)
+    config = load_config([UPCYCLE_CONFIG], [f"model.name_or_path={tmp_path / 'policy'}", "upcycle.inits=[]"])
+    before = cache_key(config)
+    assert cache_key(config) == before  # stable while nothing changes
+    weights = next((tmp_path / "policy").glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten
+    assert cache_key(config) != before
+    hub = load_config([UPCYCLE_CONFIG], ["model.name_or_path=Qwen/Qwen3-0.6B", "upcycle.inits=[]"])
+    assert cache_key(hub) == cache_key(hub)

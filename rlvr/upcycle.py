@@ -57,7 +57,13 @@ _FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
 
 
 def _load_dense(path: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
-    config = AutoConfig.from_pretrained(path)
+    looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") != 1  # hub ids are "org/name"
+    if looks_local and not Path(path).is_dir():
+        raise UpcycleError(f"{path}: no such checkpoint directory")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UpcycleError(f"{path}: not a loadable checkpoint ({str(error).splitlines()[0]})") from None
     if config.model_type not in FAMILIES:
         raise UpcycleError(
             f"{path}: model_type {config.model_type!r} cannot be upcycled; supported dense families: "
@@ -182,9 +188,6 @@ def upcycle(
         raise UpcycleError(f"router_init 'mean_hidden' needs one list of sample texts per dense model ({len(paths)})")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise UpcycleError(f"{output_dir} exists and is not empty (pass overwrite to replace it)")
-    for path in paths:
-        if not (Path(path) / "config.json").is_file() and not Path(path).is_dir():
-            raise UpcycleError(f"{path}: not a checkpoint directory")
 
     loaded = [_load_dense(path) for path in paths]
     configs, states = [config for config, _ in loaded], [state for _, state in loaded]

@@ -169,6 +169,23 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _load_heatmap(figure, axis, loads: list[list[float]], title: str, vmax: float, label: str) -> None:
+    """(layers, E) expert loads as an image, one row per layer."""
+    image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("expert")
+    axis.set_ylabel("layer")
+    axis.set_xticks(range(len(loads[0])))
+    axis.set_yticks(range(len(loads)))
+    figure.colorbar(image, ax=axis, label=label)
+
+
 def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
     """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
     plt = _pyplot()
@@ -193,9 +210,7 @@ def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], pat
     for axis in list(axes.flat)[len(present):]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return True
 
 
@@ -230,9 +245,7 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
         axis.set_ylabel("share of completion tokens")
         axis.set_title(f"{arm}: completion-token entropy")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save_figure(plt, figure, path)
     return True
 
 
@@ -252,16 +265,9 @@ def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
             if kind not in loads:
                 axis.axis("off")
                 continue
-            image = axis.imshow(loads[kind], aspect="auto", cmap="viridis", vmin=0, vmax=top)
-            axis.set_title(f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})", fontsize=10)
-            axis.set_xlabel("expert")
-            axis.set_ylabel("layer")
-            axis.set_xticks(range(len(loads[kind][0])))
-            axis.set_yticks(range(len(loads[kind])))
-            figure.colorbar(image, ax=axis, label="share of assignments")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+            title = f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})"
+            _load_heatmap(figure, axis, loads[kind], title, top, "share of assignments")
+    _save_figure(plt, figure, path)
     return True
 
 
@@ -282,16 +288,8 @@ def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
             if any(load is None for load in loads):
                 axis.axis("off")
                 continue
-            image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-            axis.set_title(f"{arm}: {domain} tokens", fontsize=10)
-            axis.set_xlabel("expert")
-            axis.set_ylabel("layer")
-            axis.set_xticks(range(len(loads[0])))
-            axis.set_yticks(range(len(loads)))
-            figure.colorbar(image, ax=axis, label="share")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+            _load_heatmap(figure, axis, loads, f"{arm}: {domain} tokens", 1.0, "share")
+    _save_figure(plt, figure, path)
     return True
 
 

@@ -44,12 +44,12 @@ ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routi
 
 # How each TRL loss type normalises: per sequence, per local micro-batch, or over the generation batch
 # of all ranks. "selected" normalisation divides by the selected-token count of the same unit.
+PER_SEQUENCE_LOSSES = ("grpo", "sapo", "luspo")
+GLOBAL_LOSSES = ("dapo", "cispo", "vespo")
+
 # Completion-token entropy histogram written with each logging step: 8 log-spaced bins per decade over
 # [1e-6, 10] nats; values outside are counted in the first/last bin.
 ENTROPY_BIN_EDGES = torch.logspace(-6, 1, 57, dtype=torch.float64)
-
-PER_SEQUENCE_LOSSES = ("grpo", "sapo", "luspo")
-GLOBAL_LOSSES = ("dapo", "cispo", "vespo")
 
 
 class _GradientMask(torch.autograd.Function):
@@ -366,8 +366,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         metrics["forking/entropy_kept"].append(stats.entropy_kept)
         metrics["forking/entropy_dropped"].append(stats.entropy_dropped)
         if mode == "train" and torch.is_grad_enabled():
-            counted = keep if self.forking.policy_tokens == "forking" else self._loss_mask(inputs).bool()
-            self.gradient_tokens += int((counted & self._loss_mask(inputs).bool()).sum())
+            loss_mask = self._loss_mask(inputs).bool()
+            counted = keep & loss_mask if self.forking.policy_tokens == "forking" else loss_mask
+            self.gradient_tokens += int(counted.sum())
         if not self.accelerator.is_main_process or mode != "train":
             return
         values = all_entropies.detach()[all_mask.bool()].to("cpu", torch.float64)  # every rank's tokens

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, MixtralConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Qwen3MoeConfig,
+)
 
 METHODS = ("btx", "sparse")
 ROUTER_INITS = ("random", "zero", "mean_hidden")
@@ -71,11 +79,12 @@ def _load_dense(path: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
         )
     if config.model_type == "llama" and (getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False)):
         raise UpcycleError(f"{path}: a Llama with MLP or attention biases has no Mixtral counterpart (Mixtral has no biases)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return config, {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return config, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _check_compatible(paths: Sequence[str], configs: list[PretrainedConfig], states: list[dict]) -> None:
+def _check_compatible(
+    paths: Sequence[str], configs: list[PretrainedConfig], states: list[dict], tokenizers: list[PreTrainedTokenizerBase]
+) -> None:
     families = {config.model_type for config in configs}
     if len(families) > 1:
         listing = ", ".join(f"{path} ({config.model_type})" for path, config in zip(paths, configs))
@@ -88,9 +97,8 @@ def _check_compatible(paths: Sequence[str], configs: list[PretrainedConfig], sta
                 raise UpcycleError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, {paths[0]} has {tuple(states[0][name].shape)}"
                 )
-    reference = AutoTokenizer.from_pretrained(paths[0])
-    for path in paths[1:]:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = tokenizers[0]
+    for path, tokenizer in zip(paths[1:], tokenizers[1:]):
         if tokenizer.get_vocab() != reference.get_vocab() or tokenizer.all_special_tokens != reference.all_special_tokens:
             raise UpcycleError(f"{path} and {paths[0]} have different tokenizers (vocabulary or special tokens)")
 
@@ -113,10 +121,9 @@ def moe_config_from_dense(dense: PretrainedConfig, num_experts: int, top_k: int)
 
 
 @torch.no_grad()
-def domain_mean_hidden(model_path: str, texts: Sequence[str], num_layers: int) -> torch.Tensor:
+def domain_mean_hidden(model, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.Tensor:
     """(layers, H) mean over real tokens of ``texts`` of the input of each layer's feed-forward block."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    num_layers = len(model.model.layers)
     sums = [None] * num_layers
     count = 0
     captured: dict[int, torch.Tensor] = {}
@@ -138,7 +145,7 @@ def domain_mean_hidden(model_path: str, texts: Sequence[str], num_layers: int) -
         for hook in hooks:
             hook.remove()
     if count == 0:
-        raise UpcycleError(f"no tokens in the router samples for {model_path}")
+        raise UpcycleError(f"no tokens in the router samples for {model.name_or_path}")
     return torch.stack(sums) / count
 
 
@@ -190,8 +197,10 @@ def upcycle(
         raise UpcycleError(f"{output_dir} exists and is not empty (pass overwrite to replace it)")
 
     loaded = [_load_dense(path) for path in paths]
-    configs, states = [config for config, _ in loaded], [state for _, state in loaded]
-    _check_compatible(paths, configs, states)
+    configs, models = [config for config, _ in loaded], [model for _, model in loaded]
+    states = [{name: tensor.detach() for name, tensor in model.state_dict().items()} for model in models]
+    tokenizers = [AutoTokenizer.from_pretrained(path) for path in paths]
+    _check_compatible(paths, configs, states, tokenizers)
 
     moe_config = moe_config_from_dense(configs[0], num_experts, top_k)
     with torch.random.fork_rng(devices=[]):
@@ -219,7 +228,7 @@ def upcycle(
             merged[f"{prefix}.gate.weight"] = router
     if router_init == "mean_hidden":
         means = torch.stack([
-            domain_mean_hidden(path, samples, configs[0].num_hidden_layers) for path, samples in zip(paths, router_samples)
+            domain_mean_hidden(model, tokenizer, samples) for model, tokenizer, samples in zip(models, tokenizers, router_samples)
         ])  # (E, layers, H)
         centred = means - means.mean(0, keepdim=True)
         for index in range(configs[0].num_hidden_layers):
@@ -231,9 +240,9 @@ def upcycle(
 
     staging = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    moe.generation_config = AutoModelForCausalLM.from_pretrained(paths[0]).generation_config
+    moe.generation_config = models[0].generation_config
     moe.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(paths[0]).save_pretrained(staging)
+    tokenizers[0].save_pretrained(staging)
     manifest = {
         "method": method, "dense_models": paths, "num_experts": num_experts, "top_k": top_k,
         "router_init": router_init, "seed": seed, "moe_model_type": moe_config.model_type,

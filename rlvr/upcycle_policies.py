@@ -27,9 +27,13 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from transformers import AutoTokenizer
+
 from rlvr.config import RunConfig
 from rlvr.data import generate_problems, make_prompt
+from rlvr.evaluation import render_prompts
 from rlvr.upcycle import MANIFEST, upcycle
+from rlvr.warmstart import WarmStartResult
 
 POLICIES_DIR = "policies"
 
@@ -50,16 +54,15 @@ def run_overrides(config: RunConfig, output_dir: Path, init: str) -> list[str]:
 
 
 def _warm_started_dense(
-    make_config: Callable[[list[str]], RunConfig], model: str, domains: list[str], eval_expressions: set[str],
-    fixed_steps: int | None = None,
-):
-    """``model`` warm-started on ``domains`` (cached); returns (path, warm-start result).
+    make_config: Callable[[list[str]], RunConfig], base: RunConfig, model: str, domains: list[str],
+    eval_expressions: set[str], fixed_steps: int | None = None,
+) -> WarmStartResult:
+    """``model`` warm-started on ``domains`` (cached; the result's ``path`` holds it).
 
     ``fixed_steps``: train exactly that many steps (a branch) instead of stopping at the target accuracy.
     """
     from rlvr.recipe import prepare_data, prepare_policy, resolve_rewards
 
-    base = make_config([])
     # a branch sees as many problems of its domain as the mixed task holds
     num_train = base.data.num_train * len(domains) // len(base.data.task.domains)
     extra = [] if fixed_steps is None else [
@@ -73,7 +76,11 @@ def _warm_started_dense(
     data.eval_expressions = data.eval_expressions | eval_expressions  # dev problems stay out of the RL eval set
     _, _, accuracy_fn = resolve_rewards(config)
     _, _, warm = prepare_policy(config, data, accuracy_fn)
-    return warm.path, warm
+    return warm
+
+
+def _described(warm: WarmStartResult) -> dict:
+    return {"path": str(warm.path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
 
 
 def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Path, say=print) -> dict[str, Path]:
@@ -96,18 +103,21 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     domains = list(base.data.task.domains)
     say(f"[upcycle] seed: warm-starting the dense {settings.dense_model} on the mix ({', '.join(domains)})")
-    seed, warm = _warm_started_dense(make_config, settings.dense_model, domains, data.eval_expressions)
-    record["dense_seed (mix)"] = {"path": str(seed), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
+    warm = _warm_started_dense(make_config, base, settings.dense_model, domains, data.eval_expressions)
+    seed = warm.path
+    record["dense_seed (mix)"] = _described(warm)
     if "btx" in todo:
         branches, samples = [], []
         for domain in domains:
             say(f"[upcycle] btx: branch {domain}: {settings.branch_steps} more steps of the seed on {domain} only")
-            path, warm = _warm_started_dense(make_config, str(seed), [domain], data.eval_expressions, settings.branch_steps)
-            record[f"branch_{domain}"] = {"path": str(path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
-            branches.append(path)
+            warm = _warm_started_dense(make_config, base, str(seed), [domain], data.eval_expressions, settings.branch_steps)
+            record[f"branch_{domain}"] = _described(warm)
+            branches.append(warm.path)
             task = make_config([f"data.task.domains=[{domain}]", "upcycle.inits=[]"]).data.task
             problems = generate_problems(task, "train", settings.router_samples, base.data_seed())
-            samples.append([_render(str(path), base, p.question) + p.solution for p in problems])
+            prompts = [make_prompt(p.question, base.data.system_prompt, base.data.chat) for p in problems]
+            rendered = render_prompts(AutoTokenizer.from_pretrained(warm.path), prompts)
+            samples.append([prompt + p.solution for prompt, p in zip(rendered, problems)])
         say(f"[upcycle] btx: merging {len(branches)} branches -> {built['btx']}")
         upcycle(branches, built["btx"], method="btx", top_k=settings.top_k, router_init=settings.router_init,
                 router_samples=samples if settings.router_init == "mean_hidden" else None, seed=base.warm_start_seed(),
@@ -117,8 +127,9 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
         if settings.match_compute:  # as many supervised steps as the btx branches took together
             steps = settings.branch_steps * len(domains)
             say(f"[upcycle] sparse: {steps} more steps of the seed on the mix (compute matched to the btx branches)")
-            source, warm = _warm_started_dense(make_config, str(seed), domains, data.eval_expressions, steps)
-            record["seed_continued (mix)"] = {"path": str(source), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
+            warm = _warm_started_dense(make_config, base, str(seed), domains, data.eval_expressions, steps)
+            source = warm.path
+            record["seed_continued (mix)"] = _described(warm)
         say(f"[upcycle] sparse: copying the dense feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
         upcycle([source], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
                 router_init="random" if settings.router_init == "mean_hidden" else settings.router_init,
@@ -131,17 +142,3 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=1))
     return built
-
-
-def _render(model_path: str, config: RunConfig, question: str) -> str:
-    """A prompt as the policy reads it (chat template applied), for router samples."""
-    prompt = make_prompt(question, config.data.system_prompt, config.data.chat)
-    if isinstance(prompt, str):
-        return prompt
-    from transformers import AutoTokenizer
-
-    tokenizer = _TOKENIZERS.get(model_path) or _TOKENIZERS.setdefault(model_path, AutoTokenizer.from_pretrained(model_path))
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-_TOKENIZERS: dict = {}

@@ -101,7 +101,7 @@ def test_mean_hidden_router_prefers_each_domains_expert(tmp_path):
     # the router scores each domain's own mean hidden state highest on that domain's expert
     from rlvr.upcycle import domain_mean_hidden
 
-    means = [domain_mean_hidden(str(tmp_path / name), texts, 2)[0].double() for name, texts in zip("ab", samples)]
+    means = [domain_mean_hidden(*load_pretrained(str(tmp_path / name)), texts)[0].double() for name, texts in zip("ab", samples)]
     assert (router @ means[0]).argmax() == 0 and (router @ means[1]).argmax() == 1
     assert json.loads((out / MANIFEST).read_text())["router_samples"] == [3, 3]
 

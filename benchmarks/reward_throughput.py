@@ -19,7 +19,7 @@ import time
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-from rewards.math import MathAccuracy
+from rlvr.rewards.math import MathAccuracy
 
 
 def make_batch(size: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -34,7 +34,8 @@ def make_batch(size: int, seed: int = 0) -> tuple[list[str], list[str]]:
             answer = str(a + 1)  # wrong
         else:
             answer = "x^{" + "{" * 3  # unparsable
-        completions.append(f"Step 1: think about {a} and {b}.\nSo the answer is \\boxed{{{answer}}}.")
+        # The prose names no number: math-verify alone would read one from it when the box is cut off.
+        completions.append(f"Step 1: multiply, then divide.\nSo the answer is \\boxed{{{answer}}}.")
         golds.append(str(a))
     return completions, golds
 
@@ -73,7 +74,7 @@ def main() -> None:
                 start = time.perf_counter()
                 scores = method(completions, golds) if method is direct else method(completions, answer=golds)
                 seconds[name].append(time.perf_counter() - start)
-                assert scores == expected, f"{name} disagrees with math-verify"
+                assert scores == expected, f"{name} disagrees with math-verify: " + str([(c, g, a, b) for c, g, a, b in zip(completions, golds, expected, scores, strict=True) if a != b][:3])
         for name in methods:
             rows[name].append(size / statistics.median(seconds[name]))
     for name, rates in rows.items():

@@ -89,7 +89,15 @@ class RewardConfig:
     failure_score: float = _field(0.0, "math_accuracy: score of a completion whose verification timed out or failed")
     workers: int = _field(2, "math_accuracy: verification processes (hard time bound); 0 = in-process, main thread")
     fallbacks: list = _field(
-        ["answer_tag", "last_number"], "math_accuracy: where to look without a \\boxed{} answer, in order (answer_tag, last_number)"
+        ["answer_tag", "latex", "last_number"],
+        "math_accuracy: where to look without a \\boxed{} answer (answer_tag, latex, last_number; [] = boxed only)",
+    )
+    gold_column: str | None = _field(None, "math_accuracy: column with the gold answers (default: answer, else solution)")
+    float_rounding: int = _field(6, "math_accuracy: decimal places floats are rounded to before comparing (math-verify)")
+    numeric_precision: int = _field(15, "math_accuracy: significant digits of numeric evaluation (math-verify)")
+    strict: bool = _field(True, "math_accuracy: variables matter and sets never equal tuples (math-verify strict)")
+    allow_set_relation_comp: bool = _field(
+        False, "math_accuracy: an interval also equals the relation of a gold (1 < x < 2 vs (1,2)), both ways"
     )
     overlong_buffer: int = _field(
         0, "overlong_penalty: tokens before grpo.max_completion_length where the DAPO penalty ramps to -1 (0: a fifth)"
@@ -512,7 +520,7 @@ def validate(config: RunConfig) -> None:
 
     reward = config.reward
     _require(len(reward.functions) > 0, "reward.functions", "needs at least one reward function")
-    from rewards.registry import check_reward_name
+    from rlvr.rewards.registry import check_reward_name
 
     for index, name in enumerate(reward.functions):
         try:
@@ -522,7 +530,9 @@ def validate(config: RunConfig) -> None:
     _require(reward.budget_seconds > 0, "reward.budget_seconds", "must be > 0")
     _require(reward.workers >= 0, "reward.workers", "must be >= 0")
     _require(reward.overlong_buffer >= 0, "reward.overlong_buffer", "must be >= 0")
-    from rewards.verifier import FALLBACKS
+    _require(reward.float_rounding >= 0, "reward.float_rounding", "must be >= 0")
+    _require(reward.numeric_precision >= 1, "reward.numeric_precision", "must be >= 1")
+    from rlvr.rewards.extraction import FALLBACKS
 
     for index, fallback in enumerate(reward.fallbacks):
         _require(fallback in FALLBACKS, f"reward.fallbacks[{index}]", f"must be one of {', '.join(FALLBACKS)}; got {fallback!r}")

@@ -26,7 +26,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig
 
-from rewards.registry import resolve_reward
+from rlvr.rewards.registry import resolve_reward
 from rlvr.checkpoints import MarkCompleteCheckpoints, latest_complete_checkpoint, truncate_jsonl
 from rlvr.config import ConfigError, RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
@@ -114,7 +114,9 @@ def _reward_function(name: str, config: RunConfig) -> Callable:
     if name == "math_accuracy":
         return resolve_reward(
             name, budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers,
-            fallbacks=tuple(reward.fallbacks),
+            fallbacks=tuple(reward.fallbacks), gold_column=reward.gold_column, float_rounding=reward.float_rounding,
+            numeric_precision=reward.numeric_precision, strict=reward.strict,
+            allow_set_relation_comp=reward.allow_set_relation_comp,
         )
     if name == "overlong_penalty":
         max_length = config.max_completion_length()

@@ -82,7 +82,7 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         (["data.task.max_terms=1"], r"data.task: need 2 <= min_terms <= max_terms"),
         (["warm_start.enabled=maybe"], r"warm_start.enabled: must be one of auto, true, false"),
         (["eval.enabled=yes please"], r"eval.enabled: expected true or false"),
-        (["reward.fallbacks=[last_word]"], r"reward.fallbacks\[0\]: must be one of answer_tag, last_number, none"),
+        (["reward.fallbacks=[last_word]"], r"reward.fallbacks\[0\]: must be one of answer_tag, latex, last_number"),
         (["reward.budget_seconds=0"], r"reward.budget_seconds: must be > 0"),
         (["moe.router_gate_scope=prompt"], r"moe.router_gate_scope: must be one of all, completion, forking"),
         (["moe.load_balancing_coef=0.01", "grpo.router_aux_loss_coef=0.001"], r"moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef"),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rewards.math import MathAccuracy
+from rlvr.rewards.math import MathAccuracy
 
 BUDGET = 1.0
 HARD_LIMIT = BUDGET + 1.0 + 1.5  # budget + the pool's kill grace + slack for a loaded machine
@@ -114,7 +114,7 @@ def test_works_from_a_worker_thread(workers):
 
 
 def test_works_inside_a_subprocess():
-    code = "from rewards import math_accuracy; print(math_accuracy(['\\\\boxed{3}', 'no'], answer=['3', '3']))"
+    code = "from rlvr.rewards import math_accuracy; print(math_accuracy(['\\\\boxed{3}', 'no'], answer=['3', '3']))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert output.returncode == 0, output.stderr
     assert output.stdout.strip().splitlines()[-1] == "[1.0, 0.0]"

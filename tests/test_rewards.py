@@ -2,9 +2,9 @@
 
 import pytest
 
-from rewards import arithmetic_exact, boxed_format, math_accuracy
-from rewards.registry import resolve_reward
-from rewards.text import last_boxed
+from rlvr.rewards import arithmetic_exact, boxed_format, math_accuracy
+from rlvr.rewards.registry import resolve_reward
+from rlvr.rewards.text import last_boxed
 
 
 def test_last_boxed_handles_nesting_and_truncation():
@@ -29,7 +29,7 @@ def test_boxed_format():
 
 def test_resolve_reward_by_name_and_import_path():
     assert resolve_reward("arithmetic_exact") is arithmetic_exact
-    assert resolve_reward("rewards.math:math_accuracy") is math_accuracy
+    assert resolve_reward("rlvr.rewards.math:math_accuracy") is math_accuracy
     with pytest.raises(ValueError, match="known: .*arithmetic_exact"):
         resolve_reward("nope")
     with pytest.raises(ValueError, match="cannot import"):
@@ -37,7 +37,7 @@ def test_resolve_reward_by_name_and_import_path():
 
 
 def test_think_answer_format():
-    from rewards.format import think_answer_format
+    from rlvr.rewards.format import think_answer_format
 
     good = "<think>a+b</think>\n<answer>3</answer>"
     assert think_answer_format([good, "<answer>3</answer>", "<think>x</think><answer>3</answer> trailing", ""]) == [1.0, 0.0, 0.0, 0.0]
@@ -48,14 +48,14 @@ def test_think_answer_format():
     [(0, 0.0), (80, 0.0), (81, -0.05), (90, -0.5), (100, -1.0), (101, -1.0), (5000, -1.0)],
 )
 def test_overlong_penalty_is_daPO_soft_punishment(length, expected):
-    from rewards.format import OverlongPenalty
+    from rlvr.rewards.format import OverlongPenalty
 
     penalty = OverlongPenalty(max_length=100, cache=20)
     assert penalty(["x"], completion_ids=[[7] * length]) == [pytest.approx(expected)]
 
 
 def test_overlong_penalty_settings_are_checked_and_built_from_config():
-    from rewards.format import OverlongPenalty
+    from rlvr.rewards.format import OverlongPenalty
     from rlvr.config import ConfigError, load_config
     from rlvr.recipe import resolve_rewards
 

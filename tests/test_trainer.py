@@ -9,7 +9,7 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from rewards.text import completion_text
+from rlvr.rewards.text import completion_text
 from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import ARCHITECTURES, load_pretrained

@@ -3,12 +3,13 @@
 Each worker runs math-verify in its own main thread, so math-verify's ``signal.alarm`` timeouts work
 there; the parent also enforces a wall-clock deadline per item and kills and replaces a worker that
 misses it (sympy can hang inside C code where no signal reaches). A worker is a fresh interpreter
-(``python -c 'from rewards.pool import _worker_main; ...'``) talking over its stdin/stdout pipes: it inherits no locks or threads
+(``python -c 'from rlvr.rewards.pool import _worker_main; ...'``) talking over its stdin/stdout pipes: it inherits no locks or threads
 from the trainer, re-runs none of the caller's script, and can be started from any thread.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -16,34 +17,13 @@ import sys
 import time
 from multiprocessing.connection import Connection, wait
 
-# Per-item outcome codes.
-OK, PARSE_FAILURE, TIMEOUT, ERROR = "ok", "parse_failure", "timeout", "error"
+from rlvr.rewards.equivalence import ERROR, TIMEOUT, VerifySettings, verify_span
 
+Item = tuple  # (index, kind, text, fallbacks, gold): one answer span to score
 
-def verify_pair(answer: str, gold: str, budget_seconds: float, use_signals: bool) -> tuple[float, str]:
-    """math-verify one (answer, gold) pair: (1.0 or 0.0, outcome). Never raises."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    seconds = max(1, math.ceil(budget_seconds)) if use_signals else None
-    try:
-        gold_parsed = parse(gold, extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()),
-                            parsing_timeout=seconds, raise_on_error=True)
-        predicted = parse(answer, extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
-                          parsing_timeout=seconds, raise_on_error=True)
-        if not gold_parsed or not predicted:
-            return 0.0, PARSE_FAILURE
-        correct = verify(gold_parsed, predicted, timeout_seconds=seconds, raise_on_error=True)
-        return (1.0 if correct else 0.0), OK
-    except BaseException as error:  # noqa: BLE001 -- a reward must never raise
-        if type(error).__name__ == "TimeoutException":
-            return 0.0, TIMEOUT
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
-            raise
-        return 0.0, ERROR
-
-
-def _worker_main(budget_seconds: float) -> None:
+def _worker_main(budget_seconds: float, settings_json: str = "{}") -> None:
     """Worker loop: jobs arrive pickled on stdin, one result per item leaves on stdout."""
+    settings = VerifySettings(**json.loads(settings_json))
     inbox = Connection(os.dup(0), writable=False)
     outbox = Connection(os.dup(1), readable=False)
     sys.stdout = sys.stderr  # nothing else may write to the result pipe
@@ -57,18 +37,19 @@ def _worker_main(budget_seconds: float) -> None:
             return
         if job is None:
             return
-        for index, answer, gold in job:
-            score, outcome = verify_pair(answer, gold, budget_seconds, use_signals=True)
+        for index, kind, text, fallbacks, gold in job:
+            score, outcome = verify_span(kind, text, fallbacks, gold, settings, budget_seconds, use_signals=True)
             outbox.send((index, score, outcome))
 
 
 class _Worker:
     STARTUP_SECONDS = 60.0  # importing sympy on a loaded machine
 
-    def __init__(self, budget_seconds: float):
+    def __init__(self, budget_seconds: float, settings: VerifySettings):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        arguments = f"{float(budget_seconds)!r}, {json.dumps(settings.as_dict())!r}"
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from rewards.pool import _worker_main; _worker_main({float(budget_seconds)!r})"],
+            [sys.executable, "-c", f"from rlvr.rewards.pool import _worker_main; _worker_main({arguments})"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
         )
         self.outbox = Connection(os.dup(self.process.stdin.fileno()), readable=False)
@@ -76,10 +57,10 @@ class _Worker:
         self.process.stdin.close()
         self.process.stdout.close()
         self.ready = False
-        self.pending: list[tuple[int, str, str]] = []
+        self.pending: list[Item] = []
         self.started = time.monotonic()  # when the current item (or the start-up) began
 
-    def submit(self, items: list[tuple[int, str, str]]) -> None:
+    def submit(self, items: list[Item]) -> None:
         self.pending = list(items)
         if items:
             self.outbox.send(items)
@@ -97,8 +78,12 @@ class _Worker:
 class WorkerPool:
     """``num_workers`` verification processes; :meth:`verify` scores a batch within per-item deadlines."""
 
-    def __init__(self, num_workers: int = 1, budget_seconds: float = 2.0, grace_seconds: float = 1.0):
+    def __init__(
+        self, num_workers: int = 1, budget_seconds: float = 2.0, grace_seconds: float = 1.0,
+        settings: VerifySettings | None = None,
+    ):
         self.num_workers, self.budget_seconds, self.grace_seconds = num_workers, budget_seconds, grace_seconds
+        self.settings = settings or VerifySettings()
         self._workers: list[_Worker] = []
         self._owner = os.getpid()
 
@@ -107,7 +92,7 @@ class WorkerPool:
             self._workers, self._owner = [], os.getpid()
         self._workers = [w for w in self._workers if w.is_alive()]
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.budget_seconds))
+            self._workers.append(_Worker(self.budget_seconds, self.settings))
         for worker in self._workers:
             self._wait_ready(worker)
 
@@ -119,13 +104,13 @@ class WorkerPool:
             raise RuntimeError("a math-verify worker process did not start")
         worker.ready = True
 
-    def verify(self, pairs: list[tuple[str, str]]) -> list[tuple[float, str]]:
-        """Score (answer, gold) pairs: one (score, outcome) each, in order."""
-        results: list[tuple[float, str] | None] = [None] * len(pairs)
-        if not pairs:
+    def verify(self, jobs: list[tuple]) -> list[tuple[float, str]]:
+        """Score ``(kind, text, fallbacks, gold)`` jobs: one (score, outcome) each, in order."""
+        results: list[tuple[float, str] | None] = [None] * len(jobs)
+        if not jobs:
             return []
         self._ensure_workers()
-        items = [(index, answer, gold) for index, (answer, gold) in enumerate(pairs)]
+        items = [(index, *job) for index, job in enumerate(jobs)]
         # Contiguous chunks, one per worker.
         size = math.ceil(len(items) / len(self._workers))
         for position, worker in enumerate(self._workers):
@@ -156,7 +141,7 @@ class WorkerPool:
         stuck, remaining = worker.pending[0], worker.pending[1:]
         results[stuck[0]] = (0.0, outcome)
         worker.kill()
-        replacement = _Worker(self.budget_seconds)
+        replacement = _Worker(self.budget_seconds, self.settings)
         self._workers[self._workers.index(worker)] = replacement
         self._wait_ready(replacement)
         replacement.submit(remaining)

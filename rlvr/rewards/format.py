@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from rewards.text import completion_text, last_boxed
+from rlvr.rewards.text import completion_text, last_boxed
 
 _THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rewards.text import completion_text, last_boxed
+from rlvr.rewards.text import completion_text, last_boxed
 
 
 def _as_int(text: str | None) -> int | None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from rewards.format import OverlongPenalty, boxed_format, think_answer_format
-from rewards.math import MathAccuracy, math_accuracy
-from rewards.task import arithmetic_exact
+from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
+from rlvr.rewards.math import MathAccuracy, math_accuracy
+from rlvr.rewards.task import arithmetic_exact
 
 RewardFunction = Callable[..., list]
 

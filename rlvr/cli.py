@@ -1,14 +1,18 @@
-"""The ``rlvr`` command line.
+"""The ``rlvr`` command line (also ``python -m rlvr``).
 
     rlvr quickstart                      # warm start + forking-token GRPO on the embedded tiny MoE
-    rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.learning_rate=1e-5
-    rlvr compare --config configs/compare/quickstart.yaml   # arms x seeds on the same data, then report.md
+    rlvr train --config quickstart --forking.rho 0.3 --learning_rate 1e-5   # TRL's own flags work too
+    rlvr compare --config quickstart     # arms x seeds on the same data, then report.md
     rlvr report runs/compare             # report.md + figures from run or compare directories
     rlvr launch --zero 3 --nproc 8 -- train --config my.yaml   # DeepSpeed ZeRO through accelerate launch
     rlvr validate --config F             # check a config and print it resolved, building nothing
+    rlvr configs                         # the packaged configs; --copy NAME to edit one
 
-Every config key can be overridden as ``--section.key value`` or ``section.key=value``;
-``rlvr train --help`` lists them all with their defaults.
+Every config key can be overridden as ``--section.key value`` or ``section.key=value``; a bare
+``GRPOConfig`` field (``--max_steps 3``) means ``grpo.max_steps``. ``rlvr train --help`` lists every key.
+
+Each command is one (add-arguments, run) pair in :data:`COMMANDS`; every rlvr error type is turned
+into one ``rlvr <command>: <kind> error: ...`` line and exit code 2 by :func:`main`.
 """
 
 from __future__ import annotations
@@ -18,146 +22,17 @@ import json
 import logging
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from rlvr import __version__
 from rlvr.config import ConfigError, format_help, load_config, to_dict
+from rlvr.packaged import CONFIG_ROOT, QUICKSTART, arm_names, arm_path, copy_config, list_configs, resolve_config
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
-ARMS_DIR = CONFIG_DIR / "arms"
-
-
-def _arm_names() -> list[str]:
-    return sorted(path.stem for path in ARMS_DIR.glob("*.yaml"))
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument(
-        "--config", action="append", required=required, metavar="FILE",
-        help="YAML config; repeat to overlay several files (later ones win)",
-    )
-    parser.add_argument(
-        "--arm", choices=_arm_names(), metavar="ARM",
-        help=f"overlay configs/arms/ARM.yaml, one of: {', '.join(_arm_names())}",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (resume=true)"
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlvr",
-        description="Entropy-focused RL fine-tuning (forking-token GRPO) for Mixture-of-Experts models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'rlvr train --help' for every config key.",
-    )
-    parser.add_argument("--version", action="version", version=f"rlvr {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config_help = "Config keys (override with --key value or key=value):\n" + format_help()
-
-    train = commands.add_parser(
-        "train",
-        help="train a policy with ForkingGRPOTrainer from a YAML config",
-        description="Train with forking-token GRPO. Example:\n"
-        "  rlvr train --config configs/quickstart.yaml --forking.rho 0.3 grpo.max_steps=50\n"
-        "  rlvr train --config configs/quickstart.yaml --arm full      # the full-update baseline",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help,
-        allow_abbrev=False,  # "--c 1" must not be read as --config
-    )
-    _add_config_arguments(train, required=True)
-
-    quickstart = commands.add_parser(
-        "quickstart",
-        help="warm-start the embedded tiny MoE, then forking-token GRPO, eval before/after",
-        description="Runs configs/quickstart.yaml (overrides allowed, e.g. grpo.max_steps=20;\n"
-        "--arm full runs the full-update baseline instead of forking tokens).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help,
-        allow_abbrev=False,  # "--c 1" must not be read as --config
-    )
-    _add_config_arguments(quickstart, required=False)
-
-    compare = commands.add_parser(
-        "compare",
-        help="run every arm x seed on the same data, then write report.md",
-        description="The central experiment: arms are overlays (configs/arms/*.yaml) on one base config.\n"
-        "Runs go to <output_dir>/<arm>-seed<seed>/; finished runs are skipped, so an interrupted compare resumes.\n"
-        "With upcycle.inits, every arm also runs from each starting policy (Branch-Train-MiX, sparse upcycling, scratch).\n"
-        "Examples:\n  rlvr compare --config configs/compare/quickstart.yaml --arms full,forking --seeds 0,1\n"
-        "  rlvr compare --config configs/compare/upcycle.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help,
-        allow_abbrev=False,
-    )
-    compare.add_argument("--config", action="append", required=True, metavar="FILE", help="base YAML config (repeatable)")
-    compare.add_argument("--arms", help="comma-separated arms (default: compare.arms of the config)")
-    compare.add_argument("--seeds", help="comma-separated integer seeds (default: compare.seeds of the config)")
-
-    report = commands.add_parser(
-        "report",
-        help="write report.md and figures from run or compare directories",
-        description="Example:\n  rlvr report runs/compare            # a compare directory\n"
-        "  rlvr report runs/a runs/b --out runs/ab",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    report.add_argument("directories", nargs="+", metavar="RUN_DIR", help="run directories or compare directories")
-    report.add_argument("--out", help="where report.md and the figures go (default: the first directory)")
-
-    launch = commands.add_parser(
-        "launch",
-        help="run an rlvr command under DeepSpeed ZeRO through accelerate launch",
-        description="Builds, prints and runs the accelerate launch command. Examples:\n"
-        "  rlvr launch --zero 3 --nproc 8 -- train --config my.yaml\n"
-        "  rlvr launch --zero 3 --offload --nproc 8 --nnodes 2 --node-rank 0 --main-addr 10.0.0.1 -- train --config my.yaml\n"
-        "  rlvr launch --zero 2 --nproc 2 -- quickstart          # on a CPU box: 2 processes over gloo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    from rlvr.launch import add_arguments
-
-    add_arguments(launch)
-
-    upcycle = commands.add_parser(
-        "upcycle",
-        help="build an MoE checkpoint from dense ones (Branch-Train-MiX or sparse upcycling)",
-        description="BTX: expert i of every layer is dense model i's feed-forward layer, the rest is averaged.\n"
-        "Sparse: one dense model's feed-forward layer copied into --num-experts experts. Families: Qwen3 -> Qwen3-MoE,\n"
-        "Mistral/Llama -> Mixtral. The output loads with AutoModelForCausalLM.from_pretrained. Examples:\n"
-        "  rlvr upcycle --dense ckpt/math ckpt/code --out ckpt/btx --top-k 1 --router-init mean_hidden \\\n"
-        "      --router-samples math.jsonl code.jsonl\n"
-        "  rlvr upcycle --method sparse --dense ckpt/base --num-experts 8 --top-k 2 --out ckpt/sparse",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    from rlvr.upcycle import METHODS, ROUTER_INITS
-
-    upcycle.add_argument("--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)")
-    upcycle.add_argument("--out", required=True, metavar="DIR", help="where the MoE checkpoint goes (must be new or empty)")
-    upcycle.add_argument("--method", choices=METHODS, default="btx", help="btx (default) or sparse")
-    upcycle.add_argument("--num-experts", type=int, help="experts per layer (sparse; btx: number of dense models)")
-    upcycle.add_argument("--top-k", type=int, default=1, help="experts per token (default 1)")
-    upcycle.add_argument("--router-init", choices=ROUTER_INITS, default="random",
-                         help="random (default), zero (uniform routing), mean_hidden (btx: each domain's mean hidden state)")
-    upcycle.add_argument("--router-samples", nargs="+", metavar="FILE",
-                         help="mean_hidden: one text file per dense model, one sample per line (.jsonl: its 'text' field)")
-    upcycle.add_argument("--seed", type=int, default=0, help="seed of the MoE's random init (default 0)")
-    upcycle.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-    check = commands.add_parser(
-        "validate",
-        help="validate a config and print it fully resolved (builds no model)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help,
-        allow_abbrev=False,  # "--c 1" must not be read as --config
-    )
-    _add_config_arguments(check, required=True)
-    return parser
+CONFIG_DIR = CONFIG_ROOT  # the packaged configs (rlvr/configs/)
 
 
 def _quiet_libraries() -> None:
@@ -174,11 +49,57 @@ def _quiet_libraries() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _run_training(config) -> int:
+# ---------------------------------------------------------------- train, quickstart, validate
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument(
+        "--config", action="append", required=required, metavar="FILE",
+        help="YAML config: a path or a packaged name (rlvr configs lists them); repeat to overlay (later wins)",
+    )
+    parser.add_argument(
+        "--arm", choices=arm_names(), metavar="ARM", help=f"overlay the packaged arm ARM, one of: {', '.join(arm_names())}"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (resume=true)"
+    )
+
+
+def _run_config(args: argparse.Namespace, overrides: list[str]):
+    """The validated config of ``train``/``quickstart``/``validate``: files, arm overlay, overrides."""
+    paths = [resolve_config(value, args.command) for value in args.config or []]
+    if args.command == "quickstart":
+        paths.insert(0, QUICKSTART)
+    if args.arm:
+        paths.append(arm_path(args.arm))
+        overrides = [f"arm={args.arm}", *overrides]
+    if args.resume:
+        overrides = [*overrides, "resume=true"]
+    return load_config(paths, overrides)
+
+
+_ran_distributed = False  # this process was a rank of a multi-process run (read by entry_point)
+
+
+def _end_distributed() -> None:
+    """Destroy the process groups of a distributed run while the interpreter is fully alive."""
+    global _ran_distributed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _ran_distributed = True
+        dist.destroy_process_group()
+
+
+def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = _run_config(args, overrides)
     from rlvr.recipe import is_main_process, summary_table, train
 
     _quiet_libraries()
-    result = train(config)
+    try:
+        result = train(config)
+    finally:
+        _end_distributed()
     if not is_main_process():  # one summary per launch
         return 0
     print("\n" + "=" * 72)
@@ -199,55 +120,100 @@ def _run_training(config) -> int:
     return 0
 
 
-def _run_compare(args, overrides) -> int:
-    from rlvr.compare import plan_runs, run_compare
+def run_validate(args: argparse.Namespace, overrides: list[str]) -> int:
+    config = _run_config(args, overrides)
+    print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+    print("config OK", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- compare, report
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", action="append", required=True, metavar="FILE",
+        help="base YAML config: a path or a packaged name (quickstart = compare/quickstart); repeatable",
+    )
+    parser.add_argument("--arms", help="comma-separated arms (default: compare.arms of the config)")
+    parser.add_argument("--seeds", help="comma-separated integer seeds (default: compare.seeds of the config)")
+
+
+def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlvr.compare import config_factory, plan_runs
+    from rlvr.compare import run_compare as run_all
     from rlvr.recipe import train
-    from rlvr.report import write_report
+    from rlvr.report import summary_markdown, write_report
 
     try:
         seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     except ValueError:
-        print(f"rlvr compare: config error: --seeds: expected comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     arms = None if args.arms is None else [arm.strip() for arm in args.arms.split(",") if arm.strip()]
-    try:
-        output_dir, runs = plan_runs(args.config, overrides, arms, seeds)
-    except ConfigError as error:
-        print(f"rlvr compare: config error: {error}", file=sys.stderr)
-        return 2
+    paths = [str(resolve_config(value, "compare")) for value in args.config]
+    output_dir, runs = plan_runs(paths, overrides, arms, seeds)
     _quiet_libraries()
     if runs and runs[0].config.upcycle.inits:
-        from rlvr.compare import config_factory
         from rlvr.upcycle_policies import build_policies
 
-        build_policies(config_factory(args.config, overrides), output_dir)
-    run_compare(output_dir, runs, train)
+        build_policies(config_factory(paths, overrides), output_dir)
+    try:
+        run_all(output_dir, runs, train)
+    finally:
+        _end_distributed()
     report = write_report([output_dir])
-    text = report.read_text()
-    summary = text.split("## Summary", 1)[-1].split("\n## ", 1)[0]
-    print("\n" + "=" * 72 + "\nrlvr compare: summary" + summary.rstrip())
+    print("\n" + "=" * 72 + "\nrlvr compare: summary\n\n" + summary_markdown([output_dir]).rstrip())
     print(f"\nreport: {report} (figures next to it)")
     return 0
 
 
-def _run_report(args) -> int:
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directories", nargs="+", metavar="RUN_DIR", help="run directories or compare directories")
+    parser.add_argument("--out", help="where report.md and the figures go (default: the first directory)")
+
+
+def run_report(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlvr.report import write_report
 
     directories = [Path(d) for d in args.directories]
     for directory in directories:
         if not directory.is_dir():
-            print(f"rlvr report: {directory} is not a directory", file=sys.stderr)
-            return 2
-    report = write_report(directories, Path(args.out) if args.out else None)
-    print(f"report: {report}")
+            raise ConfigError(f"{directory} is not a directory")
+    print(f"report: {write_report(directories, Path(args.out) if args.out else None)}")
     return 0
+
+
+# ---------------------------------------------------------------- upcycle, launch, configs
+
+
+def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
+    from rlvr.upcycle import METHODS, ROUTER_INITS
+
+    parser.add_argument("--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the MoE checkpoint goes (must be new or empty)")
+    parser.add_argument("--method", choices=METHODS, default="btx", help="btx (default) or sparse")
+    parser.add_argument("--num-experts", type=int, help="experts per layer (sparse; btx: number of dense models)")
+    parser.add_argument("--top-k", type=int, default=1, help="experts per token (default 1)")
+    parser.add_argument(
+        "--router-init", choices=ROUTER_INITS, default="random",
+        help="random (default), zero (uniform routing), mean_hidden (btx: each domain's mean hidden state)",
+    )
+    parser.add_argument(
+        "--router-samples", nargs="+", metavar="FILE",
+        help="mean_hidden: one text file per dense model, one sample per line (.jsonl: its 'text' field)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MoE's random init (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def _read_samples(path: str) -> list[str]:
     """Router samples: one per line; in a .jsonl file, the ``text`` field of each record."""
     from rlvr.upcycle import UpcycleError
 
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise UpcycleError(f"{path}: {error.strerror or error}") from None
     if not path.endswith(".jsonl"):
         return lines
     texts = []
@@ -259,77 +225,180 @@ def _read_samples(path: str) -> list[str]:
     return texts
 
 
-def _run_upcycle(args) -> int:
-    from rlvr.upcycle import UpcycleError, upcycle
+def run_upcycle(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlvr.upcycle import upcycle
 
-    try:
-        samples = [_read_samples(path) for path in args.router_samples] if args.router_samples else None
-        out = upcycle(args.dense, args.out, method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                      router_init=args.router_init, router_samples=samples, seed=args.seed, overwrite=args.overwrite)
-    except (UpcycleError, OSError) as error:
-        print(f"rlvr upcycle: {error}", file=sys.stderr)
-        return 2
+    samples = [_read_samples(path) for path in args.router_samples] if args.router_samples else None
+    out = upcycle(args.dense, args.out, method=args.method, num_experts=args.num_experts, top_k=args.top_k,
+                  router_init=args.router_init, router_samples=samples, seed=args.seed, overwrite=args.overwrite)
     print(f"rlvr upcycle: {args.method} MoE written to {out}")
     return 0
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    from rlvr.launch import add_arguments
+
+    add_arguments(parser)
+
+
+def add_configs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--copy", metavar="NAME", help="copy the packaged config NAME out to edit it")
+    parser.add_argument("--to", default=".", metavar="PATH", help="destination file or directory of --copy (default: .)")
+
+
+def run_configs(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.copy:
+        print(f"rlvr configs: copied {args.copy} to {copy_config(args.copy, args.to)}")
+        return 0
+    listing = list_configs()
+    width = max(len(name) for name, _ in listing)
+    print(f"Packaged configs ({CONFIG_ROOT}); use a name as --config NAME, or copy one with --copy NAME:")
+    for name, summary in listing:
+        print(f"  {name.ljust(width)}  {summary}")
+    return 0
+
+
+# ---------------------------------------------------------------- the parser
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, list[str]], int]
+    takes_overrides: bool = False  # accepts config keys (--key value / key=value) after its own arguments
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "train a policy with ForkingGRPOTrainer from a YAML config",
+        "Train with forking-token GRPO. Examples:\n"
+        "  rlvr train --config quickstart --forking.rho 0.3 --max_steps 50\n"
+        "  rlvr train --config my.yaml --arm full            # the full-update baseline",
+        _add_config_arguments, run_train, takes_overrides=True,
+    ),
+    "quickstart": Command(
+        "warm-start the embedded tiny MoE, then forking-token GRPO, eval before/after",
+        "Runs the packaged quickstart config (overrides allowed, e.g. grpo.max_steps=20;\n"
+        "--arm full runs the full-update baseline instead of forking tokens).",
+        lambda parser: _add_config_arguments(parser, required=False), run_train, takes_overrides=True,
+    ),
+    "compare": Command(
+        "run every arm x seed on the same data, then write report.md",
+        "The central experiment: arms are packaged overlays (rlvr configs lists them) on one base config.\n"
+        "Runs go to <output_dir>/<arm>-seed<seed>/; finished runs are skipped, so an interrupted compare resumes.\n"
+        "With upcycle.inits, every arm also runs from each starting policy (Branch-Train-MiX, sparse upcycling, scratch).\n"
+        "Examples:\n  rlvr compare --config quickstart --arms full,forking --seeds 0,1\n"
+        "  rlvr compare --config upcycle",
+        add_compare_arguments, run_compare, takes_overrides=True,
+    ),
+    "report": Command(
+        "write report.md and figures from run or compare directories",
+        "Examples:\n  rlvr report runs/compare            # a compare directory\n  rlvr report runs/a runs/b --out runs/ab",
+        add_report_arguments, run_report,
+    ),
+    "launch": Command(
+        "run an rlvr command under DeepSpeed ZeRO through accelerate launch",
+        "Builds, prints and runs the accelerate launch command. Examples:\n"
+        "  rlvr launch --zero 3 --nproc 8 -- train --config my.yaml\n"
+        "  rlvr launch --zero 3 --offload --nproc 8 --nnodes 2 --node-rank 0 --main-addr 10.0.0.1 -- train --config my.yaml\n"
+        "  rlvr launch --zero 2 --nproc 2 -- quickstart          # on a CPU box: 2 processes over gloo",
+        add_launch_arguments, lambda args, rest: 0,  # run by main(): everything after '--' is the launched command
+    ),
+    "upcycle": Command(
+        "build an MoE checkpoint from dense ones (Branch-Train-MiX or sparse upcycling)",
+        "BTX: expert i of every layer is dense model i's feed-forward layer, the rest is averaged.\n"
+        "Sparse: one dense model's feed-forward layer copied into --num-experts experts. Families: Qwen3 -> Qwen3-MoE,\n"
+        "Mistral/Llama -> Mixtral. The output loads with AutoModelForCausalLM.from_pretrained. Examples:\n"
+        "  rlvr upcycle --dense ckpt/math ckpt/code --out ckpt/btx --top-k 1 --router-init mean_hidden \\\n"
+        "      --router-samples math.jsonl code.jsonl\n"
+        "  rlvr upcycle --method sparse --dense ckpt/base --num-experts 8 --top-k 2 --out ckpt/sparse",
+        add_upcycle_arguments, run_upcycle,
+    ),
+    "validate": Command(
+        "validate a config and print it fully resolved (builds no model)",
+        "Example:\n  rlvr validate --config quickstart --arm bottom --max_steps 10",
+        _add_config_arguments, run_validate, takes_overrides=True,
+    ),
+    "configs": Command(
+        "list the packaged configs, or copy one out to edit",
+        "Examples:\n  rlvr configs\n  rlvr configs --copy quickstart --to my.yaml\n"
+        "  rlvr configs --copy models/qwen3_30b_a3b",
+        add_configs_arguments, run_configs,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlvr",
+        description="Entropy-focused RL fine-tuning (forking-token GRPO) for Mixture-of-Experts models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'rlvr train --help' for every config key.",
+    )
+    parser.add_argument("--version", action="version", version=f"rlvr {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "Config keys (override with --key value or key=value; bare GRPOConfig fields mean grpo.<key>):\n"
+    for name, command in COMMANDS.items():
+        subparser = subparsers.add_parser(
+            name, help=command.help, description=command.description, allow_abbrev=False,  # "--c 1" is no --config
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=config_help + format_help() if command.takes_overrides else None,
+        )
+        command.add_arguments(subparser)
+    return parser
+
+
+def _errors() -> tuple[tuple[type, str], ...]:
+    """Every rlvr error type and the label of its one-line message; anything else is a bug and keeps its traceback."""
+    from rlvr.data import DataError
+    from rlvr.upcycle import UpcycleError
+
+    return ((ConfigError, "config error: "), (DataError, "data error: "), (UpcycleError, ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     if argv and argv[0] == "launch":  # everything after "--" is the command to launch
-        split = argv.index("--") if "--" in argv else len(argv)
         from rlvr.launch import launch
 
-        args = _parser().parse_args(argv[:split])
-        return launch(args, argv[split + 1 :])
-    parser = _parser()
+        split = argv.index("--") if "--" in argv else len(argv)
+        return launch(parser.parse_args(argv[:split]), argv[split + 1 :])
     args, overrides = parser.parse_known_args(argv)
-    if args.command == "report":
-        if overrides:
-            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-        return _run_report(args)
-    if args.command == "upcycle":
-        if overrides:
-            parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-        return _run_upcycle(args)
-    from rlvr.data import DataError
-
-    if args.command == "compare":
-        try:
-            return _run_compare(args, overrides)
-        except DataError as error:
-            print(f"rlvr compare: data error: {error}", file=sys.stderr)
-            return 2
-    paths = list(args.config or [])
-    if args.command == "quickstart":
-        paths.insert(0, str(QUICKSTART_CONFIG))
-    if args.arm:
-        paths.append(str(ARMS_DIR / f"{args.arm}.yaml"))
-        overrides = [f"arm={args.arm}", *overrides]
-    if getattr(args, "resume", False):
-        overrides = [*overrides, "resume=true"]
+    command = COMMANDS[args.command]
+    if overrides and not command.takes_overrides:
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    errors = _errors()
     try:
-        if args.command == "quickstart" and not QUICKSTART_CONFIG.is_file():
-            raise ConfigError(
-                f"quickstart config not found at {QUICKSTART_CONFIG}; install from a source checkout (pip install -e .)"
-            )
-        config = load_config(paths, overrides)
-    except ConfigError as error:
-        print(f"rlvr {args.command}: config error: {error}", file=sys.stderr)
+        return command.run(args, overrides)
+    except tuple(kind for kind, _ in errors) as error:
+        label = next(label for kind, label in errors if isinstance(error, kind))
+        print(f"rlvr {args.command}: {label}{error}", file=sys.stderr)
         return 2
-    if args.command == "validate":
-        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
-        print("config OK", file=sys.stderr)
-        return 0
 
-    try:
-        return _run_training(config)
-    except DataError as error:
-        print(f"rlvr {args.command}: data error: {error}", file=sys.stderr)
-        return 2
-    except ConfigError as error:  # found once the run directory is read (e.g. --resume of a finished run)
-        print(f"rlvr {args.command}: config error: {error}", file=sys.stderr)
-        return 2
+
+def entry_point() -> None:
+    """``rlvr`` and ``python -m rlvr``: :func:`main`, then exit.
+
+    A rank of a multi-process run ends with ``os._exit`` once its files, logs and ``atexit`` handlers
+    are done: gloo's worker threads can still release a tensor when the interpreter finalizes, and the
+    GIL they then ask for aborts the rank with 'terminate called without an active exception'
+    (pytorch/pytorch#190489), turning a finished run into a failed launch.
+    """
+    code = main()
+    if not _ran_distributed:
+        sys.exit(code)
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -1,6 +1,6 @@
 """``rlvr compare``: every arm x seed on the same data, then one report.
 
-Arms are overlays (``configs/arms/<arm>.yaml``) on one base config, so two runs differ only in
+Arms are overlays (``rlvr/configs/arms/<arm>.yaml``) on one base config, so two runs differ only in
 their arm (and seed). Runs go to ``<output_dir>/<arm>-seed<seed>/``. A run counts as finished when
 its ``summary.json`` exists (written last), so an interrupted compare skips finished runs and starts
 unfinished ones over. Every run's config is validated before the first run starts.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlvr.config import ConfigError, RunConfig, load_config
+from rlvr.packaged import arm_names, arm_path
 
-ARMS_DIR = Path(__file__).resolve().parent.parent / "configs" / "arms"
 MANIFEST = "compare.json"
 
 
@@ -39,10 +39,9 @@ def plan_runs(config_paths: list[str], overrides: list[str], arms: list[str] | N
     base = load_config(config_paths, overrides)
     arms = [str(arm) for arm in (arms or base.compare.arms)]
     seeds = [int(seed) for seed in (seeds if seeds is not None else base.compare.seeds)]
-    known = sorted(path.stem for path in ARMS_DIR.glob("*.yaml"))
     for arm in arms:
-        if arm not in known:
-            raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(known)}")
+        if arm not in arm_names():
+            raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(arm_names())}")
     output_dir = Path(base.output_dir)
     from rlvr.upcycle_policies import run_overrides
 
@@ -55,7 +54,7 @@ def plan_runs(config_paths: list[str], overrides: list[str], arms: list[str] | N
                 directory = output_dir / (f"{arm}-seed{seed}" if init is None else f"{init}-{arm}-seed{seed}")
                 starting = [] if init is None else run_overrides(base, output_dir, init)
                 config = load_config(
-                    [*config_paths, ARMS_DIR / f"{arm}.yaml"],
+                    [*config_paths, arm_path(arm)],
                     [*overrides, *starting, f"output_dir={directory}", f"seed={seed}", f"arm={label}"],
                 )
                 runs.append(PlannedRun(label, seed, directory, config))

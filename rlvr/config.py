@@ -192,7 +192,7 @@ class EvalConfig:
 
 @dataclass
 class CompareConfig:
-    arms: list = _field(["full", "forking"], "arms to run (configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom")
+    arms: list = _field(["full", "forking"], "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom")
     seeds: list = _field([0, 1], "seeds; every arm runs once per seed on the same data")
 
 
@@ -356,8 +356,31 @@ def _number(text: str) -> Any:
             return text
 
 
+def grpo_fields() -> set[str]:
+    """The field names of TRL's ``GRPOConfig``: what the ``grpo`` section (and a bare TRL flag) may set."""
+    from trl import GRPOConfig
+
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _section_types(cls).items():
+        keys += _dotted_keys(tp, f"{prefix}{name}.") if _is_dataclass_type(tp) else [f"{prefix}{name}"]
+    return keys
+
+
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3)
+    """An unknown key, with the closest keys of its own section, else of every section (``grpo.*`` included)."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=3)
+    if not close:
+        everywhere = _dotted_keys(RunConfig) + [f"grpo.{name}" for name in sorted(grpo_fields())]
+        by_leaf: dict[str, list[str]] = {}
+        for dotted in everywhere:
+            by_leaf.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+        close = [d for match in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75) for d in by_leaf[match]]
+        close = close[:3] or difflib.get_close_matches(key, everywhere, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"{key}: unknown key{hint}")
 
@@ -367,6 +390,9 @@ def _apply(instance: Any, values: dict, prefix: str) -> None:
     hints = _section_types(type(instance))
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if name not in hints and isinstance(instance, RunConfig) and name in grpo_fields():
+            instance.grpo[name] = value  # a TRL flag: --max_steps 3 is grpo.max_steps
+            continue
         if name not in hints:
             raise _unknown_key(key, list(hints))
         tp = hints[name]
@@ -420,7 +446,7 @@ def load_config(
 ) -> RunConfig:
     """Defaults, then each YAML file in order (later files overlay earlier ones), then the overrides; validated.
 
-    Several files make an experiment arm: ``load_config(["configs/quickstart.yaml", "configs/arms/full.yaml"])``.
+    Several files make an experiment arm: ``load_config(["configs/quickstart.yaml", "rlvr/configs/arms/full.yaml"])``.
     """
     config = RunConfig()
     if paths is None:

@@ -12,15 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+from rlvr.packaged import DEEPSPEED_DIR
+
 
 
 def config_files(zero: int, offload: bool) -> tuple[Path, Path]:
-    """The accelerate YAML and DeepSpeed JSON shipped in configs/deepspeed/."""
+    """The accelerate YAML and DeepSpeed JSON shipped in rlvr/configs/deepspeed/."""
     if zero not in (2, 3):
         raise ValueError(f"--zero must be 2 or 3, got {zero}")
     if offload and zero != 3:
-        raise ValueError("--offload needs --zero 3 (configs/deepspeed/zero3_offload.json)")
+        raise ValueError("--offload needs --zero 3 (deepspeed/zero3_offload.json)")
     name = "zero3_offload" if offload else f"zero{zero}"
     return DEEPSPEED_DIR / f"{name}.yaml", DEEPSPEED_DIR / f"{name}.json"
 

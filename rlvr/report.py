@@ -366,30 +366,49 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
 # The report
 
 
-def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
-    runs, missing = find_runs(paths)
-    out_dir = out_dir or paths[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by arm, the full arm first."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.seed)):
         groups[run.arm].append(run)
-    lines = ["# rlvr report", ""]
-    lines.append(f"Runs: {len(runs)} ({', '.join(f'{arm} x{len(rs)}' for arm, rs in groups.items()) or 'none'}).")
-    if missing:
-        lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
-    lines += ["", "## Summary", "",
-              "Final eval accuracy after RL (mean ± std over seeds); best = best greedy accuracy of any eval during "
-              "training; steps to full = first eval step where the arm's mean greedy accuracy reaches the full arm's "
-              "final mean; gradient tokens = completion tokens with a non-zero policy-gradient weight per run; "
-              "train time = wall-clock seconds of the RL phase (no warm start, no evals).", "",
-              "| arm | seeds | greedy acc | sampled acc | best greedy | steps to full | gradient tokens | train time (s) |",
-              "|---|---|---|---|---|---|---|---|"]
+    return groups
+
+
+def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
+    """The summary table (markdown lines) with its legend."""
+    lines = [
+        "Final eval accuracy after RL (mean ± std over seeds); best = best greedy accuracy of any eval during "
+        "training; steps to full = first eval step where the arm's mean greedy accuracy reaches the full arm's "
+        "final mean; gradient tokens = completion tokens with a non-zero policy-gradient weight per run; "
+        "train time = wall-clock seconds of the RL phase (no warm start, no evals).", "",
+        "| arm | seeds | greedy acc | sampled acc | best greedy | steps to full | gradient tokens | train time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary_rows(groups):
         lines.append(
             f"| {row['arm']} | {row['seeds']} | {_fmt(*row['greedy'])} | {_fmt(*row['sampled'])} | {_fmt(*row['best'])} | "
             f"{row['steps_to_full'] if row['steps_to_full'] is not None else 'not reached'} | "
             f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
         )
+    return lines
+
+
+def summary_markdown(paths: list[Path]) -> str:
+    """The summary table of the runs under ``paths``, as printed at the end of ``rlvr compare``."""
+    runs, _ = find_runs(paths)
+    return "\n".join(summary_lines(group_runs(runs))) + "\n"
+
+
+def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
+    runs, missing = find_runs(paths)
+    out_dir = out_dir or paths[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    lines = ["# rlvr report", ""]
+    lines.append(f"Runs: {len(runs)} ({', '.join(f'{arm} x{len(rs)}' for arm, rs in groups.items()) or 'none'}).")
+    if missing:
+        lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
+    lines += ["", "## Summary", "", *summary_lines(groups)]
     figures = []
     if plot_curves(groups, [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
                    out_dir / "accuracy.png", "Held-out accuracy vs training step (mean ± std over seeds)"):

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from rlvr.config import ConfigError, format_help, load_config, parse_overrides
+from rlvr.packaged import CONFIG_ROOT
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = CONFIG_ROOT
 
 
 def test_defaults_are_valid():

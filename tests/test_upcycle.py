@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from rlvr.cli import main
 from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_pretrained
 from rlvr.moe.hooks import RoutingHooks
+from rlvr.packaged import CONFIG_ROOT
 from rlvr.upcycle import MANIFEST, UpcycleError, upcycle
 
 SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=24)
@@ -184,9 +185,9 @@ def test_cli_upcycle(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------------
-# The experiment: configs/compare/upcycle.yaml
+# The experiment: rlvr/configs/compare/upcycle.yaml
 
-UPCYCLE_CONFIG = "configs/compare/upcycle.yaml"
+UPCYCLE_CONFIG = str(CONFIG_ROOT / "compare" / "upcycle.yaml")
 
 
 def test_plan_runs_with_starting_policies(tmp_path):

@@ -7,6 +7,8 @@ or a directory saved with ``Dataset.save_to_disk``. Columns are configurable; GS
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -23,13 +25,19 @@ class DataError(ValueError):
 
 
 def read_source(source: str, split: str, config_name: str | None = None) -> Dataset:
-    """Read one split of a hub dataset, a local data file or a local dataset directory."""
-    path = Path(source)
+    """Read one split of a hub dataset, a local data file or a local dataset directory.
+
+    Every failure to read is a :class:`DataError` of one line naming the file (and the line or the
+    reader's complaint), raised before any model is built.
+    """
+    path = Path(source).expanduser()
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
-        return load_dataset(builder, data_files=str(path), split="train")
+        if builder == "json":
+            check_json_file(path)
+        return _load(source, split, lambda: load_dataset(builder, data_files=str(path), split="train"))
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             loaded = load_from_disk(str(path))
@@ -38,10 +46,76 @@ def read_source(source: str, split: str, config_name: str | None = None) -> Data
                     raise DataError(f"{source}: no split {split!r}; available: {sorted(loaded)}")
                 return loaded[split]
             return loaded
-        return load_dataset(str(path), config_name, split=split)  # a folder of data files
+        return _load(source, split, lambda: load_dataset(str(path), config_name, split=split))  # a folder of data files
     if source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
         raise DataError(f"{source}: no such file or directory")
-    return load_dataset(source, config_name, split=split)  # hub name, e.g. "openai/gsm8k" with config "main"
+    return _load(source, split, lambda: load_dataset(source, config_name, split=split))  # e.g. "openai/gsm8k", "main"
+
+
+def check_json_file(path: Path) -> None:
+    """A ``.json`` or ``.jsonl`` file must hold JSON objects (one per line, or one JSON document)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    stripped = text.strip()
+    if not stripped:
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".json" and stripped[0] in "[{":
+        try:
+            json.loads(stripped)
+            return
+        except json.JSONDecodeError:
+            if stripped[0] == "[":  # one JSON array: the error position is the useful message
+                raise DataError(f"{path}: not valid JSON: {_json_error(stripped)}") from None
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON lines
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"{error.msg} at line {error.lineno}, column {error.colno}"
+    return "unknown error"
+
+
+def _load(source: str, split: str, read) -> Dataset:
+    """Run a ``datasets`` reader; its errors become one line naming the source (its own error log is muted)."""
+    library_logger = logging.getLogger("datasets")
+    level = library_logger.level
+    library_logger.setLevel(logging.CRITICAL)
+    try:
+        return read()
+    except DataError:
+        raise
+    except FileNotFoundError as error:
+        raise DataError(f"{source}: not found ({error})") from None
+    except ValueError as error:
+        if "split" in str(error).lower():  # datasets: 'Unknown split "x". Should be one of [...]'
+            raise DataError(f"{source}: no split {split!r} ({error})") from None
+        raise DataError(f"{source}: cannot read: {_root_cause(error)}") from None
+    except Exception as error:  # noqa: BLE001 -- pyarrow/pandas parse errors surface as DatasetGenerationError
+        if type(error).__module__.startswith(("datasets", "pyarrow", "pandas")) or isinstance(error, OSError):
+            raise DataError(f"{source}: cannot read: {_root_cause(error)}") from None
+        raise
+    finally:
+        library_logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost exception's message: the parser's own words (line, column, expected fields)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}"
 
 
 def extract_answer(raw: object, answer_format: str) -> str:

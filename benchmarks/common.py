@@ -48,14 +48,30 @@ def build_trainer(trainer_cls, checkpoint: str, args, output_dir: str, grpo: dic
     model, tokenizer = load_pretrained(checkpoint)
     dataset = problems_to_dataset(generate_problems(ArithmeticTask(), "train", 2000, seed=0))
     settings = dict(
-        output_dir=output_dir, per_device_train_batch_size=args.batch, num_generations=args.generations,
-        max_completion_length=args.length, generation_kwargs={"min_new_tokens": args.length},
-        use_cpu=True, bf16=False, report_to=[], logging_steps=1, max_steps=args.steps, beta=0.0, seed=0,
-        save_strategy="no", disable_tqdm=True, loss_type="dapo", router_aux_loss_coef=0.0,
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch,
+        num_generations=args.generations,
+        max_completion_length=args.length,
+        generation_kwargs={"min_new_tokens": args.length},
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        logging_steps=1,
+        max_steps=args.steps,
+        beta=0.0,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        loss_type="dapo",
+        router_aux_loss_coef=0.0,
     ) | (grpo or {})
     trainer = trainer_cls(
-        model=model, reward_funcs=odd_length_reward, args=GRPOConfig(**settings), train_dataset=dataset,
-        processing_class=tokenizer, **extra,
+        model=model,
+        reward_funcs=odd_length_reward,
+        args=GRPOConfig(**settings),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)  # keep the console to the result table
     trainer.model.train()

@@ -42,9 +42,11 @@ def make_batch(size: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 def direct(completions: list[str], golds: list[str]) -> list[float]:
     scores = []
-    for completion, gold in zip(completions, golds):
+    for completion, gold in zip(completions, golds, strict=True):
         gold_parsed = parse(f"${gold}$", extraction_config=(LatexExtractionConfig(), ExprExtractionConfig()))
-        predicted = parse(completion, extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()))
+        predicted = parse(
+            completion, extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+        )
         scores.append(float(bool(gold_parsed and predicted and verify(gold_parsed, predicted))))
     return scores
 
@@ -74,7 +76,11 @@ def main() -> None:
                 start = time.perf_counter()
                 scores = method(completions, golds) if method is direct else method(completions, answer=golds)
                 seconds[name].append(time.perf_counter() - start)
-                assert scores == expected, f"{name} disagrees with math-verify: " + str([(c, g, a, b) for c, g, a, b in zip(completions, golds, expected, scores, strict=True) if a != b][:3])
+                assert scores == expected, f"{name} disagrees with math-verify: " + str(
+                    [(c, g, a, b) for c, g, a, b in zip(completions, golds, expected, scores, strict=True) if a != b][
+                        :3
+                    ]
+                )
         for name in methods:
             rows[name].append(size / statistics.median(seconds[name]))
     for name, rates in rows.items():
@@ -82,7 +88,10 @@ def main() -> None:
     baseline = rows["math-verify direct"]
     for name, rates in rows.items():
         if name != "math-verify direct":
-            print(f"{name + ' / direct':30}" + "".join(f"{rate / base:8.2f}x" for rate, base in zip(rates, baseline)))
+            print(
+                f"{name + ' / direct':30}"
+                + "".join(f"{rate / base:8.2f}x" for rate, base in zip(rates, baseline, strict=True))
+            )
     for method in methods.values():
         if hasattr(method, "close"):
             method.close()

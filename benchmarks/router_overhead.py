@@ -19,8 +19,14 @@ import argparse
 import tempfile
 
 from common import (
-    add_model_arguments, build_trainer, fixed_batch, interleaved_loss_steps, interleaved_train_steps, print_ratios,
-    quiet, save_model,
+    add_model_arguments,
+    build_trainer,
+    fixed_batch,
+    interleaved_loss_steps,
+    interleaved_train_steps,
+    print_ratios,
+    quiet,
+    save_model,
 )
 
 from rlvr.config import ForkingConfig, MoEConfig
@@ -30,12 +36,18 @@ from rlvr.trainer import ROUTING_KEY, ForkingGRPOTrainer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--replay", default="rollout", choices=("rollout", "old_policy", "none"), help="routing replay mode")
+    parser.add_argument(
+        "--replay", default="rollout", choices=("rollout", "old_policy", "none"), help="routing replay mode"
+    )
     args = parser.parse_args()
     quiet()
     on = MoEConfig(
-        router_gate_scope="forking", expert_gate_scope="forking", load_balancing_coef=0.01,
-        load_balancing_scope="forking", routing_replay=args.replay, analytics=True,
+        router_gate_scope="forking",
+        expert_gate_scope="forking",
+        load_balancing_coef=0.01,
+        load_balancing_scope="forking",
+        routing_replay=args.replay,
+        analytics=True,
     )
     off = MoEConfig(analytics=False)
     # old_policy replay records in TRL's old-policy forward, which TRL runs only when a generation batch
@@ -45,7 +57,9 @@ def main() -> None:
         checkpoint = save_model(args, f"{scratch}/model")
         forking = ForkingConfig(rho=0.2)
         trainers = {
-            "off": build_trainer(ForkingGRPOTrainer, checkpoint, args, f"{scratch}/off", grpo, forking=forking, moe=off),
+            "off": build_trainer(
+                ForkingGRPOTrainer, checkpoint, args, f"{scratch}/off", grpo, forking=forking, moe=off
+            ),
             "on": build_trainer(ForkingGRPOTrainer, checkpoint, args, f"{scratch}/on", grpo, forking=forking, moe=on),
         }
         batch = fixed_batch(trainers["on"], args)
@@ -58,7 +72,9 @@ def main() -> None:
     print_ratios(
         f"{args.arch}: {args.layers} layers, hidden {args.hidden}, {args.batch} completions x {args.length} tokens, "
         f"replay={args.replay}",
-        "off", "on", results,
+        "off",
+        "on",
+        results,
     )
     if record is not None:
         tokens = record.shape[0] * record.shape[1]

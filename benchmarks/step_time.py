@@ -19,8 +19,14 @@ import argparse
 import tempfile
 
 from common import (
-    add_model_arguments, build_trainer, fixed_batch, interleaved_loss_steps, interleaved_train_steps, print_ratios,
-    quiet, save_model,
+    add_model_arguments,
+    build_trainer,
+    fixed_batch,
+    interleaved_loss_steps,
+    interleaved_train_steps,
+    print_ratios,
+    quiet,
+    save_model,
 )
 from trl import GRPOTrainer
 
@@ -38,11 +44,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = save_model(args, f"{scratch}/model")
         trainers = {
-            "stock TRL": build_trainer(GRPOTrainer, checkpoint, args, f"{scratch}/stock", {"top_entropy_quantile": args.rho}),
+            "stock TRL": build_trainer(
+                GRPOTrainer, checkpoint, args, f"{scratch}/stock", {"top_entropy_quantile": args.rho}
+            ),
             # analytics off by default here: the forking-token path alone (router_overhead.py measures the rest)
             "rlvr": build_trainer(
-                ForkingGRPOTrainer, checkpoint, args, f"{scratch}/rlvr",
-                forking=ForkingConfig(rho=args.rho), moe=MoEConfig(analytics=args.analytics),
+                ForkingGRPOTrainer,
+                checkpoint,
+                args,
+                f"{scratch}/rlvr",
+                forking=ForkingConfig(rho=args.rho),
+                moe=MoEConfig(analytics=args.analytics),
             ),
         }
         batch = fixed_batch(trainers["stock TRL"], args)
@@ -53,7 +65,9 @@ def main() -> None:
     print_ratios(
         f"{args.arch}: {args.layers} layers, hidden {args.hidden}, {args.batch} completions x {args.length} tokens, "
         f"routing analytics {'on' if args.analytics else 'off'}",
-        "stock TRL", "rlvr", results,
+        "stock TRL",
+        "rlvr",
+        results,
     )
 
 

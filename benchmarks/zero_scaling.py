@@ -20,15 +20,29 @@ import tempfile
 from pathlib import Path
 
 COMMON = [
-    "model.tiny.num_layers=2", "model.tiny.hidden_size=64", "model.tiny.expert_size=128", "data.num_train=512",
-    "warm_start.enabled=false", "eval.enabled=false", "save_model=false", "grpo.logging_steps=1",
-    "grpo.num_generations=8", "grpo.max_completion_length=32", "grpo.disable_tqdm=true",
+    "model.tiny.num_layers=2",
+    "model.tiny.hidden_size=64",
+    "model.tiny.expert_size=128",
+    "data.num_train=512",
+    "warm_start.enabled=false",
+    "eval.enabled=false",
+    "save_model=false",
+    "grpo.logging_steps=1",
+    "grpo.num_generations=8",
+    "grpo.max_completion_length=32",
+    "grpo.disable_tqdm=true",
 ]
 
 
 def run(label: str, launcher: list[str], per_device: int, steps: int, output: Path) -> list[float]:
-    command = [*launcher, "quickstart", *COMMON, f"grpo.max_steps={steps}",
-               f"grpo.per_device_train_batch_size={per_device}", f"output_dir={output}"]
+    command = [
+        *launcher,
+        "quickstart",
+        *COMMON,
+        f"grpo.max_steps={steps}",
+        f"grpo.per_device_train_batch_size={per_device}",
+        f"output_dir={output}",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         raise SystemExit(f"{label} failed:\n{finished.stderr[-2000:]}")

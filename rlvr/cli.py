@@ -22,9 +22,9 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -54,11 +54,17 @@ def _quiet_libraries() -> None:
 
 def _add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
-        "--config", action="append", required=required, metavar="FILE",
+        "--config",
+        action="append",
+        required=required,
+        metavar="FILE",
         help="YAML config: a path or a packaged name (rlvr configs lists them); repeat to overlay (later wins)",
     )
     parser.add_argument(
-        "--arm", choices=arm_names(), metavar="ARM", help=f"overlay the packaged arm ARM, one of: {', '.join(arm_names())}"
+        "--arm",
+        choices=arm_names(),
+        metavar="ARM",
+        help=f"overlay the packaged arm ARM, one of: {', '.join(arm_names())}",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir (resume=true)"
@@ -132,7 +138,10 @@ def run_validate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", action="append", required=True, metavar="FILE",
+        "--config",
+        action="append",
+        required=True,
+        metavar="FILE",
         help="base YAML config: a path or a packaged name (quickstart = compare/quickstart); repeatable",
     )
     parser.add_argument("--arms", help="comma-separated arms (default: compare.arms of the config)")
@@ -189,17 +198,25 @@ def run_report(args: argparse.Namespace, overrides: list[str]) -> int:
 def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
     from rlvr.upcycle import METHODS, ROUTER_INITS
 
-    parser.add_argument("--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where the MoE checkpoint goes (must be new or empty)")
+    parser.add_argument(
+        "--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="where the MoE checkpoint goes (must be new or empty)"
+    )
     parser.add_argument("--method", choices=METHODS, default="btx", help="btx (default) or sparse")
     parser.add_argument("--num-experts", type=int, help="experts per layer (sparse; btx: number of dense models)")
     parser.add_argument("--top-k", type=int, default=1, help="experts per token (default 1)")
     parser.add_argument(
-        "--router-init", choices=ROUTER_INITS, default="random",
+        "--router-init",
+        choices=ROUTER_INITS,
+        default="random",
         help="random (default), zero (uniform routing), mean_hidden (btx: each domain's mean hidden state)",
     )
     parser.add_argument(
-        "--router-samples", nargs="+", metavar="FILE",
+        "--router-samples",
+        nargs="+",
+        metavar="FILE",
         help="mean_hidden: one text file per dense model, one sample per line (.jsonl: its 'text' field)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the MoE's random init (default 0)")
@@ -229,8 +246,17 @@ def run_upcycle(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlvr.upcycle import upcycle
 
     samples = [_read_samples(path) for path in args.router_samples] if args.router_samples else None
-    out = upcycle(args.dense, args.out, method=args.method, num_experts=args.num_experts, top_k=args.top_k,
-                  router_init=args.router_init, router_samples=samples, seed=args.seed, overwrite=args.overwrite)
+    out = upcycle(
+        args.dense,
+        args.out,
+        method=args.method,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        router_init=args.router_init,
+        router_samples=samples,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     print(f"rlvr upcycle: {args.method} MoE written to {out}")
     return 0
 
@@ -243,7 +269,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_configs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--copy", metavar="NAME", help="copy the packaged config NAME out to edit it")
-    parser.add_argument("--to", default=".", metavar="PATH", help="destination file or directory of --copy (default: .)")
+    parser.add_argument(
+        "--to", default=".", metavar="PATH", help="destination file or directory of --copy (default: .)"
+    )
 
 
 def run_configs(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -276,56 +304,72 @@ COMMANDS: dict[str, Command] = {
         "Train with forking-token GRPO. Examples:\n"
         "  rlvr train --config quickstart --forking.rho 0.3 --max_steps 50\n"
         "  rlvr train --config my.yaml --arm full            # the full-update baseline",
-        _add_config_arguments, run_train, takes_overrides=True,
+        _add_config_arguments,
+        run_train,
+        takes_overrides=True,
     ),
     "quickstart": Command(
         "warm-start the embedded tiny MoE, then forking-token GRPO, eval before/after",
         "Runs the packaged quickstart config (overrides allowed, e.g. grpo.max_steps=20;\n"
         "--arm full runs the full-update baseline instead of forking tokens).",
-        lambda parser: _add_config_arguments(parser, required=False), run_train, takes_overrides=True,
+        lambda parser: _add_config_arguments(parser, required=False),
+        run_train,
+        takes_overrides=True,
     ),
     "compare": Command(
         "run every arm x seed on the same data, then write report.md",
         "The central experiment: arms are packaged overlays (rlvr configs lists them) on one base config.\n"
         "Runs go to <output_dir>/<arm>-seed<seed>/; finished runs are skipped, so an interrupted compare resumes.\n"
-        "With upcycle.inits, every arm also runs from each starting policy (Branch-Train-MiX, sparse upcycling, scratch).\n"
+        "With upcycle.inits, every arm also runs from each starting policy\n"
+        "(Branch-Train-MiX, sparse upcycling, scratch).\n"
         "Examples:\n  rlvr compare --config quickstart --arms full,forking --seeds 0,1\n"
         "  rlvr compare --config upcycle",
-        add_compare_arguments, run_compare, takes_overrides=True,
+        add_compare_arguments,
+        run_compare,
+        takes_overrides=True,
     ),
     "report": Command(
         "write report.md and figures from run or compare directories",
-        "Examples:\n  rlvr report runs/compare            # a compare directory\n  rlvr report runs/a runs/b --out runs/ab",
-        add_report_arguments, run_report,
+        "Examples:\n  rlvr report runs/compare            # a compare directory\n"
+        "  rlvr report runs/a runs/b --out runs/ab",
+        add_report_arguments,
+        run_report,
     ),
     "launch": Command(
         "run an rlvr command under DeepSpeed ZeRO through accelerate launch",
         "Builds, prints and runs the accelerate launch command. Examples:\n"
         "  rlvr launch --zero 3 --nproc 8 -- train --config my.yaml\n"
-        "  rlvr launch --zero 3 --offload --nproc 8 --nnodes 2 --node-rank 0 --main-addr 10.0.0.1 -- train --config my.yaml\n"
+        "  rlvr launch --zero 3 --offload --nproc 8 --nnodes 2 --node-rank 0 --main-addr 10.0.0.1 \\\n"
+        "      -- train --config my.yaml\n"
         "  rlvr launch --zero 2 --nproc 2 -- quickstart          # on a CPU box: 2 processes over gloo",
-        add_launch_arguments, lambda args, rest: 0,  # run by main(): everything after '--' is the launched command
+        add_launch_arguments,
+        lambda args, rest: 0,  # run by main(): everything after '--' is the launched command
     ),
     "upcycle": Command(
         "build an MoE checkpoint from dense ones (Branch-Train-MiX or sparse upcycling)",
         "BTX: expert i of every layer is dense model i's feed-forward layer, the rest is averaged.\n"
-        "Sparse: one dense model's feed-forward layer copied into --num-experts experts. Families: Qwen3 -> Qwen3-MoE,\n"
-        "Mistral/Llama -> Mixtral. The output loads with AutoModelForCausalLM.from_pretrained. Examples:\n"
+        "Sparse: one dense model's feed-forward layer copied into --num-experts experts.\n"
+        "Families: Qwen3 -> Qwen3-MoE, Mistral/Llama -> Mixtral.\n"
+        "The output loads with AutoModelForCausalLM.from_pretrained. Examples:\n"
         "  rlvr upcycle --dense ckpt/math ckpt/code --out ckpt/btx --top-k 1 --router-init mean_hidden \\\n"
         "      --router-samples math.jsonl code.jsonl\n"
         "  rlvr upcycle --method sparse --dense ckpt/base --num-experts 8 --top-k 2 --out ckpt/sparse",
-        add_upcycle_arguments, run_upcycle,
+        add_upcycle_arguments,
+        run_upcycle,
     ),
     "validate": Command(
         "validate a config and print it fully resolved (builds no model)",
         "Example:\n  rlvr validate --config quickstart --arm bottom --max_steps 10",
-        _add_config_arguments, run_validate, takes_overrides=True,
+        _add_config_arguments,
+        run_validate,
+        takes_overrides=True,
     ),
     "configs": Command(
         "list the packaged configs, or copy one out to edit",
         "Examples:\n  rlvr configs\n  rlvr configs --copy quickstart --to my.yaml\n"
         "  rlvr configs --copy models/qwen3_30b_a3b",
-        add_configs_arguments, run_configs,
+        add_configs_arguments,
+        run_configs,
     ),
 }
 
@@ -342,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = "Config keys (override with --key value or key=value; bare GRPOConfig fields mean grpo.<key>):\n"
     for name, command in COMMANDS.items():
         subparser = subparsers.add_parser(
-            name, help=command.help, description=command.description, allow_abbrev=False,  # "--c 1" is no --config
+            name,
+            help=command.help,
+            description=command.description,
+            allow_abbrev=False,  # "--c 1" is no --config
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog=config_help + format_help() if command.takes_overrides else None,
         )

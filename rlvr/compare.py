@@ -34,7 +34,9 @@ class PlannedRun:
         return (self.directory / "summary.json").exists()
 
 
-def plan_runs(config_paths: list[str], overrides: list[str], arms: list[str] | None, seeds: list[int] | None) -> tuple[Path, list[PlannedRun]]:
+def plan_runs(
+    config_paths: list[str], overrides: list[str], arms: list[str] | None, seeds: list[int] | None
+) -> tuple[Path, list[PlannedRun]]:
     """The runs of a compare, each with its validated config; raises ConfigError naming the bad key or arm."""
     base = load_config(config_paths, overrides)
     arms = [str(arm) for arm in (arms or base.compare.arms)]
@@ -86,7 +88,11 @@ def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print) -
             say(f"[compare] {label}: finished earlier, skipped ({run.directory})")
             continue
         remaining = sum(1 for later in runs[number - 1 :] if not later.finished)
-        eta = f", ETA {sum(durations) / len(durations) * remaining / 60:.0f} min for {remaining} runs" if durations else ""
+        eta = (
+            f", ETA {sum(durations) / len(durations) * remaining / 60:.0f} min for {remaining} runs"
+            if durations
+            else ""
+        )
         say(f"[compare] {label} -> {run.directory}{eta}")
         start = time.time()
         train_fn(run.config)

@@ -12,8 +12,8 @@ Values are read in three layers: defaults < YAML file < overrides (``--forking.r
 from __future__ import annotations
 
 import dataclasses
-import os
 import difflib
+import os
 import types
 import typing
 import warnings
@@ -70,19 +70,24 @@ class DataConfig:
     eval_split: str | None = _field("test", "held-out split to evaluate on; null: no held-out evaluation")
     question_column: str = _field("question", "column holding the question")
     answer_column: str = _field("answer", "column holding the gold answer")
-    answer_format: str = _field("raw", "how to read the gold answer ('gsm8k' keeps what follows '####')", ANSWER_FORMATS)
+    answer_format: str = _field(
+        "raw", "how to read the gold answer ('gsm8k' keeps what follows '####')", ANSWER_FORMATS
+    )
     system_prompt: str | None = _field(None, "optional system message put before every question")
     chat: bool = _field(True, "conversational prompts (chat template) instead of plain text")
     num_train: int = _field(4000, "training problems (embedded task: generated; files: first N rows, 0 = all)")
     num_eval: int = _field(200, "evaluation problems (first N of the eval split)")
     task: ArithmeticTask = _field(ArithmeticTask, "embedded arithmetic task: terms, operand range, eval share")
-    seed: int | None = _field(None, "seed of the embedded task's problems (default: the run seed; fix it to share data across seeds)")
+    seed: int | None = _field(
+        None, "seed of the embedded task's problems (default: the run seed; fix it to share data across seeds)"
+    )
 
 
 @dataclass
 class RewardConfig:
     functions: list = _field(
-        ["arithmetic_exact"], "reward functions: names (arithmetic_exact, math_accuracy, boxed_format) or module:function"
+        ["arithmetic_exact"],
+        "reward functions: names (arithmetic_exact, math_accuracy, boxed_format) or module:function",
     )
     weights: list | None = _field(None, "one weight per reward function (default: all 1.0)")
     budget_seconds: float = _field(2.0, "math_accuracy: time allowed per completion before it scores failure_score")
@@ -92,8 +97,12 @@ class RewardConfig:
         ["answer_tag", "latex", "last_number"],
         "math_accuracy: where to look without a \\boxed{} answer (answer_tag, latex, last_number; [] = boxed only)",
     )
-    gold_column: str | None = _field(None, "math_accuracy: column with the gold answers (default: answer, else solution)")
-    float_rounding: int = _field(6, "math_accuracy: decimal places floats are rounded to before comparing (math-verify)")
+    gold_column: str | None = _field(
+        None, "math_accuracy: column with the gold answers (default: answer, else solution)"
+    )
+    float_rounding: int = _field(
+        6, "math_accuracy: decimal places floats are rounded to before comparing (math-verify)"
+    )
     numeric_precision: int = _field(15, "math_accuracy: significant digits of numeric evaluation (math-verify)")
     strict: bool = _field(True, "math_accuracy: variables matter and sets never equal tuples (math-verify strict)")
     allow_set_relation_comp: bool = _field(
@@ -114,11 +123,13 @@ class ForkingConfig:
         "micro_batch", "unit in which k = ceil(rho * n) is counted (micro_batch is gathered across ranks)", SCOPES
     )
     policy_tokens: str = _field(
-        "forking", "tokens in the policy-gradient loss: forking (the selection) or all (full/hybrid arms)",
+        "forking",
+        "tokens in the policy-gradient loss: forking (the selection) or all (full/hybrid arms)",
         ("forking", "all"),
     )
     loss_normalization: str = _field(
-        "selected", "normalise the loss over the selected tokens (the paper) or all completion tokens (TRL)",
+        "selected",
+        "normalise the loss over the selected tokens (the paper) or all completion tokens (TRL)",
         NORMALIZATIONS,
     )
     mask_kl: bool = _field(False, "let the KL penalty's gradient flow only through forking tokens")
@@ -192,7 +203,10 @@ class EvalConfig:
 
 @dataclass
 class CompareConfig:
-    arms: list = _field(["full", "forking"], "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom")
+    arms: list = _field(
+        ["full", "forking"],
+        "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom",
+    )
     seeds: list = _field([0, 1], "seeds; every arm runs once per seed on the same data")
 
 
@@ -203,18 +217,30 @@ UPCYCLE_INITS = ("btx", "sparse", "scratch")
 class UpcycleConfig:
     inits: list = _field(
         [],
-        "rlvr compare: starting policies to compare (empty: the model above): btx (branches of a mix-trained dense seed "
+        "rlvr compare: starting policies to compare (empty: the model above): btx (branches of a mix-trained "
+        "dense seed "
         "trained apart per domain, merged), sparse (the seed copied into every expert), scratch (an MoE from random "
         "init); each is fine-tuned on the mix (warm_start) before RL",
     )
-    dense_model: str = _field("tiny:qwen3", "dense family the btx/sparse experts come from: tiny:qwen3, tiny:mistral or tiny:llama")
+    dense_model: str = _field(
+        "tiny:qwen3", "dense family the btx/sparse experts come from: tiny:qwen3, tiny:mistral or tiny:llama"
+    )
     scratch_model: str = _field("tiny:qwen3_moe", "MoE architecture of the scratch init (a tiny:<arch> name)")
     num_experts: int = _field(2, "experts per MoE layer (btx: one per data.task.domains entry)")
     top_k: int = _field(1, "experts per token of every init")
-    router_init: str = _field("mean_hidden", "btx router init: random, zero, mean_hidden (each domain's mean hidden state)", ("random", "zero", "mean_hidden"))
+    router_init: str = _field(
+        "mean_hidden",
+        "btx router init: random, zero, mean_hidden (each domain's mean hidden state)",
+        ("random", "zero", "mean_hidden"),
+    )
     router_samples: int = _field(64, "btx mean_hidden: training problems per domain routed through its dense model")
-    branch_steps: int = _field(200, "btx: supervised steps of each branch on its own domain, starting from the mix-trained seed")
-    match_compute: bool = _field(True, "sparse: train the seed branch_steps x domains more steps on the mix first (same supervised compute as btx)")
+    branch_steps: int = _field(
+        200, "btx: supervised steps of each branch on its own domain, starting from the mix-trained seed"
+    )
+    match_compute: bool = _field(
+        True,
+        "sparse: train the seed branch_steps x domains more steps on the mix first (same supervised compute as btx)",
+    )
 
 
 # GRPOConfig defaults that rlvr changes. Everything else is TRL's default.
@@ -245,7 +271,9 @@ class RunConfig:
     warm_start: WarmStartConfig = _field(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = _field(EvalConfig, "held-out accuracy before/after training")
     compare: CompareConfig = _field(CompareConfig, "rlvr compare: which arms and seeds")
-    upcycle: UpcycleConfig = _field(UpcycleConfig, "rlvr compare with starting policies built by upcycling (Branch-Train-MiX)")
+    upcycle: UpcycleConfig = _field(
+        UpcycleConfig, "rlvr compare with starting policies built by upcycling (Branch-Train-MiX)"
+    )
     grpo: dict = _field(dict, "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)")
 
     def data_seed(self) -> int:
@@ -379,7 +407,9 @@ def _unknown_key(key: str, known: list[str]) -> ConfigError:
         by_leaf: dict[str, list[str]] = {}
         for dotted in everywhere:
             by_leaf.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
-        close = [d for match in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75) for d in by_leaf[match]]
+        close = [
+            d for match in difflib.get_close_matches(leaf, list(by_leaf), n=3, cutoff=0.75) for d in by_leaf[match]
+        ]
         close = close[:3] or difflib.get_close_matches(key, everywhere, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"{key}: unknown key{hint}")
@@ -441,9 +471,7 @@ def parse_overrides(arguments: list[str]) -> dict:
     return nested
 
 
-def load_config(
-    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
-) -> RunConfig:
+def load_config(paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then each YAML file in order (later files overlay earlier ones), then the overrides; validated.
 
     Several files make an experiment arm: ``load_config(["configs/quickstart.yaml", "rlvr/configs/arms/full.yaml"])``.
@@ -504,7 +532,9 @@ def validate(config: RunConfig) -> None:
         _require(0.0 <= getattr(moe, name) <= 1.0, f"moe.{name}", f"must be in [0, 1]; got {getattr(moe, name)}")
     for name in ("load_balancing_coef", "z_loss_coef"):
         _require(getattr(moe, name) >= 0.0, f"moe.{name}", "must be >= 0")
-    _require(moe.router_lr_multiplier > 0.0, "moe.router_lr_multiplier", "must be > 0 (use moe.freeze_router to freeze)")
+    _require(
+        moe.router_lr_multiplier > 0.0, "moe.router_lr_multiplier", "must be > 0 (use moe.freeze_router to freeze)"
+    )
     if moe.load_balancing_coef > 0 and float(config.grpo.get("router_aux_loss_coef") or 0.0) != 0.0:
         raise ConfigError(
             "moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef is also set; the load-balancing loss would be "
@@ -524,7 +554,8 @@ def validate(config: RunConfig) -> None:
         architecture = model.name_or_path[len("tiny:") :]
         known = sorted(ARCHITECTURES) + sorted(DENSE_ARCHITECTURES)
         _require(
-            architecture in known, "model.name_or_path",
+            architecture in known,
+            "model.name_or_path",
             f"unknown tiny architecture {architecture!r}; one of {', '.join(known)}",
         )
         tiny = model.tiny
@@ -561,15 +592,21 @@ def validate(config: RunConfig) -> None:
     from rlvr.rewards.extraction import FALLBACKS
 
     for index, fallback in enumerate(reward.fallbacks):
-        _require(fallback in FALLBACKS, f"reward.fallbacks[{index}]", f"must be one of {', '.join(FALLBACKS)}; got {fallback!r}")
+        _require(
+            fallback in FALLBACKS,
+            f"reward.fallbacks[{index}]",
+            f"must be one of {', '.join(FALLBACKS)}; got {fallback!r}",
+        )
     max_completion_length = config.max_completion_length()
     _require(
-        reward.overlong_buffer <= max_completion_length, "reward.overlong_buffer",
+        reward.overlong_buffer <= max_completion_length,
+        "reward.overlong_buffer",
         f"must be <= grpo.max_completion_length ({max_completion_length})",
     )
     if reward.weights is not None:
         _require(
-            len(reward.weights) == len(reward.functions), "reward.weights",
+            len(reward.weights) == len(reward.functions),
+            "reward.weights",
             f"needs {len(reward.functions)} weights (one per function); got {len(reward.weights)}",
         )
 
@@ -584,12 +621,17 @@ def validate(config: RunConfig) -> None:
     _require(config.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _require(config.eval.every >= 0, "eval.every", "must be >= 0")
     _require(
-        0 <= config.eval.pass_k <= config.eval.sampled_completions, "eval.pass_k",
+        0 <= config.eval.pass_k <= config.eval.sampled_completions,
+        "eval.pass_k",
         f"must be between 0 and eval.sampled_completions ({config.eval.sampled_completions})",
     )
 
     for index, seed in enumerate(config.compare.seeds):
-        _require(isinstance(seed, int) and not isinstance(seed, bool), f"compare.seeds[{index}]", f"must be an integer; got {seed!r}")
+        _require(
+            isinstance(seed, int) and not isinstance(seed, bool),
+            f"compare.seeds[{index}]",
+            f"must be an integer; got {seed!r}",
+        )
     _require(len(config.compare.arms) > 0, "compare.arms", "needs at least one arm")
     _require(len(set(map(str, config.compare.arms))) == len(config.compare.arms), "compare.arms", "lists an arm twice")
 
@@ -600,22 +642,38 @@ def validate(config: RunConfig) -> None:
 def _validate_upcycle(config: RunConfig) -> None:
     upcycle = config.upcycle
     for index, init in enumerate(upcycle.inits):
-        _require(init in UPCYCLE_INITS, f"upcycle.inits[{index}]", f"must be one of {', '.join(UPCYCLE_INITS)}; got {init!r}")
+        _require(
+            init in UPCYCLE_INITS, f"upcycle.inits[{index}]", f"must be one of {', '.join(UPCYCLE_INITS)}; got {init!r}"
+        )
     _require(len(set(upcycle.inits)) == len(upcycle.inits), "upcycle.inits", "lists an init twice")
     if not upcycle.inits:
         return
     _require(config.data.source == "arithmetic", "upcycle.inits", "needs the embedded task (its domains)")
-    dense = upcycle.dense_model[len("tiny:"):] if upcycle.dense_model.startswith("tiny:") else None
-    _require(dense in DENSE_ARCHITECTURES, "upcycle.dense_model", f"must be one of {', '.join('tiny:' + a for a in sorted(DENSE_ARCHITECTURES))}")
-    scratch = upcycle.scratch_model[len("tiny:"):] if upcycle.scratch_model.startswith("tiny:") else None
-    _require(scratch in ARCHITECTURES, "upcycle.scratch_model", f"must be one of {', '.join('tiny:' + a for a in sorted(ARCHITECTURES))}")
-    _require(1 <= upcycle.top_k <= upcycle.num_experts, "upcycle.top_k", f"must be in 1..upcycle.num_experts ({upcycle.num_experts})")
+    dense = upcycle.dense_model[len("tiny:") :] if upcycle.dense_model.startswith("tiny:") else None
+    _require(
+        dense in DENSE_ARCHITECTURES,
+        "upcycle.dense_model",
+        f"must be one of {', '.join('tiny:' + a for a in sorted(DENSE_ARCHITECTURES))}",
+    )
+    scratch = upcycle.scratch_model[len("tiny:") :] if upcycle.scratch_model.startswith("tiny:") else None
+    _require(
+        scratch in ARCHITECTURES,
+        "upcycle.scratch_model",
+        f"must be one of {', '.join('tiny:' + a for a in sorted(ARCHITECTURES))}",
+    )
+    _require(
+        1 <= upcycle.top_k <= upcycle.num_experts,
+        "upcycle.top_k",
+        f"must be in 1..upcycle.num_experts ({upcycle.num_experts})",
+    )
     _require(upcycle.router_samples >= 1, "upcycle.router_samples", "must be >= 1")
     _require(upcycle.branch_steps >= 1, "upcycle.branch_steps", "must be >= 1")
     if "btx" in upcycle.inits:
         domains = len(config.data.task.domains)
         _require(domains >= 2, "data.task.domains", "btx needs at least two domains (one dense expert each)")
-        _require(upcycle.num_experts == domains, "upcycle.num_experts", f"btx makes one expert per domain: must be {domains}")
+        _require(
+            upcycle.num_experts == domains, "upcycle.num_experts", f"btx makes one expert per domain: must be {domains}"
+        )
 
 
 def _validate_grpo(config: RunConfig) -> None:

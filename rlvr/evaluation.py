@@ -9,9 +9,9 @@ Trained on Code", eq. 1): ``1 - C(n - c, k) / C(n, k)`` averaged over problems.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +27,8 @@ class EvalResult:
     mean_completion_tokens: float
     pass_at_k: float = math.nan  # NaN without sampled completions
     k: int = 0
-    # per group of problems (the embedded task's domains): {group: {"greedy_accuracy", "sampled_accuracy", "num_problems"}}
+    # per group of problems (the embedded task's domains):
+    # {group: {"greedy_accuracy", "sampled_accuracy", "num_problems"}}
     by_group: dict = field(default_factory=dict)
 
     @property
@@ -205,14 +206,19 @@ def evaluate_accuracy(
             for i in range(len(prompts))
         ]
         if 0 < k <= num_samples:
-            correct = [sum(r >= 1.0 for r in sampled_rewards[i * num_samples : (i + 1) * num_samples]) for i in range(len(prompts))]
+            correct = [
+                sum(r >= 1.0 for r in sampled_rewards[i * num_samples : (i + 1) * num_samples])
+                for i in range(len(prompts))
+            ]
             result_pass_at_k = sum(pass_at_k(num_samples, c, k) for c in correct) / len(correct)
     by_group = {}
     for group in dict.fromkeys(groups or []):
         members = [i for i, label in enumerate(groups) if label == group]
         by_group[group] = {
             "greedy_accuracy": sum(greedy_correct[i] for i in members) / len(members),
-            "sampled_accuracy": sum(sampled_correct[i] for i in members) / len(members) if sampled_correct else math.nan,
+            "sampled_accuracy": sum(sampled_correct[i] for i in members) / len(members)
+            if sampled_correct
+            else math.nan,
             "num_problems": len(members),
         }
     return EvalResult(

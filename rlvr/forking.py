@@ -63,9 +63,7 @@ def _unit_ids(mask: torch.Tensor, scope: str, group_ids: torch.Tensor | None) ->
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
 
-def _priority(
-    entropies: torch.Tensor, selection: str, generator: torch.Generator | None
-) -> torch.Tensor:
+def _priority(entropies: torch.Tensor, selection: str, generator: torch.Generator | None) -> torch.Tensor:
     """Sort key, (B, T) float64: higher is kept first. NaN entropies are never preferred."""
     values = entropies.detach().to(torch.float64)
     if selection == "top":

@@ -15,7 +15,6 @@ from pathlib import Path
 from rlvr.packaged import DEEPSPEED_DIR
 
 
-
 def config_files(zero: int, offload: bool) -> tuple[Path, Path]:
     """The accelerate YAML and DeepSpeed JSON shipped in rlvr/configs/deepspeed/."""
     if zero not in (2, 3):
@@ -29,12 +28,19 @@ def config_files(zero: int, offload: bool) -> tuple[Path, Path]:
 def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[str]:
     accelerate_yaml, deepspeed_json = config_files(args.zero, args.offload)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(accelerate_yaml),
-        "--deepspeed_config_file", str(deepspeed_json),
-        "--num_processes", str(args.nproc * args.nnodes),
-        "--num_machines", str(args.nnodes),
-        "--machine_rank", str(args.node_rank),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_yaml),
+        "--deepspeed_config_file",
+        str(deepspeed_json),
+        "--num_processes",
+        str(args.nproc * args.nnodes),
+        "--num_machines",
+        str(args.nnodes),
+        "--machine_rank",
+        str(args.node_rank),
     ]
     if args.nnodes > 1:
         if not args.main_addr:
@@ -47,7 +53,9 @@ def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", type=int, choices=(2, 3), required=True, help="DeepSpeed ZeRO stage")
-    parser.add_argument("--offload", action="store_true", help="offload optimizer states and parameters to CPU (ZeRO-3)")
+    parser.add_argument(
+        "--offload", action="store_true", help="offload optimizer states and parameters to CPU (ZeRO-3)"
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--node-rank", type=int, default=0, help="rank of this node (0 .. nnodes - 1)")
@@ -58,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def launch(args: argparse.Namespace, rlvr_arguments: list[str]) -> int:
     if not rlvr_arguments:
-        print("rlvr launch: give the rlvr command after --, e.g. rlvr launch --zero 3 --nproc 8 -- train --config my.yaml",
-              file=sys.stderr)
+        print(
+            "rlvr launch: give the rlvr command after --, e.g. "
+            "rlvr launch --zero 3 --nproc 8 -- train --config my.yaml",
+            file=sys.stderr,
+        )
         return 2
     if min(args.nproc, args.nnodes) < 1 or not 0 <= args.node_rank < args.nnodes:
         print("rlvr launch: need --nproc >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes", file=sys.stderr)

@@ -1,11 +1,11 @@
 """The training recipe: config in, trained policy and a summary out. Read it top to bottom.
 
-    1. data      -- prompts/answers for training, a held-out eval set
-    2. policy    -- tiny MoE (saved, then loaded like a hub model) or a hub/local checkpoint
-    3. warm start (tiny policies) -- SFT until partly right, cached
-    4. rewards   -- verifiable checkers, weighted
-    5. eval before, ForkingGRPOTrainer.train(), eval after
-    6. outputs   -- metrics.jsonl, forking_tokens.jsonl, summary.json, model/
+1. data      -- prompts/answers for training, a held-out eval set
+2. policy    -- tiny MoE (saved, then loaded like a hub model) or a hub/local checkpoint
+3. warm start (tiny policies) -- SFT until partly right, cached
+4. rewards   -- verifiable checkers, weighted
+5. eval before, ForkingGRPOTrainer.train(), eval after
+6. outputs   -- metrics.jsonl, forking_tokens.jsonl, summary.json, model/
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -26,13 +26,13 @@ from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig
 
-from rlvr.rewards.registry import resolve_reward
 from rlvr.checkpoints import MarkCompleteCheckpoints, latest_complete_checkpoint, truncate_jsonl
 from rlvr.config import ConfigError, RunConfig, to_dict
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy
 from rlvr.models import is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
 from rlvr.progress import use_compact_progress
+from rlvr.rewards.registry import resolve_reward
 from rlvr.trainer import ForkingGRPOTrainer
 from rlvr.warmstart import WarmStartResult, run_warm_start
 
@@ -84,7 +84,12 @@ def prepare_data(config: RunConfig) -> PreparedData:
         if limit:
             raw = raw.select(range(min(limit, len(raw))))
         return to_prompt_answer(
-            raw, data.question_column, data.answer_column, data.answer_format, data.system_prompt, data.chat,
+            raw,
+            data.question_column,
+            data.answer_column,
+            data.answer_format,
+            data.system_prompt,
+            data.chat,
             source_name=f"{data.source} [{split}]",
         )
 
@@ -113,9 +118,15 @@ def _reward_function(name: str, config: RunConfig) -> Callable:
     reward = config.reward
     if name == "math_accuracy":
         return resolve_reward(
-            name, budget_seconds=reward.budget_seconds, failure_score=reward.failure_score, workers=reward.workers,
-            fallbacks=tuple(reward.fallbacks), gold_column=reward.gold_column, float_rounding=reward.float_rounding,
-            numeric_precision=reward.numeric_precision, strict=reward.strict,
+            name,
+            budget_seconds=reward.budget_seconds,
+            failure_score=reward.failure_score,
+            workers=reward.workers,
+            fallbacks=tuple(reward.fallbacks),
+            gold_column=reward.gold_column,
+            float_rounding=reward.float_rounding,
+            numeric_precision=reward.numeric_precision,
+            strict=reward.strict,
             allow_set_relation_comp=reward.allow_set_relation_comp,
         )
     if name == "overlong_penalty":
@@ -163,15 +174,29 @@ def evaluate(config: RunConfig, model, tokenizer, data: PreparedData, accuracy_f
         return None
     max_new_tokens = config.eval.max_new_tokens or config.max_completion_length()
     return evaluate_accuracy(
-        model, tokenizer, data.eval_prompts, data.eval_answers, accuracy_fn, max_new_tokens,
-        batch_size=config.eval.batch_size, num_samples=config.eval.sampled_completions,
-        temperature=config.eval.temperature, seed=config.seed, progress=label, k=config.eval.pass_k,
+        model,
+        tokenizer,
+        data.eval_prompts,
+        data.eval_answers,
+        accuracy_fn,
+        max_new_tokens,
+        batch_size=config.eval.batch_size,
+        num_samples=config.eval.sampled_completions,
+        temperature=config.eval.temperature,
+        seed=config.seed,
+        progress=label,
+        k=config.eval.pass_k,
         groups=data.eval_groups,
     )
 
 
 RUN_FILES = (
-    "summary.json", "metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl", "config.yaml", "eval_before.json",
+    "summary.json",
+    "metrics.jsonl",
+    "forking_tokens.jsonl",
+    "routing.jsonl",
+    "config.yaml",
+    "eval_before.json",
     "domain_routing.json",
 )
 
@@ -187,7 +212,11 @@ def domain_routing(config: RunConfig, model, tokenizer, data: PreparedData) -> d
     try:
         with gathered_parameters(model):
             return routing_by_domain(
-                model, tokenizer, render_prompts(tokenizer, data.eval_prompts), data.eval_solutions, data.eval_groups,
+                model,
+                tokenizer,
+                render_prompts(tokenizer, data.eval_prompts),
+                data.eval_solutions,
+                data.eval_groups,
                 batch_size=config.eval.batch_size,
             )
     except UnknownMoEArchitecture:  # a dense policy routes nothing
@@ -288,9 +317,14 @@ def train(config: RunConfig) -> RunResult:
     set_seed(config.seed)
     callbacks = [MetricsFile(metrics_path), MarkCompleteCheckpoints()]
     if config.eval.enabled and config.eval.every and data.eval_prompts:
-        callbacks.append(PeriodicEval(config.eval.every, lambda policy, step: write_eval_record(
-            metrics_path, step, evaluate(config, policy, tokenizer, data, accuracy_fn, f"eval at step {step}")
-        )))
+        callbacks.append(
+            PeriodicEval(
+                config.eval.every,
+                lambda policy, step: write_eval_record(
+                    metrics_path, step, evaluate(config, policy, tokenizer, data, accuracy_fn, f"eval at step {step}")
+                ),
+            )
+        )
     trainer = ForkingGRPOTrainer(
         model=model,
         reward_funcs=reward_functions,
@@ -318,8 +352,14 @@ def train(config: RunConfig) -> RunResult:
     if trainer.accelerator.num_processes > 1:  # each rank counted its own rows
         gradient_tokens = int(trainer.accelerator.reduce(torch.tensor(gradient_tokens), reduction="sum"))
     result = RunResult(
-        output_dir, before, after, warm_result, train_seconds, trainer.state.global_step,
-        gradient_tokens=gradient_tokens, wall_seconds=time.time() - run_start,
+        output_dir,
+        before,
+        after,
+        warm_result,
+        train_seconds,
+        trainer.state.global_step,
+        gradient_tokens=gradient_tokens,
+        wall_seconds=time.time() - run_start,
         world_size=trainer.accelerator.num_processes,
     )
     if trainer.accelerator.is_main_process:
@@ -364,10 +404,11 @@ def summary_table(result: RunResult) -> str:
             sampled = "n/a" if res.sampled_accuracy != res.sampled_accuracy else f"{res.sampled_accuracy:.3f}"
             rows.append((label, f"{res.greedy_accuracy:.3f} ± {res.greedy_stderr:.3f}", sampled, str(res.num_problems)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     if result.before and result.after:
         delta = result.after.greedy_accuracy - result.before.greedy_accuracy
-        lines.append(f"greedy accuracy change: {delta:+.3f}   ({result.steps} RL steps in {result.train_seconds:.0f} s)")
+        lines.append(
+            f"greedy accuracy change: {delta:+.3f}   ({result.steps} RL steps in {result.train_seconds:.0f} s)"
+        )
     return "\n".join(lines)
-

@@ -66,7 +66,8 @@ def load_run(directory: Path) -> Run:
         forking=_read_jsonl(directory / "forking_tokens.jsonl"),
         routing=_read_jsonl(directory / "routing.jsonl"),
         domain_routing=json.loads((directory / "domain_routing.json").read_text())
-        if (directory / "domain_routing.json").exists() else None,
+        if (directory / "domain_routing.json").exists()
+        else None,
     )
 
 
@@ -109,7 +110,7 @@ def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
 
 def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
     """Steps present in every run, mean and std over runs."""
-    series = [dict(zip(*run.series(key))) for run in runs]
+    series = [dict(zip(*run.series(key), strict=True)) for run in runs]
     series = [s for s in series if s]
     if not series:
         return [], [], []
@@ -125,7 +126,13 @@ def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     full_final = None
     if "full" in groups:
-        full_final = _mean_std([run.summary["eval_after"]["greedy_accuracy"] for run in groups["full"] if run.summary and run.summary.get("eval_after")])[0]
+        full_final = _mean_std(
+            [
+                run.summary["eval_after"]["greedy_accuracy"]
+                for run in groups["full"]
+                if run.summary and run.summary.get("eval_after")
+            ]
+        )[0]
     rows = []
     for arm, runs in groups.items():
         finished = [run for run in runs if run.summary and run.summary.get("eval_after")]
@@ -133,17 +140,24 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
         sampled = [run.summary["eval_after"]["sampled_accuracy"] for run in finished]
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
         steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
-        reach = next((step for step, mean in zip(steps, means) if full_final is not None and mean >= full_final), None)
-        rows.append({
-            "arm": arm,
-            "seeds": ", ".join(str(run.seed) for run in finished),
-            "greedy": _mean_std(greedy),
-            "sampled": _mean_std(sampled),
-            "best": _mean_std(best),
-            "steps_to_full": reach,
-            "gradient_tokens": _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0],
-            "train_seconds": _mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
-        })
+        reach = next(
+            (step for step, mean in zip(steps, means, strict=True) if full_final is not None and mean >= full_final),
+            None,
+        )
+        rows.append(
+            {
+                "arm": arm,
+                "seeds": ", ".join(str(run.seed) for run in finished),
+                "greedy": _mean_std(greedy),
+                "sampled": _mean_std(sampled),
+                "best": _mean_std(best),
+                "steps_to_full": reach,
+                "gradient_tokens": _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[
+                    0
+                ],
+                "train_seconds": _mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
+            }
+        )
     return rows
 
 
@@ -189,25 +203,33 @@ def _load_heatmap(figure, axis, loads: list[list[float]], title: str, vmax: floa
 def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
     """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
     plt = _pyplot()
-    present = [(key, label) for key, label in panels if any(run.series(key)[0] for runs in groups.values() for run in runs)]
+    present = [
+        (key, label) for key, label in panels if any(run.series(key)[0] for runs in groups.values() for run in runs)
+    ]
     if not present:
         return False
     columns = min(2, len(present))
     rows = math.ceil(len(present) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
-    for axis, (key, label) in zip(axes.flat, present):
+    for axis, (key, label) in zip(axes.flat, present, strict=False):
         for arm, runs in groups.items():
             steps, means, stds = mean_curve(runs, key)
             if not steps:
                 continue
-            line, = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
-            axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
+            axis.fill_between(
+                steps,
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
         axis.set_xlabel("training step")
         axis.set_ylabel(label)
         axis.set_title(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    for axis in list(axes.flat)[len(present):]:
+    for axis in list(axes.flat)[len(present) :]:
         axis.axis("off")
     figure.suptitle(title)
     _save_figure(plt, figure, path)
@@ -221,7 +243,7 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
     if not arms:
         return False
     figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 3.8), squeeze=False)
-    for axis, arm in zip(axes.flat, arms):
+    for axis, arm in zip(axes.flat, arms, strict=True):
         runs = [run for run in groups[arm] if run.forking]
         for phase, pick, metric_pick in (("early", 0, 0), ("late", -1, -1)):
             edges, counts = None, None
@@ -230,7 +252,11 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
                 if not histogram:
                     continue
                 edges = histogram["edges"]
-                counts = histogram["counts"] if counts is None else [a + b for a, b in zip(counts, histogram["counts"])]
+                counts = (
+                    histogram["counts"]
+                    if counts is None
+                    else [a + b for a, b in zip(counts, histogram["counts"], strict=True)]
+                )
             if counts is None:
                 continue
             total = max(sum(counts), 1)
@@ -238,8 +264,12 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
             thresholds = [run.series("forking/threshold")[1] for run in runs]
             thresholds = [t[metric_pick] for t in thresholds if t]
             if thresholds:
-                axis.axvline(statistics.fmean(thresholds), linestyle="--", color="C1" if phase == "late" else "C0",
-                             label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}")
+                axis.axvline(
+                    statistics.fmean(thresholds),
+                    linestyle="--",
+                    color="C1" if phase == "late" else "C0",
+                    label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}",
+                )
         axis.set_xscale("log")
         axis.set_xlabel("token entropy (nats, log scale)")
         axis.set_ylabel("share of completion tokens")
@@ -278,7 +308,9 @@ def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
     if not arms:
         return False
     domains = next(run.domain_routing["after"]["domains"] for run in groups[arms[0]] if run.domain_routing)
-    figure, axes = plt.subplots(len(arms), len(domains), figsize=(4.2 * len(domains), 2.2 * len(arms) + 1), squeeze=False)
+    figure, axes = plt.subplots(
+        len(arms), len(domains), figsize=(4.2 * len(domains), 2.2 * len(arms) + 1), squeeze=False
+    )
     for row, arm in enumerate(arms):
         run = next(run for run in groups[arm] if (run.domain_routing or {}).get("after"))
         after = run.domain_routing["after"]
@@ -300,60 +332,117 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
         record = directory / "policies" / "policies.json"
         if record.exists():
             built = json.loads(record.read_text())
-            lines += ["", "## Starting policies", "", "Dense warm starts behind the upcycled MoEs (supervised; the seed stops "
-                      "at the first dev check reaching the target accuracy, each branch trains a fixed number of steps on "
-                      "its domain; dev accuracy on the branch's own domain).", "",
-                      "| dense model | SFT steps | dev accuracy |", "|---|---|---|"]
-            lines += [f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |"
-                      for name, info in built.items() if not name.startswith("routing_")]
-            as_built = {name[len("routing_"):-len("_as_built")]: info for name, info in built.items()
-                        if name.startswith("routing_") and info}
+            lines += [
+                "",
+                "## Starting policies",
+                "",
+                "Dense warm starts behind the upcycled MoEs (supervised; the seed stops "
+                "at the first dev check reaching the target accuracy, each branch trains a fixed number of steps on "
+                "its domain; dev accuracy on the branch's own domain).",
+                "",
+                "| dense model | SFT steps | dev accuracy |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |"
+                for name, info in built.items()
+                if not name.startswith("routing_")
+            ]
+            as_built = {
+                name[len("routing_") : -len("_as_built")]: info
+                for name, info in built.items()
+                if name.startswith("routing_") and info
+            }
             if as_built:
-                lines += ["", "Routing of each upcycled MoE as built (before any MoE training): JS between the domains' "
-                          "expert loads, mean over layers, and each domain's top expert in layer 0.", "",
-                          "| init | JS (bits) | layer-0 top expert |", "|---|---|---|"]
+                lines += [
+                    "",
+                    "Routing of each upcycled MoE as built (before any MoE training): JS between the domains' "
+                    "expert loads, mean over layers, and each domain's top expert in layer 0.",
+                    "",
+                    "| init | JS (bits) | layer-0 top expert |",
+                    "|---|---|---|",
+                ]
                 for init, info in as_built.items():
                     first = info["layers"][0]
-                    tops = ", ".join(f"{d} {first['top_expert'][d]} ({first['loads'][d][first['top_expert'][d]]:.2f})" for d in info["domains"])
+                    tops = ", ".join(
+                        f"{d} {first['top_expert'][d]} ({first['loads'][d][first['top_expert'][d]]:.2f})"
+                        for d in info["domains"]
+                    )
                     lines.append(f"| {init} | {_fmt(info['mean_js_bits'])} | {tops} |")
-    tuned = {arm: runs[0].summary["warm_start"] for arm, runs in groups.items()
-             if runs and runs[0].summary and runs[0].summary.get("warm_start")}
+    tuned = {
+        arm: runs[0].summary["warm_start"]
+        for arm, runs in groups.items()
+        if runs and runs[0].summary and runs[0].summary.get("warm_start")
+    }
     if tuned and compare_dirs:
-        lines += ["", "Supervised fine-tuning on the mixed task before RL (the run's warm start):", "",
-                  "| arm | SFT steps | dev accuracy |", "|---|---|---|"]
+        lines += [
+            "",
+            "Supervised fine-tuning on the mixed task before RL (the run's warm start):",
+            "",
+            "| arm | SFT steps | dev accuracy |",
+            "|---|---|---|",
+        ]
         lines += [f"| {arm} | {info['steps']} | {_fmt(info['dev_accuracy'])} |" for arm, info in tuned.items()]
-    by_group = {arm: [run for run in runs if run.summary and (run.summary.get("eval_after") or {}).get("by_group")]
-                for arm, runs in groups.items()}
+    by_group = {
+        arm: [run for run in runs if run.summary and (run.summary.get("eval_after") or {}).get("by_group")]
+        for arm, runs in groups.items()
+    }
     by_group = {arm: runs for arm, runs in by_group.items() if runs}
     if by_group:
         domains = list(next(iter(by_group.values()))[0].summary["eval_after"]["by_group"])
-        lines += ["", "## Per-domain accuracy", "", "Greedy accuracy before -> after RL and sampled accuracy after RL, "
-                  "per domain of the eval problems (mean over seeds).", "",
-                  "| arm | " + " | ".join(f"{d}: greedy | {d}: sampled" for d in domains) + " |",
-                  "|---|" + "---|---|" * len(domains)]
+        lines += [
+            "",
+            "## Per-domain accuracy",
+            "",
+            "Greedy accuracy before -> after RL and sampled accuracy after RL, "
+            "per domain of the eval problems (mean over seeds).",
+            "",
+            "| arm | " + " | ".join(f"{d}: greedy | {d}: sampled" for d in domains) + " |",
+            "|---|" + "---|---|" * len(domains),
+        ]
         for arm, runs in by_group.items():
             cells = []
             for domain in domains:
-                before = _mean_std([((run.summary.get("eval_before") or {}).get("by_group") or {}).get(domain, {}).get("greedy_accuracy", math.nan) for run in runs])[0]
+                before = _mean_std(
+                    [
+                        ((run.summary.get("eval_before") or {}).get("by_group") or {})
+                        .get(domain, {})
+                        .get("greedy_accuracy", math.nan)
+                        for run in runs
+                    ]
+                )[0]
                 after = _mean_std([run.summary["eval_after"]["by_group"][domain]["greedy_accuracy"] for run in runs])[0]
-                sampled = _mean_std([run.summary["eval_after"]["by_group"][domain]["sampled_accuracy"] for run in runs])[0]
+                sampled = _mean_std(
+                    [run.summary["eval_after"]["by_group"][domain]["sampled_accuracy"] for run in runs]
+                )[0]
                 cells += [f"{_fmt(before)} -> {_fmt(after)}", _fmt(sampled)]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     routed = {arm: [run for run in runs if (run.domain_routing or {}).get("after")] for arm, runs in groups.items()}
     routed = {arm: runs for arm, runs in routed.items() if runs}
     if routed:
-        lines += ["", "## Per-domain routing", "", "Each domain's worked eval solutions, teacher-forced through the policy: "
-                  "Jensen-Shannon divergence between the domains' expert loads (bits, mean over layers; 0 = routed "
-                  "alike, 1 = disjoint experts with two domains), before -> after RL, and each domain's top expert and "
-                  "its share per layer after RL (first seed).", "",
-                  "| arm | JS before -> after (bits) | top expert per layer after RL |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Per-domain routing",
+            "",
+            "Each domain's worked eval solutions, teacher-forced through the policy: "
+            "Jensen-Shannon divergence between the domains' expert loads (bits, mean over layers; 0 = routed "
+            "alike, 1 = disjoint experts with two domains), before -> after RL, and each domain's top expert and "
+            "its share per layer after RL (first seed).",
+            "",
+            "| arm | JS before -> after (bits) | top expert per layer after RL |",
+            "|---|---|---|",
+        ]
         for arm, runs in routed.items():
-            before = _mean_std([(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs])[0]
+            before = _mean_std(
+                [(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs]
+            )[0]
             after = _mean_std([run.domain_routing["after"]["mean_js_bits"] for run in runs])[0]
             first = runs[0].domain_routing["after"]
             per_layer = "; ".join(
-                f"L{index}: " + ", ".join(
-                    f"{domain} {layer['top_expert'][domain]} ({layer['loads'][domain][layer['top_expert'][domain]]:.2f})"
+                f"L{index}: "
+                + ", ".join(
+                    f"{domain} {layer['top_expert'][domain]} "
+                    f"({layer['loads'][domain][layer['top_expert'][domain]]:.2f})"
                     for domain in first["domains"]
                 )
                 for index, layer in enumerate(first["layers"])
@@ -380,13 +469,15 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
         "Final eval accuracy after RL (mean ± std over seeds); best = best greedy accuracy of any eval during "
         "training; steps to full = first eval step where the arm's mean greedy accuracy reaches the full arm's "
         "final mean; gradient tokens = completion tokens with a non-zero policy-gradient weight per run; "
-        "train time = wall-clock seconds of the RL phase (no warm start, no evals).", "",
+        "train time = wall-clock seconds of the RL phase (no warm start, no evals).",
+        "",
         "| arm | seeds | greedy acc | sampled acc | best greedy | steps to full | gradient tokens | train time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary_rows(groups):
         lines.append(
-            f"| {row['arm']} | {row['seeds']} | {_fmt(*row['greedy'])} | {_fmt(*row['sampled'])} | {_fmt(*row['best'])} | "
+            f"| {row['arm']} | {row['seeds']} | {_fmt(*row['greedy'])} | {_fmt(*row['sampled'])} | "
+            f"{_fmt(*row['best'])} | "
             f"{row['steps_to_full'] if row['steps_to_full'] is not None else 'not reached'} | "
             f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
         )
@@ -410,27 +501,51 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
         lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
     lines += ["", "## Summary", "", *summary_lines(groups)]
     figures = []
-    if plot_curves(groups, [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
-                   out_dir / "accuracy.png", "Held-out accuracy vs training step (mean ± std over seeds)"):
+    if plot_curves(
+        groups,
+        [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
+        out_dir / "accuracy.png",
+        "Held-out accuracy vs training step (mean ± std over seeds)",
+    ):
         figures.append(("Eval accuracy", "accuracy.png"))
-    if plot_curves(groups, [("reward", "reward"), ("kl", "KL to reference"), ("clip_ratio/region_mean", "clip fraction"),
-                            ("entropy", "mean token entropy (nats)")], out_dir / "training.png", "Training curves"):
+    if plot_curves(
+        groups,
+        [
+            ("reward", "reward"),
+            ("kl", "KL to reference"),
+            ("clip_ratio/region_mean", "clip fraction"),
+            ("entropy", "mean token entropy (nats)"),
+        ],
+        out_dir / "training.png",
+        "Training curves",
+    ):
         figures.append(("Reward, KL, clipping and entropy", "training.png"))
     if plot_entropy(groups, out_dir / "entropy.png"):
         figures.append(("Completion-token entropy, early vs late", "entropy.png"))
     if plot_expert_load(groups, out_dir / "expert_load.png"):
         figures.append(("Expert load per layer: forking vs other tokens", "expert_load.png"))
-    if plot_curves(groups, [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
-                   out_dir / "routing.png", "Routing on forking vs other tokens"):
+    if plot_curves(
+        groups,
+        [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
+        out_dir / "routing.png",
+        "Routing on forking vs other tokens",
+    ):
         figures.append(("Routing specialisation and drift", "routing.png"))
     lines += domain_sections(groups, [path for path in paths if (path / MANIFEST).exists()])
     if plot_domain_routing(groups, out_dir / "domain_routing.png"):
         figures.append(("Expert load per layer of each domain's tokens, after RL", "domain_routing.png"))
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
-    lines += ["", "## Most frequent forking tokens", "",
-              "Counts summed over the top-20 list of each logging step (selected tokens, also in arms whose loss uses all tokens).", "",
-              "| arm | tokens (count) |", "|---|---|"]
+    lines += [
+        "",
+        "## Most frequent forking tokens",
+        "",
+        "Counts summed over the top-20 list of each logging step (selected tokens, also in arms whose loss "
+        "uses all tokens).",
+        "",
+        "| arm | tokens (count) |",
+        "|---|---|",
+    ]
     for arm, arm_runs in groups.items():
         tokens = ", ".join(f"`{token!r}` ({n})" for token, n in top_forking_tokens(arm_runs))
         lines.append(f"| {arm} | {tokens or 'n/a'} |")

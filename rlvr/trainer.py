@@ -105,14 +105,20 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.router_updates = None  # a dense policy: nothing to route
         if self.router_updates is not None and self.moe.freeze_router:
             self.router_updates.freeze_routers()
-        reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get(
+            "use_reentrant"
+        )
         needs_recorded_routing = (
-            self.moe.router_gate_scope != "all" or self.moe.expert_gate_scope != "all"
-            or self.moe.load_balancing_coef > 0 or self.moe.z_loss_coef > 0 or self.moe.routing_replay != "none"
+            self.moe.router_gate_scope != "all"
+            or self.moe.expert_gate_scope != "all"
+            or self.moe.load_balancing_coef > 0
+            or self.moe.z_loss_coef > 0
+            or self.moe.routing_replay != "none"
         )
         if self.router_updates is not None and reentrant and needs_recorded_routing:
             raise ValueError(
-                "rlvr.moe gates, router losses and routing replay need gradient_checkpointing_kwargs.use_reentrant=False "
+                "rlvr.moe gates, router losses and routing replay need "
+                "gradient_checkpointing_kwargs.use_reentrant=False "
                 "(TRL's default): reentrant checkpointing re-runs the forward in backward without the recorded routing"
             )
         self._router_loss: torch.Tensor | None = None
@@ -192,7 +198,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         self._micro_batch, self._selection = inputs, None
         own_entropy_bonus = (
-            self._entropy_bonus_enabled and not self.forking.mask_entropy_bonus and self.forking.policy_tokens == "forking"
+            self._entropy_bonus_enabled
+            and not self.forking.mask_entropy_bonus
+            and self.forking.policy_tokens == "forking"
         )
         if own_entropy_bonus:  # TRL would restrict the bonus to the selected tokens; add it ourselves instead
             self._entropy_bonus_enabled = False
@@ -387,7 +395,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """The completion with each forking token wrapped in « »."""
         tokenizer = self.processing_class
         pieces = []
-        for token_id, is_forking in zip(example["token_ids"], example["forking"]):
+        for token_id, is_forking in zip(example["token_ids"], example["forking"], strict=True):
             text = tokenizer.decode([token_id])
             pieces.append(f"«{text}»" if is_forking else text)
         return "".join(pieces)
@@ -420,4 +428,3 @@ class ForkingGRPOTrainer(GRPOTrainer):
         }
         with open(os.path.join(self.args.output_dir, "forking_tokens.jsonl"), "a") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from transformers import (
@@ -59,7 +59,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "qwen3": Family(Qwen3MoeConfig, "num_experts", "moe_intermediate_size", ("layer_types", "max_window_layers")),
     "mistral": Family(MixtralConfig, "num_local_experts", "intermediate_size"),
-    "llama": Family(MixtralConfig, "num_local_experts", "intermediate_size", ("mlp_bias", "attention_bias", "pretraining_tp")),
+    "llama": Family(
+        MixtralConfig, "num_local_experts", "intermediate_size", ("mlp_bias", "attention_bias", "pretraining_tp")
+    ),
 }
 _FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
 
@@ -77,8 +79,12 @@ def _load_dense(path: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
             f"{path}: model_type {config.model_type!r} cannot be upcycled; supported dense families: "
             + ", ".join(sorted(FAMILIES))
         )
-    if config.model_type == "llama" and (getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False)):
-        raise UpcycleError(f"{path}: a Llama with MLP or attention biases has no Mixtral counterpart (Mixtral has no biases)")
+    if config.model_type == "llama" and (
+        getattr(config, "mlp_bias", False) or getattr(config, "attention_bias", False)
+    ):
+        raise UpcycleError(
+            f"{path}: a Llama with MLP or attention biases has no Mixtral counterpart (Mixtral has no biases)"
+        )
     return config, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
@@ -87,9 +93,9 @@ def _check_compatible(
 ) -> None:
     families = {config.model_type for config in configs}
     if len(families) > 1:
-        listing = ", ".join(f"{path} ({config.model_type})" for path, config in zip(paths, configs))
+        listing = ", ".join(f"{path} ({config.model_type})" for path, config in zip(paths, configs, strict=True))
         raise UpcycleError(f"dense models of different families cannot be mixed: {listing}")
-    for path, state in zip(paths[1:], states[1:]):
+    for path, state in zip(paths[1:], states[1:], strict=True):
         if state.keys() != states[0].keys():
             raise UpcycleError(f"{path} has different parameters from {paths[0]}")
         for name, tensor in state.items():
@@ -98,8 +104,11 @@ def _check_compatible(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, {paths[0]} has {tuple(states[0][name].shape)}"
                 )
     reference = tokenizers[0]
-    for path, tokenizer in zip(paths[1:], tokenizers[1:]):
-        if tokenizer.get_vocab() != reference.get_vocab() or tokenizer.all_special_tokens != reference.all_special_tokens:
+    for path, tokenizer in zip(paths[1:], tokenizers[1:], strict=True):
+        if (
+            tokenizer.get_vocab() != reference.get_vocab()
+            or tokenizer.all_special_tokens != reference.all_special_tokens
+        ):
             raise UpcycleError(f"{path} and {paths[0]} have different tokenizers (vocabulary or special tokens)")
 
 
@@ -109,12 +118,14 @@ def moe_config_from_dense(dense: PretrainedConfig, num_experts: int, top_k: int)
     values = dense.to_dict()
     for key in ("architectures", "model_type", "transformers_version", "_name_or_path", *family.dense_only_keys):
         values.pop(key, None)
-    values.update({
-        family.experts_key: num_experts,
-        family.expert_width_key: dense.intermediate_size,
-        "num_experts_per_tok": top_k,
-        "output_router_logits": False,
-    })
+    values.update(
+        {
+            family.experts_key: num_experts,
+            family.expert_width_key: dense.intermediate_size,
+            "num_experts_per_tok": top_k,
+            "output_router_logits": False,
+        }
+    )
     if family.moe_config_class is Qwen3MoeConfig:
         values.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     return family.moe_config_class(**values)
@@ -128,7 +139,9 @@ def domain_mean_hidden(model, tokenizer: PreTrainedTokenizerBase, texts: Sequenc
     count = 0
     captured: dict[int, torch.Tensor] = {}
     hooks = [
-        layer.mlp.register_forward_hook(lambda module, inputs, output, index=index: captured.__setitem__(index, inputs[0]))
+        layer.mlp.register_forward_hook(
+            lambda module, inputs, output, index=index: captured.__setitem__(index, inputs[0])
+        )
         for index, layer in enumerate(model.model.layers)
     ]
     try:
@@ -180,7 +193,9 @@ def upcycle(
         if len(paths) < 2:
             raise UpcycleError(f"btx needs at least 2 dense models (one per expert), got {len(paths)}")
         if num_experts not in (None, len(paths)):
-            raise UpcycleError(f"btx makes one expert per dense model: num_experts must be {len(paths)}, got {num_experts}")
+            raise UpcycleError(
+                f"btx makes one expert per dense model: num_experts must be {len(paths)}, got {num_experts}"
+            )
         num_experts = len(paths)
     else:
         if len(paths) != 1:
@@ -217,19 +232,27 @@ def upcycle(
         merged[name] = torch.stack([state[name] for state in states]).mean(0)  # BTX: average; sparse: the one model
     for index in range(configs[0].num_hidden_layers):
         prefix = f"model.layers.{index}.mlp"
-        merged[f"{prefix}.experts.gate_up_proj"] = torch.stack([  # (E, 2I, H): gate rows, then up rows
-            torch.cat([source[f"{prefix}.gate_proj.weight"], source[f"{prefix}.up_proj.weight"]]) for source in sources
-        ])
-        merged[f"{prefix}.experts.down_proj"] = torch.stack([source[f"{prefix}.down_proj.weight"] for source in sources])  # (E, H, I)
+        merged[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [  # (E, 2I, H): gate rows, then up rows
+                torch.cat([source[f"{prefix}.gate_proj.weight"], source[f"{prefix}.up_proj.weight"]])
+                for source in sources
+            ]
+        )
+        merged[f"{prefix}.experts.down_proj"] = torch.stack(
+            [source[f"{prefix}.down_proj.weight"] for source in sources]
+        )  # (E, H, I)
         router = moe_state[f"{prefix}.gate.weight"]  # (E, H)
         if router_init == "zero":
             merged[f"{prefix}.gate.weight"] = torch.zeros_like(router)
         elif router_init == "random":
             merged[f"{prefix}.gate.weight"] = router
     if router_init == "mean_hidden":
-        means = torch.stack([
-            domain_mean_hidden(model, tokenizer, samples) for model, tokenizer, samples in zip(models, tokenizers, router_samples)
-        ])  # (E, layers, H)
+        means = torch.stack(
+            [
+                domain_mean_hidden(model, tokenizer, samples)
+                for model, tokenizer, samples in zip(models, tokenizers, router_samples, strict=True)
+            ]
+        )  # (E, layers, H)
         centred = means - means.mean(0, keepdim=True)
         for index in range(configs[0].num_hidden_layers):
             merged[f"model.layers.{index}.mlp.gate.weight"] = centred[:, index]
@@ -244,8 +267,13 @@ def upcycle(
     moe.save_pretrained(staging)
     tokenizers[0].save_pretrained(staging)
     manifest = {
-        "method": method, "dense_models": paths, "num_experts": num_experts, "top_k": top_k,
-        "router_init": router_init, "seed": seed, "moe_model_type": moe_config.model_type,
+        "method": method,
+        "dense_models": paths,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "router_init": router_init,
+        "seed": seed,
+        "moe_model_type": moe_config.model_type,
         "router_samples": [len(samples) for samples in router_samples] if router_init == "mean_hidden" else None,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -24,8 +24,8 @@ policy's per-domain routing on the eval solutions before any MoE training.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from transformers import AutoTokenizer
 
@@ -47,15 +47,21 @@ def run_overrides(config: RunConfig, output_dir: Path, init: str) -> list[str]:
     upcycle_config = config.upcycle
     if init == "scratch":
         return [
-            f"model.name_or_path={upcycle_config.scratch_model}", f"model.tiny.num_experts={upcycle_config.num_experts}",
-            f"model.tiny.top_k={upcycle_config.top_k}", "warm_start.enabled=true",
+            f"model.name_or_path={upcycle_config.scratch_model}",
+            f"model.tiny.num_experts={upcycle_config.num_experts}",
+            f"model.tiny.top_k={upcycle_config.top_k}",
+            "warm_start.enabled=true",
         ]
     return [f"model.name_or_path={policy_directory(output_dir, init)}", "warm_start.enabled=true"]
 
 
 def _warm_started_dense(
-    make_config: Callable[[list[str]], RunConfig], base: RunConfig, model: str, domains: list[str],
-    eval_expressions: set[str], fixed_steps: int | None = None,
+    make_config: Callable[[list[str]], RunConfig],
+    base: RunConfig,
+    model: str,
+    domains: list[str],
+    eval_expressions: set[str],
+    fixed_steps: int | None = None,
 ) -> WarmStartResult:
     """``model`` warm-started on ``domains`` (cached; the result's ``path`` holds it).
 
@@ -65,13 +71,25 @@ def _warm_started_dense(
 
     # a branch sees as many problems of its domain as the mixed task holds
     num_train = base.data.num_train * len(domains) // len(base.data.task.domains)
-    extra = [] if fixed_steps is None else [
-        "warm_start.target_accuracy=1.0", f"warm_start.max_steps={fixed_steps}", f"warm_start.eval_every={fixed_steps}",
-    ]
-    config = make_config([
-        "data.task.domains=[" + ",".join(domains) + "]", f"data.num_train={num_train}",
-        f"model.name_or_path={model}", "warm_start.enabled=true", "upcycle.inits=[]", *extra,
-    ])
+    extra = (
+        []
+        if fixed_steps is None
+        else [
+            "warm_start.target_accuracy=1.0",
+            f"warm_start.max_steps={fixed_steps}",
+            f"warm_start.eval_every={fixed_steps}",
+        ]
+    )
+    config = make_config(
+        [
+            "data.task.domains=[" + ",".join(domains) + "]",
+            f"data.num_train={num_train}",
+            f"model.name_or_path={model}",
+            "warm_start.enabled=true",
+            "upcycle.inits=[]",
+            *extra,
+        ]
+    )
     data = prepare_data(config)
     data.eval_expressions = data.eval_expressions | eval_expressions  # dev problems stay out of the RL eval set
     _, _, accuracy_fn = resolve_rewards(config)
@@ -110,18 +128,27 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
         branches, samples = [], []
         for domain in domains:
             say(f"[upcycle] btx: branch {domain}: {settings.branch_steps} more steps of the seed on {domain} only")
-            warm = _warm_started_dense(make_config, base, str(seed), [domain], data.eval_expressions, settings.branch_steps)
+            warm = _warm_started_dense(
+                make_config, base, str(seed), [domain], data.eval_expressions, settings.branch_steps
+            )
             record[f"branch_{domain}"] = _described(warm)
             branches.append(warm.path)
             task = make_config([f"data.task.domains=[{domain}]", "upcycle.inits=[]"]).data.task
             problems = generate_problems(task, "train", settings.router_samples, base.data_seed())
             prompts = [make_prompt(p.question, base.data.system_prompt, base.data.chat) for p in problems]
             rendered = render_prompts(AutoTokenizer.from_pretrained(warm.path), prompts)
-            samples.append([prompt + p.solution for prompt, p in zip(rendered, problems)])
+            samples.append([prompt + p.solution for prompt, p in zip(rendered, problems, strict=True)])
         say(f"[upcycle] btx: merging {len(branches)} branches -> {built['btx']}")
-        upcycle(branches, built["btx"], method="btx", top_k=settings.top_k, router_init=settings.router_init,
-                router_samples=samples if settings.router_init == "mean_hidden" else None, seed=base.warm_start_seed(),
-                overwrite=True)
+        upcycle(
+            branches,
+            built["btx"],
+            method="btx",
+            top_k=settings.top_k,
+            router_init=settings.router_init,
+            router_samples=samples if settings.router_init == "mean_hidden" else None,
+            seed=base.warm_start_seed(),
+            overwrite=True,
+        )
     if "sparse" in todo:
         source = seed
         if settings.match_compute:  # as many supervised steps as the btx branches took together
@@ -130,10 +157,20 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
             warm = _warm_started_dense(make_config, base, str(seed), domains, data.eval_expressions, steps)
             source = warm.path
             record["seed_continued (mix)"] = _described(warm)
-        say(f"[upcycle] sparse: copying the dense feed-forward layers into {settings.num_experts} experts -> {built['sparse']}")
-        upcycle([source], built["sparse"], method="sparse", num_experts=settings.num_experts, top_k=settings.top_k,
-                router_init="random" if settings.router_init == "mean_hidden" else settings.router_init,
-                seed=base.warm_start_seed(), overwrite=True)
+        say(
+            f"[upcycle] sparse: copying the dense feed-forward layers into {settings.num_experts} experts "
+            f"-> {built['sparse']}"
+        )
+        upcycle(
+            [source],
+            built["sparse"],
+            method="sparse",
+            num_experts=settings.num_experts,
+            top_k=settings.top_k,
+            router_init="random" if settings.router_init == "mean_hidden" else settings.router_init,
+            seed=base.warm_start_seed(),
+            overwrite=True,
+        )
     from rlvr.models import load_pretrained
 
     for init in todo:  # routing of the built MoE before any MoE training

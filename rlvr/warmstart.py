@@ -18,9 +18,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -121,7 +121,9 @@ def run_warm_start(
     try:
         dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.data_seed() + 7919)
     except ValueError as error:
-        raise ConfigError(f"warm_start.num_dev (dev problems come from the eval split, beside data.num_eval): {error}") from None
+        raise ConfigError(
+            f"warm_start.num_dev (dev problems come from the eval split, beside data.num_eval): {error}"
+        ) from None
     dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
     dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
     dev_answers = [p.answer for p in dev_problems]
@@ -133,9 +135,7 @@ def run_warm_start(
         )
         return result.greedy_accuracy
 
-    dataset = problems_to_dataset(
-        train_problems, config.data.system_prompt, with_solutions=True, chat=config.data.chat
-    )
+    dataset = problems_to_dataset(train_problems, config.data.system_prompt, with_solutions=True, chat=config.data.chat)
     model = AutoModelForCausalLM.from_pretrained(base_path)
     stopper = _StopAtAccuracy(dev_accuracy, warm.eval_every, warm.target_accuracy)
     scratch = cache_dir / f"tmp-{target_dir.name}-{os.getpid()}"
@@ -165,7 +165,10 @@ def run_warm_start(
     if not stopper.reached:
         logger.warning(
             "warm start reached dev accuracy %.3f after %d steps, below warm_start.target_accuracy=%.2f; "
-            "RL may get little reward signal (raise warm_start.max_steps)", accuracy, steps, warm.target_accuracy,
+            "RL may get little reward signal (raise warm_start.max_steps)",
+            accuracy,
+            steps,
+            warm.target_accuracy,
         )
     info = {
         "steps": steps,

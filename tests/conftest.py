@@ -8,7 +8,9 @@ import torch
 from rlvr.models import TinyMoESpec, save_tiny_policy
 
 # Small enough that a forward+backward takes milliseconds on a CPU.
-TEST_SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2)
+TEST_SPEC = TinyMoESpec(
+    num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2
+)
 
 
 @pytest.fixture(scope="session")

@@ -75,32 +75,60 @@ def main() -> None:
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
-        output_dir=os.path.join(out_dir, "trainer"), per_device_train_batch_size=GLOBAL_ROWS // world,
-        num_generations=GENERATIONS, max_completion_length=COMPLETION, use_cpu=True, bf16=False, report_to=[],
-        beta=0.0, loss_type="dapo", seed=0, save_strategy="no", router_aux_loss_coef=0.0, max_steps=STEPS,
-        logging_steps=1, learning_rate=1e-3, max_grad_norm=1.0, disable_tqdm=True,
+        output_dir=os.path.join(out_dir, "trainer"),
+        per_device_train_batch_size=GLOBAL_ROWS // world,
+        num_generations=GENERATIONS,
+        max_completion_length=COMPLETION,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        beta=0.0,
+        loss_type="dapo",
+        seed=0,
+        save_strategy="no",
+        router_aux_loss_coef=0.0,
+        max_steps=STEPS,
+        logging_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=1.0,
+        disable_tqdm=True,
     )
     model, tokenizer = load_pretrained(model_dir)
     trainer = FixedBatchTrainer(
-        model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+        model=model,
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        args=args,
         train_dataset=problems_to_dataset(generate_problems(ArithmeticTask(), "train", 64, 0)),
-        processing_class=tokenizer, forking=ForkingConfig(rho=0.2, scope="micro_batch"),
+        processing_class=tokenizer,
+        forking=ForkingConfig(rho=0.2, scope="micro_batch"),
         # the forking_router arm: router and expert gradients from forking decisions, LB loss over them
-        moe=MoEConfig(router_gate_scope="forking", expert_gate_scope="forking", load_balancing_coef=0.01,
-                      load_balancing_scope="forking"),
+        moe=MoEConfig(
+            router_gate_scope="forking",
+            expert_gate_scope="forking",
+            load_balancing_coef=0.01,
+            load_balancing_scope="forking",
+        ),
     )
     trainer.train()
     fingerprint = parameter_fingerprint(trainer)  # a collective under ZeRO-3: every rank takes part
     if trainer.accelerator.is_main_process:
-        steps = [{key: record[key] for key in LOGGED if key in record} for record in trainer.state.log_history if "loss" in record]
+        steps = [
+            {key: record[key] for key in LOGGED if key in record}
+            for record in trainer.state.log_history
+            if "loss" in record
+        ]
         with open(os.path.join(out_dir, "steps.json"), "w") as handle:
-            json.dump({"world": world, "deepspeed": trainer.is_deepspeed_enabled, "steps": steps,
-                       "parameters": fingerprint}, handle)
+            json.dump(
+                {"world": world, "deepspeed": trainer.is_deepspeed_enabled, "steps": steps, "parameters": fingerprint},
+                handle,
+            )
 
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():  # as rlvr.cli.entry_point: no interpreter finalization under live gloo threads
+    if (
+        torch.distributed.is_initialized()
+    ):  # as rlvr.cli.entry_point: no interpreter finalization under live gloo threads
         torch.distributed.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()

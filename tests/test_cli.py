@@ -4,15 +4,29 @@ import json
 
 import pytest
 
-from rlvr.cli import CONFIG_DIR as CONFIGS, main
+from rlvr.cli import CONFIG_DIR as CONFIGS
+from rlvr.cli import main
 from rlvr.progress import format_log_line
 
 TINY = [
-    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
-    "data.num_train=64", "data.num_eval=8", "data.task.max_operand=9", "data.task.eval_fraction=0.2",
-    "eval.sampled_completions=1", "warm_start.max_steps=4", "warm_start.eval_every=2", "warm_start.num_dev=8",
-    "grpo.max_steps=2", "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
-    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+    "model.tiny.num_layers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.expert_size=32",
+    "model.tiny.num_experts=4",
+    "data.num_train=64",
+    "data.num_eval=8",
+    "data.task.max_operand=9",
+    "data.task.eval_fraction=0.2",
+    "eval.sampled_completions=1",
+    "warm_start.max_steps=4",
+    "warm_start.eval_every=2",
+    "warm_start.num_dev=8",
+    "grpo.max_steps=2",
+    "grpo.logging_steps=1",
+    "grpo.per_device_train_batch_size=8",
+    "grpo.num_generations=4",
+    "grpo.max_completion_length=16",
+    "grpo.disable_tqdm=true",
 ]
 
 
@@ -37,10 +51,18 @@ def test_config_error_names_the_key_and_exits_2(capsys, tmp_path):
 def test_data_error_is_one_line_not_a_traceback(capsys, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"question": "1+1?", "answer": "no marker"}\n')
-    code = main([
-        "train", "--config", str(CONFIGS / "quickstart.yaml"), f"data.source={data}", "data.answer_format=gsm8k",
-        "data.eval_split=null", f"output_dir={tmp_path / 'run'}", "warm_start.enabled=false",
-    ])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(CONFIGS / "quickstart.yaml"),
+            f"data.source={data}",
+            "data.answer_format=gsm8k",
+            "data.eval_split=null",
+            f"output_dir={tmp_path / 'run'}",
+            "warm_start.enabled=false",
+        ]
+    )
     assert code == 2
     assert "data error:" in capsys.readouterr().err
 
@@ -81,11 +103,22 @@ ARMS = ["full", "forking", "forking_router", "hybrid", "random", "bottom"]
 def test_every_arm_runs_from_config_on_each_architecture(capsys, tmp_path, architecture):
     for arm in ARMS:
         output = tmp_path / arm
-        code = main([
-            "train", "--config", str(CONFIGS / "quickstart.yaml"), "--arm", arm, *TINY,
-            f"model.name_or_path=tiny:{architecture}", f"output_dir={output}", "warm_start.enabled=false",
-            "eval.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}",
-        ])
+        code = main(
+            [
+                "train",
+                "--config",
+                str(CONFIGS / "quickstart.yaml"),
+                "--arm",
+                arm,
+                *TINY,
+                f"model.name_or_path=tiny:{architecture}",
+                f"output_dir={output}",
+                "warm_start.enabled=false",
+                "eval.enabled=false",
+                "save_model=false",
+                f"warm_start.cache_dir={tmp_path / 'cache'}",
+            ]
+        )
         assert code == 0, arm
         metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
         logged = {key for record in metrics for key in record}
@@ -97,10 +130,18 @@ def test_every_arm_runs_from_config_on_each_architecture(capsys, tmp_path, archi
 
 def test_math_reward_failure_counts_reach_the_metrics_file(tmp_path):
     output = tmp_path / "run"
-    code = main([
-        "quickstart", *TINY, f"output_dir={output}", "warm_start.enabled=false", "eval.enabled=false",
-        "save_model=false", "reward.functions=[math_accuracy]", "reward.workers=1",
-    ])
+    code = main(
+        [
+            "quickstart",
+            *TINY,
+            f"output_dir={output}",
+            "warm_start.enabled=false",
+            "eval.enabled=false",
+            "save_model=false",
+            "reward.functions=[math_accuracy]",
+            "reward.workers=1",
+        ]
+    )
     assert code == 0
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     logged = [record for record in metrics if "rewards/math_accuracy/timeouts" in record]

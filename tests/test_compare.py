@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 
 import pytest
@@ -16,11 +15,24 @@ from rlvr.report import write_report
 
 COMPARE_CONFIG = str(CONFIG_DIR / "compare" / "quickstart.yaml")
 TINY = [
-    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
-    "data.num_train=64", "data.num_eval=8", "eval.every=2", "eval.sampled_completions=2", "eval.pass_k=2",
-    "warm_start.max_steps=4", "warm_start.eval_every=2", "warm_start.num_dev=8", "grpo.max_steps=4",
-    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
-    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+    "model.tiny.num_layers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.expert_size=32",
+    "model.tiny.num_experts=4",
+    "data.num_train=64",
+    "data.num_eval=8",
+    "eval.every=2",
+    "eval.sampled_completions=2",
+    "eval.pass_k=2",
+    "warm_start.max_steps=4",
+    "warm_start.eval_every=2",
+    "warm_start.num_dev=8",
+    "grpo.max_steps=4",
+    "grpo.logging_steps=1",
+    "grpo.per_device_train_batch_size=8",
+    "grpo.num_generations=4",
+    "grpo.max_completion_length=16",
+    "grpo.disable_tqdm=true",
 ]
 TIMING_KEYS = re.compile(r"step_time|runtime|per_second|seconds")
 
@@ -33,7 +45,12 @@ def tiny_overrides(tmp_path, name="compare"):
 def compared(tmp_path_factory):
     """One real compare: arms full and forking, seed 0."""
     tmp_path = tmp_path_factory.mktemp("compare")
-    assert main(["compare", "--config", COMPARE_CONFIG, "--arms", "full,forking", "--seeds", "0", *tiny_overrides(tmp_path)]) == 0
+    assert (
+        main(
+            ["compare", "--config", COMPARE_CONFIG, "--arms", "full,forking", "--seeds", "0", *tiny_overrides(tmp_path)]
+        )
+        == 0
+    )
     return tmp_path / "compare"
 
 

@@ -1,7 +1,5 @@
 """Config: defaults, YAML, overrides and validation errors that name the key."""
 
-from pathlib import Path
-
 import pytest
 
 from rlvr.config import ConfigError, format_help, load_config, parse_overrides
@@ -17,7 +15,8 @@ def test_defaults_are_valid():
 
 
 @pytest.mark.parametrize(
-    "path", sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("compare/*.yaml"), *CONFIGS.glob("models/*.yaml")]),
+    "path",
+    sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("compare/*.yaml"), *CONFIGS.glob("models/*.yaml")]),
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_shipped_configs_validate(path):
@@ -86,7 +85,10 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         (["reward.fallbacks=[last_word]"], r"reward.fallbacks\[0\]: must be one of answer_tag, latex, last_number"),
         (["reward.budget_seconds=0"], r"reward.budget_seconds: must be > 0"),
         (["moe.router_gate_scope=prompt"], r"moe.router_gate_scope: must be one of all, completion, forking"),
-        (["moe.load_balancing_coef=0.01", "grpo.router_aux_loss_coef=0.001"], r"moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef"),
+        (
+            ["moe.load_balancing_coef=0.01", "grpo.router_aux_loss_coef=0.001"],
+            r"moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef",
+        ),
         (["moe.routing_replay=rollout", "grpo.use_vllm=true"], r"moe.routing_replay: 'rollout' records routing"),
     ],
 )
@@ -112,6 +114,11 @@ def test_missing_file_and_bad_top_level(tmp_path):
 
 def test_help_lists_every_key_with_its_help():
     text = format_help()
-    for key in ("--forking.rho", "--forking.loss_normalization", "--model.tiny.num_experts", "--warm_start.target_accuracy"):
+    for key in (
+        "--forking.rho",
+        "--forking.loss_normalization",
+        "--model.tiny.num_experts",
+        "--warm_start.target_accuracy",
+    ):
         assert key in text
     assert "[top|bottom|random]" in text

@@ -78,10 +78,11 @@ def _write_jsonl(path, rows):
 
 
 GSM8K_ROWS = [
-    {"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
-     "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\n48+24 = <<48+24=72>>72\n#### 72"},
-    {"question": "A farm has 1,200 hens and buys 300 more. How many hens?",
-     "answer": "1200+300=1500\n#### 1,500"},
+    {
+        "question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+        "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\n48+24 = <<48+24=72>>72\n#### 72",
+    },
+    {"question": "A farm has 1,200 hens and buys 300 more. How many hens?", "answer": "1200+300=1500\n#### 1,500"},
 ]
 
 

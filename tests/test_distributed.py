@@ -9,18 +9,40 @@ import sys
 import pytest
 
 TINY = [
-    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
-    "data.num_train=64", "warm_start.enabled=false", "eval.enabled=false", "save_model=false", "grpo.max_steps=2",
-    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
-    "grpo.max_completion_length=16", "grpo.disable_tqdm=true",
+    "model.tiny.num_layers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.expert_size=32",
+    "model.tiny.num_experts=4",
+    "data.num_train=64",
+    "warm_start.enabled=false",
+    "eval.enabled=false",
+    "save_model=false",
+    "grpo.max_steps=2",
+    "grpo.logging_steps=1",
+    "grpo.per_device_train_batch_size=8",
+    "grpo.num_generations=4",
+    "grpo.max_completion_length=16",
+    "grpo.disable_tqdm=true",
 ]
 
 
 @pytest.mark.slow
 def test_two_process_torchrun_on_cpu(tmp_path):
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "rlvr.cli", "quickstart", *TINY, f"output_dir={output}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "rlvr.cli",
+        "quickstart",
+        *TINY,
+        f"output_dir={output}",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stdout.count("rlvr: finished") == 1  # one summary per launch, from rank 0
@@ -47,9 +69,23 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
     """TRL's zero2.yaml / zero3.yaml, unchanged, with 2 CPU processes; ZeRO-3 with the router-aware arm and replay."""
     output = tmp_path / stage
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", _trl_accelerate_config(f"{stage}.yaml"),
-        "--num_processes", "2", "--main_process_port", "29541", "-m", "rlvr.cli", "quickstart", "--arm", arm,
-        "moe.routing_replay=rollout", *TINY, f"output_dir={output}",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        _trl_accelerate_config(f"{stage}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29541",
+        "-m",
+        "rlvr.cli",
+        "quickstart",
+        "--arm",
+        arm,
+        "moe.routing_replay=rollout",
+        *TINY,
+        f"output_dir={output}",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -62,13 +98,39 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
 def test_launch_builds_the_accelerate_command(capsys):
     from rlvr.cli import main
 
-    code = main(["launch", "--zero", "3", "--offload", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
-                 "--main-addr", "10.0.0.1", "--dry-run", "--", "train", "--config", "my.yaml"])
+    code = main(
+        [
+            "launch",
+            "--zero",
+            "3",
+            "--offload",
+            "--nproc",
+            "8",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--main-addr",
+            "10.0.0.1",
+            "--dry-run",
+            "--",
+            "train",
+            "--config",
+            "my.yaml",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
-    for piece in ("accelerate.commands.launch", "configs/deepspeed/zero3_offload.yaml", "configs/deepspeed/zero3_offload.json",
-                  "--num_processes 16", "--num_machines 2", "--machine_rank 1", "--main_process_ip 10.0.0.1",
-                  "-m rlvr.cli train --config my.yaml"):
+    for piece in (
+        "accelerate.commands.launch",
+        "configs/deepspeed/zero3_offload.yaml",
+        "configs/deepspeed/zero3_offload.json",
+        "--num_processes 16",
+        "--num_machines 2",
+        "--machine_rank 1",
+        "--main_process_ip 10.0.0.1",
+        "-m rlvr.cli train --config my.yaml",
+    ):
         assert piece in printed
     assert main(["launch", "--zero", "2", "--offload", "--dry-run", "--", "train"]) == 2
     assert "--offload needs --zero 3" in capsys.readouterr().err
@@ -80,8 +142,22 @@ def test_launch_builds_the_accelerate_command(capsys):
 def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path):
     output = tmp_path / "launched"
     overrides = [o for o in TINY if not o.startswith("eval.")] + ["eval.sampled_completions=1", "data.num_eval=8"]
-    command = [sys.executable, "-m", "rlvr.cli", "launch", "--zero", "3", "--nproc", "2", "--main-port", "29547", "--",
-               "quickstart", *overrides, f"output_dir={output}"]
+    command = [
+        sys.executable,
+        "-m",
+        "rlvr.cli",
+        "launch",
+        "--zero",
+        "3",
+        "--nproc",
+        "2",
+        "--main-port",
+        "29547",
+        "--",
+        "quickstart",
+        *overrides,
+        f"output_dir={output}",
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((output / "summary.json").read_text())
@@ -124,19 +200,33 @@ def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
     helper = str(Path(__file__).parent / "distributed_steps.py")
     runs = {"one": [sys.executable, helper]}
     for port, stage in enumerate(("zero2", "zero3")):
-        runs[stage] = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _trl_accelerate_config(f"{stage}.yaml"),
-                       "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(29563 + port), helper]
+        runs[stage] = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            _trl_accelerate_config(f"{stage}.yaml"),
+            "--mixed_precision",
+            "no",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(29563 + port),
+            helper,
+        ]
     results = {}
     for name, command in runs.items():
         (tmp_path / name).mkdir()
-        finished = subprocess.run([*command, str(model_dir), str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        finished = subprocess.run(
+            [*command, str(model_dir), str(tmp_path / name)], capture_output=True, text=True, timeout=600
+        )
         assert finished.returncode == 0, finished.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "steps.json").read_text())
     one = results.pop("one")
     assert one["world"] == 1 and not one["deepspeed"] and len(one["steps"]) == 3
     for stage, run in results.items():
         assert run["world"] == 2 and run["deepspeed"], stage
-        for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"]), start=1):
+        for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"], strict=True), start=1):
             assert theirs.keys() == ours.keys() and "moe/load_balancing_loss" in ours
             for key, value in ours.items():
                 assert theirs[key] == pytest.approx(value, rel=1e-5), f"{stage} step {step} {key}"

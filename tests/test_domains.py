@@ -27,7 +27,7 @@ def test_domain_loads_match_one_unpadded_forward_per_pair():
     result = routing_by_domain(model, tokenizer, PROMPTS, SOLUTIONS, DOMAINS, batch_size=3)
 
     counts = {domain: torch.zeros(2, 4, dtype=torch.float64) for domain in set(DOMAINS)}
-    for prompt, solution, domain in zip(PROMPTS, SOLUTIONS, DOMAINS):
+    for prompt, solution, domain in zip(PROMPTS, SOLUTIONS, DOMAINS, strict=True):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt_ids + solution_ids])
@@ -40,7 +40,9 @@ def test_domain_loads_match_one_unpadded_forward_per_pair():
         for domain in set(DOMAINS):
             expected = counts[domain][layer] / counts[domain][layer].sum()
             assert result["layers"][layer]["loads"][domain] == pytest.approx(expected.tolist(), abs=1e-12)
-    assert result["tokens"]["addition"] == sum(len(s) for s, d in zip(SOLUTIONS, DOMAINS) if d == "addition")
+    assert result["tokens"]["addition"] == sum(
+        len(s) for s, d in zip(SOLUTIONS, DOMAINS, strict=True) if d == "addition"
+    )
 
 
 def test_js_is_one_bit_for_disjoint_experts_and_zero_for_identical_routing():
@@ -68,14 +70,15 @@ def test_task_domains_mix_and_label_problems():
 
 def test_accuracy_per_group():
     def reward(completions, answer, **_):
-        return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]
+        return [1.0 if c == a else 0.0 for c, a in zip(completions, answer, strict=True)]
 
     from unittest import mock
 
     # generation replaced by fixed completions: this checks the bookkeeping per group, not a model
     with mock.patch("rlvr.evaluation.generate_completions", return_value=(["1", "x", "3", "4"], [1, 1, 1, 1])):
-        result = evaluate_accuracy(None, None, ["a", "b", "c", "d"], ["1", "2", "3", "5"], reward, 4,
-                                   groups=["p", "q", "p", "q"])
+        result = evaluate_accuracy(
+            None, None, ["a", "b", "c", "d"], ["1", "2", "3", "5"], reward, 4, groups=["p", "q", "p", "q"]
+        )
     assert result.greedy_accuracy == 0.5
     assert result.by_group["p"]["greedy_accuracy"] == 1.0 and result.by_group["q"]["greedy_accuracy"] == 0.0
     assert result.by_group["p"]["num_problems"] == 2 and math.isnan(result.by_group["p"]["sampled_accuracy"])

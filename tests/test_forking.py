@@ -182,7 +182,9 @@ def test_loss_weights_normalisation_in_float64():
         w = loss_weights(keep_seq, mask, "selected", per_sequence=True).double()
         got = (per_token_loss * w * mask).sum(1) / mask.sum(1).clamp(min=1)
         for b in range(mask.size(0)):
-            want = per_token_loss[b][keep_seq[b]].mean() if keep_seq[b].any() else torch.tensor(0.0, dtype=torch.float64)
+            want = (
+                per_token_loss[b][keep_seq[b]].mean() if keep_seq[b].any() else torch.tensor(0.0, dtype=torch.float64)
+            )
             assert torch.allclose(got[b], want)
 
 

@@ -58,9 +58,21 @@ def test_conversational_completions_and_gsm8k_gold(verifier):
 
 
 GARBAGE = [
-    None, "", " ", "\\boxed{", "}" * 10_000, "{" * 10_000 + "\\boxed{1}", "\\boxed{" + "{" * 5000 + "}" * 5000 + "}",
-    "x" * 2_000_000, "\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{" + "(" * 3000 + "}", "\\boxed{\\frac{1}{0}}",
-    "\\boxed{\\infty - \\infty}", "\x00\x01\ufffd", 12345, object(),
+    None,
+    "",
+    " ",
+    "\\boxed{",
+    "}" * 10_000,
+    "{" * 10_000 + "\\boxed{1}",
+    "\\boxed{" + "{" * 5000 + "}" * 5000 + "}",
+    "x" * 2_000_000,
+    "\\boxed{9^{9^{9^{9^{9}}}}}",
+    "\\boxed{" + "(" * 3000 + "}",
+    "\\boxed{\\frac{1}{0}}",
+    "\\boxed{\\infty - \\infty}",
+    "\x00\x01\ufffd",
+    12345,
+    object(),
 ]
 
 

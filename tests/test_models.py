@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from rlvr.models import ARCHITECTURES, TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_pretrained, save_tiny_policy
+from rlvr.models import (
+    ARCHITECTURES,
+    TinyMoESpec,
+    build_char_tokenizer,
+    build_tiny_moe,
+    load_pretrained,
+    save_tiny_policy,
+)
 
 SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2)
 
@@ -16,7 +23,9 @@ def test_tokenizer_round_trips_text_and_ends_turns_with_eos():
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], tokenize=False
     )
     assert rendered.endswith("A" + tokenizer.eos_token)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|assistant|>")
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id != tokenizer.eos_token_id
 
@@ -25,7 +34,9 @@ def test_tokenizer_round_trips_text_and_ends_turns_with_eos():
 def test_save_and_reload_gives_the_same_model(architecture, tmp_path):
     directory = save_tiny_policy(architecture, SPEC, tmp_path / architecture, seed=1)
     model, tokenizer = load_pretrained(str(directory))
-    reference = build_tiny_moe(architecture, SPEC, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed=1)
+    reference = build_tiny_moe(
+        architecture, SPEC, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed=1
+    )
     batch = tokenizer(["Compute: 1+2", "9-4"], return_tensors="pt", padding=True)
     with torch.no_grad():
         loaded = model(**batch).logits

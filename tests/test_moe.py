@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
+from rlvr.models import ARCHITECTURES, TinyMoESpec, build_char_tokenizer, build_tiny_moe
 from rlvr.moe import (
     RoutingHooks,
     UnknownMoEArchitecture,
@@ -19,7 +20,6 @@ from rlvr.moe import (
     router_z_loss,
     summarize,
 )
-from rlvr.models import ARCHITECTURES, TinyMoESpec, build_char_tokenizer, build_tiny_moe
 
 SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2)
 BATCH, LENGTH = 3, 9
@@ -215,7 +215,10 @@ def test_router_losses_pooled_over_ranks_equal_the_one_process_loss(loss_name):
     the loss over all tokens in one process, in value and in gradient; shards of unequal size."""
     generator = torch.Generator().manual_seed(3)
     tokens, experts, layers = 23, 5, 2
-    logits = [torch.randn(tokens, experts, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
+    logits = [
+        torch.randn(tokens, experts, generator=generator, dtype=torch.float64, requires_grad=True)
+        for _ in range(layers)
+    ]
     chosen = (torch.rand(tokens, generator=generator) < 0.6).double()  # a scope: some tokens count
     shards = [slice(0, 9), slice(9, tokens)]  # rank 0 holds 9 tokens, rank 1 holds 14
 
@@ -234,11 +237,13 @@ def test_router_losses_pooled_over_ranks_equal_the_one_process_loss(loss_name):
     for rows in shards:
         loss_of(rows, sum_across_ranks=lambda stats: recorded.append(stats) or stats, world_size=2)
     total = recorded[0] + recorded[1]
-    rank_losses, rank_values = zip(*(loss_of(rows, sum_across_ranks=lambda stats: total, world_size=2) for rows in shards))
+    rank_losses, rank_values = zip(
+        *(loss_of(rows, sum_across_ranks=lambda stats: total, world_size=2) for rows in shards), strict=True
+    )
     mean_loss = (rank_losses[0] + rank_losses[1]) / 2
     torch.testing.assert_close(mean_loss.double(), one_loss.double(), rtol=1e-6, atol=1e-9)
     assert rank_values[0] == rank_values[1] == pytest.approx(one_value, rel=1e-6)
-    for pooled, single in zip(torch.autograd.grad(mean_loss, logits), one_gradients):
+    for pooled, single in zip(torch.autograd.grad(mean_loss, logits), one_gradients, strict=True):
         torch.testing.assert_close(pooled, single, rtol=1e-5, atol=1e-9)
     # without pooling the two ranks' mean is a different loss: the test can tell them apart
     local_mean = (loss_of(shards[0])[0] + loss_of(shards[1])[0]) / 2
@@ -259,14 +264,18 @@ def test_analytics_on_a_hand_built_routing():
     assert layer.load_forking == [1.0, 0.0, 0.0, 0.0]
     assert layer.load_other == [0.25, 0.25, 0.25, 0.25]
     # JS(p, q) with p = (1,0,0,0), q uniform: m = (5/8, 1/8, 1/8, 1/8)
-    expected_js = 0.5 * math.log2(1 / (5 / 8)) + 0.5 * (0.25 * math.log2(0.25 / (5 / 8)) + 0.75 * math.log2(0.25 / (1 / 8)))
+    expected_js = 0.5 * math.log2(1 / (5 / 8)) + 0.5 * (
+        0.25 * math.log2(0.25 / (5 / 8)) + 0.75 * math.log2(0.25 / (1 / 8))
+    )
     assert layer.specialization == pytest.approx(expected_js)
     assert layer.router_entropy_forking == pytest.approx(0.0)
     assert layer.router_entropy_other == pytest.approx(math.log(4))
     assert layer.imbalance == pytest.approx(3 / 6 * 4)  # expert 0 has 3 of 6 completion assignments
     assert math.isnan(layer.drift)
     replayed = torch.tensor([[0], [1], [0], [1], [2], [3], [0]])
-    drifted = layer_routing(indices, probabilities, forking, completion, replayed_indices=replayed, live_indices=indices)
+    drifted = layer_routing(
+        indices, probabilities, forking, completion, replayed_indices=replayed, live_indices=indices
+    )
     assert drifted.drift == pytest.approx(1 / 6)  # token 1 differs; token 6 is not a completion token
     metrics = summarize([layer, drifted])
     assert metrics["moe/specialization_js"] == pytest.approx(expected_js)
@@ -275,7 +284,9 @@ def test_analytics_on_a_hand_built_routing():
 
 def test_analytics_with_no_forking_tokens_give_nan_not_errors():
     indices = torch.tensor([[0], [1]])
-    layer = layer_routing(indices, torch.full((2, 2), 0.5), torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    layer = layer_routing(
+        indices, torch.full((2, 2), 0.5), torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    )
     assert math.isnan(layer.specialization) and math.isnan(layer.router_entropy_forking)
     assert layer.load_other == [0.5, 0.5]
 
@@ -303,7 +314,7 @@ def test_replaying_own_routing_reproduces_logits_exactly(architecture):
     replayed_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     hooks.end()
     assert torch.equal(replayed_logits, live_logits)
-    for used, live in zip(routing.indices, routing.live_indices):
+    for used, live in zip(routing.indices, routing.live_indices, strict=True):
         assert torch.equal(used, live)
 
 
@@ -320,9 +331,9 @@ def test_replay_after_a_weight_change_uses_recorded_experts_and_trains_the_route
     routing = hooks.begin(BATCH, LENGTH, forced=recorded)
     objective(model, input_ids, attention_mask, targets).backward()
     hooks.end()
-    for index, (used, live) in enumerate(zip(routing.indices, routing.live_indices)):
+    for index, (used, live) in enumerate(zip(routing.indices, routing.live_indices, strict=True)):
         assert torch.equal(used, recorded[:, :, index].reshape(-1, SPEC.top_k).to(used.dtype))
-    assert any(not torch.equal(used, live) for used, live in zip(routing.indices, routing.live_indices))
+    assert any(not torch.equal(used, live) for used, live in zip(routing.indices, routing.live_indices, strict=True))
     for layer in layers:
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
 
@@ -346,8 +357,9 @@ def test_rollout_record_matches_the_full_forward_routing(architecture):
     hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
     hooks.start_recording()
     with torch.no_grad():
-        generated = model.generate(**prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+        generated = model.generate(
+            **prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     forwards = hooks.stop_recording()
     batch, prompt_length = prompts["input_ids"].shape
     completion_length = generated.shape[1] - prompt_length

@@ -14,10 +14,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
-    "data.num_train=64", "warm_start.enabled=false", "eval.enabled=false", "save_model=false",
-    "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "16",
-    "grpo.logging_steps=1", "grpo.disable_tqdm=true",
+    "model.tiny.num_layers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.expert_size=32",
+    "model.tiny.num_experts=4",
+    "data.num_train=64",
+    "warm_start.enabled=false",
+    "eval.enabled=false",
+    "save_model=false",
+    "--per_device_train_batch_size",
+    "8",
+    "--num_generations",
+    "4",
+    "--max_completion_length",
+    "16",
+    "grpo.logging_steps=1",
+    "grpo.disable_tqdm=true",
 ]
 
 
@@ -30,18 +42,30 @@ def installed(tmp_path_factory):
     not run: ``import rlvr`` can only find the wheel.
     """
     work = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(work), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(work.glob("rlvr-*.whl"))
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     dependencies = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
     Path(purelib, "dependencies.pth").write_text("\n".join(dependencies) + "\n")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return wheel, venv
 
 
@@ -54,8 +78,14 @@ def _run(venv: Path, cwd: Path, *command: str, timeout: int = 600) -> subprocess
 def test_wheel_ships_the_configs_and_no_top_level_rewards(installed):
     wheel, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
-    for packaged in ("rlvr/configs/quickstart.yaml", "rlvr/configs/compare/quickstart.yaml", "rlvr/configs/arms/full.yaml",
-                     "rlvr/configs/deepspeed/zero3.json", "rlvr/configs/deepspeed/zero3.yaml", "rlvr/rewards/math.py"):
+    for packaged in (
+        "rlvr/configs/quickstart.yaml",
+        "rlvr/configs/compare/quickstart.yaml",
+        "rlvr/configs/arms/full.yaml",
+        "rlvr/configs/deepspeed/zero3.json",
+        "rlvr/configs/deepspeed/zero3.yaml",
+        "rlvr/rewards/math.py",
+    ):
         assert packaged in names
     assert not any(name.startswith("rewards/") for name in names)  # no clash with other packages' import names
 
@@ -81,8 +111,19 @@ def test_installed_wheel_runs_from_any_directory(installed, tmp_path):
     assert launch.returncode == 0 and f"{venv}" in launch.stdout  # DeepSpeed configs from the installed package
 
     output = tmp_path / "run"
-    trained = _run(venv, tmp_path, "rlvr", "train", "--config", "quickstart", "--max_steps", "2", *TINY,
-                   f"output_dir={output}", f"warm_start.cache_dir={tmp_path / 'cache'}")
+    trained = _run(
+        venv,
+        tmp_path,
+        "rlvr",
+        "train",
+        "--config",
+        "quickstart",
+        "--max_steps",
+        "2",
+        *TINY,
+        f"output_dir={output}",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert json.loads((output / "summary.json").read_text())["steps"] == 2
 
@@ -91,7 +132,10 @@ def test_installed_wheel_runs_from_any_directory(installed, tmp_path):
     "arguments, message",
     [
         (["--config", "nope"], "config error: --config: 'nope' is neither a file nor a packaged config"),
-        (["--config", "quickstart", "--max_step", "3"], "max_step: unknown key; did you mean warm_start.max_steps, grpo.max_steps?"),
+        (
+            ["--config", "quickstart", "--max_step", "3"],
+            "max_step: unknown key; did you mean warm_start.max_steps, grpo.max_steps?",
+        ),
         (["--config", "quickstart", "rho=0.3"], "rho: unknown key; did you mean forking.rho?"),
     ],
 )
@@ -107,8 +151,12 @@ def test_trl_flags_are_grpo_keys():
     from rlvr.config import load_config
     from rlvr.packaged import resolve_config
 
-    config = load_config([resolve_config("quickstart")], ["--max_steps", "3", "--learning_rate", "1e-6", "num_generations=4"])
-    assert config.grpo["max_steps"] == 3 and config.grpo["learning_rate"] == 1e-6 and config.grpo["num_generations"] == 4
+    config = load_config(
+        [resolve_config("quickstart")], ["--max_steps", "3", "--learning_rate", "1e-6", "num_generations=4"]
+    )
+    assert (
+        config.grpo["max_steps"] == 3 and config.grpo["learning_rate"] == 1e-6 and config.grpo["num_generations"] == 4
+    )
     assert config.warm_start.max_steps != 3  # rlvr's own keys keep their section
     explicit = load_config(None, ["--seed", "7"])
     assert explicit.seed == 7 and "seed" not in explicit.grpo  # an rlvr key of the same name wins
@@ -135,7 +183,11 @@ def test_configs_copy_out_never_overwrites(tmp_path, capsys):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("bad.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", answer: 2}\n', "bad.jsonl: line 2: not valid JSON"),
+        (
+            "bad.jsonl",
+            '{"question": "a", "answer": "1"}\n{"question": "b", answer: 2}\n',
+            "bad.jsonl: line 2: not valid JSON",
+        ),
         ("list.jsonl", '{"question": "a", "answer": "1"}\n[1, 2]\n', "list.jsonl: line 2: expected a JSON object"),
         ("bad.json", '[{"question": "a", "answer": "1"},]', "bad.json: not valid JSON: Expecting value at line 1"),
         ("bad.csv", 'question,answer\n"a,1\nb,2\n', "bad.csv: cannot read: ParserError"),
@@ -148,8 +200,16 @@ def test_unreadable_data_files_get_one_line_naming_file_and_line(tmp_path, capsy
 
     path = tmp_path / name
     path.write_text(content)
-    code = main(["train", "--config", "quickstart", f"data.source={path}", "warm_start.enabled=false",
-                 f"output_dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "train",
+            "--config",
+            "quickstart",
+            f"data.source={path}",
+            "warm_start.enabled=false",
+            f"output_dir={tmp_path / 'run'}",
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error

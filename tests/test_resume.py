@@ -14,19 +14,32 @@ import time
 from rlvr.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
 from rlvr.cli import main
 
-SLOW_REWARD = '''
+SLOW_REWARD = """
 import time
 
 def slow_odd_length(completions, **_):
     time.sleep(0.25)  # slow steps, so that the run can be killed between checkpoints
     return [float(len(str(c)) % 2) for c in completions]
-'''
+"""
 RUN = [
-    "model.tiny.num_layers=1", "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "model.tiny.num_experts=4",
-    "data.num_train=128", "warm_start.enabled=false", "eval.enabled=false", "save_model=false",
-    "reward.functions=[slow_reward:slow_odd_length]", "grpo.learning_rate=1e-2", "grpo.max_steps=10",
-    "grpo.logging_steps=1", "grpo.per_device_train_batch_size=8", "grpo.num_generations=4",
-    "grpo.max_completion_length=16", "grpo.disable_tqdm=true", "grpo.save_strategy=steps", "grpo.save_steps=2",
+    "model.tiny.num_layers=1",
+    "model.tiny.hidden_size=32",
+    "model.tiny.expert_size=32",
+    "model.tiny.num_experts=4",
+    "data.num_train=128",
+    "warm_start.enabled=false",
+    "eval.enabled=false",
+    "save_model=false",
+    "reward.functions=[slow_reward:slow_odd_length]",
+    "grpo.learning_rate=1e-2",
+    "grpo.max_steps=10",
+    "grpo.logging_steps=1",
+    "grpo.per_device_train_batch_size=8",
+    "grpo.num_generations=4",
+    "grpo.max_completion_length=16",
+    "grpo.disable_tqdm=true",
+    "grpo.save_strategy=steps",
+    "grpo.save_steps=2",
 ]
 TIMING = re.compile(r"step_time|runtime|per_second|seconds")
 
@@ -69,7 +82,9 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatc
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "rlvr.cli", "quickstart", *RUN, f"output_dir={killed}"],
-        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while not (killed / "checkpoint-4" / COMPLETE_MARKER).exists():
@@ -116,10 +131,24 @@ def test_zero3_two_process_resume_after_sigkill_matches_the_uninterrupted_run(tm
     run = [o for o in RUN if not o.startswith("grpo.max_steps")] + ["grpo.max_steps=6", "--arm", "forking_router"]
 
     def launch(output, port, *extra):
-        command = [sys.executable, "-m", "rlvr.cli", "launch", "--zero", "3", "--nproc", "2", "--main-port", str(port),
-                   "--", "quickstart", *run, f"output_dir={output}", *extra]
-        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+        command = [
+            sys.executable,
+            "-m",
+            "rlvr.cli",
+            "launch",
+            "--zero",
+            "3",
+            "--nproc",
+            "2",
+            "--main-port",
+            str(port),
+            "--",
+            "quickstart",
+            *run,
+            f"output_dir={output}",
+            *extra,
+        ]
+        return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     killed = tmp_path / "killed"
     process = launch(killed, 29591)

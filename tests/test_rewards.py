@@ -40,7 +40,12 @@ def test_think_answer_format():
     from rlvr.rewards.format import think_answer_format
 
     good = "<think>a+b</think>\n<answer>3</answer>"
-    assert think_answer_format([good, "<answer>3</answer>", "<think>x</think><answer>3</answer> trailing", ""]) == [1.0, 0.0, 0.0, 0.0]
+    assert think_answer_format([good, "<answer>3</answer>", "<think>x</think><answer>3</answer> trailing", ""]) == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -55,13 +60,15 @@ def test_overlong_penalty_is_daPO_soft_punishment(length, expected):
 
 
 def test_overlong_penalty_settings_are_checked_and_built_from_config():
-    from rlvr.rewards.format import OverlongPenalty
     from rlvr.config import ConfigError, load_config
     from rlvr.recipe import resolve_rewards
+    from rlvr.rewards.format import OverlongPenalty
 
     with pytest.raises(ValueError, match="cache"):
         OverlongPenalty(max_length=10, cache=0)
-    config = load_config(None, ["reward.functions=[arithmetic_exact, overlong_penalty]", "grpo.max_completion_length=50"])
+    config = load_config(
+        None, ["reward.functions=[arithmetic_exact, overlong_penalty]", "grpo.max_completion_length=50"]
+    )
     functions, _, accuracy = resolve_rewards(config)
     assert accuracy is functions[0] and (functions[1].max_length, functions[1].cache) == (50, 10)
     with pytest.raises(ConfigError, match="reward.overlong_buffer: must be <= grpo.max_completion_length"):

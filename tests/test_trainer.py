@@ -9,11 +9,11 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr.rewards.text import completion_text
 from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import ARCHITECTURES, load_pretrained
 from rlvr.moe import UnknownMoEArchitecture
+from rlvr.rewards.text import completion_text
 from rlvr.trainer import ForkingGRPOTrainer
 
 GENERATIONS = 4
@@ -31,15 +31,33 @@ def _dataset():
 
 def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, **grpo):
     model, tokenizer = load_pretrained(checkpoint)
-    settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=ROWS, num_generations=GENERATIONS,
-        max_completion_length=12, use_cpu=True, bf16=False, report_to=[], logging_steps=1, max_steps=2,
-        beta=0.0, seed=0, save_strategy="no", disable_tqdm=True, router_aux_loss_coef=0.0,
-    ) | grpo
+    settings = (
+        dict(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=ROWS,
+            num_generations=GENERATIONS,
+            max_completion_length=12,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            logging_steps=1,
+            max_steps=2,
+            beta=0.0,
+            seed=0,
+            save_strategy="no",
+            disable_tqdm=True,
+            router_aux_loss_coef=0.0,
+        )
+        | grpo
+    )
     extra = {"forking": forking or ForkingConfig(), "moe": moe} if trainer_cls is ForkingGRPOTrainer else {}
     trainer = trainer_cls(
-        model=model, reward_funcs=odd_length_reward, args=GRPOConfig(**settings),
-        train_dataset=_dataset(), processing_class=tokenizer, **extra,
+        model=model,
+        reward_funcs=odd_length_reward,
+        args=GRPOConfig(**settings),
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+        **extra,
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -137,7 +155,8 @@ def row_mask(mask, row):
 
 
 @pytest.mark.parametrize(
-    "loss_type, scope", [("dapo", "micro_batch"), ("bnpo", "micro_batch"), ("grpo", "micro_batch"), ("grpo", "sequence")]
+    "loss_type, scope",
+    [("dapo", "micro_batch"), ("bnpo", "micro_batch"), ("grpo", "micro_batch"), ("grpo", "sequence")],
 )
 def test_forking_loss_matches_reference(tiny_checkpoint, tmp_path, loss_type, scope):
     trainer = make_trainer(
@@ -170,8 +189,11 @@ def test_selected_vs_all_normalisation_differs_by_the_kept_fraction(tiny_checkpo
 def test_kl_mask_keeps_kl_gradient_off_dropped_tokens(tiny_checkpoint, tmp_path):
     def grads_with(mask_kl):
         trainer = make_trainer(
-            tiny_checkpoint(), tmp_path / str(mask_kl), forking=ForkingConfig(rho=0.0, mask_kl=mask_kl),
-            loss_type="dapo", beta=0.1,
+            tiny_checkpoint(),
+            tmp_path / str(mask_kl),
+            forking=ForkingConfig(rho=0.0, mask_kl=mask_kl),
+            loss_type="dapo",
+            beta=0.1,
         )
         batch = make_batch(trainer)
         noise = torch.randn(batch["completion_mask"].shape, generator=torch.Generator().manual_seed(2))
@@ -186,8 +208,11 @@ def test_kl_mask_keeps_kl_gradient_off_dropped_tokens(tiny_checkpoint, tmp_path)
 @pytest.mark.parametrize("mask_entropy_bonus", [True, False])
 def test_entropy_bonus_scope(tiny_checkpoint, tmp_path, mask_entropy_bonus):
     trainer = make_trainer(
-        tiny_checkpoint(), tmp_path, forking=ForkingConfig(rho=0.0, mask_entropy_bonus=mask_entropy_bonus),
-        loss_type="dapo", entropy_coef=0.1,
+        tiny_checkpoint(),
+        tmp_path,
+        forking=ForkingConfig(rho=0.0, mask_entropy_bonus=mask_entropy_bonus),
+        loss_type="dapo",
+        entropy_coef=0.1,
     )
     batch = make_batch(trainer)
     batch["advantages"] = torch.zeros(ROWS)  # only the bonus remains
@@ -237,7 +262,9 @@ def test_training_changes_weights_and_logs_forking_metrics(tiny_checkpoint, tmp_
 
 def test_forking_router_arm_trains_and_logs_routing(tiny_checkpoint, tmp_path):
     moe = MoEConfig(router_gate_scope="forking", expert_gate_scope="forking")
-    trainer = make_trainer(tiny_checkpoint("olmoe"), tmp_path, forking=ForkingConfig(rho=0.2), moe=moe, learning_rate=1e-2)
+    trainer = make_trainer(
+        tiny_checkpoint("olmoe"), tmp_path, forking=ForkingConfig(rho=0.2), moe=moe, learning_rate=1e-2
+    )
     routers = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".gate.weight" in n}
     trainer.train()
     assert any(not torch.equal(p, routers[n]) for n, p in trainer.model.named_parameters() if n in routers)
@@ -254,7 +281,9 @@ def test_forking_router_arm_trains_and_logs_routing(tiny_checkpoint, tmp_path):
 def test_load_balancing_loss_is_added_with_its_coefficient(tiny_checkpoint, tmp_path):
     plain = make_trainer(tiny_checkpoint(), tmp_path / "plain", loss_type="dapo")
     balanced = make_trainer(
-        tiny_checkpoint(), tmp_path / "lb", moe=MoEConfig(load_balancing_coef=0.5, load_balancing_scope="forking"),
+        tiny_checkpoint(),
+        tmp_path / "lb",
+        moe=MoEConfig(load_balancing_coef=0.5, load_balancing_scope="forking"),
         loss_type="dapo",
     )
     batch = make_batch(plain)
@@ -272,10 +301,16 @@ def test_freeze_router_and_router_learning_rate(tiny_checkpoint, tmp_path):
     frozen.train()
     assert all(torch.equal(p, routers[n]) for n, p in frozen.model.named_parameters() if n in routers)
 
-    scaled = make_trainer(tiny_checkpoint(), tmp_path / "s", moe=MoEConfig(router_lr_multiplier=0.1), learning_rate=1e-2)
+    scaled = make_trainer(
+        tiny_checkpoint(), tmp_path / "s", moe=MoEConfig(router_lr_multiplier=0.1), learning_rate=1e-2
+    )
     optimizer = scaled.create_optimizer()
     router_ids = {id(p) for p in scaled.router_updates.router_parameters()}
-    rates = {("router" if id(p) in router_ids else "other"): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    rates = {
+        ("router" if id(p) in router_ids else "other"): group["lr"]
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
     assert rates == {"router": pytest.approx(1e-3), "other": pytest.approx(1e-2)}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(scaled.model.parameters()))
 
@@ -286,9 +321,17 @@ def test_dense_model_needs_default_moe_settings(tmp_path):
     from rlvr.models import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     Qwen3ForCausalLM(config).save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     trainer = make_trainer(str(tmp_path / "dense"), tmp_path / "a")
@@ -325,17 +368,25 @@ def test_no_replay_without_reuse_records_nothing(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_hybrid_gates_stop_router_and_expert_gradient_outside_forking_decisions(tiny_checkpoint, tmp_path, checkpointing):
+def test_hybrid_gates_stop_router_and_expert_gradient_outside_forking_decisions(
+    tiny_checkpoint, tmp_path, checkpointing
+):
     # hybrid arm with rho=0: the policy loss covers every token, but no decision is forking, so the
     # routers and experts get no gradient at all while attention and embeddings do.
     moe = MoEConfig(router_gate_scope="forking", expert_gate_scope="forking")
     trainer = make_trainer(
-        tiny_checkpoint(), tmp_path, forking=ForkingConfig(rho=0.0, policy_tokens="all"), moe=moe,
-        loss_type="dapo", gradient_checkpointing=checkpointing,
+        tiny_checkpoint(),
+        tmp_path,
+        forking=ForkingConfig(rho=0.0, policy_tokens="all"),
+        moe=moe,
+        loss_type="dapo",
+        gradient_checkpointing=checkpointing,
     )
     _, grads = loss_and_grads(trainer, make_batch(trainer))
     trainer.router_updates.release()
     moe_grads = {n: g for n, g in grads.items() if ".mlp." in n}
     other_grads = {n: g for n, g in grads.items() if "self_attn" in n}
-    assert moe_grads and all(g.abs().sum() == 0 for g in moe_grads.values()), [n for n, g in moe_grads.items() if g.abs().sum()]
+    assert moe_grads and all(g.abs().sum() == 0 for g in moe_grads.values()), [
+        n for n, g in moe_grads.items() if g.abs().sum()
+    ]
     assert other_grads and all(g.abs().sum() > 0 for g in other_grads.values())

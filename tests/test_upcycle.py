@@ -43,7 +43,9 @@ def batch(seed: int = 0):
     return torch.randint(5, 90, (3, 11), generator=generator)  # (B, T)
 
 
-@pytest.mark.parametrize("architecture, moe_class", [("qwen3", "Qwen3MoeForCausalLM"), ("mistral", "MixtralForCausalLM")])
+@pytest.mark.parametrize(
+    "architecture, moe_class", [("qwen3", "Qwen3MoeForCausalLM"), ("mistral", "MixtralForCausalLM")]
+)
 def test_btx_with_routing_forced_to_expert_i_reproduces_dense_model_i(tmp_path, architecture, moe_class):
     first = save_dense(tmp_path / "a", architecture, seed=0)
     save_dense(tmp_path / "b", architecture, seed=1, shared_from=first)  # only the feed-forward layers differ
@@ -61,7 +63,9 @@ def test_btx_with_routing_forced_to_expert_i_reproduces_dense_model_i(tmp_path, 
         hooks.release()
         torch.testing.assert_close(forced, expected, rtol=1e-12, atol=1e-12)
     # and the two experts really are different models
-    assert not torch.allclose(float64(tmp_path / "a")(input_ids=ids).logits, float64(tmp_path / "b")(input_ids=ids).logits)
+    assert not torch.allclose(
+        float64(tmp_path / "a")(input_ids=ids).logits, float64(tmp_path / "b")(input_ids=ids).logits
+    )
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["method"] == "btx" and manifest["num_experts"] == 2
 
@@ -71,10 +75,18 @@ def test_btx_averages_every_parameter_but_the_experts(tmp_path):
     b = save_dense(tmp_path / "b", "qwen3", seed=1)
     moe = float64(upcycle([tmp_path / "a", tmp_path / "b"], tmp_path / "moe", router_init="zero"))
     state, a_state, b_state = moe.state_dict(), a.state_dict(), b.state_dict()
-    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         torch.testing.assert_close(state[name], (a_state[name].double() + b_state[name].double()) / 2)
     for expert, source in enumerate((a_state, b_state)):
-        torch.testing.assert_close(state["model.layers.0.mlp.experts.down_proj"][expert], source["model.layers.0.mlp.down_proj.weight"].double())
+        torch.testing.assert_close(
+            state["model.layers.0.mlp.experts.down_proj"][expert],
+            source["model.layers.0.mlp.down_proj.weight"].double(),
+        )
     assert not state["model.layers.0.mlp.gate.weight"].any()  # router_init zero
 
 
@@ -86,8 +98,9 @@ def test_sparse_upcycling_equals_the_dense_model_whatever_the_routing(tmp_path, 
     save_dense(tmp_path / "dense", architecture, seed=3)
     out = upcycle([tmp_path / "dense"], tmp_path / "moe", method="sparse", num_experts=4, top_k=2)
     ids = batch(1)
-    torch.testing.assert_close(float64(out)(input_ids=ids).logits, float64(tmp_path / "dense")(input_ids=ids).logits,
-                               rtol=0, atol=5e-7)
+    torch.testing.assert_close(
+        float64(out)(input_ids=ids).logits, float64(tmp_path / "dense")(input_ids=ids).logits, rtol=0, atol=5e-7
+    )
 
 
 def test_mean_hidden_router_prefers_each_domains_expert(tmp_path):
@@ -102,7 +115,10 @@ def test_mean_hidden_router_prefers_each_domains_expert(tmp_path):
     # the router scores each domain's own mean hidden state highest on that domain's expert
     from rlvr.upcycle import domain_mean_hidden
 
-    means = [domain_mean_hidden(*load_pretrained(str(tmp_path / name)), texts)[0].double() for name, texts in zip("ab", samples)]
+    means = [
+        domain_mean_hidden(*load_pretrained(str(tmp_path / name)), texts)[0].double()
+        for name, texts in zip("ab", samples, strict=True)
+    ]
     assert (router @ means[0]).argmax() == 0 and (router @ means[1]).argmax() == 1
     assert json.loads((out / MANIFEST).read_text())["router_samples"] == [3, 3]
 
@@ -133,7 +149,12 @@ def _fails_cleanly(tmp_path, message, *args, **kwargs):
 def test_bad_inputs_fail_before_anything_is_written(tmp_path):
     save_dense(tmp_path / "qwen", "qwen3", seed=0)
     save_dense(tmp_path / "mistral", "mistral", seed=0)
-    save_dense(tmp_path / "wide", "qwen3", seed=0, spec=TinyMoESpec(num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2, expert_size=24))
+    save_dense(
+        tmp_path / "wide",
+        "qwen3",
+        seed=0,
+        spec=TinyMoESpec(num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2, expert_size=24),
+    )
     save_dense(tmp_path / "qwen2", "qwen3", seed=1)
     _fails_cleanly(tmp_path, "missing: no such checkpoint directory", [tmp_path / "qwen", tmp_path / "missing"])
     (tmp_path / "empty").mkdir()
@@ -143,7 +164,9 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
     _fails_cleanly(tmp_path, "at least 2", [tmp_path / "qwen"])
     _fails_cleanly(tmp_path, "num_experts", [tmp_path / "qwen"], method="sparse")
     _fails_cleanly(tmp_path, "top_k", [tmp_path / "qwen", tmp_path / "qwen2"], top_k=3)
-    _fails_cleanly(tmp_path, "one list of sample texts", [tmp_path / "qwen", tmp_path / "qwen2"], router_init="mean_hidden")
+    _fails_cleanly(
+        tmp_path, "one list of sample texts", [tmp_path / "qwen", tmp_path / "qwen2"], router_init="mean_hidden"
+    )
     # a different tokenizer
     other = build_char_tokenizer()
     other.add_tokens(["<extra>"])
@@ -165,8 +188,23 @@ def test_bad_inputs_fail_before_anything_is_written(tmp_path):
 def test_cli_upcycle(tmp_path, capsys):
     a = save_dense(tmp_path / "a", "qwen3", seed=0)
     save_dense(tmp_path / "b", "qwen3", seed=1, shared_from=a)
-    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "moe"),
-                 "--top-k", "1", "--router-init", "zero"]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--dense",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "moe"),
+                "--top-k",
+                "1",
+                "--router-init",
+                "zero",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "moe" / MANIFEST).exists()
     assert main(["upcycle", "--dense", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err
@@ -174,12 +212,44 @@ def test_cli_upcycle(tmp_path, capsys):
     # router samples from files: plain text lines and .jsonl records
     (tmp_path / "a.txt").write_text("1+2=3\n4+4=8\n")
     (tmp_path / "b.jsonl").write_text('{"text": "3*3=9"}\n{"text": "2*5=10"}\n')
-    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "mean"),
-                 "--router-init", "mean_hidden", "--router-samples", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--dense",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "mean"),
+                "--router-init",
+                "mean_hidden",
+                "--router-samples",
+                str(tmp_path / "a.txt"),
+                str(tmp_path / "b.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "mean" / MANIFEST).read_text())["router_samples"] == [2, 2]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
-    assert main(["upcycle", "--dense", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "bad"),
-                 "--router-init", "mean_hidden", "--router-samples", str(tmp_path / "a.txt"), str(tmp_path / "bad.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "upcycle",
+                "--dense",
+                str(tmp_path / "a"),
+                str(tmp_path / "b"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--router-init",
+                "mean_hidden",
+                "--router-samples",
+                str(tmp_path / "a.txt"),
+                str(tmp_path / "bad.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl: line 2 is not a JSON object with a 'text' field" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
@@ -195,22 +265,37 @@ def test_plan_runs_with_starting_policies(tmp_path):
 
     output_dir, runs = plan_runs([UPCYCLE_CONFIG], [f"output_dir={tmp_path}"], None, None)
     assert [run.arm for run in runs] == [
-        "btx+forking", "btx+forking_router", "sparse+forking", "sparse+forking_router", "scratch+forking", "scratch+forking_router",
+        "btx+forking",
+        "btx+forking_router",
+        "sparse+forking",
+        "sparse+forking_router",
+        "scratch+forking",
+        "scratch+forking_router",
     ]
     btx, scratch = runs[0].config, runs[-1].config
     assert btx.model.name_or_path == str(tmp_path / "policies" / "btx") and btx.warm_start.enabled == "true"
     assert btx.moe.router_gate_scope == "all" and runs[1].config.moe.router_gate_scope == "forking"  # the arms apply
-    assert scratch.model.name_or_path == "tiny:qwen3_moe" and scratch.model.tiny.num_experts == 2 and scratch.warm_start.enabled == "true"
+    assert (
+        scratch.model.name_or_path == "tiny:qwen3_moe"
+        and scratch.model.tiny.num_experts == 2
+        and scratch.warm_start.enabled == "true"
+    )
     assert runs[2].directory == tmp_path / "sparse-forking-seed0"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["upcycle.inits=[btx,merge]"], r"upcycle.inits\[1\]: must be one of btx, sparse, scratch"),
-    (["data.task.domains=[addition]"], "data.task.domains: btx needs at least two domains"),
-    (["upcycle.num_experts=3"], "upcycle.num_experts: btx makes one expert per domain: must be 2"),
-    (["upcycle.dense_model=tiny:qwen3_moe"], "upcycle.dense_model: must be one of tiny:llama, tiny:mistral, tiny:qwen3"),
-    (["upcycle.top_k=3"], r"upcycle.top_k: must be in 1..upcycle.num_experts \(2\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["upcycle.inits=[btx,merge]"], r"upcycle.inits\[1\]: must be one of btx, sparse, scratch"),
+        (["data.task.domains=[addition]"], "data.task.domains: btx needs at least two domains"),
+        (["upcycle.num_experts=3"], "upcycle.num_experts: btx makes one expert per domain: must be 2"),
+        (
+            ["upcycle.dense_model=tiny:qwen3_moe"],
+            "upcycle.dense_model: must be one of tiny:llama, tiny:mistral, tiny:qwen3",
+        ),
+        (["upcycle.top_k=3"], r"upcycle.top_k: must be in 1..upcycle.num_experts \(2\)"),
+    ],
+)
 def test_upcycle_config_errors_name_the_key(overrides, message):
     from rlvr.config import ConfigError, load_config
 
@@ -228,17 +313,38 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
 
     out = tmp_path / "upcycle"
     command = [
-        sys.executable, "-m", "rlvr.cli", "compare", "--config", UPCYCLE_CONFIG, f"output_dir={out}",
-        f"warm_start.cache_dir={tmp_path / 'cache'}", "warm_start.max_steps=20", "warm_start.eval_every=10",
-        "warm_start.num_dev=10", "grpo.max_steps=2", "data.num_eval=20", "model.tiny.num_layers=1",
-        "model.tiny.hidden_size=32", "model.tiny.expert_size=32", "upcycle.router_samples=8",
-        "eval.sampled_completions=2", "eval.pass_k=2", "upcycle.branch_steps=20",
+        sys.executable,
+        "-m",
+        "rlvr.cli",
+        "compare",
+        "--config",
+        UPCYCLE_CONFIG,
+        f"output_dir={out}",
+        f"warm_start.cache_dir={tmp_path / 'cache'}",
+        "warm_start.max_steps=20",
+        "warm_start.eval_every=10",
+        "warm_start.num_dev=10",
+        "grpo.max_steps=2",
+        "data.num_eval=20",
+        "model.tiny.num_layers=1",
+        "model.tiny.hidden_size=32",
+        "model.tiny.expert_size=32",
+        "upcycle.router_samples=8",
+        "eval.sampled_completions=2",
+        "eval.pass_k=2",
+        "upcycle.branch_steps=20",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     record = json.loads((out / "policies" / "policies.json").read_text())
-    assert set(record) == {"dense_seed (mix)", "branch_addition", "branch_multiplication", "seed_continued (mix)",
-                           "routing_btx_as_built", "routing_sparse_as_built"}
+    assert set(record) == {
+        "dense_seed (mix)",
+        "branch_addition",
+        "branch_multiplication",
+        "seed_continued (mix)",
+        "routing_btx_as_built",
+        "routing_sparse_as_built",
+    }
     assert record["branch_addition"]["steps"] == 20  # upcycle.branch_steps
     assert record["seed_continued (mix)"]["steps"] == 40  # match_compute: 20 steps x 2 domains
     # BTX expert i is branch i's feed-forward layer; the sparse experts are all the seed's
@@ -247,9 +353,15 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
     seed = load_file(str(next(Path(record["seed_continued (mix)"]["path"]).glob("*.safetensors"))))
     for expert, domain in enumerate(("addition", "multiplication")):
         branch = load_file(str(next(Path(record[f"branch_{domain}"]["path"]).glob("*.safetensors"))))
-        assert torch.equal(btx["model.layers.0.mlp.experts.down_proj"][expert], branch["model.layers.0.mlp.down_proj.weight"])
-        assert torch.equal(sparse["model.layers.0.mlp.experts.down_proj"][expert], seed["model.layers.0.mlp.down_proj.weight"])
-    assert not torch.equal(btx["model.layers.0.mlp.experts.down_proj"][0], btx["model.layers.0.mlp.experts.down_proj"][1])
+        assert torch.equal(
+            btx["model.layers.0.mlp.experts.down_proj"][expert], branch["model.layers.0.mlp.down_proj.weight"]
+        )
+        assert torch.equal(
+            sparse["model.layers.0.mlp.experts.down_proj"][expert], seed["model.layers.0.mlp.down_proj.weight"]
+        )
+    assert not torch.equal(
+        btx["model.layers.0.mlp.experts.down_proj"][0], btx["model.layers.0.mlp.experts.down_proj"][1]
+    )
     for label in ("btx-forking", "sparse-forking_router", "scratch-forking"):
         routing = json.loads((out / f"{label}-seed0" / "domain_routing.json").read_text())
         assert routing["before"]["domains"] == ["addition", "multiplication"] and routing["after"]["layers"]

@@ -38,7 +38,9 @@ class ArithmeticTask:
     eval_fraction: float = field(default=0.1, metadata={"help": "share of the problem space reserved for eval"})
     domains: list = field(
         default_factory=lambda: ["addition"],
-        metadata={"help": "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-)"},
+        metadata={
+            "help": "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-)"
+        },
     )
     max_factor: int = field(default=9, metadata={"help": "multiplication: factors are drawn from 2..max_factor"})
 
@@ -51,7 +53,11 @@ class ArithmeticTask:
             raise ValueError(f"operators must be a non-empty subset of '+-', got {self.operators!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if not self.domains or any(domain not in DOMAINS for domain in self.domains) or len(set(self.domains)) < len(self.domains):
+        if (
+            not self.domains
+            or any(domain not in DOMAINS for domain in self.domains)
+            or len(set(self.domains)) < len(self.domains)
+        ):
             raise ValueError(f"domains must be distinct names from {', '.join(DOMAINS)}; got {self.domains}")
         if self.max_factor < 2:
             raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
@@ -75,7 +81,7 @@ def split_of(expression: str, eval_fraction: float) -> str:
 def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
     """Worked left-to-right solution of ``terms[0] op terms[1] op ...`` and its value."""
     lines, value = [], terms[0]
-    for operator, term in zip(operators, terms[1:]):
+    for operator, term in zip(operators, terms[1:], strict=True):
         result = {"+": value + term, "-": value - term, "*": value * term}[operator]
         lines.append(f"{value}{operator}{term}={result}")
         value = result
@@ -93,7 +99,7 @@ def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     else:
         terms = [rng.randint(1, task.max_operand) for _ in range(num_terms)]
         operators = [rng.choice(task.operators) for _ in range(num_terms - 1)]
-    expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(operators, terms[1:]))
+    expression = str(terms[0]) + "".join(f"{op}{t}" for op, t in zip(operators, terms[1:], strict=True))
     solution, value = solve(terms, operators)
     return Problem(
         question=f"Compute: {expression}", expression=expression, solution=solution, answer=str(value), domain=domain

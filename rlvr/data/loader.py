@@ -146,7 +146,7 @@ def to_prompt_answer(
                 f"{source_name}: data.{role}={column!r} is not a column; available columns: {dataset.column_names}"
             )
     prompts, answers, problems = [], [], []
-    for index, (question, answer) in enumerate(zip(dataset[question_column], dataset[answer_column])):
+    for index, (question, answer) in enumerate(zip(dataset[question_column], dataset[answer_column], strict=True)):
         if question is None or not str(question).strip():
             problems.append(f"row {index}, column {question_column!r}: empty question")
             continue
@@ -161,6 +161,8 @@ def to_prompt_answer(
         prompts.append(make_prompt(str(question), system_prompt, chat))
     if problems:
         shown = "\n  ".join(problems[:MAX_REPORTED_BAD_ROWS])
-        more = f"\n  ... and {len(problems) - MAX_REPORTED_BAD_ROWS} more" if len(problems) > MAX_REPORTED_BAD_ROWS else ""
+        more = (
+            f"\n  ... and {len(problems) - MAX_REPORTED_BAD_ROWS} more" if len(problems) > MAX_REPORTED_BAD_ROWS else ""
+        )
         raise DataError(f"{source_name}: {len(problems)} bad row(s) of {len(dataset)}:\n  {shown}{more}")
     return Dataset.from_dict({"prompt": prompts, "answer": answers})

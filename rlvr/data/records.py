@@ -30,7 +30,5 @@ def problems_to_dataset(
         "domain": [p.domain for p in problems],
     }
     if with_solutions:
-        rows["completion"] = [
-            [{"role": "assistant", "content": p.solution}] if chat else p.solution for p in problems
-        ]
+        rows["completion"] = [[{"role": "assistant", "content": p.solution}] if chat else p.solution for p in problems]
     return Dataset.from_dict(rows)

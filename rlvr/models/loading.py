@@ -29,7 +29,7 @@ def is_tiny(name_or_path: str) -> bool:
 
 def tiny_architecture(name_or_path: str) -> str:
     """``"tiny:olmoe"`` -> ``"olmoe"``."""
-    return name_or_path[len(TINY_PREFIX):]
+    return name_or_path[len(TINY_PREFIX) :]
 
 
 def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.PathLike, seed: int = 0) -> Path:

@@ -73,7 +73,13 @@ class GptOssAdapter(MoEAdapter):
         return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
 
 
-ADAPTERS: tuple[MoEAdapter, ...] = (Qwen3MoeAdapter(), Qwen2MoeAdapter(), OlmoeAdapter(), MixtralAdapter(), GptOssAdapter())
+ADAPTERS: tuple[MoEAdapter, ...] = (
+    Qwen3MoeAdapter(),
+    Qwen2MoeAdapter(),
+    OlmoeAdapter(),
+    MixtralAdapter(),
+    GptOssAdapter(),
+)
 
 
 @dataclass
@@ -105,7 +111,9 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             continue
         router = getattr(module, adapter.router_attribute, None)
         if router is None:
-            raise UnknownMoEArchitecture(f"{name} ({type(module).__name__}) has no router at .{adapter.router_attribute}")
+            raise UnknownMoEArchitecture(
+                f"{name} ({type(module).__name__}) has no router at .{adapter.router_attribute}"
+            )
         layers.append(MoELayer(len(layers), name, module, router, adapter))
     if not layers:
         known = ", ".join(f"{a.block_class} ({a.name})" for a in ADAPTERS)

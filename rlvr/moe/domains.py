@@ -13,7 +13,7 @@ Per layer this gives each domain's load distribution over experts, their Jensen-
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -68,9 +68,13 @@ def routing_by_domain(
             tokenizer.padding_side = "left"
             prompt = tokenizer(list(prompts[chunk]), return_tensors="pt", padding=True, add_special_tokens=False)
             tokenizer.padding_side = "right"
-            completion = tokenizer(list(completions[chunk]), return_tensors="pt", padding=True, add_special_tokens=False)
+            completion = tokenizer(
+                list(completions[chunk]), return_tensors="pt", padding=True, add_special_tokens=False
+            )
             input_ids = torch.cat([prompt["input_ids"], completion["input_ids"]], 1).to(device)  # (B, P + C)
-            attention_mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], 1).to(device)  # (B, P + C)
+            attention_mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], 1).to(
+                device
+            )  # (B, P + C)
             positions = decision_positions(completion["attention_mask"], input_ids.shape[1]).cpu()  # (B, L)
             # positions counted from each row's first real token, so that padding does not shift them
             position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)  # (B, L)
@@ -92,11 +96,13 @@ def routing_by_domain(
     layers = []
     for layer in range(num_layers):
         loads = {domain: (counts[domain][layer] / counts[domain][layer].sum().clamp_min(1)) for domain in ordered}
-        layers.append({
-            "loads": {domain: load.tolist() for domain, load in loads.items()},
-            "js_bits": _js_bits(list(loads.values())) if len(ordered) > 1 else 0.0,
-            "top_expert": {domain: int(load.argmax()) for domain, load in loads.items()},
-        })
+        layers.append(
+            {
+                "loads": {domain: load.tolist() for domain, load in loads.items()},
+                "js_bits": _js_bits(list(loads.values())) if len(ordered) > 1 else 0.0,
+                "top_expert": {domain: int(load.argmax()) for domain, load in loads.items()},
+            }
+        )
     return {
         "domains": ordered,
         "tokens": dict(tokens),

@@ -48,9 +48,7 @@ class RoutingHooks:
         self._handles = []
         for layer in self.layers:
             # prepend=True: transformers' own router-logit recorder must see the gated outputs.
-            self._handles.append(
-                layer.router.register_forward_hook(self._router_hook(layer), prepend=True)
-            )
+            self._handles.append(layer.router.register_forward_hook(self._router_hook(layer), prepend=True))
             if gate_experts:
                 self._handles.append(layer.block.register_forward_hook(self._block_hook, prepend=True))
 

@@ -17,7 +17,7 @@ the pooled batch, value and gradient: a run's router losses do not depend on how
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -48,7 +48,7 @@ def load_balancing_loss(
     assignments = torch.zeros(num_experts, dtype=torch.float32, device=weights.device)
     probability_sum = torch.zeros(num_experts, dtype=torch.float32, device=weights.device)
     rows = weights.new_zeros(())
-    for layer_probabilities, layer_indices in zip(probabilities, indices):
+    for layer_probabilities, layer_indices in zip(probabilities, indices, strict=True):
         top_k = layer_indices.shape[-1]
         assignments = assignments.scatter_add(0, layer_indices.reshape(-1), weights.repeat_interleave(top_k))
         probability_sum = probability_sum + (layer_probabilities.float() * weights.unsqueeze(-1)).sum(dim=0)

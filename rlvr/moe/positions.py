@@ -19,7 +19,9 @@ def decision_positions(completion_mask: torch.Tensor, sequence_length: int) -> t
     """
     batch, completion_length = completion_mask.shape
     if completion_length > sequence_length - 1:
-        raise ValueError(f"{completion_length} completion tokens need a prompt of at least one token in {sequence_length}")
+        raise ValueError(
+            f"{completion_length} completion tokens need a prompt of at least one token in {sequence_length}"
+        )
     prompt_length = sequence_length - completion_length
     positions = torch.zeros(batch, sequence_length, dtype=torch.bool, device=completion_mask.device)
     positions[:, prompt_length - 1 : sequence_length - 1] = completion_mask.bool()

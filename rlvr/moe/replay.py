@@ -48,7 +48,9 @@ def stitch_rollout(
     prefill, steps = forwards[0], forwards[1:]
     layers, top_k = prefill.shape[1:]
     generated_prompt = prefill.shape[0] // batch
-    out = torch.full((batch, prompt_length + completion_length, layers, top_k), NOT_RECORDED, dtype=compact_dtype(num_experts))
+    out = torch.full(
+        (batch, prompt_length + completion_length, layers, top_k), NOT_RECORDED, dtype=compact_dtype(num_experts)
+    )
     prefill = prefill.reshape(batch, generated_prompt, layers, top_k)
     shared = min(generated_prompt, prompt_length)
     out[:, prompt_length - shared : prompt_length] = prefill[:, generated_prompt - shared :].to(out.dtype)

@@ -114,7 +114,9 @@ def routing_by_layer(
 
     def loads(tokens: torch.Tensor) -> torch.Tensor:  # (layers, E), rows sum to 1 (NaN if no tokens)
         chosen = used[:, tokens].reshape(layers, -1)
-        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(
+            1, chosen, torch.ones_like(chosen, dtype=torch.float32)
+        )
         return counts / counts.sum(-1, keepdim=True)
 
     def entropies(tokens: torch.Tensor) -> torch.Tensor:  # (layers,)
@@ -134,12 +136,17 @@ def routing_by_layer(
         differs = ~(torch.sort(used, -1).values == torch.sort(live, -1).values).all(-1)  # (layers, N)
         drift = differs[:, completion].float().mean(-1)
     host = torch.stack(
-        [specialization, entropies(forking), entropies(other), load_all.max(-1).values * num_experts, drift.to(used.device)], 1
+        [
+            specialization,
+            entropies(forking),
+            entropies(other),
+            load_all.max(-1).values * num_experts,
+            drift.to(used.device),
+        ],
+        1,
     ).tolist()
     load_forking, load_other = load_forking.tolist(), load_other.tolist()
-    return [
-        LayerRouting(load_forking[i], load_other[i], *host[i]) for i in range(layers)
-    ]
+    return [LayerRouting(load_forking[i], load_other[i], *host[i]) for i in range(layers)]
 
 
 def summarize(layers: list[LayerRouting]) -> dict[str, float]:

@@ -34,7 +34,9 @@ class RouterAwareUpdates:
         )
         self.layers = self.hooks.layers
         # Per-layer expert loads accumulated between logging steps: {"forking"|"other": (layers, E) sums}
-        self._load_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(self.layers), self.hooks.num_experts, dtype=torch.float64))
+        self._load_sums: dict[str, torch.Tensor] = defaultdict(
+            lambda: torch.zeros(len(self.layers), self.hooks.num_experts, dtype=torch.float64)
+        )
         self._load_counts: dict[str, int] = defaultdict(int)
 
     def router_parameters(self) -> list[nn.Parameter]:
@@ -77,10 +79,17 @@ class RouterAwareUpdates:
         scopes = {"all": attention_mask.bool(), "completion": completion, "forking": forking}
 
         config = self.config
-        routing.router_gate.set(None if config.router_gate_scope == "all" else scopes[config.router_gate_scope], config.router_gate_outside)
-        routing.expert_gate.set(None if config.expert_gate_scope == "all" else scopes[config.expert_gate_scope], config.expert_gate_outside)
+        routing.router_gate.set(
+            None if config.router_gate_scope == "all" else scopes[config.router_gate_scope], config.router_gate_outside
+        )
+        routing.expert_gate.set(
+            None if config.expert_gate_scope == "all" else scopes[config.expert_gate_scope], config.expert_gate_outside
+        )
 
-        probabilities = [layer.adapter.router_probabilities(logits) for layer, logits in zip(self.layers, routing.logits)]
+        probabilities = [
+            layer.adapter.router_probabilities(logits)
+            for layer, logits in zip(self.layers, routing.logits, strict=True)
+        ]
         loss, metrics = None, {}
         if config.load_balancing_coef > 0 and config.load_balancing_scope != "none":
             balance, value = load_balancing_loss(
@@ -94,7 +103,10 @@ class RouterAwareUpdates:
             metrics["moe/z_loss"] = value
         if analytics:
             layers = routing_by_layer(
-                routing.indices, probabilities, forking.reshape(-1), completion.reshape(-1),
+                routing.indices,
+                probabilities,
+                forking.reshape(-1),
+                completion.reshape(-1),
                 live_indices=routing.live_indices or None,
             )
             metrics.update(summarize(layers))

@@ -30,8 +30,13 @@ class VerifySettings:
 
 
 def verify_span(
-    kind: str, text: str, fallbacks: tuple[str, ...], gold: str, settings: VerifySettings,
-    budget_seconds: float, use_signals: bool,
+    kind: str,
+    text: str,
+    fallbacks: tuple[str, ...],
+    gold: str,
+    settings: VerifySettings,
+    budget_seconds: float,
+    use_signals: bool,
 ) -> tuple[float, str]:
     """Score one answer span against one gold answer: (1.0 or 0.0, outcome). Never raises."""
     seconds = max(1, math.ceil(budget_seconds)) if use_signals else None
@@ -96,8 +101,9 @@ def _compare(gold: list, predicted: list, settings: VerifySettings, seconds: int
     timed_out = False
     for gold_candidate, predicted_candidate in product(gold, predicted):
         try:
-            if verify(gold_candidate, predicted_candidate, timeout_seconds=seconds, raise_on_error=True,
-                      **settings.as_dict()):
+            if verify(
+                gold_candidate, predicted_candidate, timeout_seconds=seconds, raise_on_error=True, **settings.as_dict()
+            ):
                 return 1.0, OK
         except Exception:  # noqa: BLE001 -- this pair cannot be compared; try the next
             continue

@@ -123,7 +123,24 @@ _BAD_BEFORE = set("<>≤≥≠≈~!([{,;/×÷*+-−^_|\\")
 _RELATIONS = ("!=", "<=", ">=", "=<", "=>", "=/=")
 _BAD_AFTER = set(")]}^_/*×÷<>≤≥≠=|\\")
 _BAD_WORD_BEFORE = {"or", "and", "nor", "not", "than", "except", "plus", "minus", "times", "over", "between", "from"}
-_BAD_WORD_AFTER = {"or", "and", "nor", "pi", "π", "sqrt", "i", "x", "y", "z", "n", "k", "times", "plus", "minus", "over"}
+_BAD_WORD_AFTER = {
+    "or",
+    "and",
+    "nor",
+    "pi",
+    "π",
+    "sqrt",
+    "i",
+    "x",
+    "y",
+    "z",
+    "n",
+    "k",
+    "times",
+    "plus",
+    "minus",
+    "over",
+}
 _WORD_BEFORE = re.compile(r"(\\?)([A-Za-z]+)\s*\Z")
 _WORD_AFTER = re.compile(r"\s*([A-Za-zπ√]+)")
 _PERCENT = re.compile(r"\s*(?:%|percent\b)")
@@ -159,7 +176,9 @@ def last_answer_number(text: str) -> str | None:
         if start > 0 and (text[start - 1].isalnum() or text[start - 1] in ")]}"):
             return None  # a binary minus or plus: '3-5', 'x+1'
     before = text[:start]
-    if before and (before[-1].isalnum() or before[-1] in "._'\"`" or (before[-1] == ":" and before[:-1][-1:].isdigit())):
+    if before and (
+        before[-1].isalnum() or before[-1] in "._'\"`" or (before[-1] == ":" and before[:-1][-1:].isdigit())
+    ):
         return None  # glued to a word, a number or a time: 'x3', 'AZ2', '12:00'
     stripped = before.rstrip()
     if stripped and (stripped[-1] in _BAD_BEFORE or stripped.endswith(_RELATIONS)):

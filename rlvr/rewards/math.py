@@ -115,8 +115,9 @@ class MathAccuracy:
         in_main_thread = threading.current_thread() is threading.main_thread()
         if self.workers == 0 and (in_main_thread or multiprocessing.current_process().daemon):
             return [
-                verify_span(*job, settings=self.settings, budget_seconds=self.budget_seconds,
-                            use_signals=in_main_thread)
+                verify_span(
+                    *job, settings=self.settings, budget_seconds=self.budget_seconds, use_signals=in_main_thread
+                )
                 for job in jobs
             ]
         if self._pool is None:

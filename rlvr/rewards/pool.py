@@ -3,7 +3,8 @@
 Each worker runs math-verify in its own main thread, so math-verify's ``signal.alarm`` timeouts work
 there; the parent also enforces a wall-clock deadline per item and kills and replaces a worker that
 misses it (sympy can hang inside C code where no signal reaches). A worker is a fresh interpreter
-(``python -c 'from rlvr.rewards.pool import _worker_main; ...'``) talking over its stdin/stdout pipes: it inherits no locks or threads
+(``python -c 'from rlvr.rewards.pool import _worker_main; ...'``) talking over its stdin/stdout pipes:
+it inherits no locks or threads
 from the trainer, re-runs none of the caller's script, and can be started from any thread.
 """
 
@@ -20,6 +21,7 @@ from multiprocessing.connection import Connection, wait
 from rlvr.rewards.equivalence import ERROR, TIMEOUT, VerifySettings, verify_span
 
 Item = tuple  # (index, kind, text, fallbacks, gold): one answer span to score
+
 
 def _worker_main(budget_seconds: float, settings_json: str = "{}") -> None:
     """Worker loop: jobs arrive pickled on stdin, one result per item leaves on stdout."""
@@ -50,7 +52,9 @@ class _Worker:
         arguments = f"{float(budget_seconds)!r}, {json.dumps(settings.as_dict())!r}"
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"from rlvr.rewards.pool import _worker_main; _worker_main({arguments})"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=environment,
         )
         self.outbox = Connection(os.dup(self.process.stdin.fileno()), readable=False)
         self.connection = Connection(os.dup(self.process.stdout.fileno()), writable=False)
@@ -79,7 +83,10 @@ class WorkerPool:
     """``num_workers`` verification processes; :meth:`verify` scores a batch within per-item deadlines."""
 
     def __init__(
-        self, num_workers: int = 1, budget_seconds: float = 2.0, grace_seconds: float = 1.0,
+        self,
+        num_workers: int = 1,
+        budget_seconds: float = 2.0,
+        grace_seconds: float = 1.0,
         settings: VerifySettings | None = None,
     ):
         self.num_workers, self.budget_seconds, self.grace_seconds = num_workers, budget_seconds, grace_seconds
@@ -164,4 +171,3 @@ class WorkerPool:
                 self.close()
         except Exception:  # noqa: BLE001 -- interpreter shutdown
             pass
-

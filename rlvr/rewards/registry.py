@@ -7,7 +7,7 @@ Plain rewards are functions; rewards with settings (time budgets, lengths) are c
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
 from rlvr.rewards.math import MathAccuracy, math_accuracy

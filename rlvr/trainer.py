@@ -23,6 +23,7 @@ multiplier or freeze, and routing analytics (``moe/*`` metrics, ``<output_dir>/r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
@@ -74,6 +75,41 @@ class MicroBatchSelection:
     weights: torch.Tensor  # (B, T) float loss weights (0 for dropped tokens and padding)
 
 
+def _register_zero3_leaves(model: torch.nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3, mark the model's sparse MoE blocks as leaf modules (see
+    :func:`rlvr.moe.adapters.register_zero3_leaf_modules`); a dense model has none."""
+    if not is_deepspeed_zero3_enabled():
+        return
+    try:
+        register_zero3_leaf_modules(model)
+    except UnknownMoEArchitecture:
+        pass
+
+
+@contextlib.contextmanager
+def _zero3_leaves_as_trl_loads():
+    """Register ZeRO-3 leaf modules on every model TRL loads from an id inside ``GRPOTrainer.__init__``.
+
+    Given a model id, TRL builds the policy with ``create_model_from_path`` and, with ``beta > 0``, the
+    reference model too, which it hands to DeepSpeed before ``__init__`` returns. Leaf registration
+    must happen in between, so TRL's loader is wrapped for the duration of ``__init__``.
+    """
+    from trl.trainer import grpo_trainer
+
+    original = grpo_trainer.create_model_from_path
+
+    def create_and_register(*args, **kwargs):
+        model = original(*args, **kwargs)
+        _register_zero3_leaves(model)
+        return model
+
+    grpo_trainer.create_model_from_path = create_and_register
+    try:
+        yield
+    finally:
+        grpo_trainer.create_model_from_path = original
+
+
 class ForkingGRPOTrainer(GRPOTrainer):
     """GRPO with the policy-gradient loss on the forking tokens (Wang et al., 2025).
 
@@ -89,12 +125,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.forking = forking or ForkingConfig()
         self.moe = moe or MoEConfig()
         model = kwargs.get("model", args[0] if args else None)
-        if isinstance(model, torch.nn.Module) and is_deepspeed_zero3_enabled():
-            try:  # before DeepSpeed wraps the model (in train())
-                register_zero3_leaf_modules(model)
-            except UnknownMoEArchitecture:
-                pass  # a dense model has no MoE block to protect
-        super().__init__(*args, **kwargs)
+        if isinstance(model, torch.nn.Module):
+            _register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
+        with _zero3_leaves_as_trl_loads():  # a model id: TRL loads the policy and the reference model itself
+            super().__init__(*args, **kwargs)
         try:
             self.router_updates: RouterAwareUpdates | None = RouterAwareUpdates(
                 self.model, self.moe, sum_across_ranks=self._sum_across_ranks, world_size=self.accelerator.num_processes
@@ -133,7 +167,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._recorded_forwards: list[torch.Tensor] | None = None
         if self.top_entropy_quantile < 1.0:
             raise ValueError(
-                "ForkingGRPOTrainer replaces top_entropy_quantile with forking.rho; leave top_entropy_quantile at 1.0"
+                "ForkingGRPOTrainer replaces GRPOConfig.top_entropy_quantile with an exact top-k: pass "
+                "forking=ForkingConfig(rho=...) and leave top_entropy_quantile at 1.0"
             )
         # TRL calls get_high_entropy_mask() only when top_entropy_quantile < 1; any value below 1 turns
         # that call on, and our override ignores the quantile.

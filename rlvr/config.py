@@ -204,10 +204,10 @@ class EvalConfig:
 @dataclass
 class CompareConfig:
     arms: list = _field(
-        ["full", "forking"],
+        ["full", "forking", "random", "bottom"],
         "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom",
     )
-    seeds: list = _field([0, 1], "seeds; every arm runs once per seed on the same data")
+    seeds: list = _field([0, 1, 2], "seeds; every arm runs once per seed on the same data")
 
 
 UPCYCLE_INITS = ("btx", "sparse", "scratch")

@@ -30,6 +30,8 @@ class EvalResult:
     # per group of problems (the embedded task's domains):
     # {group: {"greedy_accuracy", "sampled_accuracy", "num_problems"}}
     by_group: dict = field(default_factory=dict)
+    greedy_correct: list = field(default_factory=list)  # (problems,) 1 if the greedy completion was right
+    sampled_correct: list = field(default_factory=list)  # (problems,) share of right sampled completions
 
     @property
     def greedy_stderr(self) -> float:
@@ -230,4 +232,6 @@ def evaluate_accuracy(
         mean_completion_tokens=sum(lengths) / len(lengths),
         pass_at_k=result_pass_at_k,
         k=k if num_samples >= k > 0 else 0,
+        greedy_correct=[int(correct) for correct in greedy_correct],
+        sampled_correct=list(sampled_correct or []),
     )

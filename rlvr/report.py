@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
 from rlvr.compare import MANIFEST
 
 
@@ -123,42 +124,63 @@ def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[
     return steps, means, stds
 
 
+def _per_problem(runs: list[Run], key: str) -> list[list[float]]:
+    """(seeds, problems) per-problem scores after RL (``greedy_correct`` or ``sampled_correct``), one row per
+    run that recorded them."""
+    rows = [run.summary["eval_after"].get(key) or [] for run in runs]
+    return [row for row in rows if row]
+
+
+def _finished(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.summary and run.summary.get("eval_after")]
+
+
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
-    full_final = None
-    if "full" in groups:
-        full_final = _mean_std(
-            [
-                run.summary["eval_after"]["greedy_accuracy"]
-                for run in groups["full"]
-                if run.summary and run.summary.get("eval_after")
-            ]
-        )[0]
+    """One row per arm: accuracies with bootstrap intervals over seeds x problems, the paired difference
+    to the full arm, and the first eval at which the arm's mean greedy accuracy enters the full arm's
+    final interval (a noise-tolerant "steps to full")."""
+    full = _finished(groups.get("full", []))
+    full_greedy = _per_problem(full, "greedy_correct")
+    full_interval = mean_interval(full_greedy)
+    full_tokens = _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in full])[0]
     rows = []
     for arm, runs in groups.items():
-        finished = [run for run in runs if run.summary and run.summary.get("eval_after")]
-        greedy = [run.summary["eval_after"]["greedy_accuracy"] for run in finished]
-        sampled = [run.summary["eval_after"]["sampled_accuracy"] for run in finished]
+        finished = _finished(runs)
+        greedy, sampled = _per_problem(finished, "greedy_correct"), _per_problem(finished, "sampled_correct")
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
         steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
-        reach = next(
-            (step for step, mean in zip(steps, means, strict=True) if full_final is not None and mean >= full_final),
-            None,
-        )
+        reach = next((s for s, m in zip(steps, means, strict=True) if m >= full_interval.low), None)
+        tokens = _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
         rows.append(
             {
                 "arm": arm,
                 "seeds": ", ".join(str(run.seed) for run in finished),
-                "greedy": _mean_std(greedy),
-                "sampled": _mean_std(sampled),
+                "greedy": mean_interval(greedy) if greedy else _no_records(finished, "greedy_accuracy"),
+                "sampled": mean_interval(sampled) if sampled else _no_records(finished, "sampled_accuracy"),
+                "greedy_vs_full": paired_difference(greedy, full_greedy) if arm != "full" and full_greedy else None,
                 "best": _mean_std(best),
-                "steps_to_full": reach,
-                "gradient_tokens": _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[
-                    0
-                ],
+                "reaches_full": reach if full_greedy and not math.isnan(full_interval.low) else None,
+                "gradient_tokens": tokens,
+                "token_share": tokens / full_tokens if full_tokens and not math.isnan(full_tokens) else math.nan,
                 "train_seconds": _mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
             }
         )
     return rows
+
+
+def _no_records(runs: list[Run], key: str) -> Interval:
+    """Runs without per-problem records (older summaries): the mean, no interval."""
+    mean = _mean_std([run.summary["eval_after"][key] for run in runs])[0]
+    return Interval(mean, math.nan, math.nan)
+
+
+def verdict_lines(groups: dict[str, list[Run]]) -> list[str]:
+    """One plain-words line per arm against the full arm (greedy accuracy after RL)."""
+    return [
+        verdict(row["arm"], "full", row["greedy_vs_full"], row["token_share"])
+        for row in summary_rows(groups)
+        if row["greedy_vs_full"] is not None
+    ]
 
 
 def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]]:
@@ -200,12 +222,24 @@ def _load_heatmap(figure, axis, loads: list[list[float]], title: str, vmax: floa
     figure.colorbar(image, ax=axis, label=label)
 
 
+def split_panels(groups: dict[str, list[Run]], panels: list[tuple[str, str]]) -> tuple[list, list[str]]:
+    """Panels worth drawing, and notes on the training metrics left out because every run logged one
+    constant value (the clip fraction of on-policy runs, one optimiser step per generation batch, is
+    always 0). Eval accuracy is always drawn: a flat accuracy is a finding."""
+    present, flat = [], []
+    for key, label in panels:
+        values = {v for runs in groups.values() for run in runs for v in run.series(key)[1]}
+        if len(values) > 1 or (values and key.startswith("eval/")):
+            present.append((key, label))
+        elif values:
+            flat.append(f"{label} (always {values.pop():g})")
+    return present, flat
+
+
 def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
     """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
     plt = _pyplot()
-    present = [
-        (key, label) for key, label in panels if any(run.series(key)[0] for runs in groups.values() for run in runs)
-    ]
+    present, _ = split_panels(groups, panels)
     if not present:
         return False
     columns = min(2, len(present))
@@ -463,24 +497,38 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     return groups
 
 
+def _interval_cell(interval: Interval) -> str:
+    if math.isnan(interval.low):
+        return _fmt(interval.estimate)
+    return interval.format()
+
+
 def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
-    """The summary table (markdown lines) with its legend."""
+    """The summary table (markdown lines) with its legend, then the verdict lines."""
     lines = [
-        "Final eval accuracy after RL (mean ± std over seeds); best = best greedy accuracy of any eval during "
-        "training; steps to full = first eval step where the arm's mean greedy accuracy reaches the full arm's "
-        "final mean; gradient tokens = completion tokens with a non-zero policy-gradient weight per run; "
-        "train time = wall-clock seconds of the RL phase (no warm start, no evals).",
+        "Eval accuracy after RL: mean over seeds x eval problems with a 95% bootstrap interval (problems and "
+        "seeds resampled); vs full = paired difference to the full arm on the same problems; best = best mean "
+        "greedy accuracy of any eval during training; reaches full = first eval step where the arm's mean greedy "
+        "accuracy is inside the full arm's final interval; gradient tokens = completion tokens with a non-zero "
+        "policy-gradient weight per run; train time = wall-clock seconds of the RL phase (no warm start, no evals).",
         "",
-        "| arm | seeds | greedy acc | sampled acc | best greedy | steps to full | gradient tokens | train time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | greedy acc | sampled acc | greedy vs full | best greedy | reaches full | gradient tokens "
+        "| train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in summary_rows(groups):
+    rows = summary_rows(groups)
+    for row in rows:
+        versus = "—" if row["greedy_vs_full"] is None else row["greedy_vs_full"].format(signed=True)
+        reach = "—" if row["arm"] == "full" else (row["reaches_full"] if row["reaches_full"] is not None else "no")
         lines.append(
-            f"| {row['arm']} | {row['seeds']} | {_fmt(*row['greedy'])} | {_fmt(*row['sampled'])} | "
-            f"{_fmt(*row['best'])} | "
-            f"{row['steps_to_full'] if row['steps_to_full'] is not None else 'not reached'} | "
-            f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
+            f"| {row['arm']} | {row['seeds']} | {_interval_cell(row['greedy'])} | {_interval_cell(row['sampled'])} | "
+            f"{versus} | {_fmt(*row['best'])} | {reach} | {_fmt(row['gradient_tokens'], digits=0)} | "
+            f"{_fmt(row['train_seconds'], digits=0)} |"
         )
+    verdicts = verdict_lines(groups)
+    if verdicts:
+        lines += ["", "**Verdicts** (greedy accuracy after RL, 95% intervals):", ""]
+        lines += [f"- {line}" for line in verdicts]
     return lines
 
 
@@ -488,6 +536,47 @@ def summary_markdown(paths: list[Path]) -> str:
     """The summary table of the runs under ``paths``, as printed at the end of ``rlvr compare``."""
     runs, _ = find_runs(paths)
     return "\n".join(summary_lines(group_runs(runs))) + "\n"
+
+
+# (file, panels, figure title) of the curve figures: one panel per (metric key, label)
+CURVE_PANELS = [
+    (
+        "accuracy.png",
+        "Held-out accuracy vs training step (mean ± std over seeds)",
+        [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
+    ),
+    (
+        "training.png",
+        "Training curves",
+        [
+            ("reward", "reward"),
+            ("kl", "KL to reference"),
+            ("clip_ratio/region_mean", "clip fraction"),
+            ("entropy", "mean token entropy (nats)"),
+        ],
+    ),
+    (
+        "routing.png",
+        "Routing on forking vs other tokens",
+        [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
+    ),
+]
+
+
+def _curves(name: str):
+    _, title, panels = next(entry for entry in CURVE_PANELS if entry[0] == name)
+    return lambda groups, path: plot_curves(groups, panels, path, title)
+
+
+# The report's figures, in order: (file, section title, draw(groups, path) -> drawn?)
+FIGURES = [
+    ("accuracy.png", "Eval accuracy", _curves("accuracy.png")),
+    ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
+    ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
+    ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
+    ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
+    ("domain_routing.png", "Expert load per layer of each domain's tokens, after RL", plot_domain_routing),
+]
 
 
 def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
@@ -501,41 +590,15 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
         lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
     lines += ["", "## Summary", "", *summary_lines(groups)]
     figures = []
-    if plot_curves(
-        groups,
-        [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
-        out_dir / "accuracy.png",
-        "Held-out accuracy vs training step (mean ± std over seeds)",
-    ):
-        figures.append(("Eval accuracy", "accuracy.png"))
-    if plot_curves(
-        groups,
-        [
-            ("reward", "reward"),
-            ("kl", "KL to reference"),
-            ("clip_ratio/region_mean", "clip fraction"),
-            ("entropy", "mean token entropy (nats)"),
-        ],
-        out_dir / "training.png",
-        "Training curves",
-    ):
-        figures.append(("Reward, KL, clipping and entropy", "training.png"))
-    if plot_entropy(groups, out_dir / "entropy.png"):
-        figures.append(("Completion-token entropy, early vs late", "entropy.png"))
-    if plot_expert_load(groups, out_dir / "expert_load.png"):
-        figures.append(("Expert load per layer: forking vs other tokens", "expert_load.png"))
-    if plot_curves(
-        groups,
-        [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
-        out_dir / "routing.png",
-        "Routing on forking vs other tokens",
-    ):
-        figures.append(("Routing specialisation and drift", "routing.png"))
+    for name, title, draw in FIGURES:
+        if draw(groups, out_dir / name):
+            figures.append((title, name))
     lines += domain_sections(groups, [path for path in paths if (path / MANIFEST).exists()])
-    if plot_domain_routing(groups, out_dir / "domain_routing.png"):
-        figures.append(("Expert load per layer of each domain's tokens, after RL", "domain_routing.png"))
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    flat = [note for _, _, panels in CURVE_PANELS for note in split_panels(groups, panels)[1]]
+    if flat:
+        lines += ["", f"Left out of the figures, constant in every run: {'; '.join(flat)}."]
     lines += [
         "",
         "## Most frequent forking tokens",

@@ -1,0 +1,97 @@
+"""Intervals and verdicts for the compare report: a paired bootstrap over seeds and shared eval problems.
+
+Every arm of a compare is evaluated on the same problems, so arm differences are paired by problem.
+Each bootstrap replicate draws the problems with replacement (one draw shared by every arm: the
+pairing) and, for each arm, its seeds with replacement; an arm's score is the mean over the drawn
+seeds of the mean over the drawn problems (Efron & Tibshirani, 1993, ch. 13, percentile intervals;
+resampling both levels follows the two-stage bootstrap of Davison & Hinkley, 1997, sec. 3.8).
+Plain numpy, no training stack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+REPLICATES = 4000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float  # the statistic on the data as observed
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def format(self, digits: int = 3, signed: bool = False) -> str:
+        if math.isnan(self.estimate):
+            return "n/a"
+        sign = "+" if signed else ""
+        return f"{self.estimate:{sign}.{digits}f} [{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}]"
+
+
+def _scores(per_seed: list[list[float]]) -> np.ndarray:
+    """(seeds, problems) scores; every seed must score the same problems."""
+    lengths = {len(scores) for scores in per_seed}
+    if len(lengths) != 1:
+        raise ValueError(f"every seed must score the same problems; got lengths {sorted(lengths)}")
+    return np.asarray(per_seed, dtype=np.float64)
+
+
+def _replicate_means(scores: np.ndarray, problem_draws: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(replicates,) mean over resampled seeds of the mean over the shared resampled problems."""
+    seeds = scores.shape[0]
+    seed_draws = rng.integers(0, seeds, size=(problem_draws.shape[0], seeds))  # (R, S)
+    per_seed = scores[:, problem_draws].mean(axis=2)  # (S, R): each seed's mean over the drawn problems
+    return np.take_along_axis(per_seed.T, seed_draws, axis=1).mean(axis=1)  # (R,)
+
+
+def _percentiles(values: np.ndarray, estimate: float) -> Interval:
+    tail = (1 - LEVEL) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return Interval(estimate, float(low), float(high))
+
+
+def mean_interval(per_seed: list[list[float]], replicates: int = REPLICATES, seed: int = 0) -> Interval:
+    """Mean score over seeds x problems with its bootstrap interval."""
+    if not per_seed or not per_seed[0]:
+        return Interval(math.nan, math.nan, math.nan)
+    scores = _scores(per_seed)
+    rng = np.random.default_rng(seed)
+    problems = rng.integers(0, scores.shape[1], size=(replicates, scores.shape[1]))  # (R, N)
+    return _percentiles(_replicate_means(scores, problems, rng), float(scores.mean()))
+
+
+def paired_difference(
+    arm: list[list[float]], baseline: list[list[float]], replicates: int = REPLICATES, seed: int = 0
+) -> Interval:
+    """Mean score of ``arm`` minus that of ``baseline`` (same eval problems, in the same order), with its
+    bootstrap interval; problems are drawn once per replicate for both, seeds separately for each."""
+    if not arm or not baseline or not arm[0] or not baseline[0]:
+        return Interval(math.nan, math.nan, math.nan)
+    arm_scores, baseline_scores = _scores(arm), _scores(baseline)
+    if arm_scores.shape[1] != baseline_scores.shape[1]:
+        raise ValueError(f"arms scored different problems: {arm_scores.shape[1]} vs {baseline_scores.shape[1]}")
+    rng = np.random.default_rng(seed)
+    problems = rng.integers(0, arm_scores.shape[1], size=(replicates, arm_scores.shape[1]))  # (R, N)
+    differences = _replicate_means(arm_scores, problems, rng) - _replicate_means(baseline_scores, problems, rng)
+    return _percentiles(differences, float(arm_scores.mean() - baseline_scores.mean()))
+
+
+def verdict(arm: str, baseline: str, difference: Interval, token_share: float | None = None) -> str:
+    """One line in plain words, e.g. ``forking vs full: -0.008 [-0.040, +0.030], no detectable difference``."""
+    if math.isnan(difference.estimate):
+        return f"{arm} vs {baseline}: n/a (no per-problem eval records)"
+    if difference.low > 0:
+        finding = f"better than {baseline}"
+    elif difference.high < 0:
+        finding = f"worse than {baseline}"
+    else:
+        finding = "no detectable difference"
+    tokens = "" if token_share is None or math.isnan(token_share) else f" with {token_share:.0%} of the gradient tokens"
+    return f"{arm} vs {baseline}: {difference.format(signed=True)}, {finding}{tokens}"

@@ -31,6 +31,7 @@ import yaml
 from rlvr import __version__
 from rlvr.config import ConfigError, format_help, load_config, to_dict
 from rlvr.packaged import CONFIG_ROOT, QUICKSTART, arm_names, arm_path, copy_config, list_configs, resolve_config
+from rlvr.shutdown import end_distributed, exit_process
 
 CONFIG_DIR = CONFIG_ROOT  # the packaged configs (rlvr/configs/)
 
@@ -84,19 +85,6 @@ def _run_config(args: argparse.Namespace, overrides: list[str]):
     return load_config(paths, overrides)
 
 
-_ran_distributed = False  # this process was a rank of a multi-process run (read by entry_point)
-
-
-def _end_distributed() -> None:
-    """Destroy the process groups of a distributed run while the interpreter is fully alive."""
-    global _ran_distributed
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        _ran_distributed = True
-        dist.destroy_process_group()
-
-
 def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = _run_config(args, overrides)
     from rlvr.recipe import is_main_process, summary_table, train
@@ -105,7 +93,7 @@ def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         result = train(config)
     finally:
-        _end_distributed()
+        end_distributed()
     if not is_main_process():  # one summary per launch
         return 0
     print("\n" + "=" * 72)
@@ -169,7 +157,7 @@ def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     try:
         run_all(output_dir, runs, train)
     finally:
-        _end_distributed()
+        end_distributed()
     report = write_report([output_dir])
     print("\n" + "=" * 72 + "\nrlvr compare: summary\n\n" + summary_markdown([output_dir]).rstrip())
     print(f"\nreport: {report} (figures next to it)")
@@ -427,24 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    """``rlvr`` and ``python -m rlvr``: :func:`main`, then exit.
-
-    A rank of a multi-process run ends with ``os._exit`` once its files, logs and ``atexit`` handlers
-    are done: gloo's worker threads can still release a tensor when the interpreter finalizes, and the
-    GIL they then ask for aborts the rank with 'terminate called without an active exception'
-    (pytorch/pytorch#190489), turning a finished run into a failed launch.
-    """
-    code = main()
-    if not _ran_distributed:
-        sys.exit(code)
-    import atexit
-    import os
-
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """``rlvr`` and ``python -m rlvr``: :func:`main`, then exit (see :mod:`rlvr.shutdown` for ranks)."""
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     final interval (a noise-tolerant "steps to full")."""
     full = _finished(groups.get("full", []))
     full_greedy = _per_problem(full, "greedy_correct")
+    full_sampled = _per_problem(full, "sampled_correct")
     full_interval = mean_interval(full_greedy)
     full_tokens = _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in full])[0]
     rows = []
@@ -158,6 +159,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
                 "greedy": mean_interval(greedy) if greedy else _no_records(finished, "greedy_accuracy"),
                 "sampled": mean_interval(sampled) if sampled else _no_records(finished, "sampled_accuracy"),
                 "greedy_vs_full": paired_difference(greedy, full_greedy) if arm != "full" and full_greedy else None,
+                "sampled_vs_full": paired_difference(sampled, full_sampled) if arm != "full" and full_sampled else None,
                 "best": _mean_std(best),
                 "reaches_full": reach if full_greedy and not math.isnan(full_interval.low) else None,
                 "gradient_tokens": tokens,
@@ -174,12 +176,12 @@ def _no_records(runs: list[Run], key: str) -> Interval:
     return Interval(mean, math.nan, math.nan)
 
 
-def verdict_lines(groups: dict[str, list[Run]]) -> list[str]:
-    """One plain-words line per arm against the full arm (greedy accuracy after RL)."""
+def verdict_lines(groups: dict[str, list[Run]], accuracy: str = "greedy") -> list[str]:
+    """One plain-words line per arm against the full arm (``greedy`` or ``sampled`` accuracy after RL)."""
     return [
-        verdict(row["arm"], "full", row["greedy_vs_full"], row["token_share"])
+        verdict(row["arm"], "full", row[f"{accuracy}_vs_full"], row["token_share"])
         for row in summary_rows(groups)
-        if row["greedy_vs_full"] is not None
+        if row[f"{accuracy}_vs_full"] is not None
     ]
 
 
@@ -525,10 +527,11 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
             f"{versus} | {_fmt(*row['best'])} | {reach} | {_fmt(row['gradient_tokens'], digits=0)} | "
             f"{_fmt(row['train_seconds'], digits=0)} |"
         )
-    verdicts = verdict_lines(groups)
-    if verdicts:
-        lines += ["", "**Verdicts** (greedy accuracy after RL, 95% intervals):", ""]
-        lines += [f"- {line}" for line in verdicts]
+    for accuracy in ("greedy", "sampled"):
+        verdicts = verdict_lines(groups, accuracy)
+        if verdicts:
+            lines += ["", f"**Verdicts on {accuracy} accuracy** after RL (difference to full, 95% interval):", ""]
+            lines += [f"- {line}" for line in verdicts]
     return lines
 
 

@@ -25,6 +25,7 @@ from trl import GRPOConfig
 from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import load_pretrained
+from rlvr.shutdown import end_distributed, exit_process
 from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
 
 GLOBAL_ROWS, GENERATIONS, PROMPT, COMPLETION, STEPS = 16, 4, 6, 12, 3
@@ -126,10 +127,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if (
-        torch.distributed.is_initialized()
-    ):  # as rlvr.cli.entry_point: no interpreter finalization under live gloo threads
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.shutdown)
+    exit_process(0)

@@ -21,6 +21,7 @@ from trl import GRPOConfig
 from rlvr import ForkingConfig, ForkingGRPOTrainer, MoEConfig, arithmetic_exact
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.moe import find_moe_layers
+from rlvr.shutdown import end_distributed, exit_process
 
 
 def leaf_flags(model: torch.nn.Module) -> list[bool]:
@@ -62,10 +63,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if (
-        torch.distributed.is_initialized()
-    ):  # as rlvr.cli.entry_point: no interpreter finalization under live gloo threads
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.shutdown)
+    exit_process(0)

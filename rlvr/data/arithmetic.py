@@ -10,7 +10,8 @@ per line, left to right, and ends with the answer in ``\\boxed{}``::
 Problems come from one or more *domains*, skills that tiny dense models can learn apart (the inputs
 of Branch-Train-MiX upcycling): ``addition`` (chains of + and -) and ``multiplication`` (a product of
 two factors, then + or - further numbers, e.g. ``7*8+3``; the product comes first, so left to right is
-also the usual order of operations).
+also the usual order of operations). ``countdown`` (:mod:`rlvr.data.countdown`) asks to reach a target
+from given numbers and has several solution paths per problem.
 
 Generation is deterministic for a seed. Train and eval problems come from disjoint halves of the
 problem space (a hash of the problem text decides which split a problem belongs to), so an eval
@@ -23,8 +24,10 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from rlvr.data.countdown import gold_answer, random_countdown
+
 SPLITS = ("train", "eval")
-DOMAINS = ("addition", "multiplication")
+DOMAINS = ("addition", "multiplication", "countdown")
 
 
 @dataclass
@@ -43,6 +46,11 @@ class ArithmeticTask:
         },
     )
     max_factor: int = field(default=9, metadata={"help": "multiplication: factors are drawn from 2..max_factor"})
+    countdown_numbers: int = field(default=3, metadata={"help": "countdown: numbers to combine, each used once"})
+    countdown_max: int = field(default=9, metadata={"help": "countdown: numbers are drawn from 1..countdown_max"})
+    countdown_min_paths: int = field(
+        default=2, metadata={"help": "countdown: only targets reachable by at least this many expressions"}
+    )
 
     def validate(self) -> None:
         if not 2 <= self.min_terms <= self.max_terms:
@@ -61,6 +69,13 @@ class ArithmeticTask:
             raise ValueError(f"domains must be distinct names from {', '.join(DOMAINS)}; got {self.domains}")
         if self.max_factor < 2:
             raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
+        if not 2 <= self.countdown_numbers <= 5:
+            raise ValueError(f"countdown_numbers must be in 2..5, got {self.countdown_numbers}")
+        if self.countdown_max < 2 or self.countdown_min_paths < 1:
+            raise ValueError(
+                f"need countdown_max >= 2 and countdown_min_paths >= 1, got {self.countdown_max} "
+                f"and {self.countdown_min_paths}"
+            )
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,8 @@ def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
 
 def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     domain = task.domains[0] if len(task.domains) == 1 else rng.choice(task.domains)
+    if domain == "countdown":
+        return _countdown_problem(task, rng)
     num_terms = rng.randint(task.min_terms, task.max_terms)
     if domain == "multiplication":
         terms = [rng.randint(2, task.max_factor), rng.randint(2, task.max_factor)]
@@ -103,6 +120,21 @@ def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     solution, value = solve(terms, operators)
     return Problem(
         question=f"Compute: {expression}", expression=expression, solution=solution, answer=str(value), domain=domain
+    )
+
+
+def _countdown_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
+    drawn = None
+    while drawn is None:  # numbers that reach no target in countdown_min_paths ways are drawn again
+        drawn = random_countdown(rng, task.countdown_numbers, task.countdown_max, task.countdown_min_paths)
+    numbers, target, solution = drawn
+    listed = ", ".join(map(str, numbers))
+    return Problem(
+        question=f"Reach {target} with {listed}: use each number once and + - *.",
+        expression=gold_answer(numbers, target),
+        solution=solution,
+        answer=gold_answer(numbers, target),
+        domain="countdown",
     )
 
 

@@ -11,17 +11,22 @@ from collections.abc import Callable
 
 from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
 from rlvr.rewards.math import MathAccuracy, math_accuracy
-from rlvr.rewards.task import arithmetic_exact
+from rlvr.rewards.task import CountdownExact, arithmetic_exact, countdown_exact
 
 RewardFunction = Callable[..., list]
 
 REWARDS: dict[str, RewardFunction] = {
     "arithmetic_exact": arithmetic_exact,
+    "countdown_exact": countdown_exact,
     "math_accuracy": math_accuracy,
     "boxed_format": boxed_format,
     "think_answer_format": think_answer_format,
 }
-FACTORIES: dict[str, type] = {"math_accuracy": MathAccuracy, "overlong_penalty": OverlongPenalty}
+FACTORIES: dict[str, type] = {
+    "math_accuracy": MathAccuracy,
+    "overlong_penalty": OverlongPenalty,
+    "countdown_exact": CountdownExact,
+}
 KNOWN = sorted(set(REWARDS) | set(FACTORIES))
 
 

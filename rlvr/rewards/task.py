@@ -1,4 +1,4 @@
-"""Exact checker of rlvr's embedded arithmetic task: the last boxed integer equals the answer."""
+"""Exact checkers of rlvr's embedded tasks: arithmetic (the boxed integer) and countdown (the boxed expression)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,35 @@ def arithmetic_exact(completions: list, answer: list, **_: object) -> list[float
         predicted = _as_int(last_boxed(completion_text(completion)))
         rewards.append(1.0 if predicted is not None and predicted == _as_int(str(gold)) else 0.0)
     return rewards
+
+
+class CountdownExact:
+    """Countdown checker: 1.0 when the last ``\\boxed{}`` holds an expression that uses exactly the given
+    numbers (each once, + - * and parentheses only) and equals the target (:mod:`rlvr.data.countdown`).
+
+    Args:
+        partial_credit: score of an expression that uses the numbers exactly but misses the target
+            (default 0: a shaped reward a policy can settle for).
+    """
+
+    __name__ = "countdown_exact"
+
+    def __init__(self, partial_credit: float = 0.0):
+        if not 0.0 <= partial_credit < 1.0:
+            raise ValueError(f"partial_credit must be in [0, 1), got {partial_credit}")
+        self.partial_credit = partial_credit
+
+    def __call__(self, completions: list, answer: list, **_: object) -> list[float]:
+        from rlvr.data.countdown import check_countdown
+
+        scores = []
+        for completion, gold in zip(completions, answer, strict=True):
+            try:
+                expression = last_boxed(completion_text(completion))
+            except Exception:  # noqa: BLE001 -- e.g. an object whose str() raises
+                expression = None
+            scores.append(check_countdown(expression, str(gold), self.partial_credit))
+        return scores
+
+
+countdown_exact = CountdownExact()

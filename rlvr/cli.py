@@ -385,12 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _errors() -> tuple[tuple[type, str], ...]:
-    """Every rlvr error type and the label of its one-line message; anything else is a bug and keeps its traceback."""
+def _error_label(error: ValueError) -> str | None:
+    """The label of an rlvr error's one-line message (each is a ValueError); None for anything else,
+    which is a bug and keeps its traceback."""
     from rlvr.data import DataError
     from rlvr.upcycle import UpcycleError
 
-    return ((ConfigError, "config error: "), (DataError, "data error: "), (UpcycleError, ""))
+    labels = ((ConfigError, "config error: "), (DataError, "data error: "), (UpcycleError, ""))
+    return next((label for kind, label in labels if isinstance(error, kind)), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,11 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.command]
     if overrides and not command.takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
-    errors = _errors()
     try:
         return command.run(args, overrides)
-    except tuple(kind for kind, _ in errors) as error:
-        label = next(label for kind, label in errors if isinstance(error, kind))
+    except ValueError as error:  # ConfigError, DataError and UpcycleError subclass it
+        label = _error_label(error)
+        if label is None:
+            raise
         print(f"rlvr {args.command}: {label}{error}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import types
 import typing
@@ -384,11 +385,12 @@ def _number(text: str) -> Any:
             return text
 
 
-def grpo_fields() -> set[str]:
+@functools.cache
+def grpo_fields() -> frozenset[str]:
     """The field names of TRL's ``GRPOConfig``: what the ``grpo`` section (and a bare TRL flag) may set."""
     from trl import GRPOConfig
 
-    return {f.name for f in dataclasses.fields(GRPOConfig)}
+    return frozenset(f.name for f in dataclasses.fields(GRPOConfig))
 
 
 def _dotted_keys(cls: type, prefix: str = "") -> list[str]:
@@ -474,7 +476,7 @@ def parse_overrides(arguments: list[str]) -> dict:
 def load_config(paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then each YAML file in order (later files overlay earlier ones), then the overrides; validated.
 
-    Several files make an experiment arm: ``load_config(["configs/quickstart.yaml", "rlvr/configs/arms/full.yaml"])``.
+    Several files make an experiment arm: ``load_config(["my.yaml", "rlvr/configs/arms/full.yaml"])``.
     """
     config = RunConfig()
     if paths is None:

@@ -176,11 +176,12 @@ def _no_records(runs: list[Run], key: str) -> Interval:
     return Interval(mean, math.nan, math.nan)
 
 
-def verdict_lines(groups: dict[str, list[Run]], accuracy: str = "greedy") -> list[str]:
-    """One plain-words line per arm against the full arm (``greedy`` or ``sampled`` accuracy after RL)."""
+def verdict_lines(rows: list[dict], accuracy: str = "greedy") -> list[str]:
+    """One plain-words line per arm of :func:`summary_rows` against the full arm (``greedy`` or
+    ``sampled`` accuracy after RL)."""
     return [
         verdict(row["arm"], "full", row[f"{accuracy}_vs_full"], row["token_share"])
-        for row in summary_rows(groups)
+        for row in rows
         if row[f"{accuracy}_vs_full"] is not None
     ]
 
@@ -528,7 +529,7 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
             f"{_fmt(row['train_seconds'], digits=0)} |"
         )
     for accuracy in ("greedy", "sampled"):
-        verdicts = verdict_lines(groups, accuracy)
+        verdicts = verdict_lines(rows, accuracy)
         if verdicts:
             lines += ["", f"**Verdicts on {accuracy} accuracy** after RL (difference to full, 95% interval):", ""]
             lines += [f"- {line}" for line in verdicts]

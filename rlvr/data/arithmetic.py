@@ -24,7 +24,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from rlvr.data.countdown import gold_answer, random_countdown
+from rlvr.data.countdown import gold_answer, random_countdown, worked_steps
 
 SPLITS = ("train", "eval")
 DOMAINS = ("addition", "multiplication", "countdown")
@@ -95,13 +95,8 @@ def split_of(expression: str, eval_fraction: float) -> str:
 
 def solve(terms: list[int], operators: list[str]) -> tuple[str, int]:
     """Worked left-to-right solution of ``terms[0] op terms[1] op ...`` and its value."""
-    lines, value = [], terms[0]
-    for operator, term in zip(operators, terms[1:], strict=True):
-        result = {"+": value + term, "-": value - term, "*": value * term}[operator]
-        lines.append(f"{value}{operator}{term}={result}")
-        value = result
-    lines.append(f"\\boxed{{{value}}}")
-    return "\n".join(lines), value
+    lines, value = worked_steps(terms, operators)
+    return "\n".join([*lines, f"\\boxed{{{value}}}"]), value
 
 
 def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:

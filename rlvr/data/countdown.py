@@ -28,11 +28,19 @@ OPERATORS = "+-*"
 MAX_EXPRESSION_CHARS = 100  # longer boxed answers are not parsed (hostile inputs stay cheap)
 
 
-def left_to_right(terms: tuple[int, ...], operators: tuple[str, ...]) -> int:
-    value = terms[0]
+def worked_steps(terms, operators) -> tuple[list[str], int]:
+    """The left-to-right combination one step per line (``5*3=15``), and its value. Shared with the
+    arithmetic task's solutions."""
+    lines, value = [], terms[0]
     for operator, term in zip(operators, terms[1:], strict=True):
-        value = {"+": value + term, "-": value - term, "*": value * term}[operator]
-    return value
+        result = {"+": value + term, "-": value - term, "*": value * term}[operator]
+        lines.append(f"{value}{operator}{term}={result}")
+        value = result
+    return lines, value
+
+
+def left_to_right(terms: tuple[int, ...], operators: tuple[str, ...]) -> int:
+    return worked_steps(terms, operators)[1]
 
 
 def expression_text(terms: tuple[int, ...], operators: tuple[str, ...]) -> str:
@@ -58,13 +66,8 @@ def solution_paths(numbers: tuple[int, ...]) -> dict[int, list[tuple[tuple[int, 
 
 
 def worked_solution(terms: tuple[int, ...], operators: tuple[str, ...]) -> str:
-    lines, value = [], terms[0]
-    for operator, term in zip(operators, terms[1:], strict=True):
-        result = {"+": value + term, "-": value - term, "*": value * term}[operator]
-        lines.append(f"{value}{operator}{term}={result}")
-        value = result
-    lines.append(f"\\boxed{{{expression_text(terms, operators)}}}")
-    return "\n".join(lines)
+    lines, _ = worked_steps(terms, operators)
+    return "\n".join([*lines, f"\\boxed{{{expression_text(terms, operators)}}}"])
 
 
 def random_countdown(

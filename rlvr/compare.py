@@ -15,11 +15,37 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rlvr.config import ConfigError, RunConfig, load_config
+from rlvr.configuration import ConfigError, option, require
 from rlvr.packaged import arm_names, arm_path
+from rlvr.upcycle_policies import run_overrides
+
+if TYPE_CHECKING:
+    from rlvr.config import RunConfig
 
 MANIFEST = "compare.json"
+
+
+@dataclass
+class CompareConfig:
+    """The ``compare`` config section."""
+
+    arms: list = option(
+        ["full", "forking", "random", "bottom"],
+        "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom",
+    )
+    seeds: list = option([0, 1, 2], "seeds; every arm runs once per seed on the same data")
+
+    def validate(self) -> None:
+        for index, seed in enumerate(self.seeds):
+            require(
+                isinstance(seed, int) and not isinstance(seed, bool),
+                f"seeds[{index}]",
+                f"must be an integer; got {seed!r}",
+            )
+        require(len(self.arms) > 0, "arms", "needs at least one arm")
+        require(len(set(map(str, self.arms))) == len(self.arms), "arms", "lists an arm twice")
 
 
 @dataclass
@@ -38,6 +64,8 @@ def plan_runs(
     config_paths: list[str], overrides: list[str], arms: list[str] | None, seeds: list[int] | None
 ) -> tuple[Path, list[PlannedRun]]:
     """The runs of a compare, each with its validated config; raises ConfigError naming the bad key or arm."""
+    from rlvr.config import load_config  # rlvr.config composes CompareConfig: imported when first used
+
     base = load_config(config_paths, overrides)
     arms = [str(arm) for arm in (arms or base.compare.arms)]
     seeds = [int(seed) for seed in (seeds if seeds is not None else base.compare.seeds)]
@@ -45,8 +73,6 @@ def plan_runs(
         if arm not in arm_names():
             raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(arm_names())}")
     output_dir = Path(base.output_dir)
-    from rlvr.upcycle_policies import run_overrides
-
     inits = list(base.upcycle.inits) or [None]
     runs = []
     for seed in seeds:
@@ -65,6 +91,8 @@ def plan_runs(
 
 def config_factory(config_paths: list[str], overrides: list[str]):
     """``extra overrides -> RunConfig`` on the compare's base config (used to build starting policies)."""
+    from rlvr.config import load_config
+
     return lambda extra: load_config(config_paths, [*overrides, *extra])
 
 

@@ -17,6 +17,31 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr.configuration import option, require
+
+
+@dataclass
+class EvalConfig:
+    """The ``eval`` config section: held-out accuracy before, during and after RL."""
+
+    enabled: bool = option(True, "evaluate before and after training")
+    sampled_completions: int = option(4, "completions per problem for sampled accuracy (0: greedy only)")
+    temperature: float = option(1.0, "sampling temperature for sampled accuracy")
+    batch_size: int = option(64, "prompts per generation batch")
+    max_new_tokens: int | None = option(None, "generation limit (default: grpo.max_completion_length)")
+    every: int = option(0, "also evaluate every N training steps (0: only before and after)")
+    pass_k: int = option(0, "report pass@k from the sampled completions (0: off; needs k <= sampled_completions)")
+
+    def validate(self) -> None:
+        require(self.sampled_completions >= 0, "sampled_completions", "must be >= 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.every >= 0, "every", "must be >= 0")
+        require(
+            0 <= self.pass_k <= self.sampled_completions,
+            "pass_k",
+            f"must be between 0 and eval.sampled_completions ({self.sampled_completions})",
+        )
+
 
 @dataclass
 class EvalResult:

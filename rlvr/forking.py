@@ -12,6 +12,8 @@ This module is plain PyTorch (no TRL import) so that every rule here is testable
 * :func:`loss_weights`          -- the selection as per-token loss weights, normalised over the selected
   tokens (the paper) or over all completion tokens (TRL's ``top_entropy_quantile``).
 * :func:`selection_stats`       -- threshold, kept fraction, entropy of kept vs dropped tokens.
+* :class:`ForkingConfig`        -- the ``forking`` config section; :data:`LOSS_NORMALIZATION_UNITS` says
+  over which unit each TRL loss type averages, and so how the selected-token normaliser is counted.
 
 Shapes: ``B`` sequences (rows), ``T`` completion positions. ``mask`` marks real (non-padding)
 completion tokens.
@@ -24,8 +26,37 @@ from dataclasses import dataclass
 
 import torch
 
+from rlvr.configuration import ConfigError, option, require
+
 SELECTIONS = ("top", "bottom", "random")
 SCOPES = ("micro_batch", "sequence", "group")
+
+# The unit over which each TRL (1.16) loss type averages its per-token losses, and so the unit in which
+# "selected" normalisation counts completion (n) and selected (k) tokens:
+#   sequence         -- each sequence's mean (or sum) first, then the batch mean;
+#   micro_batch      -- this rank's micro-batch (bnpo: its token count; dr_grpo: a constant B x max length);
+#   generation_batch -- the token count of the whole generation batch, summed over ranks.
+LOSS_NORMALIZATION_UNITS = {
+    "grpo": "sequence",
+    "sapo": "sequence",
+    "luspo": "sequence",
+    "bnpo": "micro_batch",
+    "dr_grpo": "micro_batch",
+    "dapo": "generation_batch",
+    "cispo": "generation_batch",
+    "vespo": "generation_batch",
+}
+
+
+def loss_normalization_unit(loss_type: str) -> str:
+    """The unit of :data:`LOSS_NORMALIZATION_UNITS`; a loss type rlvr does not know is a config error."""
+    if loss_type not in LOSS_NORMALIZATION_UNITS:
+        raise ConfigError(
+            f"grpo.loss_type: rlvr does not know how {loss_type!r} normalises its loss, so it cannot weight the "
+            f"forking tokens correctly; one of {', '.join(LOSS_NORMALIZATION_UNITS)}"
+        )
+    return LOSS_NORMALIZATION_UNITS[loss_type]
+
 
 # Relative slack applied before the ceiling: rho * n computed in binary floating point can land a hair
 # above an integer (0.2 * 15 = 3.0000000000000004), which a plain ceil would turn into one extra token.
@@ -240,3 +271,33 @@ def quantile_threshold_mask(entropies: torch.Tensor, mask: torch.Tensor, rho: fl
         return torch.zeros_like(valid)
     threshold = torch.quantile(values, 1.0 - rho)
     return (entropies >= threshold) & valid
+
+
+@dataclass
+class ForkingConfig:
+    """The ``forking`` config section: which tokens carry the policy gradient and how the loss treats them."""
+
+    rho: float = option(0.2, "fraction of completion tokens selected as forking tokens (the paper: 0.2)")
+    selection: str = option(
+        "top", "which tokens: top (highest entropy), bottom (lowest), random (same count)", SELECTIONS
+    )
+    scope: str = option(
+        "micro_batch", "unit in which k = ceil(rho * n) is counted (micro_batch is gathered across ranks)", SCOPES
+    )
+    policy_tokens: str = option(
+        "forking",
+        "tokens in the policy-gradient loss: forking (the selection) or all (full/hybrid arms)",
+        ("forking", "all"),
+    )
+    loss_normalization: str = option(
+        "selected",
+        "normalise the loss over the selected tokens (the paper) or all completion tokens (TRL)",
+        NORMALIZATIONS,
+    )
+    mask_kl: bool = option(False, "let the KL penalty's gradient flow only through forking tokens")
+    mask_entropy_bonus: bool = option(True, "apply the entropy bonus on forking tokens only (TRL's behaviour)")
+    log_examples: int = option(2, "completions per logging step written with their forking tokens marked")
+
+    def validate(self) -> None:
+        require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1]; got {self.rho}")
+        require(self.log_examples >= 0, "log_examples", "must be >= 0")

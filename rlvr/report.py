@@ -1,127 +1,26 @@
 """``rlvr report RUN_DIR...``: one ``report.md`` with tables and PNG figures from finished (or partial) runs.
 
-Reads what runs write (``summary.json``, ``metrics.jsonl``, ``forking_tokens.jsonl``, ``routing.jsonl``,
-``config.yaml``), groups runs by arm, and renders whatever exists: a report of a half-finished compare
-says which runs are missing.
+Everything is loaded first (:class:`rlvr.runs.CompareRecords`), then rendered: the summary table with
+bootstrap intervals and verdict lines, the figures of :data:`rlvr.report_figures.FIGURES`, the
+multi-domain sections, the forking tokens, the list of runs. A report of a half-finished compare says
+which runs are missing.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
-from rlvr.compare import MANIFEST
-
-
-@dataclass
-class Run:
-    directory: Path
-    arm: str
-    seed: int
-    summary: dict | None
-    metrics: list[dict] = field(default_factory=list)
-    forking: list[dict] = field(default_factory=list)
-    routing: list[dict] = field(default_factory=list)
-    domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of a logged metric, in step order (last value wins per step)."""
-        points = {}
-        for record in self.metrics:
-            value = record.get(key)
-            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-                points[record["step"]] = float(value)
-        steps = sorted(points)
-        return steps, [points[step] for step in steps]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-            continue
-    return records
-
-
-def load_run(directory: Path) -> Run:
-    config = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").exists() else {}
-    summary_path = directory / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    return Run(
-        directory=directory,
-        arm=str(config.get("arm") or directory.name.split("-seed")[0]),
-        seed=int(config.get("seed", 0)),
-        summary=summary,
-        metrics=_read_jsonl(directory / "metrics.jsonl"),
-        forking=_read_jsonl(directory / "forking_tokens.jsonl"),
-        routing=_read_jsonl(directory / "routing.jsonl"),
-        domain_routing=json.loads((directory / "domain_routing.json").read_text())
-        if (directory / "domain_routing.json").exists()
-        else None,
-    )
-
-
-def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
-    """Runs under ``paths`` (run directories or compare directories), and the planned runs that are missing."""
-    runs, missing = [], []
-    for path in paths:
-        if (path / "config.yaml").exists():
-            runs.append(load_run(path))
-            continue
-        manifest = path / MANIFEST
-        planned = json.loads(manifest.read_text())["runs"] if manifest.exists() else []
-        for entry in planned:
-            directory = path / entry["directory"]
-            if (directory / "summary.json").exists():
-                runs.append(load_run(directory))
-            else:
-                missing.append(f"{entry['arm']} seed {entry['seed']} ({directory})")
-        if not planned:
-            runs += [load_run(child) for child in sorted(path.iterdir()) if (child / "summary.json").exists()]
-    return runs, missing
-
-
-# --------------------------------------------------------------------------------------------------
-# Numbers
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+from rlvr.report_figures import CURVE_PANELS, FIGURES, split_panels
+from rlvr.runs import CompareRecords, Run, mean_curve, mean_std
 
 
 def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
-    """Steps present in every run, mean and std over runs."""
-    series = [dict(zip(*run.series(key), strict=True)) for run in runs]
-    series = [s for s in series if s]
-    if not series:
-        return [], [], []
-    steps = sorted(set.intersection(*(set(s) for s in series)))
-    means, stds = [], []
-    for step in steps:
-        mean, std = _mean_std([s[step] for s in series])
-        means.append(mean)
-        stds.append(std)
-    return steps, means, stds
 
 
 def _per_problem(runs: list[Run], key: str) -> list[list[float]]:
@@ -143,7 +42,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     full_greedy = _per_problem(full, "greedy_correct")
     full_sampled = _per_problem(full, "sampled_correct")
     full_interval = mean_interval(full_greedy)
-    full_tokens = _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in full])[0]
+    full_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in full])[0]
     rows = []
     for arm, runs in groups.items():
         finished = _finished(runs)
@@ -151,7 +50,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
         steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
         reach = next((s for s, m in zip(steps, means, strict=True) if m >= full_interval.low), None)
-        tokens = _mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
+        tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
         rows.append(
             {
                 "arm": arm,
@@ -160,11 +59,11 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
                 "sampled": mean_interval(sampled) if sampled else _no_records(finished, "sampled_accuracy"),
                 "greedy_vs_full": paired_difference(greedy, full_greedy) if arm != "full" and full_greedy else None,
                 "sampled_vs_full": paired_difference(sampled, full_sampled) if arm != "full" and full_sampled else None,
-                "best": _mean_std(best),
+                "best": mean_std(best),
                 "reaches_full": reach if full_greedy and not math.isnan(full_interval.low) else None,
                 "gradient_tokens": tokens,
                 "token_share": tokens / full_tokens if full_tokens and not math.isnan(full_tokens) else math.nan,
-                "train_seconds": _mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
+                "train_seconds": mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
             }
         )
     return rows
@@ -172,7 +71,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
 
 def _no_records(runs: list[Run], key: str) -> Interval:
     """Runs without per-problem records (older summaries): the mean, no interval."""
-    mean = _mean_std([run.summary["eval_after"][key] for run in runs])[0]
+    mean = mean_std([run.summary["eval_after"][key] for run in runs])[0]
     return Interval(mean, math.nan, math.nan)
 
 
@@ -195,180 +94,11 @@ def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]
     return counts.most_common(count)
 
 
-# --------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(plt, figure, path: Path) -> None:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def _load_heatmap(figure, axis, loads: list[list[float]], title: str, vmax: float, label: str) -> None:
-    """(layers, E) expert loads as an image, one row per layer."""
-    image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-    axis.set_title(title, fontsize=10)
-    axis.set_xlabel("expert")
-    axis.set_ylabel("layer")
-    axis.set_xticks(range(len(loads[0])))
-    axis.set_yticks(range(len(loads)))
-    figure.colorbar(image, ax=axis, label=label)
-
-
-def split_panels(groups: dict[str, list[Run]], panels: list[tuple[str, str]]) -> tuple[list, list[str]]:
-    """Panels worth drawing, and notes on the training metrics left out because every run logged one
-    constant value (the clip fraction of on-policy runs, one optimiser step per generation batch, is
-    always 0). Eval accuracy is always drawn: a flat accuracy is a finding."""
-    present, flat = [], []
-    for key, label in panels:
-        values = {v for runs in groups.values() for run in runs for v in run.series(key)[1]}
-        if len(values) > 1 or (values and key.startswith("eval/")):
-            present.append((key, label))
-        elif values:
-            flat.append(f"{label} (always {values.pop():g})")
-    return present, flat
-
-
-def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
-    """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
-    plt = _pyplot()
-    present, _ = split_panels(groups, panels)
-    if not present:
-        return False
-    columns = min(2, len(present))
-    rows = math.ceil(len(present) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
-    for axis, (key, label) in zip(axes.flat, present, strict=False):
-        for arm, runs in groups.items():
-            steps, means, stds = mean_curve(runs, key)
-            if not steps:
-                continue
-            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
-            axis.fill_between(
-                steps,
-                [m - s for m, s in zip(means, stds, strict=True)],
-                [m + s for m, s in zip(means, stds, strict=True)],
-                color=line.get_color(),
-                alpha=0.2,
-            )
-        axis.set_xlabel("training step")
-        axis.set_ylabel(label)
-        axis.set_title(label)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    for axis in list(axes.flat)[len(present) :]:
-        axis.axis("off")
-    figure.suptitle(title)
-    _save_figure(plt, figure, path)
-    return True
-
-
-def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Log-scale histogram of completion-token entropy, early vs late, forking threshold marked."""
-    plt = _pyplot()
-    arms = [arm for arm, runs in groups.items() if any(run.forking for run in runs)]
-    if not arms:
-        return False
-    figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 3.8), squeeze=False)
-    for axis, arm in zip(axes.flat, arms, strict=True):
-        runs = [run for run in groups[arm] if run.forking]
-        for phase, pick, metric_pick in (("early", 0, 0), ("late", -1, -1)):
-            edges, counts = None, None
-            for run in runs:
-                histogram = run.forking[pick].get("entropy_histogram")
-                if not histogram:
-                    continue
-                edges = histogram["edges"]
-                counts = (
-                    histogram["counts"]
-                    if counts is None
-                    else [a + b for a, b in zip(counts, histogram["counts"], strict=True)]
-                )
-            if counts is None:
-                continue
-            total = max(sum(counts), 1)
-            axis.stairs([c / total for c in counts], edges, label=f"{phase} (step {runs[0].forking[pick]['step']})")
-            thresholds = [run.series("forking/threshold")[1] for run in runs]
-            thresholds = [t[metric_pick] for t in thresholds if t]
-            if thresholds:
-                axis.axvline(
-                    statistics.fmean(thresholds),
-                    linestyle="--",
-                    color="C1" if phase == "late" else "C0",
-                    label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}",
-                )
-        axis.set_xscale("log")
-        axis.set_xlabel("token entropy (nats, log scale)")
-        axis.set_ylabel("share of completion tokens")
-        axis.set_title(f"{arm}: completion-token entropy")
-        axis.legend(fontsize=7)
-    _save_figure(plt, figure, path)
-    return True
-
-
-def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Per-layer expert load on forking vs other tokens (last logging step, first seed of each arm)."""
-    plt = _pyplot()
-    arms = [arm for arm, runs in groups.items() if any(run.routing for run in runs)]
-    if not arms:
-        return False
-    figure, axes = plt.subplots(len(arms), 2, figsize=(11, 2.8 * len(arms) + 1), squeeze=False)
-    for row, arm in enumerate(arms):
-        run = next(run for run in groups[arm] if run.routing)
-        loads = run.routing[-1]["expert_load"]
-        top = max((max(map(max, loads[kind])) for kind in ("forking", "other") if kind in loads), default=1.0)
-        for column, kind in enumerate(("forking", "other")):
-            axis = axes[row][column]
-            if kind not in loads:
-                axis.axis("off")
-                continue
-            title = f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})"
-            _load_heatmap(figure, axis, loads[kind], title, top, "share of assignments")
-    _save_figure(plt, figure, path)
-    return True
-
-
-def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Per-layer expert load of each domain's solution tokens after RL (first seed of each arm)."""
-    plt = _pyplot()
-    arms = [arm for arm, runs in groups.items() if any((run.domain_routing or {}).get("after") for run in runs)]
-    if not arms:
-        return False
-    domains = next(run.domain_routing["after"]["domains"] for run in groups[arms[0]] if run.domain_routing)
-    figure, axes = plt.subplots(
-        len(arms), len(domains), figsize=(4.2 * len(domains), 2.2 * len(arms) + 1), squeeze=False
-    )
-    for row, arm in enumerate(arms):
-        run = next(run for run in groups[arm] if (run.domain_routing or {}).get("after"))
-        after = run.domain_routing["after"]
-        for column, domain in enumerate(domains):
-            axis = axes[row][column]
-            loads = [layer["loads"].get(domain) for layer in after["layers"]]
-            if any(load is None for load in loads):
-                axis.axis("off")
-                continue
-            _load_heatmap(figure, axis, loads, f"{arm}: {domain} tokens", 1.0, "share")
-    _save_figure(plt, figure, path)
-    return True
-
-
-def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> list[str]:
+def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict]) -> list[str]:
     """Markdown for multi-domain runs: starting policies, per-domain accuracy and routing (empty otherwise)."""
     lines: list[str] = []
-    for directory in compare_dirs:
-        record = directory / "policies" / "policies.json"
-        if record.exists():
-            built = json.loads(record.read_text())
+    for built in starting_policies:
+        if built:
             lines += [
                 "",
                 "## Starting policies",
@@ -411,7 +141,7 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
         for arm, runs in groups.items()
         if runs and runs[0].summary and runs[0].summary.get("warm_start")
     }
-    if tuned and compare_dirs:
+    if tuned and starting_policies:  # runs of a compare
         lines += [
             "",
             "Supervised fine-tuning on the mixed task before RL (the run's warm start):",
@@ -440,7 +170,7 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
         for arm, runs in by_group.items():
             cells = []
             for domain in domains:
-                before = _mean_std(
+                before = mean_std(
                     [
                         ((run.summary.get("eval_before") or {}).get("by_group") or {})
                         .get(domain, {})
@@ -448,10 +178,10 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
                         for run in runs
                     ]
                 )[0]
-                after = _mean_std([run.summary["eval_after"]["by_group"][domain]["greedy_accuracy"] for run in runs])[0]
-                sampled = _mean_std(
-                    [run.summary["eval_after"]["by_group"][domain]["sampled_accuracy"] for run in runs]
-                )[0]
+                after = mean_std([run.summary["eval_after"]["by_group"][domain]["greedy_accuracy"] for run in runs])[0]
+                sampled = mean_std([run.summary["eval_after"]["by_group"][domain]["sampled_accuracy"] for run in runs])[
+                    0
+                ]
                 cells += [f"{_fmt(before)} -> {_fmt(after)}", _fmt(sampled)]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     routed = {arm: [run for run in runs if (run.domain_routing or {}).get("after")] for arm, runs in groups.items()}
@@ -470,10 +200,10 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
             "|---|---|---|",
         ]
         for arm, runs in routed.items():
-            before = _mean_std(
-                [(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs]
-            )[0]
-            after = _mean_std([run.domain_routing["after"]["mean_js_bits"] for run in runs])[0]
+            before = mean_std([(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs])[
+                0
+            ]
+            after = mean_std([run.domain_routing["after"]["mean_js_bits"] for run in runs])[0]
             first = runs[0].domain_routing["after"]
             per_layer = "; ".join(
                 f"L{index}: "
@@ -486,18 +216,6 @@ def domain_sections(groups: dict[str, list[Run]], compare_dirs: list[Path]) -> l
             )
             lines.append(f"| {arm} | {_fmt(before)} -> {_fmt(after)} | {per_layer} |")
     return lines
-
-
-# --------------------------------------------------------------------------------------------------
-# The report
-
-
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs by arm, the full arm first."""
-    groups: dict[str, list[Run]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.seed)):
-        groups[run.arm].append(run)
-    return groups
 
 
 def _interval_cell(interval: Interval) -> str:
@@ -538,56 +256,14 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
 
 def summary_markdown(paths: list[Path]) -> str:
     """The summary table of the runs under ``paths``, as printed at the end of ``rlvr compare``."""
-    runs, _ = find_runs(paths)
-    return "\n".join(summary_lines(group_runs(runs))) + "\n"
-
-
-# (file, panels, figure title) of the curve figures: one panel per (metric key, label)
-CURVE_PANELS = [
-    (
-        "accuracy.png",
-        "Held-out accuracy vs training step (mean ± std over seeds)",
-        [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
-    ),
-    (
-        "training.png",
-        "Training curves",
-        [
-            ("reward", "reward"),
-            ("kl", "KL to reference"),
-            ("clip_ratio/region_mean", "clip fraction"),
-            ("entropy", "mean token entropy (nats)"),
-        ],
-    ),
-    (
-        "routing.png",
-        "Routing on forking vs other tokens",
-        [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
-    ),
-]
-
-
-def _curves(name: str):
-    _, title, panels = next(entry for entry in CURVE_PANELS if entry[0] == name)
-    return lambda groups, path: plot_curves(groups, panels, path, title)
-
-
-# The report's figures, in order: (file, section title, draw(groups, path) -> drawn?)
-FIGURES = [
-    ("accuracy.png", "Eval accuracy", _curves("accuracy.png")),
-    ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
-    ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
-    ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
-    ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
-    ("domain_routing.png", "Expert load per layer of each domain's tokens, after RL", plot_domain_routing),
-]
+    return "\n".join(summary_lines(CompareRecords.load(paths).groups)) + "\n"
 
 
 def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
-    runs, missing = find_runs(paths)
+    records = CompareRecords.load(paths)
+    runs, missing, groups = records.runs, records.missing, records.groups
     out_dir = out_dir or paths[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
     lines = ["# rlvr report", ""]
     lines.append(f"Runs: {len(runs)} ({', '.join(f'{arm} x{len(rs)}' for arm, rs in groups.items()) or 'none'}).")
     if missing:
@@ -597,7 +273,7 @@ def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
     for name, title, draw in FIGURES:
         if draw(groups, out_dir / name):
             figures.append((title, name))
-    lines += domain_sections(groups, [path for path in paths if (path / MANIFEST).exists()])
+    lines += domain_sections(groups, records.starting_policies)
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     flat = [note for _, _, panels in CURVE_PANELS for note in split_panels(groups, panels)[1]]

@@ -25,17 +25,78 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
-from rlvr.config import RunConfig
+from rlvr.configuration import option, require
 from rlvr.data import generate_problems, make_prompt
 from rlvr.evaluation import render_prompts
+from rlvr.models import ARCHITECTURES, DENSE_ARCHITECTURES, load_pretrained
+from rlvr.recipe import domain_routing, prepare_data, prepare_policy, resolve_rewards
 from rlvr.upcycle import MANIFEST, upcycle
 from rlvr.warmstart import WarmStartResult
 
+if TYPE_CHECKING:
+    from rlvr.config import RunConfig
+
 POLICIES_DIR = "policies"
+INITS = ("btx", "sparse", "scratch")
+
+
+@dataclass
+class UpcycleConfig:
+    """The ``upcycle`` config section: the starting policies a compare builds and runs every arm from."""
+
+    inits: list = option(
+        [],
+        "rlvr compare: starting policies to compare (empty: the model above): btx (branches of a mix-trained "
+        "dense seed trained apart per domain, merged), sparse (the seed copied into every expert), scratch (an MoE "
+        "from random init); each is fine-tuned on the mix (warm_start) before RL",
+    )
+    dense_model: str = option(
+        "tiny:qwen3", "dense family the btx/sparse experts come from: tiny:qwen3, tiny:mistral or tiny:llama"
+    )
+    scratch_model: str = option("tiny:qwen3_moe", "MoE architecture of the scratch init (a tiny:<arch> name)")
+    num_experts: int = option(2, "experts per MoE layer (btx: one per data.task.domains entry)")
+    top_k: int = option(1, "experts per token of every init")
+    router_init: str = option(
+        "mean_hidden",
+        "btx router init: random, zero, mean_hidden (each domain's mean hidden state)",
+        ("random", "zero", "mean_hidden"),
+    )
+    router_samples: int = option(64, "btx mean_hidden: training problems per domain routed through its dense model")
+    branch_steps: int = option(
+        200, "btx: supervised steps of each branch on its own domain, starting from the mix-trained seed"
+    )
+    match_compute: bool = option(
+        True,
+        "sparse: train the seed branch_steps x domains more steps on the mix first (same supervised compute as btx)",
+    )
+
+    def validate(self) -> None:
+        for index, init in enumerate(self.inits):
+            require(init in INITS, f"inits[{index}]", f"must be one of {', '.join(INITS)}; got {init!r}")
+        require(len(set(self.inits)) == len(self.inits), "inits", "lists an init twice")
+        if not self.inits:
+            return
+        dense = self.dense_model.removeprefix("tiny:") if self.dense_model.startswith("tiny:") else None
+        require(
+            dense in DENSE_ARCHITECTURES,
+            "dense_model",
+            f"must be one of {', '.join('tiny:' + a for a in sorted(DENSE_ARCHITECTURES))}",
+        )
+        scratch = self.scratch_model.removeprefix("tiny:") if self.scratch_model.startswith("tiny:") else None
+        require(
+            scratch in ARCHITECTURES,
+            "scratch_model",
+            f"must be one of {', '.join('tiny:' + a for a in sorted(ARCHITECTURES))}",
+        )
+        require(1 <= self.top_k <= self.num_experts, "top_k", f"must be in 1..upcycle.num_experts ({self.num_experts})")
+        require(self.router_samples >= 1, "router_samples", "must be >= 1")
+        require(self.branch_steps >= 1, "branch_steps", "must be >= 1")
 
 
 def policy_directory(output_dir: Path, init: str) -> Path:
@@ -67,8 +128,6 @@ def _warm_started_dense(
 
     ``fixed_steps``: train exactly that many steps (a branch) instead of stopping at the target accuracy.
     """
-    from rlvr.recipe import prepare_data, prepare_policy, resolve_rewards
-
     # a branch sees as many problems of its domain as the mixed task holds
     num_train = base.data.num_train * len(domains) // len(base.data.task.domains)
     extra = (
@@ -107,8 +166,6 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
     Args:
         make_config: base config with extra overrides applied (the compare's config files and overrides).
     """
-    from rlvr.recipe import domain_routing, prepare_data
-
     base = make_config([])
     settings = base.upcycle
     wanted = [init for init in settings.inits if init in ("btx", "sparse")]
@@ -171,8 +228,6 @@ def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Pa
             seed=base.warm_start_seed(),
             overwrite=True,
         )
-    from rlvr.models import load_pretrained
-
     for init in todo:  # routing of the built MoE before any MoE training
         model, tokenizer = load_pretrained(str(built[init]))
         record[f"routing_{init}_as_built"] = domain_routing(base, model, tokenizer, data)

@@ -21,18 +21,44 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from rlvr.config import ConfigError, RunConfig
+from rlvr.configuration import ConfigError, option, require
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
 from rlvr.progress import use_compact_progress
 
+if TYPE_CHECKING:
+    from rlvr.config import RunConfig
+
 logger = logging.getLogger(__name__)
 
 DONE_FILE = "warm_start.json"
+
+
+@dataclass
+class WarmStartConfig:
+    """The ``warm_start`` config section."""
+
+    enabled: str = option(
+        "auto", "supervised warm start before RL: auto (only for tiny models), true, false", ("auto", "true", "false")
+    )
+    target_accuracy: float = option(0.3, "stop once greedy dev accuracy reaches this (a partly right policy)")
+    max_steps: int = option(1500, "upper bound on supervised steps")
+    eval_every: int = option(50, "steps between dev-accuracy checks")
+    learning_rate: float = option(3e-3, "supervised learning rate")
+    batch_size: int = option(32, "supervised batch size")
+    num_dev: int = option(100, "dev problems used to pick the checkpoint (disjoint from the eval set)")
+    cache_dir: str = option("~/.cache/rlvr/warm_start", "where warm-started checkpoints are cached, keyed by config")
+    seed: int | None = option(None, "seed of the tiny model's init and its warm start (default: the run seed)")
+
+    def validate(self) -> None:
+        require(0.0 < self.target_accuracy <= 1.0, "target_accuracy", "must be in (0, 1]")
+        for name in ("max_steps", "eval_every", "batch_size", "num_dev"):
+            require(getattr(self, name) >= 1, name, "must be >= 1")
 
 
 @dataclass

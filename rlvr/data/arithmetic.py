@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from rlvr.configuration import option
 from rlvr.data.countdown import gold_answer, random_countdown, worked_steps
 
 SPLITS = ("train", "eval")
@@ -34,23 +35,20 @@ DOMAINS = ("addition", "multiplication", "countdown")
 class ArithmeticTask:
     """Distribution of problems. Each field is a knob of the ``data.task`` config section."""
 
-    min_terms: int = field(default=2, metadata={"help": "fewest numbers in a problem (>= 2)"})
-    max_terms: int = field(default=3, metadata={"help": "most numbers in a problem"})
-    max_operand: int = field(default=50, metadata={"help": "numbers are drawn from 1..max_operand"})
-    operators: str = field(default="+-", metadata={"help": "operators to draw from, a subset of '+-'"})
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of the problem space reserved for eval"})
-    domains: list = field(
-        default_factory=lambda: ["addition"],
-        metadata={
-            "help": "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-)"
-        },
+    min_terms: int = option(2, "fewest numbers in a problem (>= 2)")
+    max_terms: int = option(3, "most numbers in a problem")
+    max_operand: int = option(50, "numbers are drawn from 1..max_operand")
+    operators: str = option("+-", "operators to draw from, a subset of '+-'")
+    eval_fraction: float = option(0.1, "share of the problem space reserved for eval")
+    domains: list = option(
+        ["addition"],
+        "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-), "
+        "countdown (reach a target from given numbers)",
     )
-    max_factor: int = field(default=9, metadata={"help": "multiplication: factors are drawn from 2..max_factor"})
-    countdown_numbers: int = field(default=3, metadata={"help": "countdown: numbers to combine, each used once"})
-    countdown_max: int = field(default=9, metadata={"help": "countdown: numbers are drawn from 1..countdown_max"})
-    countdown_min_paths: int = field(
-        default=2, metadata={"help": "countdown: only targets reachable by at least this many expressions"}
-    )
+    max_factor: int = option(9, "multiplication: factors are drawn from 2..max_factor")
+    countdown_numbers: int = option(3, "countdown: numbers to combine, each used once")
+    countdown_max: int = option(9, "countdown: numbers are drawn from 1..countdown_max")
+    countdown_min_paths: int = option(2, "countdown: only targets reachable by at least this many expressions")
 
     def validate(self) -> None:
         if not 2 <= self.min_terms <= self.max_terms:
@@ -133,6 +131,15 @@ def _countdown_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     )
 
 
+def _larger_space_hint(task: ArithmeticTask) -> str:
+    hints = []
+    if any(domain != "countdown" for domain in task.domains):
+        hints.append("raise max_operand or max_terms")
+    if "countdown" in task.domains:
+        hints.append("raise countdown_max or lower countdown_min_paths")
+    return " / ".join(hints)
+
+
 def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -> list[Problem]:
     """``count`` distinct problems of one split, the same list for the same arguments.
 
@@ -150,7 +157,7 @@ def generate_problems(task: ArithmeticTask, split: str, count: int, seed: int) -
         if attempts > max_attempts:
             raise ValueError(
                 f"could only find {len(problems)} distinct {split} problems out of {count} requested; "
-                "raise max_operand or max_terms, or ask for fewer problems"
+                f"{_larger_space_hint(task)}, or ask for fewer problems"
             )
         problem = _random_problem(task, rng)
         if problem.expression not in problems and split_of(problem.expression, task.eval_fraction) == split:

@@ -9,15 +9,54 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from rlvr.configuration import option, require
+from rlvr.data.arithmetic import ArithmeticTask
 from rlvr.data.records import make_prompt
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ANSWER_FORMATS = ("raw", "gsm8k")
 MAX_REPORTED_BAD_ROWS = 5
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` config section: where prompts and gold answers come from."""
+
+    source: str = option(
+        "arithmetic",
+        "'arithmetic' (embedded task), a local .jsonl/.json/.parquet/.csv file, a dataset directory, or a hub name",
+    )
+    config_name: str | None = option(None, "hub dataset config (e.g. 'main' for openai/gsm8k)")
+    train_split: str = option("train", "split to train on (hub datasets and dataset dicts)")
+    eval_split: str | None = option("test", "held-out split to evaluate on; null: no held-out evaluation")
+    question_column: str = option("question", "column holding the question")
+    answer_column: str = option("answer", "column holding the gold answer")
+    answer_format: str = option(
+        "raw", "how to read the gold answer ('gsm8k' keeps what follows '####')", ANSWER_FORMATS
+    )
+    system_prompt: str | None = option(None, "optional system message put before every question")
+    chat: bool = option(True, "conversational prompts (chat template) instead of plain text")
+    num_train: int = option(4000, "training problems (embedded task: generated; files: first N rows, 0 = all)")
+    num_eval: int = option(200, "evaluation problems (first N of the eval split)")
+    task: ArithmeticTask = option(ArithmeticTask, "embedded arithmetic task: terms, operand range, eval share")
+    seed: int | None = option(
+        None, "seed of the embedded task's problems (default: the run seed; fix it to share data across seeds)"
+    )
+
+    @property
+    def embedded(self) -> bool:
+        return self.source == "arithmetic"
+
+    def validate(self) -> None:
+        require(self.num_train >= 0, "num_train", "must be >= 0")
+        require(self.num_eval >= 0, "num_eval", "must be >= 0")
+        if self.embedded:
+            require(self.num_train > 0, "num_train", "must be > 0 for the embedded task")
 
 
 class DataError(ValueError):

@@ -1,6 +1,14 @@
 """Policies: tiny MoE factory, offline tokenizer, and the shared ``from_pretrained`` loading path."""
 
-from rlvr.models.loading import DTYPES, TINY_PREFIX, is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
+from rlvr.models.loading import (
+    DTYPES,
+    TINY_PREFIX,
+    ModelConfig,
+    is_tiny,
+    load_pretrained,
+    save_tiny_policy,
+    tiny_architecture,
+)
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
 
@@ -8,6 +16,7 @@ __all__ = [
     "ARCHITECTURES",
     "DENSE_ARCHITECTURES",
     "DTYPES",
+    "ModelConfig",
     "TINY_PREFIX",
     "TinyMoESpec",
     "build_char_tokenizer",

@@ -9,18 +9,47 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr.models.tiny import TinyMoESpec, build_tiny_moe
+from rlvr.configuration import option, require
+from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe
 from rlvr.models.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` config section: which policy to load and how."""
+
+    name_or_path: str = option(
+        "tiny:qwen3_moe",
+        "policy: 'tiny:<arch>' (embedded random MoE, arch in "
+        + ", ".join(sorted(ARCHITECTURES))
+        + "; or dense: "
+        + ", ".join(sorted(DENSE_ARCHITECTURES))
+        + "), a hub id (Qwen/Qwen3-30B-A3B) or a local checkpoint directory",
+    )
+    tiny: TinyMoESpec = option(TinyMoESpec, "size of the embedded tiny MoE (used with 'tiny:<arch>')")
+    dtype: str = option("float32", "weights dtype when loading", choices=tuple(DTYPES))
+    trust_remote_code: bool = option(False, "allow custom modelling code from the hub")
+
+    def validate(self) -> None:
+        if is_tiny(self.name_or_path):
+            known = sorted(ARCHITECTURES) + sorted(DENSE_ARCHITECTURES)
+            architecture = tiny_architecture(self.name_or_path)
+            require(
+                architecture in known,
+                "name_or_path",
+                f"unknown tiny architecture {architecture!r}; one of {', '.join(known)}",
+            )
 
 
 def is_tiny(name_or_path: str) -> bool:

@@ -10,7 +10,7 @@ feed-forward layer has the shape of one expert of the MoE of the same spec.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -27,23 +27,28 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-
-def _help(text: str) -> dict:
-    return {"help": text}
+from rlvr.configuration import option, require
 
 
 @dataclass
 class TinyMoESpec:
     """Size of a tiny MoE policy; every architecture shares these knobs."""
 
-    num_layers: int = field(default=2, metadata=_help("decoder layers, each with a sparse MoE block"))
-    hidden_size: int = field(default=64, metadata=_help("model width"))
-    num_heads: int = field(default=4, metadata=_help("attention heads (hidden_size must divide by it)"))
-    num_kv_heads: int = field(default=2, metadata=_help("key/value heads (grouped-query attention)"))
-    expert_size: int = field(default=128, metadata=_help("intermediate size of each expert"))
-    num_experts: int = field(default=8, metadata=_help("experts per MoE block (E)"))
-    top_k: int = field(default=2, metadata=_help("experts each token is routed to (k)"))
-    max_positions: int = field(default=512, metadata=_help("longest prompt + completion, in tokens"))
+    num_layers: int = option(2, "decoder layers, each with a sparse MoE block")
+    hidden_size: int = option(64, "model width")
+    num_heads: int = option(4, "attention heads (hidden_size must divide by it)")
+    num_kv_heads: int = option(2, "key/value heads (grouped-query attention)")
+    expert_size: int = option(128, "intermediate size of each expert")
+    num_experts: int = option(8, "experts per MoE block (E)")
+    top_k: int = option(2, "experts each token is routed to (k)")
+    max_positions: int = option(512, "longest prompt + completion, in tokens")
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "expert_size", "num_experts", "top_k"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1; got {getattr(self, name)}")
+        require(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", "must divide num_heads")
+        require(self.top_k <= self.num_experts, "top_k", "must be <= num_experts")
 
 
 def _qwen3_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:

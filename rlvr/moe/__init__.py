@@ -1,5 +1,7 @@
 """Router-aware updates for MoE policies (plain PyTorch, model-agnostic through adapters).
 
+* :mod:`rlvr.moe.config`    -- the ``moe`` config section (:class:`MoEConfig`)
+* :mod:`rlvr.moe.updates`   -- :class:`RouterAwareUpdates`: a config's gates, losses and analytics on one forward
 * :mod:`rlvr.moe.adapters`  -- find routers and sparse MoE blocks (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, GPT-OSS)
 * :mod:`rlvr.moe.positions` -- completion-token masks -> decision positions (one-position shift)
 * :mod:`rlvr.moe.gates`     -- per-position gradient gates, weights read at backward time
@@ -9,6 +11,7 @@
 """
 
 from rlvr.moe.adapters import ADAPTERS, MoEAdapter, MoELayer, UnknownMoEArchitecture, find_moe_layers
+from rlvr.moe.config import MoEConfig
 from rlvr.moe.gates import GateWeights, gate_gradient
 from rlvr.moe.hooks import ForwardRouting, RoutingHooks
 from rlvr.moe.losses import load_balancing_loss, router_z_loss
@@ -21,6 +24,7 @@ __all__ = [
     "GateWeights",
     "LayerRouting",
     "MoEAdapter",
+    "MoEConfig",
     "MoELayer",
     "RoutingHooks",
     "UnknownMoEArchitecture",

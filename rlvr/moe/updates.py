@@ -1,6 +1,6 @@
 """Router-aware updates for one training forward: gates, scoped router losses, analytics.
 
-:class:`RouterAwareUpdates` turns an ``rlvr.config.MoEConfig`` into actions on a forward recorded by
+:class:`RouterAwareUpdates` turns a :class:`rlvr.moe.config.MoEConfig` into actions on a forward recorded by
 :class:`rlvr.moe.hooks.RoutingHooks`. A trainer calls :meth:`begin` before its loss forward and
 :meth:`finish` once the forking tokens of that forward are known (before backward). Plain PyTorch.
 """
@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from rlvr.moe.config import MoEConfig
 from rlvr.moe.hooks import ForwardRouting, RoutingHooks
 from rlvr.moe.losses import SumAcrossRanks, load_balancing_loss, router_z_loss
 from rlvr.moe.positions import decision_positions
@@ -19,9 +20,11 @@ from rlvr.moe.stats import routing_by_layer, summarize
 
 
 class RouterAwareUpdates:
-    """Gates, router losses and routing analytics of an MoE policy (see :class:`rlvr.config.MoEConfig`)."""
+    """Gates, router losses and routing analytics of an MoE policy, as its :class:`MoEConfig` asks."""
 
-    def __init__(self, model: nn.Module, config, sum_across_ranks: SumAcrossRanks | None = None, world_size: int = 1):
+    def __init__(
+        self, model: nn.Module, config: MoEConfig, sum_across_ranks: SumAcrossRanks | None = None, world_size: int = 1
+    ):
         """``sum_across_ranks`` (an all-reduce sum) pools router-loss statistics over ``world_size`` ranks
         when ``config.router_loss_batch == "global"``; every rank must then call :meth:`finish` in step."""
         self.config = config

@@ -1,0 +1,213 @@
+"""The report's figures (matplotlib, written as PNG): which exist is the table :data:`FIGURES`."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from rlvr.runs import Run, mean_curve
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(plt, figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _load_heatmap(figure, axis, loads: list[list[float]], title: str, vmax: float, label: str) -> None:
+    """(layers, E) expert loads as an image, one row per layer."""
+    image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("expert")
+    axis.set_ylabel("layer")
+    axis.set_xticks(range(len(loads[0])))
+    axis.set_yticks(range(len(loads)))
+    figure.colorbar(image, ax=axis, label=label)
+
+
+def split_panels(groups: dict[str, list[Run]], panels: list[tuple[str, str]]) -> tuple[list, list[str]]:
+    """Panels worth drawing, and notes on the training metrics left out because every run logged one
+    constant value (the clip fraction of on-policy runs, one optimiser step per generation batch, is
+    always 0). Eval accuracy is always drawn: a flat accuracy is a finding."""
+    present, flat = [], []
+    for key, label in panels:
+        values = {v for runs in groups.values() for run in runs for v in run.series(key)[1]}
+        if len(values) > 1 or (values and key.startswith("eval/")):
+            present.append((key, label))
+        elif values:
+            flat.append(f"{label} (always {values.pop():g})")
+    return present, flat
+
+
+def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
+    """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
+    plt = _pyplot()
+    present, _ = split_panels(groups, panels)
+    if not present:
+        return False
+    columns = min(2, len(present))
+    rows = math.ceil(len(present) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
+    for axis, (key, label) in zip(axes.flat, present, strict=False):
+        for arm, runs in groups.items():
+            steps, means, stds = mean_curve(runs, key)
+            if not steps:
+                continue
+            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
+            axis.fill_between(
+                steps,
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+        axis.set_xlabel("training step")
+        axis.set_ylabel(label)
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    for axis in list(axes.flat)[len(present) :]:
+        axis.axis("off")
+    figure.suptitle(title)
+    _save_figure(plt, figure, path)
+    return True
+
+
+def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Log-scale histogram of completion-token entropy, early vs late, forking threshold marked."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any(run.forking for run in runs)]
+    if not arms:
+        return False
+    figure, axes = plt.subplots(1, len(arms), figsize=(5.5 * len(arms), 3.8), squeeze=False)
+    for axis, arm in zip(axes.flat, arms, strict=True):
+        runs = [run for run in groups[arm] if run.forking]
+        for phase, pick, metric_pick in (("early", 0, 0), ("late", -1, -1)):
+            edges, counts = None, None
+            for run in runs:
+                histogram = run.forking[pick].get("entropy_histogram")
+                if not histogram:
+                    continue
+                edges = histogram["edges"]
+                counts = (
+                    histogram["counts"]
+                    if counts is None
+                    else [a + b for a, b in zip(counts, histogram["counts"], strict=True)]
+                )
+            if counts is None:
+                continue
+            total = max(sum(counts), 1)
+            axis.stairs([c / total for c in counts], edges, label=f"{phase} (step {runs[0].forking[pick]['step']})")
+            thresholds = [run.series("forking/threshold")[1] for run in runs]
+            thresholds = [t[metric_pick] for t in thresholds if t]
+            if thresholds:
+                axis.axvline(
+                    statistics.fmean(thresholds),
+                    linestyle="--",
+                    color="C1" if phase == "late" else "C0",
+                    label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}",
+                )
+        axis.set_xscale("log")
+        axis.set_xlabel("token entropy (nats, log scale)")
+        axis.set_ylabel("share of completion tokens")
+        axis.set_title(f"{arm}: completion-token entropy")
+        axis.legend(fontsize=7)
+    _save_figure(plt, figure, path)
+    return True
+
+
+def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-layer expert load on forking vs other tokens (last logging step, first seed of each arm)."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any(run.routing for run in runs)]
+    if not arms:
+        return False
+    figure, axes = plt.subplots(len(arms), 2, figsize=(11, 2.8 * len(arms) + 1), squeeze=False)
+    for row, arm in enumerate(arms):
+        run = next(run for run in groups[arm] if run.routing)
+        loads = run.routing[-1]["expert_load"]
+        top = max((max(map(max, loads[kind])) for kind in ("forking", "other") if kind in loads), default=1.0)
+        for column, kind in enumerate(("forking", "other")):
+            axis = axes[row][column]
+            if kind not in loads:
+                axis.axis("off")
+                continue
+            title = f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})"
+            _load_heatmap(figure, axis, loads[kind], title, top, "share of assignments")
+    _save_figure(plt, figure, path)
+    return True
+
+
+def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-layer expert load of each domain's solution tokens after RL (first seed of each arm)."""
+    plt = _pyplot()
+    arms = [arm for arm, runs in groups.items() if any((run.domain_routing or {}).get("after") for run in runs)]
+    if not arms:
+        return False
+    domains = next(run.domain_routing["after"]["domains"] for run in groups[arms[0]] if run.domain_routing)
+    figure, axes = plt.subplots(
+        len(arms), len(domains), figsize=(4.2 * len(domains), 2.2 * len(arms) + 1), squeeze=False
+    )
+    for row, arm in enumerate(arms):
+        run = next(run for run in groups[arm] if (run.domain_routing or {}).get("after"))
+        after = run.domain_routing["after"]
+        for column, domain in enumerate(domains):
+            axis = axes[row][column]
+            loads = [layer["loads"].get(domain) for layer in after["layers"]]
+            if any(load is None for load in loads):
+                axis.axis("off")
+                continue
+            _load_heatmap(figure, axis, loads, f"{arm}: {domain} tokens", 1.0, "share")
+    _save_figure(plt, figure, path)
+    return True
+
+
+# (file, panels, figure title) of the curve figures: one panel per (metric key, label)
+CURVE_PANELS = [
+    (
+        "accuracy.png",
+        "Held-out accuracy vs training step (mean ± std over seeds)",
+        [("eval/greedy_accuracy", "greedy accuracy"), ("eval/sampled_accuracy", "sampled accuracy")],
+    ),
+    (
+        "training.png",
+        "Training curves",
+        [
+            ("reward", "reward"),
+            ("kl", "KL to reference"),
+            ("clip_ratio/region_mean", "clip fraction"),
+            ("entropy", "mean token entropy (nats)"),
+        ],
+    ),
+    (
+        "routing.png",
+        "Routing on forking vs other tokens",
+        [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
+    ),
+]
+
+
+def _curves(name: str):
+    _, title, panels = next(entry for entry in CURVE_PANELS if entry[0] == name)
+    return lambda groups, path: plot_curves(groups, panels, path, title)
+
+
+# The report's figures, in order: (file, section title, draw(groups, path) -> drawn?)
+FIGURES = [
+    ("accuracy.png", "Eval accuracy", _curves("accuracy.png")),
+    ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
+    ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
+    ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
+    ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
+    ("domain_routing.png", "Expert load per layer of each domain's tokens, after RL", plot_domain_routing),
+]

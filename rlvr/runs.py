@@ -1,0 +1,142 @@
+"""The runs a report reads: each run directory's files, loaded once, grouped by arm.
+
+Reads what runs write (``summary.json``, ``metrics.jsonl``, ``forking_tokens.jsonl``, ``routing.jsonl``,
+``domain_routing.json``, ``config.yaml``) and what a compare writes beside them (``compare.json``, the
+starting policies' ``policies/policies.json``). A run killed mid-write leaves a partial last line,
+which is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlvr.compare import MANIFEST
+
+
+@dataclass
+class Run:
+    directory: Path
+    arm: str
+    seed: int
+    summary: dict | None
+    metrics: list[dict] = field(default_factory=list)
+    forking: list[dict] = field(default_factory=list)
+    routing: list[dict] = field(default_factory=list)
+    domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of a logged metric, in step order (last value wins per step)."""
+        points = {}
+        for record in self.metrics:
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                points[record["step"]] = float(value)
+        steps = sorted(points)
+        return steps, [points[step] for step in steps]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+            continue
+    return records
+
+
+def load_run(directory: Path) -> Run:
+    config = yaml.safe_load((directory / "config.yaml").read_text()) if (directory / "config.yaml").exists() else {}
+    summary_path = directory / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return Run(
+        directory=directory,
+        arm=str(config.get("arm") or directory.name.split("-seed")[0]),
+        seed=int(config.get("seed", 0)),
+        summary=summary,
+        metrics=_read_jsonl(directory / "metrics.jsonl"),
+        forking=_read_jsonl(directory / "forking_tokens.jsonl"),
+        routing=_read_jsonl(directory / "routing.jsonl"),
+        domain_routing=json.loads((directory / "domain_routing.json").read_text())
+        if (directory / "domain_routing.json").exists()
+        else None,
+    )
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """Runs under ``paths`` (run directories or compare directories), and the planned runs that are missing."""
+    runs, missing = [], []
+    for path in paths:
+        if (path / "config.yaml").exists():
+            runs.append(load_run(path))
+            continue
+        manifest = path / MANIFEST
+        planned = json.loads(manifest.read_text())["runs"] if manifest.exists() else []
+        for entry in planned:
+            directory = path / entry["directory"]
+            if (directory / "summary.json").exists():
+                runs.append(load_run(directory))
+            else:
+                missing.append(f"{entry['arm']} seed {entry['seed']} ({directory})")
+        if not planned:
+            runs += [load_run(child) for child in sorted(path.iterdir()) if (child / "summary.json").exists()]
+    return runs, missing
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by arm, the full arm first."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.seed)):
+        groups[run.arm].append(run)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps present in every run, mean and std over runs."""
+    series = [dict(zip(*run.series(key), strict=True)) for run in runs]
+    series = [s for s in series if s]
+    if not series:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    means, stds = [], []
+    for step in steps:
+        mean, std = mean_std([s[step] for s in series])
+        means.append(mean)
+        stds.append(std)
+    return steps, means, stds
+
+
+@dataclass
+class CompareRecords:
+    """Everything a report renders, loaded before any rendering."""
+
+    runs: list[Run]
+    missing: list[str]  # planned runs without a summary
+    groups: dict[str, list[Run]]  # by arm, the full arm first
+    starting_policies: list[dict]  # one per compare directory: its policies.json ({} when it built none)
+
+    @classmethod
+    def load(cls, paths: list[Path]) -> CompareRecords:
+        runs, missing = find_runs(paths)
+        starting = []
+        for path in paths:
+            record = path / "policies" / "policies.json"
+            if (path / MANIFEST).exists():
+                starting.append(json.loads(record.read_text()) if record.exists() else {})
+        return cls(runs, missing, group_runs(runs), starting)

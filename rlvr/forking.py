@@ -185,7 +185,7 @@ def loss_weights(
     per_sequence: bool = False,
     totals: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Turn a selection into per-token loss weights, (B, T) float.
+    """Turn a selection into per-token loss weights, (B, T) float64 (exact n / k; the caller casts).
 
     A trainer that normalises its policy loss by the number of completion tokens ``n`` (as TRL does)
     and multiplies the per-token loss by these weights computes:
@@ -204,16 +204,16 @@ def loss_weights(
         totals: optional ``(n, k)`` scalar tensors to use instead of this tensor's counts, e.g. counts
             summed over all ranks when the loss is normalised globally.
     """
-    keep_f = (keep.bool() & mask.bool()).to(torch.float32)
+    keep_f = (keep.bool() & mask.bool()).to(torch.float64)
     if normalization == "all":
         return keep_f
     if normalization != "selected":
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    mask_f = mask.bool().to(torch.float32)
+    mask_f = mask.bool().to(torch.float64)
     if per_sequence:
         n, k = mask_f.sum(dim=1, keepdim=True), keep_f.sum(dim=1, keepdim=True)  # (B, 1)
     elif totals is not None:
-        n, k = (t.to(keep_f.device, torch.float32) for t in totals)
+        n, k = (t.to(keep_f.device, torch.float64) for t in totals)
     else:
         n, k = mask_f.sum(), keep_f.sum()
     scale = torch.where(k > 0, n / k.clamp(min=1.0), torch.zeros_like(k))
@@ -297,6 +297,12 @@ class ForkingConfig:
     mask_kl: bool = option(False, "let the KL penalty's gradient flow only through forking tokens")
     mask_entropy_bonus: bool = option(True, "apply the entropy bonus on forking tokens only (TRL's behaviour)")
     log_examples: int = option(2, "completions per logging step written with their forking tokens marked")
+    sparse_lm_head: str = option(
+        "auto",
+        "LM head backward on the forking tokens only: auto (when it is exact and rho < 0.75), true (whenever "
+        "exact; an error otherwise), false (TRL's fused head on every token)",
+        ("auto", "true", "false"),
+    )
 
     def validate(self) -> None:
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1]; got {self.rho}")

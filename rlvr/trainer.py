@@ -25,12 +25,18 @@ by what they are for:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from rlvr.configuration import ConfigError
 from rlvr.forking import ForkingConfig, loss_normalization_unit, loss_weights, select_forking_tokens, selection_stats
 from rlvr.forking_log import ForkingTokenLog
 from rlvr.moe import UnknownMoEArchitecture
@@ -38,6 +44,24 @@ from rlvr.moe.config import MoEConfig
 from rlvr.moe.replay import ReplayRecorder
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves, zero3_leaves_as_trl_loads
+from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_completion_logprobs
+
+logger = logging.getLogger(__name__)
+
+# _get_per_token_logps_and_entropies keyword arguments of multimodal inputs (the sparse head is text-only)
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+SPARSE_HEAD_MAX_RHO = 0.75  # above it, a no-grad pass over all tokens plus the selected backward costs more
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
 ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
@@ -77,6 +101,16 @@ class LossForward:
     router_loss: torch.Tensor | None = None  # scoped load-balancing / z-loss of the forward
 
 
+class CorrectionBiasUpdate(TrainerCallback):
+    """Run :meth:`RouterAwareUpdates.update_correction_bias` after each optimizer step."""
+
+    def __init__(self, updates: RouterAwareUpdates):
+        self.updates = updates
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.updates.update_correction_bias()
+
+
 class ForkingGRPOTrainer(GRPOTrainer):
     """GRPO with the policy-gradient loss on the forking tokens (Wang et al., 2025).
 
@@ -112,6 +146,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         )
         self.loss_forward: LossForward | None = None  # set only while _compute_loss runs
         self.forking_log = ForkingTokenLog(self.forking.log_examples)
+        self.sparse_head = self._use_sparse_head()
         self.gradient_tokens = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
 
     def _router_aware_updates(self) -> RouterAwareUpdates | None:
@@ -126,6 +161,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
             return None  # a dense policy: nothing to route
         if self.moe.freeze_router:
             updates.freeze_routers()
+        if self.moe.update_correction_bias:  # aux-loss-free balancing after every optimizer step (off by default)
+            self.add_callback(CorrectionBiasUpdate(updates))
         reentrant = self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get(
             "use_reentrant"
         )
@@ -143,6 +180,41 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 "generation bypass; use routing_replay='old_policy' or 'none'"
             )
         return updates
+
+    def _use_sparse_head(self) -> bool:
+        """Whether the loss forward projects only the forking tokens through the LM head with gradient
+        (:mod:`rlvr.sparse_head`): only where that gives TRL's gradient exactly. Logs the reason once."""
+        setting = self.forking.sparse_lm_head
+        blockers = []
+        if self.forking.policy_tokens != "forking":
+            blockers.append("forking.policy_tokens=all puts every token in the loss")
+        if self.beta != 0.0 and not self.forking.mask_kl:
+            blockers.append(
+                "the KL penalty (beta > 0) needs gradients on every token; forking.mask_kl=true keeps it off"
+            )
+        if self._entropy_bonus_enabled:
+            blockers.append("the entropy bonus needs entropy gradients")
+        if self.importance_sampling_level != "token":
+            blockers.append("sequence-level importance sampling puts every token's log-prob in the ratio")
+        if self.aux_loss_enabled:
+            blockers.append("TRL's router aux loss (grpo.router_aux_loss_coef) comes from its fused forward")
+        if is_peft_model(self.model):
+            blockers.append("PEFT models keep TRL's fused head")
+        if setting == "auto" and not blockers and self.forking.rho >= SPARSE_HEAD_MAX_RHO:
+            blockers.append(f"rho >= {SPARSE_HEAD_MAX_RHO}: the selected tokens are most of the work")
+        if setting == "false":
+            blockers = ["forking.sparse_lm_head=false"]
+        elif setting == "true" and blockers:
+            raise ConfigError(f"forking.sparse_lm_head: true, but it would not be exact: {'; '.join(blockers)}")
+        if blockers:
+            if self.accelerator.is_main_process:
+                logger.info("LM head: TRL's fused head on every token (%s)", "; ".join(blockers))
+            return False
+        add_sparse_head_route(self.model)
+        self._head_transform = HeadTransform.of(self.model.config, self.temperature)
+        if self.accelerator.is_main_process:
+            logger.info("LM head: backward on the forking tokens only (rlvr.sparse_head)")
+        return True
 
     def gradient_tokens_all_ranks(self) -> int:
         """Completion tokens that carried policy gradient during training, summed over ranks."""
@@ -201,18 +273,24 @@ class ForkingGRPOTrainer(GRPOTrainer):
         loss_forward = state is not None and torch.is_grad_enabled()
         if loss_forward and self.router_updates is not None:
             self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
+        sparse = loss_forward and self.sparse_head and not args and _text_only(input_ids.size(0), kwargs)
         try:
             with self.replay.old_policy_forward(is_policy=model is self.model):
-                logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-                )
+                if sparse:
+                    logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
+                    aux_loss = None
+                else:
+                    logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+                        model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+                    )
         except BaseException:
             if self.router_updates is not None:
                 self.router_updates.abort()
             raise
         if state is not None and entropies is not None:  # the loss forward of _compute_loss
             state.entropies = entropies
-            state.selection = self._select(entropies.detach(), state.inputs)
+            if state.selection is None:  # the sparse head selected inside its forward
+                state.selection = self._select(entropies.detach(), state.inputs)
             if loss_forward and self.router_updates is not None:
                 self._finish_router_updates(attention_mask, state)
             if self.forking.mask_kl and self.beta != 0.0 and torch.is_grad_enabled():
@@ -220,6 +298,34 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 # off them. The KL value that TRL logs still covers every token.
                 logps = _GradientMask.apply(logps, state.selection.keep)
         return logps, entropies, aux_loss
+
+    def _sparse_loss_forward(self, model, input_ids, attention_mask, logits_to_keep):
+        """The loss forward through :func:`rlvr.sparse_head.sparse_completion_logprobs`: every completion
+        token's log-prob and entropy without a graph, the selection, then the LM head with gradient on
+        the selected tokens only. Returns (B, T) log-probs and entropies, as TRL's forward does."""
+        state = self.loss_forward
+        labels = input_ids.masked_fill(attention_mask == 0, -100)  # (B, L), as TRL scores
+        labels[:, :-logits_to_keep] = -100
+
+        def select(entropies: torch.Tensor) -> torch.Tensor:
+            state.selection = self._select(entropies, state.inputs)
+            return state.selection.keep
+
+        def head(hidden, shifted_labels, lm_head):  # (B, L-1, H), (B, L-1)
+            hidden, shifted_labels = hidden[:, -logits_to_keep:], shifted_labels[:, -logits_to_keep:]
+            fp32 = self.args.cast_lm_head_to_fp32
+            with torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+                return sparse_completion_logprobs(
+                    hidden.float() if fp32 else hidden,
+                    shifted_labels,
+                    lm_head,
+                    self._head_transform,
+                    select,
+                    gather=lambda: maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias),
+                )
+
+        with self.accelerator.autocast():
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sparse_head=head)
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """Loss weights of the forking tokens (replaces TRL's ``entropy >= quantile`` mask)."""
@@ -358,6 +464,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if self.accelerator.is_main_process:
             loads = self.router_updates.pop_expert_loads() if self.router_updates is not None else None
             self.forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
+
+
+def _text_only(rows: int, kwargs: dict) -> bool:
+    """A loss forward the sparse head covers: no images, no TRL aux loss, the whole micro-batch at once."""
+    batch_size = kwargs.get("batch_size")
+    return (
+        all(kwargs.get(key) is None for key in MULTIMODAL_KEYS)
+        and not kwargs.get("compute_aux_loss")
+        and (batch_size is None or batch_size >= rows)
+    )
 
 
 def _loss_mask(inputs: dict) -> torch.Tensor:

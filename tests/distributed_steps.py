@@ -101,7 +101,7 @@ def main() -> None:
         args=args,
         train_dataset=problems_to_dataset(generate_problems(ArithmeticTask(), "train", 64, 0)),
         processing_class=tokenizer,
-        forking=ForkingConfig(rho=0.2, scope="micro_batch"),
+        forking=ForkingConfig(rho=0.2, scope="micro_batch", sparse_lm_head="true"),  # LM head on forking tokens
         # the forking_router arm: router and expert gradients from forking decisions, LB loss over them
         moe=MoEConfig(
             router_gate_scope="forking",
@@ -120,7 +120,13 @@ def main() -> None:
         ]
         with open(os.path.join(out_dir, "steps.json"), "w") as handle:
             json.dump(
-                {"world": world, "deepspeed": trainer.is_deepspeed_enabled, "steps": steps, "parameters": fingerprint},
+                {
+                    "world": world,
+                    "deepspeed": trainer.is_deepspeed_enabled,
+                    "sparse_head": trainer.sparse_head,
+                    "steps": steps,
+                    "parameters": fingerprint,
+                },
                 handle,
             )
 

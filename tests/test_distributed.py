@@ -184,7 +184,8 @@ def _tiny_model_with_spread_entropies(directory):
 @pytest.mark.slow
 def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
     """Three optimizer steps on one fixed global batch (generation replaced: see tests/distributed_steps.py),
-    forking-token loss with router gates and a load-balancing loss on forking tokens: one plain process vs
+    forking-token loss with router gates, a load-balancing loss on forking tokens and the LM head on
+    forking tokens only (rlvr.sparse_head, the head gathered under ZeRO-3): one plain process vs
     2 processes under TRL's own zero2.yaml / zero3.yaml (float32).
 
     Tolerance: 1e-5 relative on every logged loss, gradient norm, entropy and forking threshold, and on
@@ -223,9 +224,9 @@ def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
         assert finished.returncode == 0, finished.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "steps.json").read_text())
     one = results.pop("one")
-    assert one["world"] == 1 and not one["deepspeed"] and len(one["steps"]) == 3
+    assert one["world"] == 1 and not one["deepspeed"] and len(one["steps"]) == 3 and one["sparse_head"]
     for stage, run in results.items():
-        assert run["world"] == 2 and run["deepspeed"], stage
+        assert run["world"] == 2 and run["deepspeed"] and run["sparse_head"], stage
         for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"], strict=True), start=1):
             assert theirs.keys() == ours.keys() and "moe/load_balancing_loss" in ours
             for key, value in ours.items():

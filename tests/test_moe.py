@@ -113,7 +113,8 @@ def test_router_gate_equals_detaching_out_of_scope_router_outputs(architecture, 
     assert actual.keys() == wanted.keys()
     for name in wanted:
         torch.testing.assert_close(actual[name], wanted[name], rtol=1e-10, atol=1e-12, msg=name)
-    router_grads = [actual[n] for n in actual if ".gate.weight" in n or ".router.weight" in n]
+    routers = [f"{layer.name}.{layer.adapter.router_attribute}." for layer in find_moe_layers(gated)]
+    router_grads = [actual[n] for n in actual if n.startswith(tuple(routers)) and "bias" not in n]
     assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
 
 
@@ -405,3 +406,80 @@ def test_moe_blocks_become_zero3_leaf_modules():
         assert names == [type(find_moe_layers(model)[0].block).__name__]
         assert all(z3_leaf_module(layer.block) for layer in find_moe_layers(model))
         assert not z3_leaf_module(model.model.layers[0].self_attn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Correction biases (DeepSeek-V3-style and ERNIE-4.5 routers) and shared experts
+
+BIASED_FAMILIES = ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe"]
+SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expert
+    "deepseek_v3": "shared_experts",
+    "glm4_moe": "shared_experts",
+    "dots1": "shared_experts",
+    "ernie4_5_moe": "shared_experts",
+    "qwen3_next": "shared_expert",
+    "hunyuan_v1_moe": "shared_mlp",
+}
+
+
+def set_correction_bias(model, seed: int | None = 5):
+    """A learned-looking aux-loss-free bias (seed None: zero), large enough to change the chosen experts."""
+    from rlvr.moe.updates import _correction_bias
+
+    generator = torch.Generator().manual_seed(seed or 0)
+    for layer in find_moe_layers(model):
+        bias = _correction_bias(layer)
+        values = torch.randn(bias.shape, generator=generator, dtype=bias.dtype) if seed is not None else 0.0
+        with torch.no_grad():
+            bias.copy_(values * torch.ones_like(bias))
+    return model
+
+
+@pytest.mark.parametrize("architecture", BIASED_FAMILIES)
+def test_gate_weights_leave_the_correction_bias_out(architecture):
+    model = set_correction_bias(float64_model(architecture))
+    unbiased = set_correction_bias(float64_model(architecture), seed=None)
+    hidden = torch.randn(17, SPEC.hidden_size, dtype=torch.float64)
+    for layer, plain in zip(find_moe_layers(model), find_moe_layers(unbiased), strict=True):
+        logits, weights, indices = layer.router(hidden)
+        assert torch.equal(layer.adapter.gate_weights(logits, indices, layer.router), weights)
+        _, _, indices_without_bias = plain.router(hidden)
+        assert not torch.equal(indices.sort(-1).values, indices_without_bias.sort(-1).values)  # the bias matters
+        probabilities = layer.adapter.router_probabilities(logits)
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(17), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", BIASED_FAMILIES)
+def test_replay_with_bias_and_group_limits_reproduces_logits_exactly(architecture):
+    input_ids, attention_mask, _, _ = random_batch(6)
+    model = set_correction_bias(float64_model(architecture))
+    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    live_logits, recorded = record_routing(model, hooks, input_ids, attention_mask)
+    hooks.begin(BATCH, LENGTH, forced=recorded)
+    assert torch.equal(model(input_ids=input_ids, attention_mask=attention_mask).logits, live_logits)
+    hooks.end()
+
+
+@pytest.mark.parametrize("architecture", sorted(SHARED_EXPERT_FAMILIES))
+def test_expert_gate_leaves_the_shared_expert_alone(architecture):
+    """The gate equals detaching the routed experts' output out of scope; the shared expert's gradient
+    (every token passes through it) is untouched."""
+    input_ids, attention_mask, in_scope, targets = random_batch(7)
+    gated = float64_model(architecture)
+    hooks = RoutingHooks(gated, gate_routers=False, gate_experts=True)
+    routing = hooks.begin(BATCH, LENGTH)
+    value = objective(gated, input_ids, attention_mask, targets)
+    routing.expert_gate.set(in_scope, 0.0)
+    value.backward()
+    hooks.end()
+
+    reference = float64_model(architecture)
+    rows = in_scope.reshape(-1)
+    for layer in find_moe_layers(reference):
+        layer.block.experts.register_forward_hook(lambda module, inputs, output: mix(output, rows, 0.0))
+    objective(reference, input_ids, attention_mask, targets).backward()
+    actual, wanted = grads_of(gated), grads_of(reference)
+    for name in wanted:
+        torch.testing.assert_close(actual[name], wanted[name], rtol=1e-10, atol=1e-12, msg=name)
+    shared = [name for name in actual if SHARED_EXPERT_FAMILIES[architecture] in name]
+    assert shared and all(actual[name].abs().sum() > 0 for name in shared)

@@ -29,8 +29,10 @@ def _dataset():
     return problems_to_dataset(generate_problems(ArithmeticTask(), "train", 16, seed=0))
 
 
-def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, **grpo):
-    model, tokenizer = load_pretrained(checkpoint)
+def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, dtype="float32", **grpo):
+    model, tokenizer = load_pretrained(checkpoint, dtype)
+    if dtype == "float64" and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # grouped_mm rejects float64
     settings = (
         dict(
             output_dir=str(tmp_path),
@@ -242,7 +244,10 @@ def test_training_changes_weights_and_logs_forking_metrics(tiny_checkpoint, tmp_
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
-    assert any("router" in name or "gate.weight" in name for name in changed), changed[:5]
+    from rlvr.moe import find_moe_layers
+
+    routers = tuple(f"{layer.name}.{layer.adapter.router_attribute}." for layer in find_moe_layers(trainer.model))
+    assert any(name.startswith(routers) for name in changed), changed[:5]
     assert any("experts" in name for name in changed)
 
     logs = [entry for entry in trainer.state.log_history if "forking/kept_fraction" in entry]
@@ -390,3 +395,47 @@ def test_hybrid_gates_stop_router_and_expert_gradient_outside_forking_decisions(
         n for n, g in moe_grads.items() if g.abs().sum()
     ]
     assert other_grads and all(g.abs().sum() > 0 for g in other_grads.values())
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arm", ["full", "forking", "forking_router", "hybrid", "random", "bottom"])
+def test_every_arm_trains_two_steps_on_every_family(tiny_checkpoint, tmp_path, architecture, arm):
+    from rlvr.config import load_config
+    from rlvr.packaged import arm_path
+
+    config = load_config(arm_path(arm))
+    trainer = make_trainer(
+        tiny_checkpoint(architecture), tmp_path, forking=config.forking, moe=config.moe, logging_steps=2
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("update", [False, True])
+def test_correction_bias_is_updated_only_when_asked(tiny_checkpoint, tmp_path, update):
+    """DeepSeek-V3's aux-loss-free balancing: each optimizer step moves every expert's bias by +-rate,
+    up for under-loaded experts; off by default during RL."""
+    from rlvr.moe import find_moe_layers
+
+    trainer = make_trainer(
+        tiny_checkpoint("deepseek_v3"),
+        tmp_path,
+        moe=MoEConfig(update_correction_bias=update, correction_bias_rate=0.01),
+        max_steps=1,
+    )
+    updates = trainer.router_updates
+    seen = []  # the expert loads each update saw: (biased layers, E)
+    apply = updates.update_correction_bias
+    updates.update_correction_bias = lambda: (seen.append(updates._bias_loads.clone()), apply())
+    biases = [layer.router.e_score_correction_bias for layer in find_moe_layers(trainer.model)]
+    trainer.train()
+    assert len(seen) == (1 if update else 0)  # one optimizer step; no callback when off
+    for row, bias in enumerate(biases):
+        if update:  # +rate below the mean load, -rate above it
+            load = seen[0][row]
+            assert load.sum() > 0
+            torch.testing.assert_close(bias, (0.01 * torch.sign(load.mean() - load)).to(bias.dtype))
+        else:
+            assert torch.equal(bias, torch.zeros_like(bias))

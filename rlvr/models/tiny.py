@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    Dots1Config,
+    Ernie4_5_MoeConfig,
+    Glm4MoeConfig,
     GptOssConfig,
+    GraniteMoeConfig,
+    HunYuanMoEV1Config,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -25,6 +31,7 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    Qwen3NextConfig,
 )
 
 from rlvr.configuration import option, require
@@ -98,6 +105,89 @@ def _gpt_oss(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _deepseek_style(config_class):
+    """DeepSeek-V3-style routing: sigmoid scores with a correction bias, group-limited top-k (2 groups, the
+    experts of 1 chosen, when each group can hold top_k experts), normalised and scaled weights, 1 shared expert."""
+
+    def build(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+        groups = 2 if spec.num_experts % 2 == 0 and spec.num_experts // 2 >= max(spec.top_k, 2) else 1
+        return config_class(
+            **common,
+            n_routed_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.expert_size,
+            intermediate_size=spec.expert_size,
+            n_shared_experts=1,
+            n_group=groups,
+            topk_group=1,
+            first_k_dense_replace=0,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+        )
+
+    return build
+
+
+def _deepseek_v3(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    """Multi-head latent attention: one key/value head per query head, rope and no-rope halves of head_dim."""
+    head_dim = spec.hidden_size // spec.num_heads
+    attention = {key: value for key, value in common.items() if key != "head_dim"}
+    attention.update(
+        num_key_value_heads=spec.num_heads,
+        q_lora_rank=None,
+        kv_lora_rank=max(8, spec.hidden_size // 2),
+        qk_rope_head_dim=head_dim,
+        qk_nope_head_dim=head_dim,
+        v_head_dim=head_dim,
+    )
+    return _deepseek_style(DeepseekV3Config)(spec, attention)
+
+
+def _qwen3_next(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    """Qwen3-Next with full attention in every layer (its gated-delta-net layers do not touch routing)."""
+    return Qwen3NextConfig(
+        **common,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        moe_intermediate_size=spec.expert_size,
+        intermediate_size=spec.expert_size,
+        shared_expert_intermediate_size=spec.expert_size,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        layer_types=["full_attention"] * spec.num_layers,
+    )
+
+
+def _hunyuan_v1_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return HunYuanMoEV1Config(
+        **common, num_experts=spec.num_experts, moe_topk=spec.top_k, intermediate_size=spec.expert_size
+    )
+
+
+def _ernie4_5_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return Ernie4_5_MoeConfig(
+        **common,
+        moe_num_experts=spec.num_experts,
+        moe_k=spec.top_k,
+        moe_intermediate_size=spec.expert_size,
+        intermediate_size=spec.expert_size,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=0,
+        moe_layer_interval=1,
+    )
+
+
+def _granitemoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    """GraniteMoE divides its logits by ``logits_scaling``: the LM heads' logit scale is exercised too."""
+    return GraniteMoeConfig(
+        **common,
+        num_local_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        intermediate_size=spec.expert_size,
+        logits_scaling=4.0,
+    )
+
+
 def _dense(config_class):
     def build(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
         return config_class(**common, intermediate_size=spec.expert_size)
@@ -112,6 +202,13 @@ ARCHITECTURES = {
     "olmoe": _olmoe,
     "mixtral": _mixtral,
     "gpt_oss": _gpt_oss,
+    "deepseek_v3": _deepseek_v3,
+    "glm4_moe": _deepseek_style(Glm4MoeConfig),
+    "dots1": _deepseek_style(Dots1Config),
+    "qwen3_next": _qwen3_next,
+    "hunyuan_v1_moe": _hunyuan_v1_moe,
+    "ernie4_5_moe": _ernie4_5_moe,
+    "granitemoe": _granitemoe,
 }
 # Dense models (one feed-forward layer of width expert_size per block), the inputs of ``rlvr upcycle``.
 DENSE_ARCHITECTURES = {

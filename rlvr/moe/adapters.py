@@ -27,6 +27,9 @@ class MoEAdapter:
     name: str = ""
     block_class: str = ""  # class name of the sparse MoE block, e.g. "Qwen3MoeSparseMoeBlock"
     router_attribute: str = "gate"  # attribute of the block holding the router module
+    # Where the expert gate sits: the block's output, or (blocks with shared experts beside the routed
+    # ones) the output of the routed experts module only, so that shared experts are never gated.
+    routed_experts_attribute: str | None = None
 
     def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, E) routing distribution over all experts (for load balancing and analytics)."""
@@ -73,12 +76,88 @@ class GptOssAdapter(MoEAdapter):
         return torch.softmax(chosen, dim=-1, dtype=chosen.dtype)
 
 
+class DeepseekV3Adapter(MoEAdapter):
+    """DeepSeek-V3 routing (aux-loss-free balancing): sigmoid scores; experts are chosen on the scores plus
+    ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group`` groups; the gate weights are
+    the chosen scores *without* the bias, normalised (``norm_topk_prob``) and scaled by
+    ``routed_scaling_factor``. Load balancing uses the normalised scores. A shared expert runs beside
+    the routed ones and is never gated."""
+
+    name, block_class, routed_experts_attribute = "deepseek_v3", "DeepseekV3MoE", "experts"
+
+    def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = torch.sigmoid(logits.float())
+        return scores / scores.sum(dim=-1, keepdim=True)
+
+    def gate_weights(self, logits, indices, router):
+        weights = torch.sigmoid(logits.float()).gather(-1, indices)  # the router works in float32
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * router.routed_scaling_factor
+
+
+class Glm4MoeAdapter(DeepseekV3Adapter):
+    """GLM-4.5/4.6: DeepSeek-V3 routing."""
+
+    name, block_class = "glm4_moe", "Glm4MoeMoE"
+
+
+class Dots1Adapter(DeepseekV3Adapter):
+    """dots.llm1: DeepSeek-V3 routing."""
+
+    name, block_class = "dots1", "Dots1MoE"
+
+
+class Qwen3NextAdapter(MoEAdapter):
+    """Qwen3-Next: Qwen3 routing, and a shared expert (with a sigmoid gate) beside the routed ones."""
+
+    name, block_class, routed_experts_attribute = "qwen3_next", "Qwen3NextSparseMoeBlock", "experts"
+
+
+class HunYuanMoEAdapter(MoEAdapter):
+    """Hunyuan-MoE: softmax, top-k, always renormalised; a shared MLP beside the routed experts."""
+
+    name, block_class, routed_experts_attribute = "hunyuan_v1_moe", "HunYuanMoEV1Moe", "experts"
+
+    def gate_weights(self, logits, indices, router):
+        weights = torch.softmax(logits, dim=1, dtype=torch.float).gather(-1, indices)
+        return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
+
+
+class Ernie45MoeAdapter(MoEAdapter):
+    """ERNIE-4.5-MoE: softmax; experts chosen on probabilities plus a correction bias (``moe_statics``);
+    weights are the chosen probabilities renormalised (sum clamped at ``norm_min``); shared experts beside."""
+
+    name, block_class, routed_experts_attribute = "ernie4_5_moe", "Ernie4_5_MoeSparseMoeBlock", "experts"
+
+    def gate_weights(self, logits, indices, router):
+        weights = torch.softmax(logits.float(), dim=1, dtype=torch.float).gather(-1, indices)
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min)
+        return weights.to(router.weight.dtype)  # the router returns the hidden states' dtype
+
+
+class GraniteMoeAdapter(GptOssAdapter):
+    """GraniteMoE: top-k on the logits, softmax over the k chosen ones."""
+
+    name, block_class, router_attribute = "granitemoe", "GraniteMoeMoE", "router"
+
+    def gate_weights(self, logits, indices, router):
+        return super().gate_weights(logits, indices, router).to(router.weight.dtype)  # type_as(hidden states)
+
+
 ADAPTERS: tuple[MoEAdapter, ...] = (
     Qwen3MoeAdapter(),
     Qwen2MoeAdapter(),
     OlmoeAdapter(),
     MixtralAdapter(),
     GptOssAdapter(),
+    DeepseekV3Adapter(),
+    Glm4MoeAdapter(),
+    Dots1Adapter(),
+    Qwen3NextAdapter(),
+    HunYuanMoEAdapter(),
+    Ernie45MoeAdapter(),
+    GraniteMoeAdapter(),
 )
 
 
@@ -91,6 +170,12 @@ class MoELayer:
     block: nn.Module
     router: nn.Module
     adapter: MoEAdapter
+
+    @property
+    def gated_module(self) -> nn.Module:
+        """The module whose output the expert gate scales: the routed experts, or the whole block."""
+        attribute = self.adapter.routed_experts_attribute
+        return self.block if attribute is None else getattr(self.block, attribute)
 
     @property
     def num_experts(self) -> int:

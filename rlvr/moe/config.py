@@ -44,6 +44,14 @@ class MoEConfig:
         REPLAY_SOURCES,
     )
     analytics: bool = option(True, "log routing on forking vs other tokens (MoE models)")
+    update_correction_bias: bool = option(
+        False,
+        "DeepSeek-V3-style routers: update the aux-loss-free correction bias during RL (off: RL frameworks "
+        "such as NeMo-RL set its update rate to 0 for GRPO)",
+    )
+    correction_bias_rate: float = option(
+        1e-3, "bias update per optimizer step: +rate for under-loaded experts, -rate for over-loaded (DeepSeek-V3)"
+    )
 
     def validate(self) -> None:
         for name in ("router_gate_outside", "expert_gate_outside"):

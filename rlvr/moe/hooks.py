@@ -50,7 +50,7 @@ class RoutingHooks:
             # prepend=True: transformers' own router-logit recorder must see the gated outputs.
             self._handles.append(layer.router.register_forward_hook(self._router_hook(layer), prepend=True))
             if gate_experts:
-                self._handles.append(layer.block.register_forward_hook(self._block_hook, prepend=True))
+                self._handles.append(layer.gated_module.register_forward_hook(self._block_hook, prepend=True))
 
     @property
     def num_experts(self) -> int:
@@ -132,8 +132,9 @@ class RoutingHooks:
         if routing is None or not torch.is_grad_enabled():
             return output
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[:2] != routing.shape:
-            return output
+        batch, length = routing.shape
+        if hidden.shape[:2] != routing.shape and not (hidden.dim() == 2 and hidden.shape[0] == batch * length):
+            return output  # neither (B, L, H) nor the routed experts' flattened (N, H)
         if isinstance(output, tuple):  # GPT-OSS returns (hidden_states, router_scores)
             return (gate_gradient(output[0], routing.expert_gate), *output[1:])
         return gate_gradient(output, routing.expert_gate)

@@ -19,6 +19,16 @@ from rlvr.moe.positions import decision_positions
 from rlvr.moe.stats import routing_by_layer, summarize
 
 
+def _correction_bias(layer) -> torch.Tensor | None:
+    """The aux-loss-free correction bias of a router: on the router (DeepSeek-V3, GLM-4.5, dots1), in its
+    ``moe_statics`` (ERNIE-4.5) or on the block (MiniMax-M2); None for routers without one."""
+    for holder in (layer.router, getattr(layer.router, "moe_statics", None), layer.block):
+        bias = getattr(holder, "e_score_correction_bias", None)
+        if bias is not None:
+            return bias
+    return None
+
+
 class RouterAwareUpdates:
     """Gates, router losses and routing analytics of an MoE policy, as its :class:`MoEConfig` asks."""
 
@@ -41,6 +51,12 @@ class RouterAwareUpdates:
             lambda: torch.zeros(len(self.layers), self.hooks.num_experts, dtype=torch.float64)
         )
         self._load_counts: dict[str, int] = defaultdict(int)
+        # Aux-loss-free balancing (DeepSeek-V3, Liu et al., 2024, sec. 2.1.2): expert loads of the completion
+        # tokens since the last optimizer step, per layer with a correction bias.
+        self._biased = [layer for layer in self.layers if _correction_bias(layer) is not None]
+        if config.update_correction_bias and not self._biased:
+            raise ValueError("moe.update_correction_bias: this model's routers have no correction bias")
+        self._bias_loads = torch.zeros(len(self._biased), self.hooks.num_experts, dtype=torch.float64)
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.router.parameters()]
@@ -93,6 +109,8 @@ class RouterAwareUpdates:
             layer.adapter.router_probabilities(logits)
             for layer, logits in zip(self.layers, routing.logits, strict=True)
         ]
+        if config.update_correction_bias and torch.is_grad_enabled():
+            self._count_bias_loads(routing.indices, completion.reshape(-1))
         loss, metrics = None, {}
         if config.load_balancing_coef > 0 and config.load_balancing_scope != "none":
             balance, value = load_balancing_loss(
@@ -119,6 +137,30 @@ class RouterAwareUpdates:
                     self._load_sums[name] += loads
                     self._load_counts[name] += 1
         return loss, metrics
+
+    def _count_bias_loads(self, indices: list[torch.Tensor], tokens: torch.Tensor) -> None:
+        """Add the experts chosen for ``tokens`` (N,) bool to each biased layer's load."""
+        by_layer = {id(layer): chosen for layer, chosen in zip(self.layers, indices, strict=True)}
+        for row, layer in enumerate(self._biased):
+            chosen = by_layer[id(layer)][tokens.to(by_layer[id(layer)].device)]  # (n, k)
+            counts = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.hooks.num_experts)
+            self._bias_loads[row] += counts.to(torch.float64)
+
+    @torch.no_grad()
+    def update_correction_bias(self) -> None:
+        """After an optimizer step: ``bias += rate * sign(mean load - load)`` per expert, from the loads since
+        the last step (summed over ranks when router losses pool globally); then start counting again."""
+        if not self.config.update_correction_bias:
+            return
+        loads = self._bias_loads
+        if self._pooling:
+            loads = self._pooling["sum_across_ranks"](loads.to(self.layers[0].router.weight.device)).cpu()
+        for row, layer in enumerate(self._biased):
+            if loads[row].sum() > 0:
+                bias = _correction_bias(layer)
+                step = self.config.correction_bias_rate * torch.sign(loads[row].mean() - loads[row])  # (E,)
+                bias.add_(step.to(bias.device, bias.dtype).view_as(bias))
+        self._bias_loads.zero_()
 
     def pop_expert_loads(self) -> dict[str, list[list[float]]]:
         """Mean per-layer expert loads since the last call: {"forking"|"other": [[E floats] per layer]}."""

@@ -1,0 +1,242 @@
+"""The LM head on forking tokens only: the policy gradient's projection paid for the selected positions.
+
+With forking-token updates (*Beyond the 80/20 Rule*, Wang et al., 2025) about 80% of the completion
+tokens carry a policy-gradient weight of exactly zero. TRL's fused LM head still recomputes the logits
+of every scored position in backward and multiplies those zeros through the vocabulary projection.
+Here the loss forward is split in three, on the hidden states the backbone returns with gradient:
+
+1. every completion position's log-prob and entropy, in row chunks, **without** a graph;
+2. the forking-token selection on those entropies (the caller's ``select``);
+3. the selected positions only, through :class:`SelectedLogProbs`, a chunked projection whose backward
+   recomputes the logits of those rows.
+
+The log-probs of dropped positions stay in the returned tensor as constants: their loss weight is 0,
+so TRL's ratio, clipping and metrics see the same values and the gradient is the same.
+
+Logits follow TRL's fused head: ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / temperature``
+(softcap only where the model has one). Softmax statistics are accumulated in at least float32 and
+in float64 for a float64 model, so the float64 tests compare against a plain reference to 1e-10.
+
+Shapes: ``N`` scored rows, ``H`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+# Rows per chunk: a (rows, V) logits tile of at most 2**26 elements (256 MB in float32).
+TILE_ELEMENTS = 2**26
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What turns ``h W^T + b`` into the sampling distribution's logits (as TRL's fused head reads it)."""
+
+    temperature: float = 1.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+
+    @classmethod
+    def of(cls, model_config, temperature: float) -> HeadTransform:
+        """The model's softcap and logit scale, read from its text config as ``trl.add_fused_lm_head`` reads them."""
+        text = model_config.get_text_config()
+        scale = getattr(text, "logit_scale", None)
+        if scale is None:
+            scale = getattr(text, "output_multiplier", None)
+        if scale is None:
+            scale = getattr(text, "lm_head_multiplier", None)
+        if scale is None and getattr(text, "logits_scaling", None) is not None:
+            scaling = text.logits_scaling
+            scale = scaling if text.model_type == "hyperclovax" else 1 / scaling
+        return cls(temperature, getattr(text, "final_logit_softcapping", None), 1.0 if scale is None else scale)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """(n, V) ``h W^T + b`` -> the temperature-scaled logits, in at least float32."""
+        z = raw.to(torch.promote_types(raw.dtype, torch.float32)) * self.logit_scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z / self.temperature
+
+    def logits_grad(self, raw: torch.Tensor, grad_logits: torch.Tensor) -> torch.Tensor:
+        """Chain rule through :meth:`logits`: d loss / d raw from d loss / d logits, both (n, V)."""
+        scale = self.logit_scale / self.temperature
+        if self.softcap is None:
+            return grad_logits * scale
+        z = raw.to(grad_logits.dtype) * self.logit_scale
+        return grad_logits * (1.0 - torch.tanh(z / self.softcap) ** 2) * scale
+
+
+def _row_chunks(rows: int, vocab: int):
+    """``(start, end)`` of row chunks whose (rows, V) logits tile stays under :data:`TILE_ELEMENTS`."""
+    step = max(1, TILE_ELEMENTS // max(vocab, 1))
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+def accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision and float32 heads (as TRL's kernel), float64 for a float64 head."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _raw_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    raw = hidden.to(weight.dtype) @ weight.t()  # (n, V)
+    return raw if bias is None else raw + bias
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``b``'s dtype with the result in ``accumulate`` (float32 output of a bf16 GEMM where the
+    device has one), without a float32 copy of a half-precision LM head."""
+    if b.dtype == accumulate:
+        return a.to(accumulate) @ b
+    try:
+        return torch.mm(a.to(b.dtype), b, out_dtype=accumulate)
+    except (RuntimeError, TypeError):  # no mixed-dtype GEMM on this device
+        return (a.to(b.dtype) @ b).to(accumulate)
+
+
+@torch.no_grad()
+def logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    transform: HeadTransform,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target and the entropy of each row's distribution, (N,) each, without a graph.
+
+    Args:
+        hidden: (N, H) hidden states of the scored positions.
+        weight, bias: (V, H) and (V,) the LM head.
+        targets: (N,) next-token ids.
+    """
+    logps = torch.empty(hidden.shape[0], dtype=accumulation_dtype(weight), device=hidden.device)
+    entropy = torch.empty_like(logps)
+    for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
+        logits = transform.logits(_raw_logits(hidden[start:end], weight, bias))  # (n, V)
+        log_z = torch.logsumexp(logits, dim=-1)  # (n,)
+        probabilities = torch.exp(logits - log_z[:, None])
+        logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - log_z
+        entropy[start:end] = log_z - (probabilities * logits).sum(-1)
+    return logps, entropy
+
+
+class SelectedLogProbs(torch.autograd.Function):
+    """Log-probs of the selected rows, (N,), with a backward that recomputes their logits in chunks.
+
+    Nothing of size (N, V) is kept for backward: only ``hidden`` (N, H), the targets and ``log Z``.
+    Gradients accumulate in :func:`accumulation_dtype`; the backward recomputes under the forward's autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform: HeadTransform, gather: Callable):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        with gather():
+            logps = torch.empty(hidden.shape[0], dtype=accumulation_dtype(weight), device=hidden.device)
+            log_z = torch.empty_like(logps)
+            for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
+                logits = transform.logits(_raw_logits(hidden[start:end], weight, bias))
+                log_z[start:end] = torch.logsumexp(logits, dim=-1)
+                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - log_z[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z)
+        ctx.transform, ctx.gather = transform, gather
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, log_z = ctx.saved_tensors
+        transform = ctx.transform
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        device, autocast_dtype, autocast_enabled = ctx.autocast
+        with ctx.gather():
+            accumulate = accumulation_dtype(weight)
+            grad_hidden = torch.zeros(hidden.shape, dtype=accumulate, device=hidden.device) if need_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=accumulate, device=bias.device) if need_bias else None
+            for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
+                rows = hidden[start:end]
+                with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):  # as in forward
+                    raw = _raw_logits(rows, weight, bias)  # (n, V), recomputed
+                logits = transform.logits(raw)
+                # d logp / d logits = onehot(target) - softmax
+                grad_logits = -torch.exp(logits - log_z[start:end, None])
+                grad_logits.scatter_add_(1, targets[start:end, None], torch.ones_like(grad_logits[:, :1]))
+                grad_logits *= grad_logps[start:end, None].to(accumulate)
+                grad_raw = transform.logits_grad(raw, grad_logits)  # (n, V)
+                if need_hidden:
+                    grad_hidden[start:end] = _matmul(grad_raw, weight, accumulate)
+                if need_weight:
+                    grad_weight += _matmul(grad_raw.t(), rows, accumulate)
+                if need_bias:
+                    grad_bias += grad_raw.sum(0)
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def sparse_completion_logprobs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: torch.nn.Module,
+    transform: HeadTransform,
+    select: Callable[[torch.Tensor], torch.Tensor],
+    gather: Callable = nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of a completion, with a graph only through the selected tokens.
+
+    Args:
+        hidden: (B, T, H) hidden states that predict the completion tokens, with gradient.
+        labels: (B, T) completion token ids, -100 where nothing is scored (padding).
+        lm_head: the output embedding (its ``weight`` (V, H) and ``bias``).
+        select: (B, T) entropies (no graph; 0 where nothing is scored) -> (B, T) bool selected tokens.
+        gather: context manager that makes the head's weight whole (ZeRO-3), entered in forward and backward.
+
+    Returns:
+        log_probs: (B, T); the selected tokens' entries carry the graph, the others are constants.
+        entropy: (B, T), no graph.
+    """
+    scored = labels != -100  # (B, T)
+    weight, bias = lm_head.weight, lm_head.bias
+    with gather():
+        logps_all, entropy_all = logprobs_and_entropy(hidden[scored], weight, bias, labels[scored], transform)
+    log_probs = logps_all.new_zeros(labels.shape).masked_scatter(scored, logps_all)  # (B, T), TRL's float32 (or 64)
+    entropy = entropy_all.new_zeros(labels.shape).masked_scatter(scored, entropy_all)
+    selected = select(entropy) & scored  # (B, T)
+    logps_selected = SelectedLogProbs.apply(hidden[selected], weight, bias, labels[selected], transform, gather)
+    # masked_scatter keeps the output connected to the model even when nothing is selected (a zero gradient)
+    return log_probs.masked_scatter(selected, logps_selected), entropy
+
+
+def add_sparse_head_route(model) -> None:
+    """Give ``model`` (already patched by ``trl.add_fused_lm_head``) a second route through its forward:
+    ``model(..., labels=labels, sparse_head=head)`` runs the backbone and returns
+    ``head(hidden (B, L-1, H), labels (B, L-1), lm_head)``, the hidden states shifted to predict the labels.
+
+    Going through ``model(...)`` keeps the wrappers (DDP, DeepSpeed, accelerate's autocast) in the loop.
+    Without ``sparse_head`` the forward is TRL's, unchanged.
+    """
+    fused_forward = model.forward
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against this signature
+    def forward(self, *args, sparse_head=None, **kwargs):
+        if sparse_head is None:
+            return fused_forward(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        kwargs.pop("fused_lm_head", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (B, L-1, H)
+        lm_head = self.get_output_embeddings()
+        return sparse_head(hidden.to(lm_head.weight.device), labels[:, 1:].to(lm_head.weight.device), lm_head)
+
+    model.forward = types.MethodType(forward, model)

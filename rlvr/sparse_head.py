@@ -17,6 +17,10 @@ Logits follow TRL's fused head: ``softcap * tanh(logit_scale * (h W^T + b) / sof
 (softcap only where the model has one). Softmax statistics are accumulated in at least float32 and
 in float64 for a float64 model, so the float64 tests compare against a plain reference to 1e-10.
 
+When it applies is :func:`sparse_head_blockers` (the trainer settings under which it is exact);
+:func:`add_sparse_head_route` gives a TRL-patched model the forward that hands its hidden states to
+:func:`sparse_completion_logprobs`.
+
 Shapes: ``N`` scored rows, ``H`` hidden size, ``V`` vocabulary.
 """
 
@@ -29,6 +33,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import is_peft_model
 
 # Rows per chunk: a (rows, V) logits tile of at most 2**26 elements (256 MB in float32).
 TILE_ELEMENTS = 2**26
@@ -240,3 +245,52 @@ def add_sparse_head_route(model) -> None:
         return sparse_head(hidden.to(lm_head.weight.device), labels[:, 1:].to(lm_head.weight.device), lm_head)
 
     model.forward = types.MethodType(forward, model)
+
+
+# _get_per_token_logps_and_entropies keyword arguments of multimodal inputs (the sparse head is text-only)
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+SPARSE_HEAD_MAX_RHO = 0.75  # above it, a no-grad pass over all tokens plus the selected backward costs more
+
+
+def sparse_head_blockers(trainer) -> list[str]:
+    """Why the sparse head would not give a ``ForkingGRPOTrainer``'s gradient exactly (or would not pay off
+    under ``auto``); empty when it applies. The policy loss must be the only term that needs gradients on
+    dropped tokens' log-probs, and the loss forward must be the text-only one this module reproduces."""
+    setting = trainer.forking.sparse_lm_head
+    blockers = []
+    if trainer.forking.policy_tokens != "forking":
+        blockers.append("forking.policy_tokens=all puts every token in the loss")
+    if trainer.beta != 0.0 and not trainer.forking.mask_kl:
+        blockers.append("the KL penalty (beta > 0) needs gradients on every token; forking.mask_kl=true keeps it off")
+    if trainer._entropy_bonus_enabled:
+        blockers.append("the entropy bonus needs entropy gradients")
+    if trainer.importance_sampling_level != "token":
+        blockers.append("sequence-level importance sampling puts every token's log-prob in the ratio")
+    if trainer.aux_loss_enabled:
+        blockers.append("TRL's router aux loss (grpo.router_aux_loss_coef) comes from its fused forward")
+    if is_peft_model(trainer.model):
+        blockers.append("PEFT models keep TRL's fused head")
+    if setting == "auto" and not blockers and trainer.forking.rho >= SPARSE_HEAD_MAX_RHO:
+        blockers.append(f"rho >= {SPARSE_HEAD_MAX_RHO}: the selected tokens are most of the work")
+    return blockers
+
+
+def text_only_loss_forward(rows: int, kwargs: dict) -> bool:
+    """A loss forward the sparse head covers: no images, no TRL aux loss, the whole micro-batch at once."""
+    batch_size = kwargs.get("batch_size")
+    return (
+        all(kwargs.get(key) is None for key in MULTIMODAL_KEYS)
+        and not kwargs.get("compute_aux_loss")
+        and (batch_size is None or batch_size >= rows)
+    )

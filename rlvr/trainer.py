@@ -31,7 +31,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -44,24 +43,15 @@ from rlvr.moe.config import MoEConfig
 from rlvr.moe.replay import ReplayRecorder
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves, zero3_leaves_as_trl_loads
-from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_completion_logprobs
+from rlvr.sparse_head import (
+    HeadTransform,
+    add_sparse_head_route,
+    sparse_completion_logprobs,
+    sparse_head_blockers,
+    text_only_loss_forward,
+)
 
 logger = logging.getLogger(__name__)
-
-# _get_per_token_logps_and_entropies keyword arguments of multimodal inputs (the sparse head is text-only)
-MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-SPARSE_HEAD_MAX_RHO = 0.75  # above it, a no-grad pass over all tokens plus the selected backward costs more
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
 ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
@@ -185,23 +175,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """Whether the loss forward projects only the forking tokens through the LM head with gradient
         (:mod:`rlvr.sparse_head`): only where that gives TRL's gradient exactly. Logs the reason once."""
         setting = self.forking.sparse_lm_head
-        blockers = []
-        if self.forking.policy_tokens != "forking":
-            blockers.append("forking.policy_tokens=all puts every token in the loss")
-        if self.beta != 0.0 and not self.forking.mask_kl:
-            blockers.append(
-                "the KL penalty (beta > 0) needs gradients on every token; forking.mask_kl=true keeps it off"
-            )
-        if self._entropy_bonus_enabled:
-            blockers.append("the entropy bonus needs entropy gradients")
-        if self.importance_sampling_level != "token":
-            blockers.append("sequence-level importance sampling puts every token's log-prob in the ratio")
-        if self.aux_loss_enabled:
-            blockers.append("TRL's router aux loss (grpo.router_aux_loss_coef) comes from its fused forward")
-        if is_peft_model(self.model):
-            blockers.append("PEFT models keep TRL's fused head")
-        if setting == "auto" and not blockers and self.forking.rho >= SPARSE_HEAD_MAX_RHO:
-            blockers.append(f"rho >= {SPARSE_HEAD_MAX_RHO}: the selected tokens are most of the work")
+        blockers = sparse_head_blockers(self)
         if setting == "false":
             blockers = ["forking.sparse_lm_head=false"]
         elif setting == "true" and blockers:
@@ -273,7 +247,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         loss_forward = state is not None and torch.is_grad_enabled()
         if loss_forward and self.router_updates is not None:
             self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
-        sparse = loss_forward and self.sparse_head and not args and _text_only(input_ids.size(0), kwargs)
+        sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
         try:
             with self.replay.old_policy_forward(is_policy=model is self.model):
                 if sparse:
@@ -464,16 +438,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if self.accelerator.is_main_process:
             loads = self.router_updates.pop_expert_loads() if self.router_updates is not None else None
             self.forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
-
-
-def _text_only(rows: int, kwargs: dict) -> bool:
-    """A loss forward the sparse head covers: no images, no TRL aux loss, the whole micro-batch at once."""
-    batch_size = kwargs.get("batch_size")
-    return (
-        all(kwargs.get(key) is None for key in MULTIMODAL_KEYS)
-        and not kwargs.get("compute_aux_loss")
-        and (batch_size is None or batch_size >= rows)
-    )
 
 
 def _loss_mask(inputs: dict) -> torch.Tensor:

@@ -120,7 +120,8 @@ def test_nothing_selected_gives_zero_gradients_not_an_error():
 LOSS_TYPES = ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "vespo"]
 
 
-def _trainers(tiny_checkpoint, tmp_path, architecture, rho, loss_type, dtype="float64"):
+def _trainers(tiny_checkpoint, tmp_path, architecture="qwen3_moe", rho=0.2, dtype="float64", moe=None, **grpo):
+    """(sparse, stock): the same trainer with forking.sparse_lm_head true and false."""
     from rlvr.forking import ForkingConfig
     from tests.test_trainer import make_trainer
 
@@ -128,7 +129,7 @@ def _trainers(tiny_checkpoint, tmp_path, architecture, rho, loss_type, dtype="fl
     for setting in ("true", "false"):
         forking = ForkingConfig(rho=rho, sparse_lm_head=setting)
         made[setting] = make_trainer(
-            tiny_checkpoint(architecture), tmp_path / setting, forking=forking, loss_type=loss_type, dtype=dtype
+            tiny_checkpoint(architecture), tmp_path / setting, forking=forking, moe=moe, dtype=dtype, **grpo
         )
     assert made["true"].sparse_head and not made["false"].sparse_head
     return made["true"], made["false"]
@@ -143,7 +144,7 @@ def test_sparse_loss_forward_gives_trls_gradients(tiny_checkpoint, tmp_path, arc
     float64 reference test below pins the sparse path to 1e-10."""
     from tests.test_trainer import loss_and_grads, make_batch
 
-    sparse, stock = _trainers(tiny_checkpoint, tmp_path, architecture, rho, loss_type)
+    sparse, stock = _trainers(tiny_checkpoint, tmp_path, architecture, rho, loss_type=loss_type)
     batch = make_batch(stock)
     batch["completion_mask"][1, 1:] = 0  # a one-token completion beside the padded ones
     expected_loss, expected_grads = loss_and_grads(stock, batch)
@@ -182,7 +183,7 @@ def test_sparse_loss_forward_matches_the_float64_reference_to_1e_10(tiny_checkpo
 def test_an_empty_selection_trains_nothing_and_does_not_fail(tiny_checkpoint, tmp_path):
     from tests.test_trainer import loss_and_grads, make_batch
 
-    sparse, stock = _trainers(tiny_checkpoint, tmp_path, "qwen3_moe", 0.0, "dapo")
+    sparse, stock = _trainers(tiny_checkpoint, tmp_path, rho=0.0, loss_type="dapo")
     batch = make_batch(stock)
     for trainer in (sparse, stock):
         loss, grads = loss_and_grads(trainer, batch)
@@ -214,23 +215,13 @@ def test_sparse_head_is_used_only_where_it_is_exact(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
 def test_on_cuda_in_bf16_the_sparse_head_gives_trls_gradients(tiny_checkpoint, tmp_path, loss_type):
     """bf16 autocast on CUDA (TRL's Triton kernel on its side): same loss and gradients up to bf16 rounding."""
-    from rlvr.forking import ForkingConfig
-    from tests.test_trainer import loss_and_grads, make_batch, make_trainer
+    from tests.test_trainer import loss_and_grads, make_batch
 
     assert torch.cuda.is_available(), "a gpu test: run it on a CUDA machine (scripts/gpu_check.sh)"
-    made = {}
-    for setting in ("true", "false"):
-        made[setting] = make_trainer(
-            tiny_checkpoint(),
-            tmp_path / setting,
-            forking=ForkingConfig(rho=0.2, sparse_lm_head=setting),
-            loss_type=loss_type,
-            use_cpu=False,
-            bf16=True,
-        )
-    batch = make_batch(made["false"])
-    expected_loss, expected_grads = loss_and_grads(made["false"], batch)
-    loss, grads = loss_and_grads(made["true"], batch)
+    sparse, stock = _trainers(tiny_checkpoint, tmp_path, dtype="float32", loss_type=loss_type, use_cpu=False, bf16=True)
+    batch = make_batch(stock)
+    expected_loss, expected_grads = loss_and_grads(stock, batch)
+    loss, grads = loss_and_grads(sparse, batch)
     close(loss.double(), expected_loss.double(), rtol=2e-2)
     for name in expected_grads:
         close(grads[name].double(), expected_grads[name].double(), rtol=5e-2)
@@ -240,31 +231,26 @@ def test_on_cuda_in_bf16_the_sparse_head_gives_trls_gradients(tiny_checkpoint, t
 def test_sparse_head_with_gradient_checkpointing_and_router_aware_updates(tiny_checkpoint, tmp_path, moe):
     """Gradient checkpointing re-runs the backbone in backward; router gates and replay still see the
     selection made inside the sparse forward."""
-    from rlvr.forking import ForkingConfig
     from rlvr.moe.config import MoEConfig
-    from tests.test_trainer import loss_and_grads, make_batch, make_trainer
+    from tests.test_trainer import loss_and_grads, make_batch
 
     settings = (
         MoEConfig(router_gate_scope="forking", expert_gate_scope="forking")
         if moe == "gates"
         else MoEConfig(routing_replay="old_policy")
     )
-    made = {}
-    for setting in ("true", "false"):
-        made[setting] = make_trainer(
-            tiny_checkpoint(),
-            tmp_path / setting,
-            forking=ForkingConfig(rho=0.2, sparse_lm_head=setting),
-            moe=settings,
-            gradient_checkpointing=True,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            dtype="float64",
-        )
-    batch = make_batch(made["false"])
-    expected_loss, expected_grads = loss_and_grads(made["false"], batch)
-    made["false"].router_updates.release()
-    loss, grads = loss_and_grads(made["true"], batch)
-    made["true"].router_updates.release()
+    sparse, stock = _trainers(
+        tiny_checkpoint,
+        tmp_path,
+        moe=settings,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    batch = make_batch(stock)
+    expected_loss, expected_grads = loss_and_grads(stock, batch)
+    stock.router_updates.release()
+    loss, grads = loss_and_grads(sparse, batch)
+    sparse.router_updates.release()
     close(loss.double(), expected_loss.double(), rtol=1e-5)
     assert grads.keys() == expected_grads.keys()
     for name in expected_grads:

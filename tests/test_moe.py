@@ -118,9 +118,10 @@ def test_router_gate_equals_detaching_out_of_scope_router_outputs(architecture, 
     assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
 
 
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
-def test_expert_gate_equals_detaching_out_of_scope_block_outputs(architecture):
-    input_ids, attention_mask, in_scope, targets = random_batch(1)
+def expert_gated(architecture: str, seed: int):
+    """A float64 model whose expert gate kept only the in-scope positions of one backward, and that batch."""
+    batch = random_batch(seed)
+    input_ids, attention_mask, in_scope, targets = batch
     gated = float64_model(architecture)
     hooks = RoutingHooks(gated, gate_routers=False, gate_experts=True)
     routing = hooks.begin(BATCH, LENGTH)
@@ -128,6 +129,12 @@ def test_expert_gate_equals_detaching_out_of_scope_block_outputs(architecture):
     routing.expert_gate.set(in_scope, 0.0)
     value.backward()
     hooks.end()
+    return gated, batch
+
+
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
+def test_expert_gate_equals_detaching_out_of_scope_block_outputs(architecture):
+    gated, (input_ids, attention_mask, in_scope, targets) = expert_gated(architecture, 1)
 
     reference = float64_model(architecture)
 
@@ -464,14 +471,7 @@ def test_replay_with_bias_and_group_limits_reproduces_logits_exactly(architectur
 def test_expert_gate_leaves_the_shared_expert_alone(architecture):
     """The gate equals detaching the routed experts' output out of scope; the shared expert's gradient
     (every token passes through it) is untouched."""
-    input_ids, attention_mask, in_scope, targets = random_batch(7)
-    gated = float64_model(architecture)
-    hooks = RoutingHooks(gated, gate_routers=False, gate_experts=True)
-    routing = hooks.begin(BATCH, LENGTH)
-    value = objective(gated, input_ids, attention_mask, targets)
-    routing.expert_gate.set(in_scope, 0.0)
-    value.backward()
-    hooks.end()
+    gated, (input_ids, attention_mask, in_scope, targets) = expert_gated(architecture, 7)
 
     reference = float64_model(architecture)
     rows = in_scope.reshape(-1)

@@ -69,7 +69,7 @@ def test_adapters_find_every_layer_and_recompute_gate_weights(architecture):
     assert len(layers) == SPEC.num_layers and all(layer.num_experts == 4 and layer.top_k == 2 for layer in layers)
     hidden = torch.randn(11, SPEC.hidden_size, dtype=torch.float64)
     for layer in layers:
-        logits, weights, indices = layer.router(hidden)
+        logits, weights, indices = layer.route(hidden)
         torch.testing.assert_close(layer.adapter.gate_weights(logits, indices, layer.router), weights)
 
 
@@ -418,7 +418,7 @@ def test_moe_blocks_become_zero3_leaf_modules():
 # --------------------------------------------------------------------------------------------------
 # Correction biases (DeepSeek-V3-style and ERNIE-4.5 routers) and shared experts
 
-BIASED_FAMILIES = ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe"]
+BIASED_FAMILIES = ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "minimax_m2"]
 SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expert
     "deepseek_v3": "shared_experts",
     "glm4_moe": "shared_experts",
@@ -448,9 +448,9 @@ def test_gate_weights_leave_the_correction_bias_out(architecture):
     unbiased = set_correction_bias(float64_model(architecture), seed=None)
     hidden = torch.randn(17, SPEC.hidden_size, dtype=torch.float64)
     for layer, plain in zip(find_moe_layers(model), find_moe_layers(unbiased), strict=True):
-        logits, weights, indices = layer.router(hidden)
+        logits, weights, indices = layer.route(hidden)
         assert torch.equal(layer.adapter.gate_weights(logits, indices, layer.router), weights)
-        _, _, indices_without_bias = plain.router(hidden)
+        _, _, indices_without_bias = plain.route(hidden)
         assert not torch.equal(indices.sort(-1).values, indices_without_bias.sort(-1).values)  # the bias matters
         probabilities = layer.adapter.router_probabilities(logits)
         torch.testing.assert_close(probabilities.sum(-1), torch.ones(17), rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ from transformers import (
     GraniteMoeConfig,
     HunYuanMoEV1Config,
     LlamaConfig,
+    MiniMaxM2Config,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -188,6 +189,16 @@ def _granitemoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _minimax_m2(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    return MiniMaxM2Config(
+        **common,
+        num_local_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        intermediate_size=spec.expert_size,
+        router_jitter_noise=0.0,
+    )
+
+
 def _dense(config_class):
     def build(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
         return config_class(**common, intermediate_size=spec.expert_size)
@@ -209,6 +220,7 @@ ARCHITECTURES = {
     "hunyuan_v1_moe": _hunyuan_v1_moe,
     "ernie4_5_moe": _ernie4_5_moe,
     "granitemoe": _granitemoe,
+    "minimax_m2": _minimax_m2,
 }
 # Dense models (one feed-forward layer of width expert_size per block), the inputs of ``rlvr upcycle``.
 DENSE_ARCHITECTURES = {

@@ -31,6 +31,10 @@ class MoEAdapter:
     # ones) the output of the routed experts module only, so that shared experts are never gated.
     routed_experts_attribute: str | None = None
 
+    def route(self, block: nn.Module, router: nn.Module, hidden: torch.Tensor):
+        """Call the router as its block does: ``(logits (N, E), gate weights (N, k), indices (N, k))``."""
+        return router(hidden)
+
     def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, E) routing distribution over all experts (for load balancing and analytics)."""
         return torch.softmax(logits.float(), dim=-1)
@@ -145,6 +149,20 @@ class GraniteMoeAdapter(GptOssAdapter):
         return super().gate_weights(logits, indices, router).to(router.weight.dtype)  # type_as(hidden states)
 
 
+class MiniMaxM2Adapter(DeepseekV3Adapter):
+    """MiniMax-M2: sigmoid scores, experts chosen on scores plus the block's ``e_score_correction_bias``
+    (passed to the router as an argument), weights = chosen scores renormalised; no groups, no scaling."""
+
+    name, block_class, routed_experts_attribute = "minimax_m2", "MiniMaxM2SparseMoeBlock", None
+
+    def route(self, block, router, hidden):
+        return router(hidden, block.e_score_correction_bias)
+
+    def gate_weights(self, logits, indices, router):
+        weights = torch.sigmoid(logits.float()).gather(-1, indices)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+
 ADAPTERS: tuple[MoEAdapter, ...] = (
     Qwen3MoeAdapter(),
     Qwen2MoeAdapter(),
@@ -158,6 +176,7 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     HunYuanMoEAdapter(),
     Ernie45MoeAdapter(),
     GraniteMoeAdapter(),
+    MiniMaxM2Adapter(),
 )
 
 
@@ -170,6 +189,10 @@ class MoELayer:
     block: nn.Module
     router: nn.Module
     adapter: MoEAdapter
+
+    def route(self, hidden: torch.Tensor):
+        """This layer's router on (N, H) hidden states, called as its block calls it."""
+        return self.adapter.route(self.block, self.router, hidden)
 
     @property
     def gated_module(self) -> nn.Module:

@@ -425,6 +425,7 @@ SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expe
     "dots1": "shared_experts",
     "ernie4_5_moe": "shared_experts",
     "qwen3_next": "shared_expert",
+    "qwen3_5_moe": "shared_expert",
     "hunyuan_v1_moe": "shared_mlp",
 }
 

@@ -65,10 +65,18 @@ def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.P
     """Build a random tiny MoE with the offline tokenizer and save both to ``directory``."""
     directory = Path(directory)
     tokenizer = build_char_tokenizer()
-    model = build_tiny_moe(architecture, spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    vocabulary = len(tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    for _ in range(2):
+        model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        # Some model types make AutoTokenizer load their own tokenizer class, which can add special tokens
+        # (Qwen3.5-MoE adds an unk token): size the model to the tokenizer as it loads back.
+        loaded = len(AutoTokenizer.from_pretrained(directory))
+        if loaded == vocabulary:
+            break
+        vocabulary = loaded
     return directory
 
 

@@ -159,6 +159,20 @@ def _qwen3_next(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _qwen3_5_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    """The text model of Qwen3.5-MoE, full attention in every layer (as the tiny Qwen3-Next)."""
+    from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+    return Qwen3_5MoeTextConfig(
+        **common,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        moe_intermediate_size=spec.expert_size,
+        shared_expert_intermediate_size=spec.expert_size,
+        layer_types=["full_attention"] * spec.num_layers,
+    )
+
+
 def _hunyuan_v1_moe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     return HunYuanMoEV1Config(
         **common, num_experts=spec.num_experts, moe_topk=spec.top_k, intermediate_size=spec.expert_size
@@ -221,6 +235,7 @@ ARCHITECTURES = {
     "ernie4_5_moe": _ernie4_5_moe,
     "granitemoe": _granitemoe,
     "minimax_m2": _minimax_m2,
+    "qwen3_5_moe": _qwen3_5_moe,
 }
 # Dense models (one feed-forward layer of width expert_size per block), the inputs of ``rlvr upcycle``.
 DENSE_ARCHITECTURES = {

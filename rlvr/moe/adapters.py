@@ -118,14 +118,24 @@ class Qwen3NextAdapter(MoEAdapter):
     name, block_class, routed_experts_attribute = "qwen3_next", "Qwen3NextSparseMoeBlock", "experts"
 
 
-class HunYuanMoEAdapter(MoEAdapter):
-    """Hunyuan-MoE: softmax, top-k, always renormalised; a shared MLP beside the routed experts."""
-
-    name, block_class, routed_experts_attribute = "hunyuan_v1_moe", "HunYuanMoEV1Moe", "experts"
+class RenormalisedSoftmaxAdapter(MoEAdapter):
+    """Softmax over all experts, top-k, the chosen probabilities always renormalised (no flag)."""
 
     def gate_weights(self, logits, indices, router):
         weights = torch.softmax(logits, dim=1, dtype=torch.float).gather(-1, indices)
         return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype)
+
+
+class HunYuanMoEAdapter(RenormalisedSoftmaxAdapter):
+    """Hunyuan-MoE: a shared MLP beside the routed experts."""
+
+    name, block_class, routed_experts_attribute = "hunyuan_v1_moe", "HunYuanMoEV1Moe", "experts"
+
+
+class Qwen35MoeAdapter(RenormalisedSoftmaxAdapter):
+    """Qwen3.5-MoE (text): a shared expert with a sigmoid gate beside the routed experts."""
+
+    name, block_class, routed_experts_attribute = "qwen3_5_moe", "Qwen3_5MoeSparseMoeBlock", "experts"
 
 
 class Ernie45MoeAdapter(MoEAdapter):
@@ -177,6 +187,7 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     Ernie45MoeAdapter(),
     GraniteMoeAdapter(),
     MiniMaxM2Adapter(),
+    Qwen35MoeAdapter(),
 )
 
 

@@ -25,9 +25,6 @@ class Interval:
     low: float
     high: float
 
-    def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
-
     def format(self, digits: int = 3, signed: bool = False) -> str:
         if math.isnan(self.estimate):
             return "n/a"

@@ -140,7 +140,8 @@ def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlvr.compare import config_factory, plan_runs
     from rlvr.compare import run_compare as run_all
     from rlvr.recipe import train
-    from rlvr.report import summary_markdown, write_report
+    from rlvr.report import summary_lines, write_report
+    from rlvr.runs import CompareRecords
 
     try:
         seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
@@ -158,8 +159,9 @@ def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         run_all(output_dir, runs, train)
     finally:
         end_distributed()
-    report = write_report([output_dir])
-    print("\n" + "=" * 72 + "\nrlvr compare: summary\n\n" + summary_markdown([output_dir]).rstrip())
+    records = CompareRecords.load([output_dir])  # every run's files, read once for the report and the summary
+    report = write_report([output_dir], records=records)
+    print("\n" + "=" * 72 + "\nrlvr compare: summary\n\n" + "\n".join(summary_lines(records.groups)).rstrip())
     print(f"\nreport: {report} (figures next to it)")
     return 0
 

@@ -204,11 +204,6 @@ def load_config(paths: str | Path | list[str | Path] | None = None, overrides: l
     return config
 
 
-def validate(config: RunConfig) -> None:
-    """Check a config built in code (``load_config`` already validates what it reads)."""
-    validate_tree(config)
-
-
 def format_help() -> str:
     """Every key of the run config with its default and one-line help (``rlvr train --help``)."""
     return _format_help(RunConfig)

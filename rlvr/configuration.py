@@ -133,7 +133,7 @@ def _apply(instance: Any, values: dict, prefix: str, root: type) -> None:
         elif known is not None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of its library's options")
-            allowed = set(known())
+            allowed = known()
             for option_name in value:
                 if option_name not in allowed:
                     raise _unknown_key(f"{key}.{option_name}", sorted(allowed), root)

@@ -254,13 +254,9 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def summary_markdown(paths: list[Path]) -> str:
-    """The summary table of the runs under ``paths``, as printed at the end of ``rlvr compare``."""
-    return "\n".join(summary_lines(CompareRecords.load(paths).groups)) + "\n"
-
-
-def write_report(paths: list[Path], out_dir: Path | None = None) -> Path:
-    records = CompareRecords.load(paths)
+def write_report(paths: list[Path], out_dir: Path | None = None, records: CompareRecords | None = None) -> Path:
+    """``report.md`` and its figures for the runs under ``paths`` (``records``: already loaded from them)."""
+    records = records or CompareRecords.load(paths)
     runs, missing, groups = records.runs, records.missing, records.groups
     out_dir = out_dir or paths[0]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,20 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, accumulate: torch.dtype) -> torch.
         return (a.to(b.dtype) @ b).to(accumulate)
 
 
+def _score_rows(hidden, weight, bias, targets, transform: HeadTransform, entropy: bool):
+    """(N,) target log-probs, log Z and (if asked) entropies of the rows, one logits chunk at a time."""
+    logps = torch.empty(hidden.shape[0], dtype=accumulation_dtype(weight), device=hidden.device)
+    log_z, entropies = torch.empty_like(logps), torch.empty_like(logps) if entropy else None
+    for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
+        logits = transform.logits(_raw_logits(hidden[start:end], weight, bias))  # (n, V)
+        log_z[start:end] = torch.logsumexp(logits, dim=-1)
+        logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - log_z[start:end]
+        if entropy:
+            probabilities = torch.exp(logits - log_z[start:end, None])
+            entropies[start:end] = log_z[start:end] - (probabilities * logits).sum(-1)
+    return logps, log_z, entropies
+
+
 @torch.no_grad()
 def logprobs_and_entropy(
     hidden: torch.Tensor,
@@ -120,14 +134,7 @@ def logprobs_and_entropy(
         weight, bias: (V, H) and (V,) the LM head.
         targets: (N,) next-token ids.
     """
-    logps = torch.empty(hidden.shape[0], dtype=accumulation_dtype(weight), device=hidden.device)
-    entropy = torch.empty_like(logps)
-    for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
-        logits = transform.logits(_raw_logits(hidden[start:end], weight, bias))  # (n, V)
-        log_z = torch.logsumexp(logits, dim=-1)  # (n,)
-        probabilities = torch.exp(logits - log_z[:, None])
-        logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - log_z
-        entropy[start:end] = log_z - (probabilities * logits).sum(-1)
+    logps, _, entropy = _score_rows(hidden, weight, bias, targets, transform, entropy=True)
     return logps, entropy
 
 
@@ -143,12 +150,7 @@ class SelectedLogProbs(torch.autograd.Function):
         device = hidden.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         with gather():
-            logps = torch.empty(hidden.shape[0], dtype=accumulation_dtype(weight), device=hidden.device)
-            log_z = torch.empty_like(logps)
-            for start, end in _row_chunks(hidden.shape[0], weight.shape[0]):
-                logits = transform.logits(_raw_logits(hidden[start:end], weight, bias))
-                log_z[start:end] = torch.logsumexp(logits, dim=-1)
-                logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - log_z[start:end]
+            logps, log_z, _ = _score_rows(hidden, weight, bias, targets, transform, entropy=False)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.transform, ctx.gather = transform, gather
         return logps

@@ -341,7 +341,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         weights = loss_weights(
             keep, mask, self.forking.loss_normalization, per_sequence=unit == "sequence", totals=totals
         ).to(entropies.dtype)
-        self._record(all_entropies, all_mask, all_keep, inputs, keep)
+        self._record(all_entropies, all_mask, all_keep, inputs, mask, keep)
         return MicroBatchSelection(keep=keep, weights=weights)
 
     def _entropy_bonus(self, inputs: dict, entropies: torch.Tensor) -> torch.Tensor:
@@ -410,7 +410,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # ---------------------------------------------------------------------------------------------
     # Logging
 
-    def _record(self, all_entropies, all_mask, all_keep, inputs, keep) -> None:
+    def _record(self, all_entropies, all_mask, all_keep, inputs, loss_mask, keep) -> None:
         """Selection metrics (over all ranks), gradient-token count (this rank), the forking-token log (rank 0)."""
         mode = "train" if self.model.training else "eval"
         stats = selection_stats(all_entropies, all_mask, all_keep, self.forking.selection)
@@ -422,7 +422,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         metrics["forking/entropy_dropped"].append(stats.entropy_dropped)
         if mode != "train":
             return
-        loss_mask = _loss_mask(inputs).bool()
         if torch.is_grad_enabled():
             counted = keep & loss_mask if self.forking.policy_tokens == "forking" else loss_mask
             self.gradient_tokens += int(counted.sum())

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.configuration import option, require
-from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe
+from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,18 +65,16 @@ def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.P
     """Build a random tiny MoE with the offline tokenizer and save both to ``directory``."""
     directory = Path(directory)
     tokenizer = build_char_tokenizer()
-    vocabulary = len(tokenizer)
     directory.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        # Some model types make AutoTokenizer load their own tokenizer class, which can add special tokens
-        # (Qwen3.5-MoE adds an unk token): size the model to the tokenizer as it loads back.
-        loaded = len(AutoTokenizer.from_pretrained(directory))
-        if loaded == vocabulary:
-            break
-        vocabulary = loaded
+    # Some model types make AutoTokenizer load their own tokenizer class, which can add special tokens
+    # (Qwen3.5-MoE adds an unk token): size the model to the tokenizer as it loads back next to its config.
+    tiny_moe_config(architecture, spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id).save_pretrained(
+        directory
+    )
+    tokenizer.save_pretrained(directory)
+    vocabulary = len(AutoTokenizer.from_pretrained(directory))
+    model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    model.save_pretrained(directory)  # replaces the config written above
     return directory
 
 

@@ -54,6 +54,7 @@ class RouterAwareUpdates:
         # Aux-loss-free balancing (DeepSeek-V3, Liu et al., 2024, sec. 2.1.2): expert loads of the completion
         # tokens since the last optimizer step, per layer with a correction bias.
         self._biased = [layer for layer in self.layers if _correction_bias(layer) is not None]
+        self._biased_positions = [layer.index for layer in self._biased]  # their place in a forward's records
         if config.update_correction_bias and not self._biased:
             raise ValueError("moe.update_correction_bias: this model's routers have no correction bias")
         self._bias_loads = torch.zeros(len(self._biased), self.hooks.num_experts, dtype=torch.float64)
@@ -140,9 +141,8 @@ class RouterAwareUpdates:
 
     def _count_bias_loads(self, indices: list[torch.Tensor], tokens: torch.Tensor) -> None:
         """Add the experts chosen for ``tokens`` (N,) bool to each biased layer's load."""
-        by_layer = {id(layer): chosen for layer, chosen in zip(self.layers, indices, strict=True)}
-        for row, layer in enumerate(self._biased):
-            chosen = by_layer[id(layer)][tokens.to(by_layer[id(layer)].device)]  # (n, k)
+        for row, position in enumerate(self._biased_positions):
+            chosen = indices[position][tokens.to(indices[position].device)]  # (n, k)
             counts = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.hooks.num_experts)
             self._bias_loads[row] += counts.to(torch.float64)
 

@@ -157,7 +157,7 @@ def run_case(name: str, spec: TinyMoESpec, vocab: int, length: int, rho: float, 
             f"{scratch}/rlvr",
             length,
             rows,
-            forking=ForkingConfig(rho=rho),
+            forking=ForkingConfig(rho=rho, sparse_lm_head=args.sparse_head),
             moe=MoEConfig(analytics=False),
         ),
     }
@@ -190,6 +190,12 @@ def main() -> None:
         "--tokens", type=int, default=2048, help="completion tokens per batch (rows = tokens / length, at least 2)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed loss steps per trainer and case")
+    parser.add_argument(
+        "--sparse-head",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="rlvr's forking.sparse_lm_head (auto: CPU only; true measures the sparse head on CUDA too)",
+    )
     args = parser.parse_args()
     quiet()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

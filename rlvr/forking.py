@@ -299,7 +299,7 @@ class ForkingConfig:
     log_examples: int = option(2, "completions per logging step written with their forking tokens marked")
     sparse_lm_head: str = option(
         "auto",
-        "LM head backward on the forking tokens only: auto (when it is exact and rho < 0.75), true (whenever "
+        "LM head backward on the forking tokens only: auto (on CPU, when it is exact and rho < 0.75), true (whenever "
         "exact; an error otherwise), false (TRL's fused head on every token)",
         ("auto", "true", "false"),
     )

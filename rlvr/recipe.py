@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,8 +174,15 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
         cache = Path(os.path.expanduser(config.warm_start.cache_dir))
         spec_key = json.dumps([name, vars(config.model.tiny), config.warm_start_seed()], sort_keys=True)
         base = cache / f"base-{hashlib.sha256(spec_key.encode()).hexdigest()[:16]}"
-        if not (base / "config.json").exists():
-            save_tiny_policy(tiny_architecture(name), config.model.tiny, base, seed=config.warm_start_seed())
+        if not base.exists():
+            # Built beside its final name, then renamed into place in one step: the other ranks of a launch
+            # (and concurrent runs) see the whole policy or none of it, never a config without weights.
+            staging = cache / f"{base.name}.tmp-{os.getpid()}"
+            save_tiny_policy(tiny_architecture(name), config.model.tiny, staging, seed=config.warm_start_seed())
+            try:
+                os.replace(staging, base)
+            except OSError:  # another process published it first
+                shutil.rmtree(staging, ignore_errors=True)
         name = str(base)
         wants_warm_start = config.warm_start.enabled in ("auto", "true")
     else:

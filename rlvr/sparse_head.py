@@ -285,6 +285,9 @@ def sparse_head_blockers(trainer) -> list[str]:
         blockers.append("PEFT models keep TRL's fused head")
     if setting == "auto" and not blockers and trainer.forking.rho >= SPARSE_HEAD_MAX_RHO:
         blockers.append(f"rho >= {SPARSE_HEAD_MAX_RHO}: the selected tokens are most of the work")
+    if setting == "auto" and not blockers and trainer.accelerator.device.type == "cuda":
+        # benchmarks/lm_head.py on an H100 (bf16): 1.7-2.5x slower than TRL's fused Triton head at rho 0.2
+        blockers.append("on CUDA, TRL's fused Triton head is faster")
     return blockers
 
 

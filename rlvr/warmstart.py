@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -187,6 +188,9 @@ def run_warm_start(
     use_compact_progress(trainer)
     trainer.train()
     seconds = time.time() - start
+    # The RL trainer in this process builds its own Accelerator, in bf16 by TRL's default on a GPU:
+    # forget this fp32 run's mixed-precision state so that it may.
+    AcceleratorState._reset_state()
     steps, accuracy = stopper.history[-1] if stopper.history else (trainer.state.global_step, float("nan"))
     if not stopper.reached:
         logger.warning(

@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
 python -m pytest -q -m gpu tests/
 python -m pytest -q tests/test_sparse_head.py
-python benchmarks/lm_head.py --repeats 5
+python benchmarks/lm_head.py --repeats 5 --sparse-head true
 python -m rlvr quickstart grpo.bf16=true output_dir=runs/gpu-quickstart

@@ -91,6 +91,14 @@ def test_tiny_end_to_end_run_writes_its_outputs(capsys, tmp_path):
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["warm_start"]["cached"]
 
 
+def test_a_bf16_run_after_the_fp32_warm_start_in_one_process(tmp_path):
+    """TRL's default on a GPU is bf16; the warm start's fp32 Accelerator must not pin the RL run's precision."""
+    output = tmp_path / "run"
+    overrides = [f"output_dir={output}", f"warm_start.cache_dir={tmp_path / 'cache'}", "grpo.bf16=true", *TINY]
+    assert main(["quickstart", *overrides]) == 0
+    assert json.loads((output / "summary.json").read_text())["steps"] == 2
+
+
 def test_console_line_shows_the_watched_metrics():
     line = format_log_line(10, {"loss": 0.01, "reward": 0.5, "forking/kept_fraction": 0.2, "step_time": 0.6, "x": 1})
     assert line == "step 10 | loss 0.01 | reward 0.500 | kept 0.200 | s/step 0.60"
@@ -147,3 +155,30 @@ def test_math_reward_failure_counts_reach_the_metrics_file(tmp_path):
     logged = [record for record in metrics if "rewards/math_accuracy/timeouts" in record]
     assert len(logged) == 2  # every logging step
     assert all(0.0 <= record["rewards/math_accuracy/parse_failure_rate"] <= 1.0 for record in logged)
+
+
+def test_the_tiny_policy_cache_is_published_whole(tmp_path, monkeypatch):
+    """Ranks of one launch share the cache: a policy appears under its final name only once it is complete
+    (a config without weights there made the other rank's from_pretrained fail)."""
+    import rlvr.recipe as recipe
+    from rlvr.config import load_config
+
+    real_save = recipe.save_tiny_policy
+    written = []
+
+    def save_and_check(architecture, spec, directory, seed=0):
+        written.append(directory)
+        finished = real_save(architecture, spec, directory, seed=seed)
+        assert not any(path.name.startswith("base-") and not path.name.count(".tmp-") for path in tmp_path.iterdir())
+        return finished
+
+    monkeypatch.setattr(recipe, "save_tiny_policy", save_and_check)
+    overrides = [*TINY, f"warm_start.cache_dir={tmp_path}", "warm_start.enabled=false"]
+    config = load_config(CONFIGS / "quickstart.yaml", overrides)
+    model, _, _ = recipe.prepare_policy(config, data=None, accuracy_fn=None)
+    published = [path for path in tmp_path.iterdir() if path.name.startswith("base-")]
+    assert len(written) == 1 and [path.name for path in published] == [written[0].name.split(".tmp-")[0]]
+    assert (published[0] / "model.safetensors").exists() and model is not None
+    # A second process finds it and builds nothing.
+    recipe.prepare_policy(config, data=None, accuracy_fn=None)
+    assert len(written) == 1

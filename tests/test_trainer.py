@@ -72,7 +72,8 @@ def make_batch(trainer) -> dict:
     rows = [dataset[i] for i in range(ROWS // GENERATIONS) for _ in range(GENERATIONS)]
     torch.manual_seed(0)
     batch = trainer._generate_and_score_completions(rows)
-    batch["advantages"] = torch.randn(ROWS, generator=torch.Generator().manual_seed(1))
+    advantages = torch.randn(ROWS, generator=torch.Generator().manual_seed(1))  # (B,)
+    batch["advantages"] = advantages.to(batch["completion_ids"].device)
     assert batch["completion_mask"].sum() > ROWS  # real completions, not just end tokens
     return batch
 

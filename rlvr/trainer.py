@@ -31,13 +31,14 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rlvr.configuration import ConfigError
 from rlvr.forking import ForkingConfig, loss_normalization_unit, loss_weights, select_forking_tokens, selection_stats
 from rlvr.forking_log import ForkingTokenLog
+from rlvr.models.loading import expose_backbone
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.replay import ReplayRecorder
@@ -120,6 +121,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
         with zero3_leaves_as_trl_loads():  # a model id: TRL loads the policy and the reference model itself
             super().__init__(*args, **kwargs)
+        for policy in (self.model, getattr(self, "ref_model", None)):
+            if isinstance(policy, PreTrainedModel):
+                expose_backbone(policy)  # TRL's fused head reads model.base_model (Llama 4)
         if self.top_entropy_quantile < 1.0:
             raise ValueError(
                 "ForkingGRPOTrainer replaces GRPOConfig.top_entropy_quantile with an exact top-k: pass "

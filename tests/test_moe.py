@@ -104,7 +104,9 @@ def test_router_gate_equals_detaching_out_of_scope_router_outputs(architecture, 
     rows = in_scope.reshape(-1)
     for layer in find_moe_layers(reference):
         layer.router.register_forward_hook(
-            lambda module, inputs, output: (mix(output[0], rows, outside), mix(output[1], rows, outside), output[2])
+            lambda module, inputs, output: tuple(
+                mix(part, rows, outside) if part.is_floating_point() else part for part in output
+            )  # every float output (logits and weights, or Llama 4's scores and logits); indices as they are
         )
     expected = objective(reference, input_ids, attention_mask, targets)
     expected.backward()
@@ -427,6 +429,7 @@ SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expe
     "qwen3_next": "shared_expert",
     "qwen3_5_moe": "shared_expert",
     "hunyuan_v1_moe": "shared_mlp",
+    "llama4": "shared_expert",
 }
 
 
@@ -477,7 +480,10 @@ def test_expert_gate_leaves_the_shared_expert_alone(architecture):
     reference = float64_model(architecture)
     rows = in_scope.reshape(-1)
     for layer in find_moe_layers(reference):
-        layer.block.experts.register_forward_hook(lambda module, inputs, output: mix(output, rows, 0.0))
+        # (N, H), or Llama 4's every-expert-on-every-token (E * N, H), expert-major
+        layer.block.experts.register_forward_hook(
+            lambda module, inputs, output: mix(output, rows.repeat(output.shape[0] // rows.numel()), 0.0)
+        )
     objective(reference, input_ids, attention_mask, targets).backward()
     actual, wanted = grads_of(gated), grads_of(reference)
     for name in wanted:

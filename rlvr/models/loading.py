@@ -78,6 +78,20 @@ def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.P
     return directory
 
 
+def expose_backbone(model: PreTrainedModel) -> PreTrainedModel:
+    """Make ``model.base_model`` the decoder backbone where the class's ``base_model_prefix`` names no
+    attribute, and return ``model``.
+
+    TRL's fused LM head and rlvr's sparse head take hidden states from ``model.base_model``.
+    Llama4ForCausalLM declares ``base_model_prefix = "language_model"`` but keeps its backbone at
+    ``.model``, so there ``base_model`` is the model itself and the fused forward finds no hidden states;
+    the prefix set on the instance points it at the backbone (loading and saving read the class's).
+    """
+    if model.base_model is model and isinstance(getattr(model, "model", None), PreTrainedModel):
+        model.base_model_prefix = "model"
+    return model
+
+
 def load_pretrained(
     name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -100,4 +114,4 @@ def load_pretrained(
         text_config.output_router_logits = False
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return expose_backbone(model), tokenizer

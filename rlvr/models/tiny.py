@@ -22,6 +22,7 @@ from transformers import (
     GptOssConfig,
     GraniteMoeConfig,
     HunYuanMoEV1Config,
+    Llama4TextConfig,
     LlamaConfig,
     MiniMaxM2Config,
     MistralConfig,
@@ -213,6 +214,20 @@ def _minimax_m2(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _llama4(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
+    """Llama 4 text: every layer an MoE (``interleave_moe_layer_step=1``), RoPE on every layer."""
+    return Llama4TextConfig(
+        **common,
+        num_local_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        intermediate_size=spec.expert_size,
+        intermediate_size_mlp=spec.expert_size,
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1] * spec.num_layers,
+        attention_chunk_size=spec.max_positions,
+    )
+
+
 def _dense(config_class):
     def build(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
         return config_class(**common, intermediate_size=spec.expert_size)
@@ -236,6 +251,7 @@ ARCHITECTURES = {
     "granitemoe": _granitemoe,
     "minimax_m2": _minimax_m2,
     "qwen3_5_moe": _qwen3_5_moe,
+    "llama4": _llama4,
 }
 # Dense models (one feed-forward layer of width expert_size per block), the inputs of ``rlvr upcycle``.
 DENSE_ARCHITECTURES = {

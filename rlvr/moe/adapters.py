@@ -1,10 +1,11 @@
 """Where the routers and sparse MoE blocks of each architecture live, and how each turns logits into gate weights.
 
-Every supported transformers 5.x MoE has a router module whose forward returns
+Most transformers 5.x MoEs have a router module whose forward returns
 ``(router_logits (N, E), gate_weights (N, k), expert_indices (N, k))`` over the flattened N = B * T
-tokens, and a sparse MoE block that feeds those indices and weights to fused experts. An adapter
-names the block class, the router attribute, and the formula that turns logits into gate weights
-(needed to recompute weights from live logits when routing is replayed).
+tokens, and a sparse MoE block that feeds those indices and weights to fused experts; a router that
+returns something else (Llama 4: dense scores and logits) is read through the adapter's ``unpack`` and
+``pack``. An adapter names the block class, the router attribute, and the formula that turns logits into
+gate weights (needed to recompute weights from live logits when routing is replayed).
 
 Adding an architecture is one small subclass registered in :data:`ADAPTERS`.
 """
@@ -32,8 +33,17 @@ class MoEAdapter:
     routed_experts_attribute: str | None = None
 
     def route(self, block: nn.Module, router: nn.Module, hidden: torch.Tensor):
-        """Call the router as its block does: ``(logits (N, E), gate weights (N, k), indices (N, k))``."""
+        """Call the router as its block does; returns the router's own output."""
         return router(hidden)
+
+    def unpack(self, router_output, router: nn.Module):
+        """The router's output as ``(logits (N, E), gate weights (N, k), indices (N, k))``."""
+        return router_output
+
+    def pack(self, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, router_output):
+        """The inverse of :meth:`unpack`: what the block expects from its router, from (possibly replayed or
+        gradient-gated) logits, weights and indices."""
+        return logits, weights, indices
 
     def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, E) routing distribution over all experts (for load balancing and analytics)."""
@@ -173,6 +183,32 @@ class MiniMaxM2Adapter(DeepseekV3Adapter):
         return weights / weights.sum(dim=-1, keepdim=True)
 
 
+class Llama4Adapter(MoEAdapter):
+    """Llama 4 (text): the router returns ``(scores (N, E), logits (N, E))``, scores being the sigmoid of the
+    top-k logits and 0 elsewhere. The block scales each expert's *input* by its score and runs every expert
+    on every token (an unchosen expert sees zeros, which its bias-free SwiGLU maps to zeros), so the routed
+    experts' output is (E * N, H), expert-major; a shared expert runs beside them and is never gated.
+    Weights: the sigmoid of the chosen logits, not normalised. Load balancing uses the normalised scores."""
+
+    name, block_class, router_attribute, routed_experts_attribute = "llama4", "Llama4TextMoe", "router", "experts"
+
+    def unpack(self, router_output, router):
+        scores, logits = router_output  # (N, E) each
+        indices = torch.topk(logits, router.top_k, dim=-1).indices  # the router's own choice, recomputed
+        return logits, scores.gather(-1, indices), indices
+
+    def pack(self, logits, weights, indices, router_output):
+        scores = torch.zeros_like(router_output[0]).scatter(-1, indices, weights.to(router_output[0].dtype))
+        return scores, logits
+
+    def router_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = torch.sigmoid(logits.float())
+        return scores / scores.sum(dim=-1, keepdim=True)
+
+    def gate_weights(self, logits, indices, router):
+        return torch.sigmoid(logits.float().gather(-1, indices)).to(logits.dtype)
+
+
 ADAPTERS: tuple[MoEAdapter, ...] = (
     Qwen3MoeAdapter(),
     Qwen2MoeAdapter(),
@@ -188,6 +224,7 @@ ADAPTERS: tuple[MoEAdapter, ...] = (
     GraniteMoeAdapter(),
     MiniMaxM2Adapter(),
     Qwen35MoeAdapter(),
+    Llama4Adapter(),
 )
 
 
@@ -202,8 +239,9 @@ class MoELayer:
     adapter: MoEAdapter
 
     def route(self, hidden: torch.Tensor):
-        """This layer's router on (N, H) hidden states, called as its block calls it."""
-        return self.adapter.route(self.block, self.router, hidden)
+        """This layer's router on (N, H) hidden states, called as its block calls it:
+        ``(logits (N, E), gate weights (N, k), indices (N, k))``."""
+        return self.adapter.unpack(self.adapter.route(self.block, self.router, hidden), self.router)
 
     @property
     def gated_module(self) -> nn.Module:

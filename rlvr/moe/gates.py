@@ -1,7 +1,8 @@
 """Per-token gradient gates: identity in the forward, a per-position scale in the backward.
 
 A gate multiplies the gradient that reaches a tensor laid out over token positions (router outputs
-(N, .) with N = B * L, or an MoE block's output (B, L, H)) by a weight per position. The weights are
+(N, .) with N = B * L, an MoE block's output (B, L, H), or experts run on every token, (E * N, H) in
+expert-major order as Llama 4 lays them out) by a weight per position. The weights are
 read from a :class:`GateWeights` holder *at backward time*, because the forking-token mask is only
 known after the forward (TRL computes entropies in the same forward as the loss).
 """
@@ -43,7 +44,9 @@ class _ScaleGradient(torch.autograd.Function):
         weights = ctx.holder.weights  # read now: set after the forward, before backward
         if weights is None:
             return grad, None
-        if grad.dim() == 2:  # (N, X) router outputs, N = B * L
+        if grad.dim() == 2 and grad.shape[0] % weights.numel() == 0:  # (N, X) or expert-major (E * N, X)
+            scale = weights.reshape(-1).repeat(grad.shape[0] // weights.numel()).reshape(-1, 1)
+        elif grad.dim() == 2:
             scale = weights.reshape(-1, 1)
         else:  # (B, L, H) block output
             scale = weights.reshape(*grad.shape[:2], *([1] * (grad.dim() - 2)))

@@ -103,12 +103,12 @@ class RoutingHooks:
     def _router_hook(self, layer: MoELayer):
         def hook(module, inputs, output):
             if self._recorded is not None and not torch.is_grad_enabled():
-                self._recorded.append((layer.index, output[2].detach()))
+                self._recorded.append((layer.index, layer.adapter.unpack(output, module)[2].detach()))
                 return output
             routing = self.current
             if routing is None:
                 return output
-            logits, weights, indices = output
+            logits, weights, indices = layer.adapter.unpack(output, module)
             if logits.shape[0] != routing.shape[0] * routing.shape[1]:
                 return output  # not the recorded forward's layout (e.g. a nested call)
             if routing.forced is not None:
@@ -123,7 +123,7 @@ class RoutingHooks:
             if not routing.complete and torch.is_grad_enabled():
                 routing.logits.append(logits)
                 routing.indices.append(indices.detach())
-            return logits, weights, indices
+            return layer.adapter.pack(logits, weights, indices, output)
 
         return hook
 
@@ -133,8 +133,8 @@ class RoutingHooks:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
         batch, length = routing.shape
-        if hidden.shape[:2] != routing.shape and not (hidden.dim() == 2 and hidden.shape[0] == batch * length):
-            return output  # neither (B, L, H) nor the routed experts' flattened (N, H)
+        if hidden.shape[:2] != routing.shape and not (hidden.dim() == 2 and hidden.shape[0] % (batch * length) == 0):
+            return output  # neither (B, L, H) nor the routed experts' flattened (N, H) or (E * N, H)
         if isinstance(output, tuple):  # GPT-OSS returns (hidden_states, router_scores)
             return (gate_gradient(output[0], routing.expert_gate), *output[1:])
         return gate_gradient(output, routing.expert_gate)

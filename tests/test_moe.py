@@ -134,7 +134,7 @@ def expert_gated(architecture: str, seed: int):
     return gated, batch
 
 
-@pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("architecture", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_expert_gate_equals_detaching_out_of_scope_block_outputs(architecture):
     gated, (input_ids, attention_mask, in_scope, targets) = expert_gated(architecture, 1)
 
@@ -430,6 +430,7 @@ SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expe
     "qwen3_5_moe": "shared_expert",
     "hunyuan_v1_moe": "shared_mlp",
     "llama4": "shared_expert",
+    "qwen2_moe": "shared_expert",
 }
 
 

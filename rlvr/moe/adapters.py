@@ -65,7 +65,7 @@ class Qwen3MoeAdapter(MoEAdapter):
 class Qwen2MoeAdapter(MoEAdapter):
     """Qwen2-MoE: the shared expert and its sigmoid gate sit beside the router; only the routed part is gated."""
 
-    name, block_class = "qwen2_moe", "Qwen2MoeSparseMoeBlock"
+    name, block_class, routed_experts_attribute = "qwen2_moe", "Qwen2MoeSparseMoeBlock", "experts"
 
 
 class OlmoeAdapter(MoEAdapter):

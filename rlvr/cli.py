@@ -151,12 +151,8 @@ def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
     paths = [str(resolve_config(value, "compare")) for value in args.config]
     output_dir, runs = plan_runs(paths, overrides, arms, seeds)
     _quiet_libraries()
-    if runs and runs[0].config.upcycle.inits:
-        from rlvr.upcycle_policies import build_policies
-
-        build_policies(config_factory(paths, overrides), output_dir)
     try:
-        run_all(output_dir, runs, train)
+        run_all(output_dir, runs, train, compare_config=config_factory(paths, overrides))
     finally:
         end_distributed()
     records = CompareRecords.load([output_dir])  # every run's files, read once for the report and the summary

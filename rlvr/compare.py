@@ -6,7 +6,8 @@ its ``summary.json`` exists (written last), so an interrupted compare skips fini
 unfinished ones over. Every run's config is validated before the first run starts.
 
 With ``upcycle.inits`` (see :mod:`rlvr.upcycle_policies`), every arm also runs from each starting
-policy: runs go to ``<output_dir>/<init>-<arm>-seed<seed>/`` and are labelled ``<init>+<arm>``.
+policy as built with each of ``upcycle.construction_seeds``: runs go to
+``<output_dir>/<init>-<arm>-c<construction seed>-seed<seed>/`` and are labelled ``<init>+<arm>``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from rlvr.configuration import ConfigError, option, require
 from rlvr.packaged import arm_names, arm_path
-from rlvr.upcycle_policies import run_overrides
+from rlvr.upcycle_policies import build_policies, run_overrides
 
 if TYPE_CHECKING:
     from rlvr.config import RunConfig
@@ -54,6 +55,7 @@ class PlannedRun:
     seed: int
     directory: Path
     config: RunConfig
+    construction: int | None = None  # upcycling compares: the starting policy's construction seed
 
     @property
     def finished(self) -> bool:
@@ -73,19 +75,24 @@ def plan_runs(
         if arm not in arm_names():
             raise ConfigError(f"compare.arms: unknown arm {arm!r}; one of {', '.join(arm_names())}")
     output_dir = Path(base.output_dir)
-    inits = list(base.upcycle.inits) or [None]
+    inits = list(base.upcycle.inits)
+    constructions = list(base.upcycle.construction_seeds) if inits else [None]
     runs = []
-    for seed in seeds:
-        for init in inits:
-            for arm in arms:
-                label = arm if init is None else f"{init}+{arm}"
-                directory = output_dir / (f"{arm}-seed{seed}" if init is None else f"{init}-{arm}-seed{seed}")
-                starting = [] if init is None else run_overrides(base, output_dir, init)
-                config = load_config(
-                    [*config_paths, arm_path(arm)],
-                    [*overrides, *starting, f"output_dir={directory}", f"seed={seed}", f"arm={label}"],
-                )
-                runs.append(PlannedRun(label, seed, directory, config))
+    for construction in constructions:
+        for seed in seeds:
+            for init in inits or [None]:
+                for arm in arms:
+                    if init is None:
+                        label, directory, starting = arm, output_dir / f"{arm}-seed{seed}", []
+                    else:
+                        label = f"{init}+{arm}"
+                        directory = output_dir / f"{init}-{arm}-c{construction}-seed{seed}"
+                        starting = run_overrides(base, output_dir, init, construction)
+                    config = load_config(
+                        [*config_paths, arm_path(arm)],
+                        [*overrides, *starting, f"output_dir={directory}", f"seed={seed}", f"arm={label}"],
+                    )
+                    runs.append(PlannedRun(label, seed, directory, config, construction))
     return output_dir, runs
 
 
@@ -101,20 +108,29 @@ def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:
     manifest = {
         "arms": list(dict.fromkeys(run.arm for run in runs)),
         "seeds": list(dict.fromkeys(run.seed for run in runs)),
-        "runs": [{"arm": run.arm, "seed": run.seed, "directory": run.directory.name} for run in runs],
+        "runs": [
+            {"arm": run.arm, "seed": run.seed, "construction": run.construction, "directory": run.directory.name}
+            for run in runs
+        ],
     }
     (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print) -> list[PlannedRun]:
-    """Train every unfinished run in order; returns the runs trained now."""
+def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print, compare_config=None) -> list[PlannedRun]:
+    """Train every unfinished run in order; returns the runs trained now. ``compare_config`` (upcycling
+    compares): ``extra overrides -> RunConfig``, to build each construction seed's starting policies just
+    before its first run."""
     write_manifest(output_dir, runs)
-    trained, durations = [], []
+    trained, durations, built = [], [], set()
     for number, run in enumerate(runs, start=1):
-        label = f"run {number}/{len(runs)}: arm={run.arm} seed={run.seed}"
+        seeds = f"seed={run.seed}" if run.construction is None else f"construction={run.construction} seed={run.seed}"
+        label = f"run {number}/{len(runs)}: arm={run.arm} {seeds}"
         if run.finished:
             say(f"[compare] {label}: finished earlier, skipped ({run.directory})")
             continue
+        if run.construction is not None and compare_config is not None and run.construction not in built:
+            build_policies(compare_config, output_dir, run.construction, say=say)
+            built.add(run.construction)
         remaining = sum(1 for later in runs[number - 1 :] if not later.finished)
         eta = (
             f", ETA {sum(durations) / len(durations) * remaining / 60:.0f} min for {remaining} runs"

@@ -232,6 +232,7 @@ def domain_routing(config: RunConfig, model, tokenizer, data: PreparedData) -> d
                 data.eval_solutions,
                 data.eval_groups,
                 batch_size=config.eval.batch_size,
+                rho=config.forking.rho,
             )
     except UnknownMoEArchitecture:  # a dense policy routes nothing
         return None

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
-from rlvr.report_figures import CURVE_PANELS, FIGURES, split_panels
+from rlvr.report_figures import CURVE_PANELS, FIGURES, own_share_figures, split_panels
 from rlvr.runs import CompareRecords, Run, mean_curve, mean_std
 
 
@@ -34,35 +34,59 @@ def _finished(runs: list[Run]) -> list[Run]:
     return [run for run in runs if run.summary and run.summary.get("eval_after")]
 
 
+def baseline_of(arm: str, groups: dict[str, list[Run]]) -> str | None:
+    """The arm a row is compared with: ``full`` for the plain arms; ``sparse+<arm>`` for the other starting
+    policies of an upcycling compare (compute-matched sparse upcycling is the control BTX must beat)."""
+    if "+" in arm:
+        init, plain = arm.split("+", 1)
+        baseline = f"sparse+{plain}"
+        return baseline if init != "sparse" and baseline in groups else None
+    return "full" if arm != "full" and "full" in groups else None
+
+
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     """One row per arm: accuracies with bootstrap intervals over seeds x problems, the paired difference
-    to the full arm, and the first eval at which the arm's mean greedy accuracy enters the full arm's
-    final interval (a noise-tolerant "steps to full")."""
-    full = _finished(groups.get("full", []))
-    full_greedy = _per_problem(full, "greedy_correct")
-    full_sampled = _per_problem(full, "sampled_correct")
-    full_interval = mean_interval(full_greedy)
-    full_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in full])[0]
+    to its baseline (:func:`baseline_of`), and the first eval at which the arm's mean greedy accuracy
+    enters the baseline's final interval (a noise-tolerant "steps to baseline"). Runs pair by their
+    replicate (construction seed, RL seed)."""
     rows = []
     for arm, runs in groups.items():
         finished = _finished(runs)
         greedy, sampled = _per_problem(finished, "greedy_correct"), _per_problem(finished, "sampled_correct")
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
-        steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
-        reach = next((s for s, m in zip(steps, means, strict=True) if m >= full_interval.low), None)
         tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
+        baseline = baseline_of(arm, groups)
+        versus_greedy = versus_sampled = reach = None
+        token_share = math.nan
+        if baseline is not None:
+            reference = _finished(groups[baseline])
+            paired = [run.replicate for run in finished] == [run.replicate for run in reference]
+            reference_greedy = _per_problem(reference, "greedy_correct")
+            reference_sampled = _per_problem(reference, "sampled_correct")
+            if paired and greedy and reference_greedy:
+                versus_greedy = paired_difference(greedy, reference_greedy)
+            if paired and sampled and reference_sampled:
+                versus_sampled = paired_difference(sampled, reference_sampled)
+            final = mean_interval(reference_greedy)
+            steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
+            if reference_greedy and not math.isnan(final.low):
+                reach = next((s for s, m in zip(steps, means, strict=True) if m >= final.low), "no")
+            reference_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in reference])[0]
+            if reference_tokens and not math.isnan(reference_tokens):
+                token_share = tokens / reference_tokens
         rows.append(
             {
                 "arm": arm,
-                "seeds": ", ".join(str(run.seed) for run in finished),
+                "baseline": baseline,
+                "seeds": ", ".join(run.replicate_label for run in finished),
                 "greedy": mean_interval(greedy) if greedy else _no_records(finished, "greedy_accuracy"),
                 "sampled": mean_interval(sampled) if sampled else _no_records(finished, "sampled_accuracy"),
-                "greedy_vs_full": paired_difference(greedy, full_greedy) if arm != "full" and full_greedy else None,
-                "sampled_vs_full": paired_difference(sampled, full_sampled) if arm != "full" and full_sampled else None,
+                "greedy_vs_baseline": versus_greedy,
+                "sampled_vs_baseline": versus_sampled,
                 "best": mean_std(best),
-                "reaches_full": reach if full_greedy and not math.isnan(full_interval.low) else None,
+                "reaches_baseline": reach,
                 "gradient_tokens": tokens,
-                "token_share": tokens / full_tokens if full_tokens and not math.isnan(full_tokens) else math.nan,
+                "token_share": token_share,
                 "train_seconds": mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
             }
         )
@@ -76,12 +100,12 @@ def _no_records(runs: list[Run], key: str) -> Interval:
 
 
 def verdict_lines(rows: list[dict], accuracy: str = "greedy") -> list[str]:
-    """One plain-words line per arm of :func:`summary_rows` against the full arm (``greedy`` or
+    """One plain-words line per arm of :func:`summary_rows` against its baseline (``greedy`` or
     ``sampled`` accuracy after RL)."""
     return [
-        verdict(row["arm"], "full", row[f"{accuracy}_vs_full"], row["token_share"])
+        verdict(row["arm"], row["baseline"], row[f"{accuracy}_vs_baseline"], row["token_share"])
         for row in rows
-        if row[f"{accuracy}_vs_full"] is not None
+        if row[f"{accuracy}_vs_baseline"] is not None
     ]
 
 
@@ -94,48 +118,53 @@ def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]
     return counts.most_common(count)
 
 
+def _routing_measure(runs: list[Run], key: str, phase: str) -> Interval:
+    """Mean over runs of one per-domain routing measure (``before`` or ``after`` RL), with a bootstrap
+    interval over runs."""
+    values = [(run.domain_routing.get(phase) or {}).get(key, math.nan) for run in runs]
+    values = [value for value in values if value is not None and not math.isnan(value)]
+    return mean_interval([[value] for value in values]) if values else Interval(math.nan, math.nan, math.nan)
+
+
 def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict]) -> list[str]:
     """Markdown for multi-domain runs: starting policies, per-domain accuracy and routing (empty otherwise)."""
     lines: list[str] = []
-    for built in starting_policies:
-        if built:
+    if starting_policies:
+        lines += [
+            "",
+            "## Starting policies",
+            "",
+            "Dense warm starts behind the upcycled MoEs, per construction seed (supervised; the seed stops at "
+            "the first dev check reaching the target accuracy, each branch trains a fixed number of steps on its "
+            "domain; dev accuracy on the branch's own domain).",
+            "",
+            "| construction seed | dense model | SFT steps | dev accuracy |",
+            "|---|---|---|---|",
+        ]
+        for construction, built in starting_policies:
             lines += [
-                "",
-                "## Starting policies",
-                "",
-                "Dense warm starts behind the upcycled MoEs (supervised; the seed stops "
-                "at the first dev check reaching the target accuracy, each branch trains a fixed number of steps on "
-                "its domain; dev accuracy on the branch's own domain).",
-                "",
-                "| dense model | SFT steps | dev accuracy |",
-                "|---|---|---|",
-            ]
-            lines += [
-                f"| {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |"
+                f"| {construction} | {name} | {info['steps']} | {_fmt(info['dev_accuracy'])} |"
                 for name, info in built.items()
                 if not name.startswith("routing_")
             ]
-            as_built = {
-                name[len("routing_") : -len("_as_built")]: info
-                for name, info in built.items()
-                if name.startswith("routing_") and info
-            }
-            if as_built:
-                lines += [
-                    "",
-                    "Routing of each upcycled MoE as built (before any MoE training): JS between the domains' "
-                    "expert loads, mean over layers, and each domain's top expert in layer 0.",
-                    "",
-                    "| init | JS (bits) | layer-0 top expert |",
-                    "|---|---|---|",
-                ]
-                for init, info in as_built.items():
-                    first = info["layers"][0]
-                    tops = ", ".join(
-                        f"{d} {first['top_expert'][d]} ({first['loads'][d][first['top_expert'][d]]:.2f})"
-                        for d in info["domains"]
-                    )
-                    lines.append(f"| {init} | {_fmt(info['mean_js_bits'])} | {tops} |")
+        as_built = [
+            (construction, name[len("routing_") : -len("_as_built")], info)
+            for construction, built in starting_policies
+            for name, info in built.items()
+            if name.startswith("routing_") and info
+        ]
+        if as_built:
+            lines += [
+                "",
+                "Routing of each upcycled MoE as built (before any MoE training): JS between the domains' expert "
+                "loads and the own-expert share (see Per-domain routing), means over layers.",
+                "",
+                "| construction seed | init | JS (bits) | own share |",
+                "|---|---|---|---|",
+            ]
+            for construction, init, info in as_built:
+                own = _fmt(info.get("mean_own_share", math.nan))
+                lines.append(f"| {construction} | {init} | {_fmt(info['mean_js_bits'])} | {own} |")
     tuned = {
         arm: runs[0].summary["warm_start"]
         for arm, runs in groups.items()
@@ -144,12 +173,17 @@ def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict])
     if tuned and starting_policies:  # runs of a compare
         lines += [
             "",
-            "Supervised fine-tuning on the mixed task before RL (the run's warm start):",
+            "Supervised fine-tuning on the mixed task before RL (the run's warm start; mean over runs):",
             "",
             "| arm | SFT steps | dev accuracy |",
             "|---|---|---|",
         ]
-        lines += [f"| {arm} | {info['steps']} | {_fmt(info['dev_accuracy'])} |" for arm, info in tuned.items()]
+        for arm, runs in groups.items():
+            warm = [run.summary["warm_start"] for run in runs if run.summary and run.summary.get("warm_start")]
+            if warm:
+                steps = mean_std([float(info["steps"]) for info in warm])[0]
+                accuracy = mean_std([info["dev_accuracy"] for info in warm])[0]
+                lines.append(f"| {arm} | {_fmt(steps, digits=0)} | {_fmt(accuracy)} |")
     by_group = {
         arm: [run for run in runs if run.summary and (run.summary.get("eval_after") or {}).get("by_group")]
         for arm, runs in groups.items()
@@ -191,30 +225,56 @@ def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict])
             "",
             "## Per-domain routing",
             "",
-            "Each domain's worked eval solutions, teacher-forced through the policy: "
-            "Jensen-Shannon divergence between the domains' expert loads (bits, mean over layers; 0 = routed "
-            "alike, 1 = disjoint experts with two domains), before -> after RL, and each domain's top expert and "
-            "its share per layer after RL (first seed).",
+            "Each domain's worked eval solutions, teacher-forced through the policy. JS = Jensen-Shannon divergence "
+            "between the domains' expert loads (bits, mean over layers; 0 = routed alike, 1 = disjoint experts with "
+            "two domains). Own share = share of a domain's tokens whose top-1 expert is the domain's own expert (the "
+            "one-to-one domain -> expert matching that fits best), mean over domains and layers: with two domains "
+            "and two experts 0.5 = routed alike, 1 = each domain wholly on its own expert. Forking / other: the same "
+            "on the top-rho solution tokens by the policy's entropy and on the rest. Before = after the fine-tuning "
+            "on the mix, at the start of RL. Mean over runs [95% bootstrap interval over runs].",
             "",
-            "| arm | JS before -> after (bits) | top expert per layer after RL |",
-            "|---|---|---|",
+            "| arm | runs | JS before -> after (bits) | own share before -> after | after RL: forking / other |",
+            "|---|---|---|---|---|",
         ]
         for arm, runs in routed.items():
-            before = mean_std([(run.domain_routing.get("before") or {}).get("mean_js_bits", math.nan) for run in runs])[
-                0
+            cells = [
+                f"{_interval_cell(_routing_measure(runs, key, 'before'))} -> "
+                f"{_interval_cell(_routing_measure(runs, key, 'after'))}"
+                for key in ("mean_js_bits", "mean_own_share")
             ]
-            after = mean_std([run.domain_routing["after"]["mean_js_bits"] for run in runs])[0]
-            first = runs[0].domain_routing["after"]
-            per_layer = "; ".join(
-                f"L{index}: "
-                + ", ".join(
-                    f"{domain} {layer['top_expert'][domain]} "
-                    f"({layer['loads'][domain][layer['top_expert'][domain]]:.2f})"
-                    for domain in first["domains"]
-                )
-                for index, layer in enumerate(first["layers"])
+            cells.append(
+                f"{_interval_cell(_routing_measure(runs, 'mean_own_share_forking', 'after'))} / "
+                f"{_interval_cell(_routing_measure(runs, 'mean_own_share_other', 'after'))}"
             )
-            lines.append(f"| {arm} | {_fmt(before)} -> {_fmt(after)} | {per_layer} |")
+            lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+        verdicts = routing_verdict_lines(routed)
+        if verdicts:
+            lines += ["", "**Routing verdicts** (own share after RL, difference to the baseline, 95% interval):", ""]
+            lines += [f"- {line}" for line in verdicts]
+    return lines
+
+
+def routing_verdict_lines(routed: dict[str, list[Run]], key: str = "mean_own_share") -> list[str]:
+    """Per init+arm against sparse+arm: the difference of the mean own-expert share after RL, with a
+    bootstrap interval over runs, in plain words."""
+    lines = []
+    for arm, runs in routed.items():
+        baseline = baseline_of(arm, routed)
+        if baseline is None or "+" not in arm:
+            continue
+        values = [[run.domain_routing["after"].get(key, math.nan)] for run in runs]
+        reference = [[run.domain_routing["after"].get(key, math.nan)] for run in routed[baseline]]
+        difference = paired_difference(values, reference)
+        if math.isnan(difference.estimate):
+            continue
+        finding = (
+            f"higher than {baseline}"
+            if difference.low > 0
+            else f"lower than {baseline}"
+            if difference.high < 0
+            else "no detectable difference"
+        )
+        lines.append(f"{arm} vs {baseline}: {difference.format(signed=True)}, {finding}")
     return lines
 
 
@@ -227,29 +287,35 @@ def _interval_cell(interval: Interval) -> str:
 def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
     """The summary table (markdown lines) with its legend, then the verdict lines."""
     lines = [
-        "Eval accuracy after RL: mean over seeds x eval problems with a 95% bootstrap interval (problems and "
-        "seeds resampled); vs full = paired difference to the full arm on the same problems; best = best mean "
-        "greedy accuracy of any eval during training; reaches full = first eval step where the arm's mean greedy "
-        "accuracy is inside the full arm's final interval; gradient tokens = completion tokens with a non-zero "
-        "policy-gradient weight per run; train time = wall-clock seconds of the RL phase (no warm start, no evals).",
+        "Eval accuracy after RL: mean over runs x eval problems with a 95% bootstrap interval (problems and "
+        "runs resampled); baseline = the arm each row is compared with (full; sparse+<arm> for the other "
+        "starting policies of an upcycling compare); vs baseline = paired difference on the same problems and "
+        "seeds; best = best mean greedy accuracy of any eval during training; reaches baseline = first eval step "
+        "where the arm's mean greedy accuracy is inside the baseline's final interval; seeds = RL seeds (cC/sS: "
+        "construction seed C, RL seed S); gradient tokens = completion tokens with a non-zero policy-gradient "
+        "weight per run; train time = wall-clock seconds of the RL phase (no warm start, no evals).",
         "",
-        "| arm | seeds | greedy acc | sampled acc | greedy vs full | best greedy | reaches full | gradient tokens "
-        "| train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | greedy acc | sampled acc | baseline | greedy vs baseline | best greedy | reaches baseline "
+        "| gradient tokens | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = summary_rows(groups)
     for row in rows:
-        versus = "—" if row["greedy_vs_full"] is None else row["greedy_vs_full"].format(signed=True)
-        reach = "—" if row["arm"] == "full" else (row["reaches_full"] if row["reaches_full"] is not None else "no")
+        versus = "—" if row["greedy_vs_baseline"] is None else row["greedy_vs_baseline"].format(signed=True)
+        reach = "—" if row["reaches_baseline"] is None else row["reaches_baseline"]
         lines.append(
             f"| {row['arm']} | {row['seeds']} | {_interval_cell(row['greedy'])} | {_interval_cell(row['sampled'])} | "
-            f"{versus} | {_fmt(*row['best'])} | {reach} | {_fmt(row['gradient_tokens'], digits=0)} | "
-            f"{_fmt(row['train_seconds'], digits=0)} |"
+            f"{row['baseline'] or '—'} | {versus} | {_fmt(*row['best'])} | {reach} | "
+            f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
         )
     for accuracy in ("greedy", "sampled"):
         verdicts = verdict_lines(rows, accuracy)
         if verdicts:
-            lines += ["", f"**Verdicts on {accuracy} accuracy** after RL (difference to full, 95% interval):", ""]
+            lines += [
+                "",
+                f"**Verdicts on {accuracy} accuracy** after RL (difference to the baseline, 95% interval):",
+                "",
+            ]
             lines += [f"- {line}" for line in verdicts]
     return lines
 
@@ -270,6 +336,7 @@ def write_report(paths: list[Path], out_dir: Path | None = None, records: Compar
         if draw(groups, out_dir / name):
             figures.append((title, name))
     lines += domain_sections(groups, records.starting_policies)
+    figures += own_share_figures(groups, out_dir)
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     flat = [note for _, _, panels in CURVE_PANELS for note in split_panels(groups, panels)[1]]

@@ -173,6 +173,67 @@ def plot_domain_routing(groups: dict[str, list[Run]], path: Path) -> bool:
 
 
 # (file, panels, figure title) of the curve figures: one panel per (metric key, label)
+OWN_SHARE_LINES = [  # (phase, key in each layer's record, label, colour, line style)
+    ("before", "own_share", "start of RL, all tokens", "k", "--"),
+    ("after", "own_share", "after RL, all tokens", "k", "-"),
+    ("after", "own_share_forking", "after RL, forking tokens", "C3", "-"),
+    ("after", "own_share_other", "after RL, other tokens", "C0", "-"),
+]
+
+
+def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
+    """Per-layer own-expert share of one starting policy's runs, one panel per arm: start vs end of RL, and
+    forking vs other tokens after RL (mean over runs, band = min..max over runs)."""
+    arms = [
+        arm
+        for arm, runs in groups.items()
+        if arm.startswith(f"{init}+") and any((run.domain_routing or {}).get("after") for run in runs)
+    ]
+    if not arms:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 3.4), squeeze=False, sharey=True)
+    for axis, arm in zip(axes[0], arms, strict=True):
+        runs = [run for run in groups[arm] if (run.domain_routing or {}).get("after")]
+        for phase, key, label, colour, line in OWN_SHARE_LINES:
+            per_run = [
+                [layer.get(key, math.nan) for layer in (run.domain_routing.get(phase) or {}).get("layers", [])]
+                for run in runs
+            ]
+            per_run = [values for values in per_run if values and not any(math.isnan(v) for v in values)]
+            if not per_run:
+                continue
+            layers = range(len(per_run[0]))
+            means = [statistics.fmean(values[layer] for values in per_run) for layer in layers]
+            axis.plot(list(layers), means, color=colour, linestyle=line, marker="o", label=label)
+            axis.fill_between(
+                list(layers),
+                [min(values[layer] for values in per_run) for layer in layers],
+                [max(values[layer] for values in per_run) for layer in layers],
+                color=colour,
+                alpha=0.12,
+            )
+        axis.set_title(f"{arm} ({len(runs)} runs)", fontsize=10)
+        axis.set_xlabel("layer")
+        axis.set_ylim(0.0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("own-expert share")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    _save_figure(plt, figure, path)
+    return True
+
+
+def own_share_figures(groups: dict[str, list[Run]], out_dir: Path) -> list[tuple[str, str]]:
+    """One figure per starting policy of an upcycling compare: ``(title, file name)`` of those drawn."""
+    inits = list(dict.fromkeys(arm.split("+", 1)[0] for arm in groups if "+" in arm))
+    drawn = []
+    for init in inits:
+        name = f"own_share_{init}.png"
+        if plot_own_share(init, groups, out_dir / name):
+            drawn.append((f"Own-expert share per layer: {init}", name))
+    return drawn
+
+
 CURVE_PANELS = [
     (
         "accuracy.png",

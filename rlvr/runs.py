@@ -2,7 +2,7 @@
 
 Reads what runs write (``summary.json``, ``metrics.jsonl``, ``forking_tokens.jsonl``, ``routing.jsonl``,
 ``domain_routing.json``, ``config.yaml``) and what a compare writes beside them (``compare.json``, the
-starting policies' ``policies/policies.json``). A run killed mid-write leaves a partial last line,
+starting policies' ``policies/seed<C>/policies.json``). A run killed mid-write leaves a partial last line,
 which is skipped.
 """
 
@@ -30,6 +30,16 @@ class Run:
     forking: list[dict] = field(default_factory=list)
     routing: list[dict] = field(default_factory=list)
     domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
+    construction: int | None = None  # upcycling compares: the seed the starting policy was built with
+
+    @property
+    def replicate(self) -> tuple[int, int]:
+        """What pairs runs of two arms: (construction seed, RL seed)."""
+        return (-1 if self.construction is None else self.construction, self.seed)
+
+    @property
+    def replicate_label(self) -> str:
+        return str(self.seed) if self.construction is None else f"c{self.construction}/s{self.seed}"
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a logged metric, in step order (last value wins per step)."""
@@ -62,6 +72,7 @@ def load_run(directory: Path) -> Run:
         directory=directory,
         arm=str(config.get("arm") or directory.name.split("-seed")[0]),
         seed=int(config.get("seed", 0)),
+        construction=(config.get("upcycle") or {}).get("construction_seed"),
         summary=summary,
         metrics=_read_jsonl(directory / "metrics.jsonl"),
         forking=_read_jsonl(directory / "forking_tokens.jsonl"),
@@ -95,7 +106,7 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs by arm, the full arm first."""
     groups: dict[str, list[Run]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.seed)):
+    for run in sorted(runs, key=lambda r: (r.arm != "full", r.arm, r.replicate)):
         groups[run.arm].append(run)
     return groups
 
@@ -129,14 +140,14 @@ class CompareRecords:
     runs: list[Run]
     missing: list[str]  # planned runs without a summary
     groups: dict[str, list[Run]]  # by arm, the full arm first
-    starting_policies: list[dict]  # one per compare directory: its policies.json ({} when it built none)
+    starting_policies: list[tuple[str, dict]]  # (construction seed, its policies.json) of every compare directory
 
     @classmethod
     def load(cls, paths: list[Path]) -> CompareRecords:
         runs, missing = find_runs(paths)
         starting = []
         for path in paths:
-            record = path / "policies" / "policies.json"
             if (path / MANIFEST).exists():
-                starting.append(json.loads(record.read_text()) if record.exists() else {})
+                for record in sorted((path / "policies").glob("seed*/policies.json")):
+                    starting.append((record.parent.name.removeprefix("seed"), json.loads(record.read_text())))
         return cls(runs, missing, group_runs(runs), starting)

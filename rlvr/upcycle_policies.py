@@ -16,9 +16,12 @@ warm start, to ``warm_start.target_accuracy``) before RL. Branching needs a shar
 averaged attention of branches grown from a random init computes nothing useful (measured: 0.0
 accuracy after merging).
 
-Policies are built once under ``<compare output_dir>/policies/<init>/`` (dense warm starts are cached
-like any warm start); ``policies/policies.json`` records the dense warm starts and each built
-policy's per-domain routing on the eval solutions before any MoE training.
+Every construction seed (``upcycle.construction_seeds``) builds its own seed dense model, branches and
+starting MoEs (and seeds each MoE's fine-tuning on the mix), so that a compare measures how much of a
+difference comes from how the MoE happened to be built, not only from RL sampling. Policies are built once
+under ``<compare output_dir>/policies/seed<C>/<init>/`` (dense warm starts are cached like any warm
+start); ``policies.json`` beside them records the dense warm starts and each built policy's per-domain
+routing on the eval solutions before any MoE training.
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ class UpcycleConfig:
         True,
         "sparse: train the seed branch_steps x domains more steps on the mix first (same supervised compute as btx)",
     )
+    construction_seeds: list = option(
+        [0],
+        "rlvr compare: seeds the starting policies are built with (dense seed init and SFT, branches, merge, the "
+        "MoEs' fine-tuning on the mix); every init x arm x compare seed runs once per construction seed",
+    )
+    construction_seed: int | None = option(
+        None, "set by rlvr compare on each run: the construction seed of its starting policy (for the report)"
+    )
 
     def validate(self) -> None:
         for index, init in enumerate(self.inits):
@@ -97,23 +108,48 @@ class UpcycleConfig:
         require(1 <= self.top_k <= self.num_experts, "top_k", f"must be in 1..upcycle.num_experts ({self.num_experts})")
         require(self.router_samples >= 1, "router_samples", "must be >= 1")
         require(self.branch_steps >= 1, "branch_steps", "must be >= 1")
+        require(len(self.construction_seeds) > 0, "construction_seeds", "needs at least one seed")
+        for index, seed in enumerate(self.construction_seeds):
+            require(
+                isinstance(seed, int) and not isinstance(seed, bool),
+                f"construction_seeds[{index}]",
+                f"must be an integer; got {seed!r}",
+            )
+        require(
+            len(set(self.construction_seeds)) == len(self.construction_seeds),
+            "construction_seeds",
+            "lists a seed twice",
+        )
 
 
-def policy_directory(output_dir: Path, init: str) -> Path:
-    return Path(output_dir) / POLICIES_DIR / init
+def construction_directory(output_dir: Path, construction_seed: int) -> Path:
+    """Where the starting policies of one construction seed are built (``policies.json`` beside them)."""
+    return Path(output_dir) / POLICIES_DIR / f"seed{construction_seed}"
 
 
-def run_overrides(config: RunConfig, output_dir: Path, init: str) -> list[str]:
-    """Config overrides that make a run start from ``init`` (each is fine-tuned on the mix first)."""
+def policy_directory(output_dir: Path, init: str, construction_seed: int) -> Path:
+    return construction_directory(output_dir, construction_seed) / init
+
+
+def construction_overrides(construction_seed: int) -> list[str]:
+    """Overrides that build with ``construction_seed``: the tiny inits and every warm start (dense seed,
+    branches, the MoEs' fine-tuning on the mix) use it."""
+    return [f"warm_start.seed={construction_seed}", f"upcycle.construction_seed={construction_seed}"]
+
+
+def run_overrides(config: RunConfig, output_dir: Path, init: str, construction_seed: int) -> list[str]:
+    """Config overrides that make a run start from ``init`` as built with ``construction_seed`` (each is
+    fine-tuned on the mix first)."""
     upcycle_config = config.upcycle
+    seeded = [*construction_overrides(construction_seed), "warm_start.enabled=true"]
     if init == "scratch":
         return [
             f"model.name_or_path={upcycle_config.scratch_model}",
             f"model.tiny.num_experts={upcycle_config.num_experts}",
             f"model.tiny.top_k={upcycle_config.top_k}",
-            "warm_start.enabled=true",
+            *seeded,
         ]
-    return [f"model.name_or_path={policy_directory(output_dir, init)}", "warm_start.enabled=true"]
+    return [f"model.name_or_path={policy_directory(output_dir, init, construction_seed)}", *seeded]
 
 
 def _warm_started_dense(
@@ -160,21 +196,28 @@ def _described(warm: WarmStartResult) -> dict:
     return {"path": str(warm.path), "steps": warm.steps, "dev_accuracy": warm.dev_accuracy}
 
 
-def build_policies(make_config: Callable[[list[str]], RunConfig], output_dir: Path, say=print) -> dict[str, Path]:
-    """Build every ``btx``/``sparse`` policy of ``upcycle.inits`` that is not built yet.
+def build_policies(
+    compare_config: Callable[[list[str]], RunConfig], output_dir: Path, construction_seed: int, say=print
+) -> dict[str, Path]:
+    """Build every ``btx``/``sparse`` policy of ``upcycle.inits`` for one construction seed, unless built.
 
     Args:
-        make_config: base config with extra overrides applied (the compare's config files and overrides).
+        compare_config: base config with extra overrides applied (the compare's config files and overrides).
     """
+
+    def make_config(extra: list[str]) -> RunConfig:
+        return compare_config([*construction_overrides(construction_seed), *extra])
+
     base = make_config([])
     settings = base.upcycle
     wanted = [init for init in settings.inits if init in ("btx", "sparse")]
-    built = {init: policy_directory(output_dir, init) for init in wanted}
+    built = {init: policy_directory(output_dir, init, construction_seed) for init in wanted}
     todo = [init for init in wanted if not (built[init] / MANIFEST).exists()]
     if not todo:
         return built
+    say(f"[upcycle] construction seed {construction_seed}")
     data = prepare_data(base)
-    record_path = Path(output_dir) / POLICIES_DIR / "policies.json"
+    record_path = construction_directory(output_dir, construction_seed) / "policies.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     domains = list(base.data.task.domains)
     say(f"[upcycle] seed: warm-starting the dense {settings.dense_model} on the mix ({', '.join(domains)})")

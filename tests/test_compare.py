@@ -57,7 +57,7 @@ def compared(tmp_path_factory):
 def _table_row(report: str, arm: str) -> list[str]:
     for line in report.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if cells and cells[0] == arm and len(cells) == 9:
+        if cells and cells[0] == arm and len(cells) == 10:
             return cells
     raise AssertionError(f"no summary row for {arm}")
 
@@ -71,7 +71,8 @@ def test_report_tables_hold_the_runs_numbers(compared):
         assert cells[2].startswith(f"{summary['eval_after']['greedy_accuracy']:.3f} [")  # mean [95% interval]
         assert cells[3].startswith(f"{summary['eval_after']['sampled_accuracy']:.3f} [")
         assert len(summary["eval_after"]["greedy_correct"]) == summary["eval_after"]["num_problems"] == 8
-        assert cells[7] == f"{summary['gradient_tokens']:.0f}"
+        assert cells[8] == f"{summary['gradient_tokens']:.0f}"
+        assert cells[4] == ("—" if arm == "full" else "full")  # the baseline
         assert summary["arm"] == arm and summary["steps"] == 4
     full = json.loads((compared / "full-seed0" / "summary.json").read_text())["gradient_tokens"]
     forking = json.loads((compared / "forking-seed0" / "summary.json").read_text())["gradient_tokens"]
@@ -79,7 +80,7 @@ def test_report_tables_hold_the_runs_numbers(compared):
     full_after = json.loads((compared / "full-seed0" / "summary.json").read_text())["eval_after"]
     forking_after = json.loads((compared / "forking-seed0" / "summary.json").read_text())["eval_after"]
     difference = forking_after["greedy_accuracy"] - full_after["greedy_accuracy"]
-    assert _table_row(report, "forking")[4].startswith(f"{difference:+.3f} [")  # paired difference to full
+    assert _table_row(report, "forking")[5].startswith(f"{difference:+.3f} [")  # paired difference to full
     assert f"- forking vs full: {difference:+.3f} [" in report and "of the gradient tokens" in report
     for figure in ("accuracy.png", "training.png", "entropy.png", "expert_load.png", "routing.png"):
         assert (compared / figure).stat().st_size > 5000, figure

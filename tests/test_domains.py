@@ -45,6 +45,59 @@ def test_domain_loads_match_one_unpadded_forward_per_pair():
     )
 
 
+def test_own_expert_shares_match_one_unpadded_forward_per_pair():
+    """Own-expert shares on all, forking and other tokens against a plain reference: top-1 experts and
+    float64 entropies from one unpadded forward per pair, forking = the top rho by entropy, the matching
+    tried over every domain -> expert assignment."""
+    tokenizer = build_char_tokenizer()
+    spec = TinyMoESpec(num_layers=2, hidden_size=32, expert_size=16, num_experts=3, top_k=1)
+    model = build_tiny_moe("qwen3_moe", spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed=2)
+    model.set_experts_implementation("eager")
+    model = model.double()
+    result = routing_by_domain(model, tokenizer, PROMPTS, SOLUTIONS, DOMAINS, batch_size=3, rho=0.3)
+
+    top1, entropy, labels = [], [], []
+    for prompt, solution, domain in zip(PROMPTS, SOLUTIONS, DOMAINS, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        output = model(input_ids=torch.tensor([prompt_ids + solution_ids]), output_router_logits=True)
+        decisions = slice(len(prompt_ids) - 1, len(prompt_ids) + len(solution_ids) - 1)
+        top1.append(torch.stack([layer_logits.argmax(-1)[decisions] for layer_logits in output.router_logits], 1))
+        probabilities = torch.softmax(output.logits[0, decisions], -1)
+        entropy.append(-(probabilities * probabilities.log()).sum(-1))
+        labels += [domain] * len(solution_ids)
+    top1, entropy = torch.cat(top1), torch.cat(entropy)  # (tokens, layers), (tokens,)
+    forking = entropy >= entropy.sort(descending=True).values[math.ceil(0.3 * len(entropy)) - 1]
+    domains = ["addition", "multiplication"]
+    of = {d: torch.tensor([label == d for label in labels]) for d in domains}
+
+    def share(layer, own, subset):
+        return sum(float((top1[of[d] & subset, layer] == own[d]).double().mean()) for d in domains) / 2
+
+    for layer in range(2):
+        matchings = [
+            dict(zip(domains, pair, strict=True)) for pair in [(a, b) for a in range(3) for b in range(3) if a != b]
+        ]
+        everything = torch.ones(len(labels), dtype=torch.bool)
+        best = max(matchings, key=lambda own: share(layer, own, everything))
+        measured = result["layers"][layer]
+        assert measured["own_share"] == pytest.approx(share(layer, best, everything), abs=1e-12)
+        assert measured["own_share_forking"] == pytest.approx(share(layer, best, forking), abs=1e-12)
+        assert measured["own_share_other"] == pytest.approx(share(layer, best, ~forking), abs=1e-12)
+        assert measured["own_expert"] == best
+    assert result["forking_rho"] == 0.3 and 0.0 < result["mean_own_share"] <= 1.0
+
+
+def test_own_experts_matching_is_one_to_one_and_reads_routed_alike_as_one_half():
+    from rlvr.moe.domains import own_experts
+
+    # both domains mostly on expert 0: the matching still gives each its own expert
+    own = own_experts({"a": torch.tensor([0.9, 0.1]), "b": torch.tensor([0.8, 0.2])})
+    assert sorted(own.values()) == [0, 1] and own == {"a": 0, "b": 1}
+    assert own_experts({"a": torch.tensor([0.1, 0.0, 0.9]), "b": torch.tensor([0.2, 0.7, 0.1])}) == {"a": 2, "b": 1}
+    assert own_experts({"a": torch.tensor([1.0]), "b": torch.tensor([1.0])}) == {}  # more domains than experts
+
+
 def test_js_is_one_bit_for_disjoint_experts_and_zero_for_identical_routing():
     from rlvr.moe.domains import _js_bits
 

@@ -263,24 +263,35 @@ UPCYCLE_CONFIG = str(CONFIG_ROOT / "compare" / "upcycle.yaml")
 def test_plan_runs_with_starting_policies(tmp_path):
     from rlvr.compare import plan_runs
 
-    output_dir, runs = plan_runs([UPCYCLE_CONFIG], [f"output_dir={tmp_path}"], None, None)
-    assert [run.arm for run in runs] == [
-        "btx+forking",
-        "btx+forking_router",
-        "sparse+forking",
-        "sparse+forking_router",
-        "scratch+forking",
-        "scratch+forking_router",
-    ]
-    btx, scratch = runs[0].config, runs[-1].config
-    assert btx.model.name_or_path == str(tmp_path / "policies" / "btx") and btx.warm_start.enabled == "true"
+    overrides = [f"output_dir={tmp_path}", "upcycle.construction_seeds=[4,7]", "compare.seeds=[0]"]
+    output_dir, runs = plan_runs([UPCYCLE_CONFIG], overrides, None, None)
+    arms = ["btx+forking", "btx+forking_router", "sparse+forking", "sparse+forking_router", "scratch+forking"]
+    assert [run.arm for run in runs] == [*arms, "scratch+forking_router"] * 2
+    assert [run.construction for run in runs] == [4] * 6 + [7] * 6  # construction-major: seed 4 completes first
+    btx, scratch = runs[0].config, runs[5].config
+    assert btx.model.name_or_path == str(tmp_path / "policies" / "seed4" / "btx") and btx.warm_start.enabled == "true"
     assert btx.moe.router_gate_scope == "all" and runs[1].config.moe.router_gate_scope == "forking"  # the arms apply
     assert (
         scratch.model.name_or_path == "tiny:qwen3_moe"
         and scratch.model.tiny.num_experts == 2
         and scratch.warm_start.enabled == "true"
     )
-    assert runs[2].directory == tmp_path / "sparse-forking-seed0"
+    # the construction seed seeds the tiny inits and every warm start, and is recorded for the report
+    assert [run.config.warm_start.seed for run in runs] == [4] * 6 + [7] * 6
+    assert all(run.config.upcycle.construction_seed == run.construction for run in runs)
+    assert all(run.config.seed == 0 for run in runs)
+    assert runs[2].directory == tmp_path / "sparse-forking-c4-seed0"
+    assert runs[8].config.model.name_or_path == str(tmp_path / "policies" / "seed7" / "sparse")
+
+
+def test_the_packaged_upcycling_compares_run_three_construction_seeds_by_two_rl_seeds():
+    from rlvr.config import load_config
+
+    for name in ("upcycle.yaml", "upcycle_reverse.yaml"):
+        config = load_config([str(CONFIG_ROOT / "compare" / name)])
+        assert config.upcycle.construction_seeds == [0, 1, 2] and config.compare.seeds == [0, 1], name
+    reverse = load_config([str(CONFIG_ROOT / "compare" / "upcycle_reverse.yaml")])
+    assert reverse.data.task.domains == ["addition", "reverse"] and reverse.reward.functions == ["embedded_exact"]
 
 
 @pytest.mark.parametrize(
@@ -294,6 +305,9 @@ def test_plan_runs_with_starting_policies(tmp_path):
             "upcycle.dense_model: must be one of tiny:llama, tiny:mistral, tiny:qwen3",
         ),
         (["upcycle.top_k=3"], r"upcycle.top_k: must be in 1..upcycle.num_experts \(2\)"),
+        (["upcycle.construction_seeds=[]"], "upcycle.construction_seeds: needs at least one seed"),
+        (["upcycle.construction_seeds=[1,1]"], "upcycle.construction_seeds: lists a seed twice"),
+        (["upcycle.construction_seeds=[a]"], r"upcycle.construction_seeds\[0\]: must be an integer"),
     ],
 )
 def test_upcycle_config_errors_name_the_key(overrides, message):
@@ -333,10 +347,12 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
         "eval.sampled_completions=2",
         "eval.pass_k=2",
         "upcycle.branch_steps=20",
+        "upcycle.construction_seeds=[0]",
+        "compare.seeds=[0]",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    record = json.loads((out / "policies" / "policies.json").read_text())
+    record = json.loads((out / "policies" / "seed0" / "policies.json").read_text())
     assert set(record) == {
         "dense_seed (mix)",
         "branch_addition",
@@ -348,8 +364,8 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
     assert record["branch_addition"]["steps"] == 20  # upcycle.branch_steps
     assert record["seed_continued (mix)"]["steps"] == 40  # match_compute: 20 steps x 2 domains
     # BTX expert i is branch i's feed-forward layer; the sparse experts are all the seed's
-    btx = AutoModelForCausalLM.from_pretrained(out / "policies" / "btx").state_dict()
-    sparse = AutoModelForCausalLM.from_pretrained(out / "policies" / "sparse").state_dict()
+    btx = AutoModelForCausalLM.from_pretrained(out / "policies" / "seed0" / "btx").state_dict()
+    sparse = AutoModelForCausalLM.from_pretrained(out / "policies" / "seed0" / "sparse").state_dict()
     seed = load_file(str(next(Path(record["seed_continued (mix)"]["path"]).glob("*.safetensors"))))
     for expert, domain in enumerate(("addition", "multiplication")):
         branch = load_file(str(next(Path(record[f"branch_{domain}"]["path"]).glob("*.safetensors"))))
@@ -363,14 +379,23 @@ def test_upcycle_experiment_end_to_end_on_a_small_model(tmp_path):
         btx["model.layers.0.mlp.experts.down_proj"][0], btx["model.layers.0.mlp.experts.down_proj"][1]
     )
     for label in ("btx-forking", "sparse-forking_router", "scratch-forking"):
-        routing = json.loads((out / f"{label}-seed0" / "domain_routing.json").read_text())
+        routing = json.loads((out / f"{label}-c0-seed0" / "domain_routing.json").read_text())
         assert routing["before"]["domains"] == ["addition", "multiplication"] and routing["after"]["layers"]
-        summary = json.loads((out / f"{label}-seed0" / "summary.json").read_text())
+        assert 0.0 <= routing["after"]["mean_own_share"] <= 1.0
+        summary = json.loads((out / f"{label}-c0-seed0" / "summary.json").read_text())
         assert set(summary["eval_after"]["by_group"]) == {"addition", "multiplication"}
     report = (out / "report.md").read_text()
-    for section in ("## Starting policies", "## Per-domain accuracy", "## Per-domain routing", "domain_routing.png"):
-        assert section in report
-    assert (out / "domain_routing.png").exists()
+    for section in (
+        "## Starting policies",
+        "## Per-domain accuracy",
+        "## Per-domain routing",
+        "domain_routing.png",
+        "- btx+forking vs sparse+forking: ",  # accuracy verdicts against compute-matched sparse upcycling
+        "**Routing verdicts**",
+    ):
+        assert section in report, section
+    for figure in ("domain_routing.png", "own_share_btx.png", "own_share_sparse.png", "own_share_scratch.png"):
+        assert (out / figure).stat().st_size > 5000, figure
 
 
 def test_warm_start_cache_key_follows_the_checkpoint_not_just_its_path(tmp_path):

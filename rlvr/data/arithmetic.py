@@ -10,8 +10,10 @@ per line, left to right, and ends with the answer in ``\\boxed{}``::
 Problems come from one or more *domains*, skills that tiny dense models can learn apart (the inputs
 of Branch-Train-MiX upcycling): ``addition`` (chains of + and -) and ``multiplication`` (a product of
 two factors, then + or - further numbers, e.g. ``7*8+3``; the product comes first, so left to right is
-also the usual order of operations). ``countdown`` (:mod:`rlvr.data.countdown`) asks to reach a target
-from given numbers and has several solution paths per problem.
+also the usual order of operations); ``reverse`` (``Reverse: cabd`` -> ``\\boxed{dbac}``) shares no
+solution token with them but the box, a domain pair with real seams. ``countdown``
+(:mod:`rlvr.data.countdown`) asks to reach a target from given numbers and has several solution paths
+per problem.
 
 Generation is deterministic for a seed. Train and eval problems come from disjoint halves of the
 problem space (a hash of the problem text decides which split a problem belongs to), so an eval
@@ -28,7 +30,8 @@ from rlvr.configuration import option
 from rlvr.data.countdown import gold_answer, random_countdown, worked_steps
 
 SPLITS = ("train", "eval")
-DOMAINS = ("addition", "multiplication", "countdown")
+DOMAINS = ("addition", "multiplication", "countdown", "reverse")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass
@@ -43,12 +46,15 @@ class ArithmeticTask:
     domains: list = option(
         ["addition"],
         "skills problems are drawn from, uniformly: addition (+/- chains), multiplication (a*b then +/-), "
-        "countdown (reach a target from given numbers)",
+        "countdown (reach a target from given numbers), reverse (write a word of letters backwards)",
     )
     max_factor: int = option(9, "multiplication: factors are drawn from 2..max_factor")
     countdown_numbers: int = option(3, "countdown: numbers to combine, each used once")
     countdown_max: int = option(9, "countdown: numbers are drawn from 1..countdown_max")
     countdown_min_paths: int = option(2, "countdown: only targets reachable by at least this many expressions")
+    reverse_alphabet: int = option(10, "reverse: words use the first this many lowercase letters (2..26)")
+    reverse_min_length: int = option(3, "reverse: shortest word")
+    reverse_max_length: int = option(5, "reverse: longest word")
 
     def validate(self) -> None:
         if not 2 <= self.min_terms <= self.max_terms:
@@ -69,6 +75,13 @@ class ArithmeticTask:
             raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
         if not 2 <= self.countdown_numbers <= 5:
             raise ValueError(f"countdown_numbers must be in 2..5, got {self.countdown_numbers}")
+        if not 2 <= self.reverse_alphabet <= len(LETTERS):
+            raise ValueError(f"reverse_alphabet must be in 2..{len(LETTERS)}, got {self.reverse_alphabet}")
+        if not 1 <= self.reverse_min_length <= self.reverse_max_length:
+            raise ValueError(
+                f"need 1 <= reverse_min_length <= reverse_max_length, got {self.reverse_min_length} "
+                f"and {self.reverse_max_length}"
+            )
         if self.countdown_max < 2 or self.countdown_min_paths < 1:
             raise ValueError(
                 f"need countdown_max >= 2 and countdown_min_paths >= 1, got {self.countdown_max} "
@@ -101,6 +114,8 @@ def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     domain = task.domains[0] if len(task.domains) == 1 else rng.choice(task.domains)
     if domain == "countdown":
         return _countdown_problem(task, rng)
+    if domain == "reverse":
+        return _reverse_problem(task, rng)
     num_terms = rng.randint(task.min_terms, task.max_terms)
     if domain == "multiplication":
         terms = [rng.randint(2, task.max_factor), rng.randint(2, task.max_factor)]
@@ -131,9 +146,25 @@ def _countdown_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
     )
 
 
+def _reverse_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
+    """A word of random letters to write backwards; its solution shares no token with arithmetic's but the box."""
+    length = rng.randint(task.reverse_min_length, task.reverse_max_length)
+    word = "".join(rng.choice(LETTERS[: task.reverse_alphabet]) for _ in range(length))
+    backwards = word[::-1]
+    return Problem(
+        question=f"Reverse: {word}",
+        expression=f"reverse {word}",
+        solution=f"\\boxed{{{backwards}}}",
+        answer=backwards,
+        domain="reverse",
+    )
+
+
 def _larger_space_hint(task: ArithmeticTask) -> str:
     hints = []
-    if any(domain != "countdown" for domain in task.domains):
+    if "reverse" in task.domains:
+        hints.append("raise reverse_alphabet or reverse_max_length")
+    if any(domain in ("addition", "multiplication") for domain in task.domains):
         hints.append("raise max_operand or max_terms")
     if "countdown" in task.domains:
         hints.append("raise countdown_max or lower countdown_min_paths")

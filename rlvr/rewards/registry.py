@@ -15,12 +15,14 @@ from rlvr.configuration import ConfigError, option, require
 from rlvr.rewards.extraction import FALLBACKS
 from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
 from rlvr.rewards.math import MathAccuracy, math_accuracy
-from rlvr.rewards.task import CountdownExact, arithmetic_exact, countdown_exact
+from rlvr.rewards.task import CountdownExact, arithmetic_exact, countdown_exact, embedded_exact, letters_exact
 
 RewardFunction = Callable[..., list]
 
 REWARDS: dict[str, RewardFunction] = {
     "arithmetic_exact": arithmetic_exact,
+    "letters_exact": letters_exact,
+    "embedded_exact": embedded_exact,
     "countdown_exact": countdown_exact,
     "math_accuracy": math_accuracy,
     "boxed_format": boxed_format,
@@ -65,7 +67,8 @@ class RewardConfig:
 
     functions: list = option(
         ["arithmetic_exact"],
-        "reward functions: names (arithmetic_exact, countdown_exact, math_accuracy, boxed_format) or module:function",
+        "reward functions: names (arithmetic_exact, letters_exact, embedded_exact, countdown_exact, math_accuracy, "
+        "boxed_format) or module:function",
     )
     weights: list | None = option(None, "one weight per reward function (default: all 1.0)")
     budget_seconds: float = option(2.0, "math_accuracy: time allowed per completion before it scores failure_score")

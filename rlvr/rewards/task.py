@@ -1,6 +1,9 @@
-"""Exact checkers of rlvr's embedded tasks: arithmetic (the boxed integer) and countdown (the boxed expression)."""
+"""Exact checkers of rlvr's embedded tasks: arithmetic (the boxed integer), reverse (the boxed word) and
+countdown (the boxed expression); ``embedded_exact`` picks the arithmetic or reverse checker per problem."""
 
 from __future__ import annotations
+
+import re
 
 from rlvr.rewards.text import completion_text, last_boxed
 
@@ -21,6 +24,33 @@ def arithmetic_exact(completions: list, answer: list, **_: object) -> list[float
         predicted = _as_int(last_boxed(completion_text(completion)))
         rewards.append(1.0 if predicted is not None and predicted == _as_int(str(gold)) else 0.0)
     return rewards
+
+
+WORD = re.compile(r"[a-z]+")
+
+
+def _letters_score(completion, gold) -> float:
+    """1.0 when ``gold`` is a lowercase word and the last ``\\boxed{}`` holds exactly it (surrounding spaces
+    aside): no case folding, no inner spaces or punctuation, no partial credit."""
+    gold = str(gold)
+    if not WORD.fullmatch(gold):
+        return 0.0
+    boxed = last_boxed(completion_text(completion))
+    return 1.0 if boxed is not None and boxed.strip() == gold else 0.0
+
+
+def letters_exact(completions: list, answer: list, **_: object) -> list[float]:
+    """The reverse task's checker: 1.0 when the last ``\\boxed{}`` holds exactly the gold word, else 0.0."""
+    return [_letters_score(completion, gold) for completion, gold in zip(completions, answer, strict=True)]
+
+
+def embedded_exact(completions: list, answer: list, **_: object) -> list[float]:
+    """Mixed arithmetic and reverse problems: a gold word is checked by :func:`letters_exact`, anything else by
+    :func:`arithmetic_exact` (a word is never an integer, so neither checker can pass the other's problems)."""
+    return [
+        _letters_score(completion, gold) if WORD.fullmatch(str(gold)) else arithmetic_exact([completion], [gold])[0]
+        for completion, gold in zip(completions, answer, strict=True)
+    ]
 
 
 class CountdownExact:

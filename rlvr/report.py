@@ -44,6 +44,13 @@ def baseline_of(arm: str, groups: dict[str, list[Run]]) -> str | None:
     return "full" if arm != "full" and "full" in groups else None
 
 
+def _clusters(runs: list[Run]) -> list | None:
+    """The construction seed of each run, where runs come from built starting policies: runs sharing one
+    are resampled together (rlvr.bootstrap); None for plain compares (each run is its own draw)."""
+    constructions = [run.construction for run in runs]
+    return None if any(construction is None for construction in constructions) else constructions
+
+
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     """One row per arm: accuracies with bootstrap intervals over seeds x problems, the paired difference
     to its baseline (:func:`baseline_of`), and the first eval at which the arm's mean greedy accuracy
@@ -63,11 +70,12 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             paired = [run.replicate for run in finished] == [run.replicate for run in reference]
             reference_greedy = _per_problem(reference, "greedy_correct")
             reference_sampled = _per_problem(reference, "sampled_correct")
+            pairs = None if _clusters(finished) is None else (_clusters(finished), _clusters(reference))
             if paired and greedy and reference_greedy:
-                versus_greedy = paired_difference(greedy, reference_greedy)
+                versus_greedy = paired_difference(greedy, reference_greedy, clusters=pairs)
             if paired and sampled and reference_sampled:
-                versus_sampled = paired_difference(sampled, reference_sampled)
-            final = mean_interval(reference_greedy)
+                versus_sampled = paired_difference(sampled, reference_sampled, clusters=pairs)
+            final = mean_interval(reference_greedy, clusters=_clusters(reference))
             steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
             if reference_greedy and not math.isnan(final.low):
                 reach = next((s for s, m in zip(steps, means, strict=True) if m >= final.low), "no")
@@ -79,8 +87,12 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
                 "arm": arm,
                 "baseline": baseline,
                 "seeds": ", ".join(run.replicate_label for run in finished),
-                "greedy": mean_interval(greedy) if greedy else _no_records(finished, "greedy_accuracy"),
-                "sampled": mean_interval(sampled) if sampled else _no_records(finished, "sampled_accuracy"),
+                "greedy": mean_interval(greedy, clusters=_clusters(finished))
+                if greedy
+                else _no_records(finished, "greedy_accuracy"),
+                "sampled": mean_interval(sampled, clusters=_clusters(finished))
+                if sampled
+                else _no_records(finished, "sampled_accuracy"),
                 "greedy_vs_baseline": versus_greedy,
                 "sampled_vs_baseline": versus_sampled,
                 "best": mean_std(best),
@@ -120,10 +132,10 @@ def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]
 
 def _routing_measure(runs: list[Run], key: str, phase: str) -> Interval:
     """Mean over runs of one per-domain routing measure (``before`` or ``after`` RL), with a bootstrap
-    interval over runs."""
-    values = [(run.domain_routing.get(phase) or {}).get(key, math.nan) for run in runs]
-    values = [value for value in values if value is not None and not math.isnan(value)]
-    return mean_interval([[value] for value in values]) if values else Interval(math.nan, math.nan, math.nan)
+    interval over runs (over construction seeds where the runs have them)."""
+    measured = [run for run in runs if not math.isnan((run.domain_routing.get(phase) or {}).get(key, math.nan))]
+    values = [[run.domain_routing[phase][key]] for run in measured]
+    return mean_interval(values, clusters=_clusters(measured)) if values else Interval(math.nan, math.nan, math.nan)
 
 
 def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict]) -> list[str]:
@@ -231,7 +243,8 @@ def domain_sections(groups: dict[str, list[Run]], starting_policies: list[dict])
             "one-to-one domain -> expert matching that fits best), mean over domains and layers: with two domains "
             "and two experts 0.5 = routed alike, 1 = each domain wholly on its own expert. Forking / other: the same "
             "on the top-rho solution tokens by the policy's entropy and on the rest. Before = after the fine-tuning "
-            "on the mix, at the start of RL. Mean over runs [95% bootstrap interval over runs].",
+            "on the mix, at the start of RL. Mean over runs [95% bootstrap interval; runs built from one construction "
+            "seed are resampled together].",
             "",
             "| arm | runs | JS before -> after (bits) | own share before -> after | after RL: forking / other |",
             "|---|---|---|---|---|",
@@ -264,7 +277,10 @@ def routing_verdict_lines(routed: dict[str, list[Run]], key: str = "mean_own_sha
             continue
         values = [[run.domain_routing["after"].get(key, math.nan)] for run in runs]
         reference = [[run.domain_routing["after"].get(key, math.nan)] for run in routed[baseline]]
-        difference = paired_difference(values, reference)
+        if [run.replicate for run in runs] != [run.replicate for run in routed[baseline]]:
+            continue  # not the same construction and RL seeds: no pairing
+        clusters = None if _clusters(runs) is None else (_clusters(runs), _clusters(routed[baseline]))
+        difference = paired_difference(values, reference, clusters=clusters)
         if math.isnan(difference.estimate):
             continue
         finding = (
@@ -288,8 +304,9 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
     """The summary table (markdown lines) with its legend, then the verdict lines."""
     lines = [
         "Eval accuracy after RL: mean over runs x eval problems with a 95% bootstrap interval (problems and "
-        "runs resampled); baseline = the arm each row is compared with (full; sparse+<arm> for the other "
-        "starting policies of an upcycling compare); vs baseline = paired difference on the same problems and "
+        "runs resampled; runs built from one construction seed are resampled together); baseline = the arm "
+        "each row is compared with (full; sparse+<arm> for the other starting policies of an upcycling compare); "
+        "vs baseline = paired difference on the same problems and "
         "seeds; best = best mean greedy accuracy of any eval during training; reaches baseline = first eval step "
         "where the arm's mean greedy accuracy is inside the baseline's final interval; seeds = RL seeds (cC/sS: "
         "construction seed C, RL seed S); gradient tokens = completion tokens with a non-zero policy-gradient "

@@ -181,6 +181,10 @@ OWN_SHARE_LINES = [  # (phase, key in each layer's record, label, colour, line s
 ]
 
 
+def _layers_of(runs: list[Run]) -> list[list[dict]]:
+    return [(run.domain_routing.get("after") or {}).get("layers", []) for run in runs]
+
+
 def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
     """Per-layer own-expert share of one starting policy's runs, one panel per arm: start vs end of RL, and
     forking vs other tokens after RL (mean over runs, band = min..max over runs)."""
@@ -215,6 +219,7 @@ def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
             )
         axis.set_title(f"{arm} ({len(runs)} runs)", fontsize=10)
         axis.set_xlabel("layer")
+        axis.set_xticks(range(max((len(layer_list) for layer_list in _layers_of(runs)), default=0)))
         axis.set_ylim(0.0, 1.02)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("own-expert share")

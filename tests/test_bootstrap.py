@@ -101,3 +101,49 @@ def test_bad_inputs_are_refused_and_empty_inputs_are_nan():
 )
 def test_verdicts_say_what_the_interval_says(interval, expected):
     assert verdict("forking", "full", interval, token_share=0.2) == expected
+
+
+CLUSTERS = [0, 0, 1, 1, 1, 2]  # construction seed of each run (uneven on purpose)
+
+
+def _exhaustive_cluster_means(values, clusters):
+    """Every one of the C^C cluster draws, enumerated: the mean over the drawn clusters' runs."""
+    distinct = sorted(set(clusters))
+    means = []
+    for draw in itertools.product(distinct, repeat=len(distinct)):
+        chosen = [value for cluster in draw for value, c in zip(values, clusters, strict=True) if c == cluster]
+        means.append(np.mean(chosen))
+    return np.array(means)
+
+
+def test_the_cluster_bootstrap_matches_the_exhaustive_one():
+    """One problem, six runs in three clusters: the exact distribution of the cluster bootstrap is the
+    27 cluster draws; the Monte Carlo percentiles must match it, and resampling runs instead is narrower."""
+    values = [0.2, 0.3, 0.6, 0.7, 0.65, 0.1]
+    exact = _exhaustive_cluster_means(values, CLUSTERS)
+    low, high = np.percentile(exact, [2.5, 97.5], method="inverted_cdf")  # 27 atoms: the discrete quantiles
+    interval = mean_interval([[v] for v in values], replicates=200_000, clusters=CLUSTERS)
+    assert interval.estimate == pytest.approx(np.mean(values), abs=1e-12)
+    assert interval.low == pytest.approx(low, abs=0.01) and interval.high == pytest.approx(high, abs=0.01)
+    runs = mean_interval([[v] for v in values], replicates=200_000)
+    assert runs.high - runs.low < interval.high - interval.low
+
+
+def test_the_paired_cluster_bootstrap_draws_the_same_clusters_for_both_arms():
+    """Arm = baseline + a shift that depends on the cluster: the exact distribution enumerates the shared
+    cluster draws; a construction-seed effect common to both arms cancels."""
+    base = [0.2, 0.3, 0.6, 0.7, 0.65, 0.1]
+    shift = {0: 0.05, 1: 0.15, 2: 0.10}
+    arm = [b + shift[c] for b, c in zip(base, CLUSTERS, strict=True)]
+    exact = _exhaustive_cluster_means(arm, CLUSTERS) - _exhaustive_cluster_means(base, CLUSTERS)
+    low, high = np.percentile(exact, [2.5, 97.5], method="inverted_cdf")
+    interval = paired_difference(
+        [[v] for v in arm], [[v] for v in base], replicates=200_000, clusters=(CLUSTERS, CLUSTERS)
+    )
+    assert interval.estimate == pytest.approx(np.mean(arm) - np.mean(base), abs=1e-12)
+    assert interval.low == pytest.approx(low, abs=0.01) and interval.high == pytest.approx(high, abs=0.01)
+    assert interval.low > 0.04  # the big spread between clusters cancels in the pairing
+    with pytest.raises(ValueError, match="paired clusters differ"):
+        paired_difference([[0.0]], [[0.0]], clusters=([0], [1]))
+    with pytest.raises(ValueError, match="one id per run"):
+        mean_interval([[0.0], [1.0]], clusters=[0])

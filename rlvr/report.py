@@ -80,7 +80,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             if reference_greedy and not math.isnan(final.low):
                 reach = next((s for s, m in zip(steps, means, strict=True) if m >= final.low), "no")
             reference_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in reference])[0]
-            if reference_tokens and not math.isnan(reference_tokens):
+            if reference_tokens and not math.isnan(reference_tokens) and "+" not in arm:  # arms, not inits
                 token_share = tokens / reference_tokens
         rows.append(
             {

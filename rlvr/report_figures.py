@@ -235,7 +235,7 @@ def own_share_figures(groups: dict[str, list[Run]], out_dir: Path) -> list[tuple
     for init in inits:
         name = f"own_share_{init}.png"
         if plot_own_share(init, groups, out_dir / name):
-            drawn.append((f"Own-expert share per layer: {init}", name))
+            drawn.append((f"Own-expert share per layer: {init} (mean over runs, band: min to max)", name))
     return drawn
 
 

@@ -97,7 +97,8 @@ def find_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
             if (directory / "summary.json").exists():
                 runs.append(load_run(directory))
             else:
-                missing.append(f"{entry['arm']} seed {entry['seed']} ({directory})")
+                built = "" if entry.get("construction") is None else f" construction {entry['construction']}"
+                missing.append(f"{entry['arm']}{built} seed {entry['seed']} ({directory})")
         if not planned:
             runs += [load_run(child) for child in sorted(path.iterdir()) if (child / "summary.json").exists()]
     return runs, missing

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rlvr.configuration import ConfigError, option, require
+from rlvr.configuration import ConfigError, option, require, require_integers
 from rlvr.packaged import arm_names, arm_path
 from rlvr.upcycle_policies import build_policies, run_overrides
 
@@ -39,12 +39,7 @@ class CompareConfig:
     seeds: list = option([0, 1, 2], "seeds; every arm runs once per seed on the same data")
 
     def validate(self) -> None:
-        for index, seed in enumerate(self.seeds):
-            require(
-                isinstance(seed, int) and not isinstance(seed, bool),
-                f"seeds[{index}]",
-                f"must be an integer; got {seed!r}",
-            )
+        require_integers(self.seeds, "seeds")
         require(len(self.arms) > 0, "arms", "needs at least one arm")
         require(len(set(map(str, self.arms))) == len(self.arms), "arms", "lists an arm twice")
 

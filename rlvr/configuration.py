@@ -53,6 +53,16 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def require_integers(values: list, key: str) -> None:
+    """Every item of the list ``key`` is an int (not a bool); the error names the first bad index."""
+    for index, value in enumerate(values):
+        require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{key}[{index}]",
+            f"must be an integer; got {value!r}",
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading: defaults < YAML < overrides
 

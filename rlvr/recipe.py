@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from rlvr.moe.domains import routing_by_domain
 from rlvr.progress import use_compact_progress
 from rlvr.run_dir import RunDirectory, RunResult, is_main_process, summary_table
 from rlvr.trainer import ForkingGRPOTrainer
-from rlvr.warmstart import run_warm_start
+from rlvr.warmstart import publish_directory, run_warm_start
 
 if TYPE_CHECKING:
     from rlvr.config import RunConfig
@@ -174,15 +173,10 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
         cache = Path(os.path.expanduser(config.warm_start.cache_dir))
         spec_key = json.dumps([name, vars(config.model.tiny), config.warm_start_seed()], sort_keys=True)
         base = cache / f"base-{hashlib.sha256(spec_key.encode()).hexdigest()[:16]}"
-        if not base.exists():
-            # Built beside its final name, then renamed into place in one step: the other ranks of a launch
-            # (and concurrent runs) see the whole policy or none of it, never a config without weights.
+        if not base.exists():  # built beside its final name: never a config without weights under it
             staging = cache / f"{base.name}.tmp-{os.getpid()}"
             save_tiny_policy(tiny_architecture(name), config.model.tiny, staging, seed=config.warm_start_seed())
-            try:
-                os.replace(staging, base)
-            except OSError:  # another process published it first
-                shutil.rmtree(staging, ignore_errors=True)
+            publish_directory(staging, base)
         name = str(base)
         wants_warm_start = config.warm_start.enabled in ("auto", "true")
     else:

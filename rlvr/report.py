@@ -63,6 +63,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
         tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
         baseline = baseline_of(arm, groups)
+        clusters = _clusters(finished)
         versus_greedy = versus_sampled = reach = None
         token_share = math.nan
         if baseline is not None:
@@ -70,7 +71,7 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             paired = [run.replicate for run in finished] == [run.replicate for run in reference]
             reference_greedy = _per_problem(reference, "greedy_correct")
             reference_sampled = _per_problem(reference, "sampled_correct")
-            pairs = None if _clusters(finished) is None else (_clusters(finished), _clusters(reference))
+            pairs = None if clusters is None else (clusters, _clusters(reference))
             if paired and greedy and reference_greedy:
                 versus_greedy = paired_difference(greedy, reference_greedy, clusters=pairs)
             if paired and sampled and reference_sampled:
@@ -87,10 +88,10 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
                 "arm": arm,
                 "baseline": baseline,
                 "seeds": ", ".join(run.replicate_label for run in finished),
-                "greedy": mean_interval(greedy, clusters=_clusters(finished))
+                "greedy": mean_interval(greedy, clusters=clusters)
                 if greedy
                 else _no_records(finished, "greedy_accuracy"),
-                "sampled": mean_interval(sampled, clusters=_clusters(finished))
+                "sampled": mean_interval(sampled, clusters=clusters)
                 if sampled
                 else _no_records(finished, "sampled_accuracy"),
                 "greedy_vs_baseline": versus_greedy,

@@ -181,10 +181,6 @@ OWN_SHARE_LINES = [  # (phase, key in each layer's record, label, colour, line s
 ]
 
 
-def _layers_of(runs: list[Run]) -> list[list[dict]]:
-    return [(run.domain_routing.get("after") or {}).get("layers", []) for run in runs]
-
-
 def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
     """Per-layer own-expert share of one starting policy's runs, one panel per arm: start vs end of RL, and
     forking vs other tokens after RL (mean over runs, band = min..max over runs)."""
@@ -199,6 +195,7 @@ def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
     figure, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 3.4), squeeze=False, sharey=True)
     for axis, arm in zip(axes[0], arms, strict=True):
         runs = [run for run in groups[arm] if (run.domain_routing or {}).get("after")]
+        layers = range(0)
         for phase, key, label, colour, line in OWN_SHARE_LINES:
             per_run = [
                 [layer.get(key, math.nan) for layer in (run.domain_routing.get(phase) or {}).get("layers", [])]
@@ -219,7 +216,7 @@ def plot_own_share(init: str, groups: dict[str, list[Run]], path: Path) -> bool:
             )
         axis.set_title(f"{arm} ({len(runs)} runs)", fontsize=10)
         axis.set_xlabel("layer")
-        axis.set_xticks(range(max((len(layer_list) for layer_list in _layers_of(runs)), default=0)))
+        axis.set_xticks(list(layers))
         axis.set_ylim(0.0, 1.02)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("own-expert share")

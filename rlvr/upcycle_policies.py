@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
-from rlvr.configuration import option, require
+from rlvr.configuration import option, require, require_integers
 from rlvr.data import generate_problems, make_prompt
 from rlvr.evaluation import render_prompts
 from rlvr.models import ARCHITECTURES, DENSE_ARCHITECTURES, load_pretrained
@@ -109,12 +109,7 @@ class UpcycleConfig:
         require(self.router_samples >= 1, "router_samples", "must be >= 1")
         require(self.branch_steps >= 1, "branch_steps", "must be >= 1")
         require(len(self.construction_seeds) > 0, "construction_seeds", "needs at least one seed")
-        for index, seed in enumerate(self.construction_seeds):
-            require(
-                isinstance(seed, int) and not isinstance(seed, bool),
-                f"construction_seeds[{index}]",
-                f"must be an integer; got {seed!r}",
-            )
+        require_integers(self.construction_seeds, "construction_seeds")
         require(
             len(set(self.construction_seeds)) == len(self.construction_seeds),
             "construction_seeds",

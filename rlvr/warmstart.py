@@ -211,9 +211,16 @@ def run_warm_start(
     trainer.model.save_pretrained(scratch / "model")
     tokenizer.save_pretrained(scratch / "model")
     (scratch / "model" / DONE_FILE).write_text(json.dumps(info, indent=1))
-    if target_dir.exists():  # a concurrent run finished first; keep its result
-        shutil.rmtree(scratch, ignore_errors=True)
-    else:
-        os.replace(scratch / "model", target_dir)
-        shutil.rmtree(scratch, ignore_errors=True)
+    publish_directory(scratch / "model", target_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
     return WarmStartResult(path=target_dir, **info)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Rename the fully written ``staging`` directory to ``target`` in one step, so that other ranks of a
+    launch and concurrent runs see all of it or nothing; when another process published ``target``
+    first, keep theirs and drop ``staging``."""
+    try:
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)

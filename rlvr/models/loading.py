@@ -114,4 +114,4 @@ def load_pretrained(
         text_config.output_router_logits = False
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return expose_backbone(model), tokenizer
+    return model, tokenizer

@@ -90,18 +90,23 @@ def _olmoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     )
 
 
+def _local_experts(spec: TinyMoESpec) -> dict:
+    """The expert keys of the Mixtral-style configs (Mixtral, GPT-OSS, GraniteMoE, MiniMax-M2, Llama 4)."""
+    return {
+        "num_local_experts": spec.num_experts,
+        "num_experts_per_tok": spec.top_k,
+        "intermediate_size": spec.expert_size,
+    }
+
+
 def _mixtral(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
-    return MixtralConfig(
-        **common, num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k, intermediate_size=spec.expert_size
-    )
+    return MixtralConfig(**common, **_local_experts(spec))
 
 
 def _gpt_oss(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     return GptOssConfig(
         **common,
-        num_local_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        intermediate_size=spec.expert_size,
+        **_local_experts(spec),
         layer_types=["full_attention"] * spec.num_layers,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
@@ -197,9 +202,7 @@ def _granitemoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     """GraniteMoE divides its logits by ``logits_scaling``: the LM heads' logit scale is exercised too."""
     return GraniteMoeConfig(
         **common,
-        num_local_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        intermediate_size=spec.expert_size,
+        **_local_experts(spec),
         logits_scaling=4.0,
     )
 
@@ -207,9 +210,7 @@ def _granitemoe(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
 def _minimax_m2(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     return MiniMaxM2Config(
         **common,
-        num_local_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        intermediate_size=spec.expert_size,
+        **_local_experts(spec),
         router_jitter_noise=0.0,
     )
 
@@ -218,9 +219,7 @@ def _llama4(spec: TinyMoESpec, common: dict) -> PretrainedConfig:
     """Llama 4 text: every layer an MoE (``interleave_moe_layer_step=1``), RoPE on every layer."""
     return Llama4TextConfig(
         **common,
-        num_local_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        intermediate_size=spec.expert_size,
+        **_local_experts(spec),
         intermediate_size_mlp=spec.expert_size,
         interleave_moe_layer_step=1,
         no_rope_layers=[1] * spec.num_layers,

@@ -55,12 +55,14 @@ def own_experts(top1_loads: dict[str, torch.Tensor]) -> dict[str, int]:
     return dict(zip(domains, best, strict=True))
 
 
-def _own_share(top1: torch.Tensor, token_domains: list[str], own: dict[str, int], subset: torch.Tensor) -> float:
-    """Mean over domains of the share of the ``subset`` of a domain's tokens that pick its own expert first
-    (NaN when a domain has no such token)."""
+def _own_share(
+    top1: torch.Tensor, of_domain: dict[str, torch.Tensor], own: dict[str, int], subset: torch.Tensor
+) -> float:
+    """Mean over domains of the share of the ``subset`` of a domain's tokens (``of_domain``: (tokens,) masks)
+    that pick its own expert first (NaN when a domain has no such token)."""
     shares = []
     for domain, expert in own.items():
-        rows = subset & torch.tensor([label == domain for label in token_domains], dtype=torch.bool)
+        rows = subset & of_domain[domain]
         if not rows.any():
             return math.nan
         shares.append(float((top1[rows] == expert).double().mean()))
@@ -149,27 +151,26 @@ def routing_by_domain(
     entropies = torch.cat(entropy_rows) if entropy_rows else torch.zeros(0)  # (tokens,)
     forking = torch.zeros(len(entropies), dtype=torch.bool)  # (tokens,) the top rho by entropy
     forking[torch.argsort(entropies, descending=True, stable=True)[: math.ceil(rho * len(entropies))]] = True
+    everything = torch.ones(len(entropies), dtype=torch.bool)  # (tokens,)
+    of_domain = {
+        domain: torch.tensor([label == domain for label in token_domains], dtype=torch.bool) for domain in ordered
+    }
     layers = []
     for layer in range(num_layers):
         loads = {domain: (counts[domain][layer] / counts[domain][layer].sum().clamp_min(1)) for domain in ordered}
         top1_loads = {
-            domain: torch.bincount(
-                top1[torch.tensor([label == domain for label in token_domains], dtype=torch.bool), layer],
-                minlength=num_experts,
-            ).double()
-            for domain in ordered
+            domain: torch.bincount(top1[of_domain[domain], layer], minlength=num_experts).double() for domain in ordered
         }
         own = own_experts({domain: load / load.sum().clamp_min(1) for domain, load in top1_loads.items()})
-        everything = torch.ones(len(entropies), dtype=torch.bool)
         layers.append(
             {
                 "loads": {domain: load.tolist() for domain, load in loads.items()},
                 "js_bits": _js_bits(list(loads.values())) if len(ordered) > 1 else 0.0,
                 "top_expert": {domain: int(load.argmax()) for domain, load in loads.items()},
                 "own_expert": own,
-                "own_share": _own_share(top1[:, layer], token_domains, own, everything) if own else math.nan,
-                "own_share_forking": _own_share(top1[:, layer], token_domains, own, forking) if own else math.nan,
-                "own_share_other": _own_share(top1[:, layer], token_domains, own, ~forking) if own else math.nan,
+                "own_share": _own_share(top1[:, layer], of_domain, own, everything) if own else math.nan,
+                "own_share_forking": _own_share(top1[:, layer], of_domain, own, forking) if own else math.nan,
+                "own_share_other": _own_share(top1[:, layer], of_domain, own, ~forking) if own else math.nan,
             }
         )
     return {

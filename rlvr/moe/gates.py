@@ -44,10 +44,8 @@ class _ScaleGradient(torch.autograd.Function):
         weights = ctx.holder.weights  # read now: set after the forward, before backward
         if weights is None:
             return grad, None
-        if grad.dim() == 2 and grad.shape[0] % weights.numel() == 0:  # (N, X) or expert-major (E * N, X)
-            scale = weights.reshape(-1).repeat(grad.shape[0] // weights.numel()).reshape(-1, 1)
-        elif grad.dim() == 2:
-            scale = weights.reshape(-1, 1)
+        if grad.dim() == 2:  # (N, X) router outputs, or experts run on every token, expert-major (E * N, X)
+            scale = weights.reshape(-1).repeat(max(grad.shape[0] // weights.numel(), 1)).reshape(-1, 1)
         else:  # (B, L, H) block output
             scale = weights.reshape(*grad.shape[:2], *([1] * (grad.dim() - 2)))
         if scale.shape[0] != grad.shape[0]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from rlvr import __version__
-from rlvr.config import ConfigError, format_help, load_config, to_dict
+from rlvr.config import ConfigError, RunConfig, format_help, to_dict
 from rlvr.packaged import CONFIG_ROOT, QUICKSTART, arm_names, arm_path, copy_config, list_configs, resolve_config
 from rlvr.shutdown import end_distributed, exit_process
 
@@ -82,7 +82,22 @@ def _run_config(args: argparse.Namespace, overrides: list[str]):
         overrides = [f"arm={args.arm}", *overrides]
     if args.resume:
         overrides = [*overrides, "resume=true"]
-    return load_config(paths, overrides)
+    return _single_run_config(paths, overrides, args.command)
+
+
+def _single_run_config(paths: list, overrides: list[str], command: str) -> RunConfig:
+    """The config of one run. A file may also hold ``rlvr compare``'s sections (``compare``, ``upcycle``: the
+    packaged compare and model configs do), read with the experiment's config and not used by one run;
+    starting policies built by upcycling exist only inside a compare, so ``upcycle.inits`` is refused."""
+    from rlvr.compare import load_experiment_config
+
+    config = load_experiment_config(paths, overrides)
+    if config.upcycle.inits:
+        raise ConfigError(
+            f"upcycle.inits: starting policies are built by 'rlvr compare'; rlvr {command} trains "
+            "model.name_or_path (set upcycle.inits=[] to train it, or run the file with rlvr compare)"
+        )
+    return config
 
 
 def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -282,6 +297,13 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, list[str]], int]
     takes_overrides: bool = False  # accepts config keys (--key value / key=value) after its own arguments
+    config_schema: Callable[[], type] = lambda: RunConfig  # the config class whose keys --help lists
+
+
+def _experiment_schema() -> type:
+    from rlvr.compare import ExperimentConfig
+
+    return ExperimentConfig
 
 
 COMMANDS: dict[str, Command] = {
@@ -313,6 +335,7 @@ COMMANDS: dict[str, Command] = {
         add_compare_arguments,
         run_compare,
         takes_overrides=True,
+        config_schema=_experiment_schema,
     ),
     "report": Command(
         "write report.md and figures from run or compare directories",
@@ -369,7 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlvr {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    config_help = "Config keys (override with --key value or key=value; bare GRPOConfig fields mean grpo.<key>):\n"
+    config_help = (
+        "Config keys (override with --key value or key=value; bare GRPOConfig fields mean grpo.<key>;\n"
+        "rlvr compare's own sections, compare and upcycle, are listed by 'rlvr compare --help'):\n"
+    )
     for name, command in COMMANDS.items():
         subparser = subparsers.add_parser(
             name,
@@ -377,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=command.description,
             allow_abbrev=False,  # "--c 1" is no --config
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=config_help + format_help() if command.takes_overrides else None,
+            epilog=config_help + format_help(command.config_schema()) if command.takes_overrides else None,
         )
         command.add_arguments(subparser)
     return parser

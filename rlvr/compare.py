@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from rlvr.config import RunConfig, load_config
 from rlvr.configuration import ConfigError, option, require, require_integers
 from rlvr.packaged import arm_names, arm_path
-from rlvr.upcycle_policies import build_policies, run_overrides
-
-if TYPE_CHECKING:
-    from rlvr.config import RunConfig
-
-MANIFEST = "compare.json"
+from rlvr.runs import MANIFEST
+from rlvr.upcycle_policies import UpcycleConfig, build_policies, run_overrides
 
 
 @dataclass
@@ -45,11 +42,46 @@ class CompareConfig:
 
 
 @dataclass
+class ExperimentConfig(RunConfig):
+    """The config ``rlvr compare`` reads: the run config of every run, and the experiment's own sections.
+
+    Each planned run keeps this config (its ``compare``/``upcycle`` values go to the run's ``config.yaml``,
+    where the report reads the construction seed); the recipe reads only the :class:`RunConfig` part.
+    """
+
+    compare: CompareConfig = option(CompareConfig, "rlvr compare: which arms and seeds")
+    upcycle: UpcycleConfig = option(
+        UpcycleConfig, "rlvr compare with starting policies built by upcycling (Branch-Train-MiX)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.upcycle.inits:
+            return
+        require(self.data.embedded, "upcycle.inits", "needs the embedded task (its domains)")
+        if "btx" in self.upcycle.inits:
+            domains = len(self.data.task.domains)
+            require(domains >= 2, "data.task.domains", "btx needs at least two domains (one dense expert each)")
+            require(
+                self.upcycle.num_experts == domains,
+                "upcycle.num_experts",
+                f"btx makes one expert per domain: must be {domains}",
+            )
+
+
+def load_experiment_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """An experiment config from YAML files and overrides, validated (see :func:`rlvr.config.load_config`)."""
+    return load_config(paths, overrides, ExperimentConfig)
+
+
+@dataclass
 class PlannedRun:
     arm: str  # the label runs are grouped by: the arm, or "<init>+<arm>"
     seed: int
     directory: Path
-    config: RunConfig
+    config: ExperimentConfig
     construction: int | None = None  # upcycling compares: the starting policy's construction seed
 
     @property
@@ -61,9 +93,7 @@ def plan_runs(
     config_paths: list[str], overrides: list[str], arms: list[str] | None, seeds: list[int] | None
 ) -> tuple[Path, list[PlannedRun]]:
     """The runs of a compare, each with its validated config; raises ConfigError naming the bad key or arm."""
-    from rlvr.config import load_config  # rlvr.config composes CompareConfig: imported when first used
-
-    base = load_config(config_paths, overrides)
+    base = load_experiment_config(config_paths, overrides)
     arms = [str(arm) for arm in (arms or base.compare.arms)]
     seeds = [int(seed) for seed in (seeds if seeds is not None else base.compare.seeds)]
     for arm in arms:
@@ -82,8 +112,8 @@ def plan_runs(
                     else:
                         label = f"{init}+{arm}"
                         directory = output_dir / f"{init}-{arm}-c{construction}-seed{seed}"
-                        starting = run_overrides(base, output_dir, init, construction)
-                    config = load_config(
+                        starting = run_overrides(base.upcycle, output_dir, init, construction)
+                    config = load_experiment_config(
                         [*config_paths, arm_path(arm)],
                         [*overrides, *starting, f"output_dir={directory}", f"seed={seed}", f"arm={label}"],
                     )
@@ -91,11 +121,9 @@ def plan_runs(
     return output_dir, runs
 
 
-def config_factory(config_paths: list[str], overrides: list[str]):
-    """``extra overrides -> RunConfig`` on the compare's base config (used to build starting policies)."""
-    from rlvr.config import load_config
-
-    return lambda extra: load_config(config_paths, [*overrides, *extra])
+def config_factory(config_paths: list[str], overrides: list[str]) -> Callable[[list[str]], ExperimentConfig]:
+    """``extra overrides -> ExperimentConfig`` on the compare's base config (used to build starting policies)."""
+    return lambda extra: load_experiment_config(config_paths, [*overrides, *extra])
 
 
 def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:
@@ -111,7 +139,13 @@ def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:
     (output_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print, compare_config=None) -> list[PlannedRun]:
+def run_compare(
+    output_dir: Path,
+    runs: list[PlannedRun],
+    train_fn: Callable[[RunConfig], object],
+    say=print,
+    compare_config: Callable[[list[str]], ExperimentConfig] | None = None,
+) -> list[PlannedRun]:
     """Train every unfinished run in order; returns the runs trained now. ``compare_config`` (upcycling
     compares): ``extra overrides -> RunConfig``, to build each construction seed's starting policies just
     before its first run."""
@@ -124,7 +158,8 @@ def run_compare(output_dir: Path, runs: list[PlannedRun], train_fn, say=print, c
             say(f"[compare] {label}: finished earlier, skipped ({run.directory})")
             continue
         if run.construction is not None and compare_config is not None and run.construction not in built:
-            build_policies(compare_config, output_dir, run.construction, say=say)
+            settings = compare_config([]).upcycle
+            build_policies(compare_config, settings, output_dir, run.construction, say=say)
             built.add(run.construction)
         remaining = sum(1 for later in runs[number - 1 :] if not later.finished)
         eta = (

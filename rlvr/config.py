@@ -10,14 +10,17 @@ section        what it sets                                defined in
 ``moe``        router-aware updates                        :class:`rlvr.moe.config.MoEConfig`
 ``warm_start`` supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
 ``eval``       held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
-``compare``    arms and seeds of ``rlvr compare``          :class:`rlvr.compare.CompareConfig`
-``upcycle``    starting policies built by upcycling        :class:`rlvr.upcycle_policies.UpcycleConfig`
 ``grpo``       TRL ``GRPOConfig`` fields, passed through   TRL
 =============  ==========================================  =======================================
 
 Reading, coercion, overrides and help are :mod:`rlvr.configuration`'s (it knows no section). Each
 section validates its own fields; :meth:`RunConfig.validate` holds the rules that tie two sections
 together, and builds a ``GRPOConfig`` so that TRL's own checks run before any model is built.
+
+The run config knows one run. Experiments own configs that compose it with their own sections, as
+torchtune's recipes own theirs: ``rlvr compare`` reads :class:`rlvr.compare.ExperimentConfig`
+(``compare`` and ``upcycle`` beside these sections). A section's code takes its own section and the
+values it needs (e.g. :meth:`RunConfig.warm_start_job`), never the whole run config.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlvr.compare import CompareConfig
 from rlvr.configuration import (
     ConfigError,
     coerce,
@@ -50,8 +52,7 @@ from rlvr.forking import ForkingConfig, loss_normalization_unit
 from rlvr.models.loading import ModelConfig
 from rlvr.moe.config import MoEConfig
 from rlvr.rewards.registry import RewardConfig
-from rlvr.upcycle_policies import UpcycleConfig
-from rlvr.warmstart import WarmStartConfig
+from rlvr.warmstart import WarmStartConfig, WarmStartJob
 
 __all__ = [
     "ConfigError",
@@ -99,10 +100,6 @@ class RunConfig:
     moe: MoEConfig = option(MoEConfig, "router-aware updates and routing analytics (MoE policies)")
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
-    compare: CompareConfig = option(CompareConfig, "rlvr compare: which arms and seeds")
-    upcycle: UpcycleConfig = option(
-        UpcycleConfig, "rlvr compare with starting policies built by upcycling (Branch-Train-MiX)"
-    )
     grpo: dict = passthrough(
         grpo_fields,
         "TRL GRPOConfig fields, passed through (e.g. learning_rate, num_generations)",
@@ -122,6 +119,24 @@ class RunConfig:
         default = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "max_completion_length")
         value = self.grpo.get("max_completion_length", default)
         return int(value) if value is not None else 512
+
+    def warm_start_job(self) -> WarmStartJob:
+        """The ``warm_start`` section with the values of this run that a warm start needs."""
+        return WarmStartJob(
+            settings=self.warm_start,
+            model_name=self.model.name_or_path,
+            tiny=dataclasses.asdict(self.model.tiny),
+            task=self.data.task,
+            num_train=self.data.num_train,
+            chat=self.data.chat,
+            system_prompt=self.data.system_prompt,
+            seed=self.warm_start_seed(),
+            data_seed=self.data_seed(),
+            max_new_tokens=self.max_completion_length(),
+            configured_completion_length=self.grpo.get("max_completion_length"),
+            eval_batch_size=self.eval.batch_size,
+            use_cpu=bool(self.grpo_kwargs().get("use_cpu", False)),
+        )
 
     def grpo_kwargs(self) -> dict[str, Any]:
         """GRPOConfig keyword arguments: rlvr's defaults, the config's ``grpo`` section, derived fields."""
@@ -163,16 +178,6 @@ class RunConfig:
         )
         if self.warm_start.enabled == "true":
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
-        if self.upcycle.inits:
-            require(self.data.embedded, "upcycle.inits", "needs the embedded task (its domains)")
-            if "btx" in self.upcycle.inits:
-                domains = len(self.data.task.domains)
-                require(domains >= 2, "data.task.domains", "btx needs at least two domains (one dense expert each)")
-                require(
-                    self.upcycle.num_experts == domains,
-                    "upcycle.num_experts",
-                    f"btx makes one expert per domain: must be {domains}",
-                )
 
     def _validate_grpo(self) -> None:
         from trl import GRPOConfig
@@ -194,16 +199,21 @@ class RunConfig:
         loss_normalization_unit(arguments.loss_type)
 
 
-def load_config(paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    paths: str | Path | list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    schema: type[RunConfig] = RunConfig,
+) -> RunConfig:
     """Defaults, then each YAML file in order (later files overlay earlier ones), then the overrides; validated.
 
     Several files make an experiment arm: ``load_config(["my.yaml", "rlvr/configs/arms/full.yaml"])``.
+    ``schema``: the config class read, ``RunConfig`` or an experiment's config that extends it.
     """
-    config = read_layers(RunConfig(), paths, overrides)
+    config = read_layers(schema(), paths, overrides)
     validate_tree(config)
     return config
 
 
-def format_help() -> str:
-    """Every key of the run config with its default and one-line help (``rlvr train --help``)."""
-    return _format_help(RunConfig)
+def format_help(schema: type[RunConfig] = RunConfig) -> str:
+    """Every key of the config with its default and one-line help (``rlvr train --help``)."""
+    return _format_help(schema)

@@ -307,3 +307,23 @@ class ForkingConfig:
     def validate(self) -> None:
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1]; got {self.rho}")
         require(self.log_examples >= 0, "log_examples", "must be >= 0")
+
+
+class _GradientMask(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by a fixed (B, T) mask."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(grad.dtype), None
+
+
+def mask_gradient(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` (B, T) unchanged, with the gradient kept only where ``keep`` (B, T) is true: keeps a term
+    that covers every token (e.g. the KL penalty) from sending gradient through the dropped tokens."""
+    return _GradientMask.apply(values, keep)

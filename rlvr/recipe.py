@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from transformers import set_seed
@@ -25,6 +24,7 @@ from trl import GRPOConfig
 
 from rlvr.callbacks import MetricsFile, PeriodicEval
 from rlvr.checkpoints import MarkCompleteCheckpoints
+from rlvr.config import RunConfig
 from rlvr.configuration import ConfigError
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy, gathered_parameters, render_prompts
@@ -35,9 +35,6 @@ from rlvr.progress import use_compact_progress
 from rlvr.run_dir import RunDirectory, RunResult, is_main_process, summary_table
 from rlvr.trainer import ForkingGRPOTrainer
 from rlvr.warmstart import publish_directory, run_warm_start
-
-if TYPE_CHECKING:
-    from rlvr.config import RunConfig
 
 __all__ = ["RunResult", "is_main_process", "summary_table", "train"]
 
@@ -183,7 +180,7 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
         wants_warm_start = config.warm_start.enabled == "true"
     if wants_warm_start:
         _, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
-        warm_result = run_warm_start(config, Path(name), tokenizer, accuracy_fn, data.eval_expressions)
+        warm_result = run_warm_start(config.warm_start_job(), Path(name), tokenizer, accuracy_fn, data.eval_expressions)
         name = str(warm_result.path)
     model, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
     return model, tokenizer, warm_result

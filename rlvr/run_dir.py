@@ -17,17 +17,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
 from rlvr.checkpoints import latest_complete_checkpoint, truncate_jsonl
+from rlvr.config import RunConfig
 from rlvr.configuration import ConfigError, to_dict
 from rlvr.evaluation import EvalResult
 from rlvr.warmstart import WarmStartResult
-
-if TYPE_CHECKING:
-    from rlvr.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from rlvr.compare import MANIFEST
+MANIFEST = "compare.json"  # a compare's directory: its arms, seeds and run directories (written by rlvr.compare)
 
 
 @dataclass

@@ -17,8 +17,9 @@ by what they are for:
   tokens if asked, the router losses;
 * router-aware updates on MoE policies (:mod:`rlvr.moe`) -- gates and router losses set in the loss
   forward, released after backward (``training_step``); router learning rate (``create_optimizer``);
-* routing replay -- experts recorded while the batch is produced (``_generate_and_score_completions``,
-  ``_generate_single_turn``) and forced in the loss forward;
+* the generation side -- ``_generate_and_score_completions`` and ``_generate_single_turn`` delegate to
+  :class:`rlvr.rollouts.Rollouts` (prompt group of each row; experts recorded for routing replay, forced
+  in the loss forward);
 * ``log``: selection metrics, and the records of :class:`rlvr.forking_log.ForkingTokenLog`;
 * ``_load_from_checkpoint``: resume MoE weights as ``from_pretrained`` converts them.
 """
@@ -26,6 +27,7 @@ by what they are for:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -36,14 +38,21 @@ from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rlvr.configuration import ConfigError
-from rlvr.forking import ForkingConfig, loss_normalization_unit, loss_weights, select_forking_tokens, selection_stats
+from rlvr.forking import (
+    ForkingConfig,
+    loss_normalization_unit,
+    loss_weights,
+    mask_gradient,
+    select_forking_tokens,
+    selection_stats,
+)
 from rlvr.forking_log import ForkingTokenLog
 from rlvr.models.loading import expose_backbone
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.config import MoEConfig
-from rlvr.moe.replay import ReplayRecorder
 from rlvr.moe.updates import RouterAwareUpdates
-from rlvr.moe.zero3 import register_zero3_leaves, zero3_leaves_as_trl_loads
+from rlvr.moe.zero3 import register_zero3_leaves
+from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, Rollouts
 from rlvr.sparse_head import (
     HeadTransform,
     add_sparse_head_route,
@@ -51,25 +60,11 @@ from rlvr.sparse_head import (
     sparse_head_blockers,
     text_only_loss_forward,
 )
+from rlvr.trl_loading import zero3_leaves_as_trl_loads
+
+__all__ = ["GROUP_IDS_KEY", "ROUTING_KEY", "ForkingGRPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
-ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
-
-
-class _GradientMask(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by a fixed (B, T) mask."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        return values.view_as(values)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None
 
 
 @dataclass
@@ -111,7 +106,37 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for dense models when left at its defaults.
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
+
+    A drop-in: every TRL method overridden here keeps TRL's meaning outside rlvr's loss forward (the
+    forward of ``_compute_loss`` on a training or eval micro-batch). What changes, and where:
+
+    * ``get_high_entropy_mask``: inside the loss forward, the forking tokens' float loss weights;
+      elsewhere TRL's boolean ``entropy >= quantile(threshold)`` mask, computed by TRL.
+    * ``_compute_loss`` (the loss forward itself): TRL's loss on the forking tokens, plus the router
+      losses and, with ``forking.mask_entropy_bonus=false``, the entropy bonus over all tokens.
+    * ``_get_per_token_logps_and_entropies``: inside the loss forward, the selection, the MoE gates and
+      (``forking.sparse_lm_head``) the sparse LM head; elsewhere TRL's values, with routing recorded in
+      the old-policy forward when ``moe.routing_replay=old_policy``.
+    * ``training_step``: TRL's, then the MoE gates of the step are released.
+    * ``create_optimizer``: TRL's optimizer; routers get their own groups only when
+      ``moe.router_lr_multiplier != 1``.
+    * ``_generate_and_score_completions`` / ``_generate_single_turn``: TRL's batch plus rlvr's keys
+      (prompt group ids; the routing record with ``moe.routing_replay=rollout``), via :mod:`rlvr.rollouts`.
+    * ``log``: TRL's record plus the failure counts of rlvr's reward functions; writes the forking-token log.
+    * ``_load_from_checkpoint``: full checkpoints load through ``from_pretrained`` (fused MoE experts).
+
+    rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
+    TRL's behaviour instead of failing on a missing attribute.
     """
+
+    forking: ForkingConfig = ForkingConfig()
+    moe: MoEConfig = MoEConfig()
+    router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
+    rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
+    loss_forward: LossForward | None = None  # set only while _compute_loss runs
+    forking_log: ForkingTokenLog | None = None
+    sparse_head: bool = False
+    gradient_tokens: int = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
 
     def __init__(self, *args, forking: ForkingConfig | None = None, moe: MoEConfig | None = None, **kwargs):
         self.forking = forking or ForkingConfig()
@@ -134,14 +159,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.top_entropy_quantile = 0.0 if self.forking.policy_tokens == "forking" else 1.0
         self.normalization_unit = loss_normalization_unit(self.loss_type)  # an unknown loss type fails here
         self.router_updates = self._router_aware_updates()
-        self.replay = ReplayRecorder(
-            self.router_updates.hooks if self.router_updates is not None else None,
-            self.moe.routing_replay if self.router_updates is not None else "none",
+        self.rollouts = Rollouts(
+            ReplayRecorder(
+                self.router_updates.hooks if self.router_updates is not None else None,
+                self.moe.routing_replay if self.router_updates is not None else "none",
+            )
         )
-        self.loss_forward: LossForward | None = None  # set only while _compute_loss runs
+        self.loss_forward = None
         self.forking_log = ForkingTokenLog(self.forking.log_examples)
         self.sparse_head = self._use_sparse_head()
-        self.gradient_tokens = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
+        self.gradient_tokens = 0
 
     def _router_aware_updates(self) -> RouterAwareUpdates | None:
         """Gates, router losses and analytics of an MoE policy; None for a dense one (with default settings)."""
@@ -201,24 +228,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return int(self.accelerator.reduce(torch.tensor(self.gradient_tokens), reduction="sum"))
 
     # ---------------------------------------------------------------------------------------------
-    # Generation batch: remember which prompt each row belongs to (for scope="group"); routing replay.
+    # Generation: delegated to rlvr.rollouts (prompt groups of the rows, routing recorded for replay).
 
     def _generate_and_score_completions(self, inputs):
-        self.replay.start_batch()
-        output = super()._generate_and_score_completions(inputs)
-        self.replay.finish_batch(output, ROUTING_KEY)
-        mode = "train" if self.model.training else "eval"
-        group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        rows = output["prompt_ids"].size(0)
-        # TRL's RepeatSampler puts the completions of one prompt on consecutive global rows, and this
-        # rank holds global rows [process_index * rows, (process_index + 1) * rows).
-        first_row = self.accelerator.process_index * rows
-        output[GROUP_IDS_KEY] = (torch.arange(rows, device=output["prompt_ids"].device) + first_row) // group_size
-        return output
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        produce = functools.partial(super()._generate_and_score_completions, inputs)
+        return self.rollouts.produce_batch(produce, group_size, self.accelerator.process_index)
 
     def _generate_single_turn(self, *args, **kwargs):
-        with self.replay.rollout():
-            return super()._generate_single_turn(*args, **kwargs)
+        return self.rollouts.generate(super()._generate_single_turn, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------
     # Loss: select after the forward, hand TRL the weights.
@@ -253,7 +271,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
         sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
         try:
-            with self.replay.old_policy_forward(is_policy=model is self.model):
+            with self.rollouts.replay.old_policy_forward(is_policy=model is self.model):
                 if sparse:
                     logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
                     aux_loss = None
@@ -274,7 +292,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             if self.forking.mask_kl and self.beta != 0.0 and torch.is_grad_enabled():
                 # The policy term already ignores dropped tokens; this also keeps the KL term's gradient
                 # off them. The KL value that TRL logs still covers every token.
-                logps = _GradientMask.apply(logps, state.selection.keep)
+                logps = mask_gradient(logps, state.selection.keep)
         return logps, entropies, aux_loss
 
     def _sparse_loss_forward(self, model, input_ids, attention_mask, logits_to_keep):
@@ -306,10 +324,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
             return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sparse_head=head)
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-        """Loss weights of the forking tokens (replaces TRL's ``entropy >= quantile`` mask)."""
-        if self.loss_forward is None or self.loss_forward.selection is None:  # outside _compute_loss: select here
-            keep = select_forking_tokens(entropies, mask, self.forking.rho, self.forking.selection, "sequence")
-            return loss_weights(keep, mask, self.forking.loss_normalization, per_sequence=True)
+        """Inside rlvr's loss forward: the loss weights of the forking tokens (replacing TRL's ``entropy >=
+        quantile`` mask). Anywhere else: TRL's own boolean mask for ``threshold``."""
+        if self.loss_forward is None:
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+        if self.loss_forward.selection is None:
+            raise RuntimeError("TRL asked for the entropy mask before rlvr's loss forward selected the forking tokens")
         return self.loss_forward.selection.weights
 
     def _select(self, entropies: torch.Tensor, inputs: dict) -> MicroBatchSelection:
@@ -438,7 +458,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             if callable(pop_stats) and "loss" in logs:
                 logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
         super().log(logs, start_time)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.forking_log is not None:
             loads = self.router_updates.pop_expert_loads() if self.router_updates is not None else None
             self.forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
 

@@ -30,10 +30,10 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
+from rlvr.config import RunConfig
 from rlvr.configuration import option, require, require_integers
 from rlvr.data import generate_problems, make_prompt
 from rlvr.evaluation import render_prompts
@@ -41,9 +41,6 @@ from rlvr.models import ARCHITECTURES, DENSE_ARCHITECTURES, load_pretrained
 from rlvr.recipe import domain_routing, prepare_data, prepare_policy, resolve_rewards
 from rlvr.upcycle import MANIFEST, upcycle
 from rlvr.warmstart import WarmStartResult
-
-if TYPE_CHECKING:
-    from rlvr.config import RunConfig
 
 POLICIES_DIR = "policies"
 INITS = ("btx", "sparse", "scratch")
@@ -132,10 +129,9 @@ def construction_overrides(construction_seed: int) -> list[str]:
     return [f"warm_start.seed={construction_seed}", f"upcycle.construction_seed={construction_seed}"]
 
 
-def run_overrides(config: RunConfig, output_dir: Path, init: str, construction_seed: int) -> list[str]:
+def run_overrides(upcycle_config: UpcycleConfig, output_dir: Path, init: str, construction_seed: int) -> list[str]:
     """Config overrides that make a run start from ``init`` as built with ``construction_seed`` (each is
     fine-tuned on the mix first)."""
-    upcycle_config = config.upcycle
     seeded = [*construction_overrides(construction_seed), "warm_start.enabled=true"]
     if init == "scratch":
         return [
@@ -192,19 +188,23 @@ def _described(warm: WarmStartResult) -> dict:
 
 
 def build_policies(
-    compare_config: Callable[[list[str]], RunConfig], output_dir: Path, construction_seed: int, say=print
+    compare_config: Callable[[list[str]], RunConfig],
+    settings: UpcycleConfig,
+    output_dir: Path,
+    construction_seed: int,
+    say=print,
 ) -> dict[str, Path]:
-    """Build every ``btx``/``sparse`` policy of ``upcycle.inits`` for one construction seed, unless built.
+    """Build every ``btx``/``sparse`` policy of ``settings.inits`` for one construction seed, unless built.
 
     Args:
         compare_config: base config with extra overrides applied (the compare's config files and overrides).
+        settings: the compare's ``upcycle`` section.
     """
 
     def make_config(extra: list[str]) -> RunConfig:
         return compare_config([*construction_overrides(construction_seed), *extra])
 
     base = make_config([])
-    settings = base.upcycle
     wanted = [init for init in settings.inits if init in ("btx", "sparse")]
     built = {init: policy_directory(output_dir, init, construction_seed) for init in wanted}
     todo = [init for init in wanted if not (built[init] / MANIFEST).exists()]

@@ -21,19 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from rlvr.configuration import ConfigError, option, require
-from rlvr.data import generate_problems, make_prompt, problems_to_dataset
+from rlvr.data import ArithmeticTask, generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
 from rlvr.progress import use_compact_progress
-
-if TYPE_CHECKING:
-    from rlvr.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +58,26 @@ class WarmStartConfig:
             require(getattr(self, name) >= 1, name, "must be >= 1")
 
 
+@dataclass(frozen=True)
+class WarmStartJob:
+    """One warm start: its own section, and the values of the run it needs (the policy, the task, seeds and
+    sizes); the run config builds it (:meth:`rlvr.config.RunConfig.warm_start_job`)."""
+
+    settings: WarmStartConfig
+    model_name: str  # ``model.name_or_path`` as configured (``tiny:<arch>`` or a checkpoint)
+    tiny: dict  # ``model.tiny`` (the embedded model's shape), part of the cache key
+    task: ArithmeticTask  # ``data.task``: the problems and worked solutions it trains on
+    num_train: int  # ``data.num_train``
+    chat: bool  # ``data.chat``
+    system_prompt: str | None  # ``data.system_prompt``
+    seed: int  # the tiny model's init and its supervised training
+    data_seed: int  # the problems
+    max_new_tokens: int  # generation length of the dev-accuracy checks (the run's completion length)
+    configured_completion_length: int | None  # ``grpo.max_completion_length`` as set (None: TRL's), in the key
+    eval_batch_size: int  # ``eval.batch_size``
+    use_cpu: bool  # train on CPU even where an accelerator is visible (the run's ``use_cpu``)
+
+
 @dataclass
 class WarmStartResult:
     path: Path
@@ -73,22 +89,22 @@ class WarmStartResult:
     cached: bool = False
 
 
-def cache_key(config: RunConfig) -> str:
+def cache_key(job: WarmStartJob) -> str:
     """Hash of everything that determines the warm-started weights."""
-    warm = asdict(config.warm_start)
+    warm = asdict(job.settings)
     warm.pop("cache_dir")
     warm.pop("enabled")
     identity = {
-        "model": config.model.name_or_path,
-        "checkpoint": _checkpoint_fingerprint(config.model.name_or_path),
-        "tiny": asdict(config.model.tiny),
-        "task": asdict(config.data.task),
-        "chat": config.data.chat,
-        "system_prompt": config.data.system_prompt,
-        "max_completion_length": config.grpo.get("max_completion_length"),
+        "model": job.model_name,
+        "checkpoint": _checkpoint_fingerprint(job.model_name),
+        "tiny": job.tiny,
+        "task": asdict(job.task),
+        "chat": job.chat,
+        "system_prompt": job.system_prompt,
+        "max_completion_length": job.configured_completion_length,
         "warm_start": warm,
-        "seed": config.warm_start_seed(),
-        "data_seed": config.data_seed(),
+        "seed": job.seed,
+        "data_seed": job.data_seed,
         "format": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -126,43 +142,42 @@ class _StopAtAccuracy(TrainerCallback):
 
 
 def run_warm_start(
-    config: RunConfig,
+    job: WarmStartJob,
     base_path: Path,
     tokenizer: PreTrainedTokenizerBase,
     reward_fn: Callable[..., list],
     eval_expressions: set[str],
 ) -> WarmStartResult:
     """Warm-start the policy at ``base_path`` (or reuse the cached result) and return where it is."""
-    warm = config.warm_start
+    warm = job.settings
     cache_dir = Path(os.path.expanduser(warm.cache_dir))
-    target_dir = cache_dir / f"warm-{cache_key(config)}"
+    target_dir = cache_dir / f"warm-{cache_key(job)}"
     done_file = target_dir / DONE_FILE
     if done_file.exists():
         info = json.loads(done_file.read_text())
         return WarmStartResult(path=target_dir, cached=True, **info)
 
-    task = config.data.task
-    train_problems = generate_problems(task, "train", config.data.num_train, config.data_seed())
+    task = job.task
+    train_problems = generate_problems(task, "train", job.num_train, job.data_seed)
     # Dev problems come from the eval half of the problem space but never from the eval set itself,
     # so that choosing the checkpoint does not peek at the numbers reported later.
     try:
-        dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), config.data_seed() + 7919)
+        dev_pool = generate_problems(task, "eval", warm.num_dev + len(eval_expressions), job.data_seed + 7919)
     except ValueError as error:
         raise ConfigError(
             f"warm_start.num_dev (dev problems come from the eval split, beside data.num_eval): {error}"
         ) from None
     dev_problems = [p for p in dev_pool if p.expression not in eval_expressions][: warm.num_dev]
-    dev_prompts = [make_prompt(p.question, config.data.system_prompt, config.data.chat) for p in dev_problems]
+    dev_prompts = [make_prompt(p.question, job.system_prompt, job.chat) for p in dev_problems]
     dev_answers = [p.answer for p in dev_problems]
-    max_new_tokens = config.max_completion_length()
 
     def dev_accuracy(model) -> float:
         result = evaluate_accuracy(
-            model, tokenizer, dev_prompts, dev_answers, reward_fn, max_new_tokens, config.eval.batch_size
+            model, tokenizer, dev_prompts, dev_answers, reward_fn, job.max_new_tokens, job.eval_batch_size
         )
         return result.greedy_accuracy
 
-    dataset = problems_to_dataset(train_problems, config.data.system_prompt, with_solutions=True, chat=config.data.chat)
+    dataset = problems_to_dataset(train_problems, job.system_prompt, with_solutions=True, chat=job.chat)
     model = AutoModelForCausalLM.from_pretrained(base_path)
     stopper = _StopAtAccuracy(dev_accuracy, warm.eval_every, warm.target_accuracy)
     scratch = cache_dir / f"tmp-{target_dir.name}-{os.getpid()}"
@@ -177,9 +192,9 @@ def run_warm_start(
         logging_steps=warm.max_steps,  # progress is reported by the dev-accuracy checks
         save_strategy="no",
         report_to=[],
-        seed=config.warm_start_seed(),
+        seed=job.seed,
         bf16=False,
-        use_cpu=config.grpo_kwargs().get("use_cpu", False),
+        use_cpu=job.use_cpu,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )

@@ -48,6 +48,27 @@ def test_config_error_names_the_key_and_exits_2(capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was built or written
 
 
+def test_a_single_run_reads_experiment_files_but_refuses_upcycled_starting_policies(capsys, tmp_path):
+    """The run config knows no experiment; a file with rlvr compare's sections still trains its base run."""
+    assert main(["validate", "--config", str(CONFIGS / "compare" / "quickstart.yaml")]) == 0
+    assert "arms:" in capsys.readouterr().out
+    code = main(["train", "--config", str(CONFIGS / "compare" / "upcycle.yaml"), f"output_dir={tmp_path}"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "config error: upcycle.inits: starting policies are built by 'rlvr compare'" in error
+    assert "Traceback" not in error and not any(tmp_path.iterdir())
+
+
+def test_compare_help_lists_the_experiment_sections(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert "--compare.arms" in text and "--upcycle.inits" in text and "--forking.rho" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--compare.arms" not in capsys.readouterr().out
+
+
 def test_data_error_is_one_line_not_a_traceback(capsys, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"question": "1+1?", "answer": "no marker"}\n')

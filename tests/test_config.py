@@ -2,7 +2,8 @@
 
 import pytest
 
-from rlvr.config import ConfigError, format_help, load_config, parse_overrides
+from rlvr.compare import load_experiment_config as load_config  # what the CLI reads: run sections + compare's
+from rlvr.config import ConfigError, format_help, parse_overrides
 from rlvr.packaged import CONFIG_ROOT
 
 CONFIGS = CONFIG_ROOT

@@ -285,7 +285,7 @@ def test_plan_runs_with_starting_policies(tmp_path):
 
 
 def test_the_packaged_upcycling_compares_run_three_construction_seeds_by_two_rl_seeds():
-    from rlvr.config import load_config
+    from rlvr.compare import load_experiment_config as load_config
 
     for name in ("upcycle.yaml", "upcycle_reverse.yaml"):
         config = load_config([str(CONFIG_ROOT / "compare" / name)])
@@ -311,7 +311,8 @@ def test_the_packaged_upcycling_compares_run_three_construction_seeds_by_two_rl_
     ],
 )
 def test_upcycle_config_errors_name_the_key(overrides, message):
-    from rlvr.config import ConfigError, load_config
+    from rlvr.compare import load_experiment_config as load_config
+    from rlvr.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config([UPCYCLE_CONFIG], overrides)
@@ -402,8 +403,11 @@ def test_warm_start_cache_key_follows_the_checkpoint_not_just_its_path(tmp_path)
     """An upcycled checkpoint rebuilt at the same path must not reuse the warm start of its old weights."""
     import os
 
-    from rlvr.config import load_config
-    from rlvr.warmstart import cache_key
+    from rlvr.compare import load_experiment_config as load_config
+    from rlvr.warmstart import cache_key as key_of_job
+
+    def cache_key(config):  # the warm start's key, from the job the run config builds
+        return key_of_job(config.warm_start_job())
 
     save_dense(tmp_path / "policy", "qwen3", seed=0)
     config = load_config([UPCYCLE_CONFIG], [f"model.name_or_path={tmp_path / 'policy'}", "upcycle.inits=[]"])

@@ -14,12 +14,11 @@ Routers", Ma et al., 2025):
   one completion position. The last completion position is never run during generation and keeps
   its live routing.
 
-Records are int16 (int32 beyond 32767 experts), shape (B, P + C, layers, k), -1 = not recorded.
+Records are int16 (int32 beyond 32767 experts), shape (B, P + C, layers, k), -1 = not recorded. This
+module lays records out; :mod:`rlvr.rollouts.routing` records them while a batch is produced.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -62,61 +61,3 @@ def stitch_rollout(
             raise RuntimeError(f"decoding step {step} recorded {record.shape[0]} rows for {batch} sequences")
         out[:, prompt_length + step - 1] = record.to(out.dtype)
     return out
-
-
-class ReplayRecorder:
-    """Records the experts of one generation batch and lays them out for its training forwards.
-
-    A trainer calls :meth:`start_batch` before producing a batch, wraps generation in :meth:`rollout`
-    and each policy forward of the batch in :meth:`old_policy_forward`, and calls :meth:`finish_batch`
-    on the batch (a dict with ``prompt_ids`` and ``completion_ids``) to attach the record under ``key``.
-    With ``source="none"`` every call is a no-op.
-    """
-
-    def __init__(self, hooks, source: str):
-        self.hooks, self.source = hooks, source  # hooks: rlvr.moe.hooks.RoutingHooks (None for dense models)
-        self._forwards: list[torch.Tensor] | None = None
-        self._old_policy_pending = False  # the next policy forward is TRL's old-policy forward
-
-    def start_batch(self) -> None:
-        self._forwards = None
-        self._old_policy_pending = self.source == "old_policy"
-
-    @contextlib.contextmanager
-    def rollout(self):
-        """Record every forward of ``generate`` (``source="rollout"``)."""
-        if self.source != "rollout":
-            yield
-            return
-        if self._forwards is not None:
-            raise RuntimeError("moe.routing_replay=rollout supports single-turn generation only (no tool calls)")
-        self.hooks.start_recording()
-        try:
-            yield
-        finally:
-            self._forwards = self.hooks.stop_recording()
-
-    @contextlib.contextmanager
-    def old_policy_forward(self, is_policy: bool):
-        """Record the first policy forward of the batch, TRL's old-policy forward (``source="old_policy"``);
-        reference log-probs come later, from the reference model or with adapters disabled."""
-        record = self._old_policy_pending and is_policy and self._forwards is None
-        if record:
-            self.hooks.start_recording()
-        try:
-            yield
-        finally:
-            if record:
-                self._forwards = self.hooks.stop_recording()
-
-    def finish_batch(self, batch: dict, key: str) -> None:
-        forwards, self._forwards, self._old_policy_pending = self._forwards, None, False
-        if not forwards:
-            return
-        rows, prompt_length = batch["prompt_ids"].shape
-        completion_length = batch["completion_ids"].shape[1]
-        num_experts = self.hooks.num_experts
-        if self.source == "rollout":
-            batch[key] = stitch_rollout(forwards, rows, prompt_length, completion_length, num_experts)
-        else:
-            batch[key] = stitch_forwards(forwards, rows, prompt_length + completion_length, num_experts)

@@ -1,0 +1,52 @@
+"""The ``rollout`` config section: how the completions of a generation batch are sampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlvr.configuration import option, require
+
+MODES = ("iid", "forking_tree")
+ADVANTAGES = ("group", "treerl")
+
+
+@dataclass
+class RolloutConfig:
+    """The ``rollout`` config section (also ``ForkingGRPOTrainer(rollout=...)``)."""
+
+    mode: str = option(
+        "iid",
+        "iid: G independent samples per prompt (TRL's); forking_tree: roots branched at their forking tokens",
+        MODES,
+    )
+    branches: int = option(
+        3, "forking_tree: branches per root, N; roots per prompt M = num_generations / (1 + N)", None
+    )
+    min_prefix: int = option(2, "forking_tree: no branch at the first min_prefix completion tokens")
+    min_suffix: int = option(2, "forking_tree: no branch at the last min_suffix tokens of a root (EOS counted)")
+    min_spacing: int = option(2, "forking_tree: minimum distance between two branch positions of one root")
+    advantage: str = option(
+        "group",
+        "group: TRL's group-relative advantage over the G leaves; treerl: TreeRL's per-segment advantages",
+        ADVANTAGES,
+    )
+    reuse_cache: bool = option(
+        True, "forking_tree: branches continue from the root's KV cache (else each branch re-reads its prefix)"
+    )
+
+    def validate(self) -> None:
+        require(self.branches >= 1, "branches", "must be >= 1")
+        require(self.min_prefix >= 0, "min_prefix", "must be >= 0")
+        require(self.min_suffix >= 0, "min_suffix", "must be >= 0")
+        require(self.min_spacing >= 1, "min_spacing", "must be >= 1")
+        if self.mode == "iid":
+            require(self.advantage == "group", "advantage", "treerl needs rollout.mode=forking_tree (a tree)")
+
+    def roots_per_prompt(self, num_generations: int) -> int:
+        """M, with M * (1 + N) = G; raises ValueError when N + 1 does not divide G."""
+        if num_generations % (1 + self.branches):
+            raise ValueError(
+                f"branches: forking_tree makes (1 + branches) leaves per root, which must divide num_generations "
+                f"({num_generations}); branches={self.branches} does not"
+            )
+        return num_generations // (1 + self.branches)

@@ -158,8 +158,7 @@ def run_compare(
             say(f"[compare] {label}: finished earlier, skipped ({run.directory})")
             continue
         if run.construction is not None and compare_config is not None and run.construction not in built:
-            settings = compare_config([]).upcycle
-            build_policies(compare_config, settings, output_dir, run.construction, say=say)
+            build_policies(compare_config, run.config.upcycle, output_dir, run.construction, say=say)
             built.add(run.construction)
         remaining = sum(1 for later in runs[number - 1 :] if not later.finished)
         eta = (

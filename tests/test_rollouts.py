@@ -150,8 +150,7 @@ def test_a_branch_continuing_the_root_reproduces_its_logits_at_every_position(fl
     position = torch.tensor([1, 4, 6, 0])  # different cut points in one batch, one at the first token
     width = width_p + int(position.max())
     sampler = ForkingTreeSampler(RolloutConfig(), [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    ids = sampler._aligned_ids(input_ids, roots, branch_root, position, width)
-    branch_mask = sampler._aligned_mask(mask, branch_root, position, width)
+    ids, branch_mask = sampler._aligned_contexts(input_ids, mask, roots, branch_root, position, width)
     cache = aligned_prefix_cache(out.cache, branch_root, width_p + position - 1, width - 1)
     steps = 3  # feed root[p-1], root[p], root[p+1] (the prompt's last token when p = 0)
     fed = torch.stack(

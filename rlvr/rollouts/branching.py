@@ -147,7 +147,7 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
                 if k < len(branches):  # the branch leaving at cuts[k + 1] owns the rest of its completion
                     q, branch = branches[k]
                     own = values[branch]
-                    out[branch, q:] = ((own - prompt_value) + (own - value)) / 1.0
+                    out[branch, q:] = (own - prompt_value) + (own - value)  # one leaf below: sqrt(1)
                 parent_value = value
     beyond = torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T) padding
     return out.masked_fill(beyond, 0.0).to(rewards.dtype)

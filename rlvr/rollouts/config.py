@@ -19,9 +19,7 @@ class RolloutConfig:
         "iid: G independent samples per prompt (TRL's); forking_tree: roots branched at their forking tokens",
         MODES,
     )
-    branches: int = option(
-        3, "forking_tree: branches per root, N; roots per prompt M = num_generations / (1 + N)", None
-    )
+    branches: int = option(3, "forking_tree: branches per root, N; roots per prompt M = num_generations / (1 + N)")
     min_prefix: int = option(2, "forking_tree: no branch at the first min_prefix completion tokens")
     min_suffix: int = option(2, "forking_tree: no branch at the last min_suffix tokens of a root (EOS counted)")
     min_spacing: int = option(2, "forking_tree: minimum distance between two branch positions of one root")

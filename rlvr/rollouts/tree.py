@@ -189,20 +189,16 @@ class ForkingTreeSampler:
         fallback = int((table == NO_POSITION).sum())
 
         # 3. every branch in one call
+        # row i: its root's padded prompt and root[:p_i], right-aligned (a left-padded batch)
+        width = prompt_width + int(branch_position.max())
+        branch_ids, branch_mask = self._aligned_contexts(
+            input_ids, attention_mask, roots, branch_root, branch_position, width
+        )
         reuse = settings.reuse_cache and croppable(output.cache)
         extra = {}
-        if reuse:  # row i: its root's padded prompt and root[:p_i], right-aligned; cache cut to P + p_i - 1
-            width = prompt_width + int(branch_position.max())
-            branch_ids = self._aligned_ids(input_ids, roots, branch_root, branch_position, width)
-            branch_mask = self._aligned_mask(attention_mask, branch_root, branch_position, width)
+        if reuse:  # the root's cache cut to P + p_i - 1 tokens; otherwise generate re-reads every context
             kept = prompt_width + branch_position - 1
             extra["cache"] = aligned_prefix_cache(output.cache, branch_root, kept, width - 1)
-        else:  # each branch re-reads prompt + root[:p]
-            contexts = [
-                root_prompts[int(root)] + roots[root, : int(position)].tolist()
-                for root, position in zip(branch_root, branch_position, strict=True)
-            ]
-            branch_ids, branch_mask = _left_pad(contexts, self.pad_token_id)  # (Nb, longest context)
         budget = max_new_tokens - branch_position  # (Nb,)
         context_width = branch_ids.shape[1]
         branches = model.generate(
@@ -242,27 +238,24 @@ class ForkingTreeSampler:
         )
         return TreeRollout(completions, layout, stats)
 
-    @staticmethod
-    def _aligned_mask(
-        root_mask: torch.Tensor, branch_root: torch.Tensor, position: torch.Tensor, width: int
-    ) -> torch.Tensor:
-        """(Nb, width) mask: row i is its root's prompt mask and ``p_i`` completion ones, right-aligned."""
-        prompt_width = root_mask.shape[1]
-        mask = torch.zeros((branch_root.numel(), width), dtype=root_mask.dtype)
-        for row, (root, p) in enumerate(zip(branch_root.tolist(), position.tolist(), strict=True)):
-            begin = width - prompt_width - p
-            mask[row, begin : begin + prompt_width] = root_mask[root]
-            mask[row, begin + prompt_width :] = 1
-        return mask
-
-    def _aligned_ids(
-        self, root_ids: torch.Tensor, roots: torch.Tensor, branch_root: torch.Tensor, position: torch.Tensor, width: int
-    ) -> torch.Tensor:
-        """(Nb, width) ids laid out as :meth:`_aligned_mask`: the root's padded prompt, then ``root[:p]``."""
+    def _aligned_contexts(
+        self,
+        root_ids: torch.Tensor,
+        root_mask: torch.Tensor,
+        roots: torch.Tensor,
+        branch_root: torch.Tensor,
+        position: torch.Tensor,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Nb, width) ids and attention mask: row i is its root's left-padded prompt ((R, P) ``root_ids``
+        and ``root_mask``) then ``roots[i][:p_i]``, right-aligned, so that its cached slots line up."""
         prompt_width = root_ids.shape[1]
         ids = torch.full((branch_root.numel(), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((branch_root.numel(), width), dtype=root_mask.dtype)
         for row, (root, p) in enumerate(zip(branch_root.tolist(), position.tolist(), strict=True)):
             begin = width - prompt_width - p
             ids[row, begin : begin + prompt_width] = root_ids[root]
             ids[row, begin + prompt_width :] = roots[root, :p]
-        return ids
+            mask[row, begin : begin + prompt_width] = root_mask[root]
+            mask[row, begin + prompt_width :] = 1
+        return ids, mask

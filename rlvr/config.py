@@ -8,6 +8,7 @@ section        what it sets                                defined in
 ``reward``     verifiable rewards                          :class:`rlvr.rewards.registry.RewardConfig`
 ``forking``    forking-token selection                     :class:`rlvr.forking.ForkingConfig`
 ``moe``        router-aware updates                        :class:`rlvr.moe.config.MoEConfig`
+``rollout``    how training completions are sampled        :class:`rlvr.rollouts.config.RolloutConfig`
 ``warm_start`` supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
 ``eval``       held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
 ``grpo``       TRL ``GRPOConfig`` fields, passed through   TRL
@@ -52,6 +53,7 @@ from rlvr.forking import ForkingConfig, loss_normalization_unit
 from rlvr.models.loading import ModelConfig
 from rlvr.moe.config import MoEConfig
 from rlvr.rewards.registry import RewardConfig
+from rlvr.rollouts.config import RolloutConfig
 from rlvr.warmstart import WarmStartConfig, WarmStartJob
 
 __all__ = [
@@ -98,6 +100,7 @@ class RunConfig:
     reward: RewardConfig = option(RewardConfig, "verifiable rewards")
     forking: ForkingConfig = option(ForkingConfig, "forking-token selection (Wang et al., 2025)")
     moe: MoEConfig = option(MoEConfig, "router-aware updates and routing analytics (MoE policies)")
+    rollout: RolloutConfig = option(RolloutConfig, "how training completions are sampled: i.i.d. or forking trees")
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
     grpo: dict = passthrough(
@@ -154,8 +157,9 @@ class RunConfig:
 
     def validate(self) -> None:
         """The rules that tie sections together (each section has checked its own fields)."""
-        self._validate_grpo()
+        arguments = self._validate_grpo()
         grpo = self.grpo
+        self._validate_rollout(arguments)
         if self.moe.load_balancing_coef > 0 and float(grpo.get("router_aux_loss_coef") or 0.0) != 0.0:
             raise ConfigError(
                 "moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef is also set; the load-balancing loss would "
@@ -179,7 +183,29 @@ class RunConfig:
         if self.warm_start.enabled == "true":
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
 
-    def _validate_grpo(self) -> None:
+    def _validate_rollout(self, arguments) -> None:
+        """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process."""
+        if self.rollout.mode != "forking_tree":
+            return
+        for key in ("use_vllm", "use_transformers_paged"):
+            if self.grpo.get(key):
+                raise ConfigError(
+                    f"rollout.mode: forking_tree samples with transformers' generate(); grpo.{key} is not supported "
+                    "with it yet (ARCHITECTURE.md: forking trees with vLLM)"
+                )
+        try:
+            self.rollout.roots_per_prompt(arguments.num_generations)
+        except ValueError as error:
+            raise ConfigError(f"rollout.{error}") from None
+        rows = arguments.per_device_train_batch_size * arguments.steps_per_generation
+        require(
+            rows % arguments.num_generations == 0,
+            "rollout.mode",
+            f"forking_tree grows each prompt's {arguments.num_generations} completions on one process: "
+            f"grpo.per_device_train_batch_size x steps_per_generation ({rows}) must be a multiple of num_generations",
+        )
+
+    def _validate_grpo(self):
         from trl import GRPOConfig
 
         hints = typing.get_type_hints(GRPOConfig)
@@ -197,6 +223,7 @@ class RunConfig:
         except (ValueError, TypeError) as error:
             raise ConfigError(f"grpo: {error}") from None
         loss_normalization_unit(arguments.loss_type)
+        return arguments
 
 
 def load_config(

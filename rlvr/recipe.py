@@ -78,6 +78,7 @@ def train(config: RunConfig) -> RunResult:
         processing_class=tokenizer,
         forking=config.forking,
         moe=config.moe,
+        rollout=config.rollout,
         callbacks=callbacks,
     )
     use_compact_progress(trainer)
@@ -101,6 +102,8 @@ def train(config: RunConfig) -> RunResult:
         gradient_tokens=trainer.gradient_tokens_all_ranks(),
         wall_seconds=time.time() - run_start,
         world_size=trainer.accelerator.num_processes,
+        decoded_tokens=trainer.rollouts.decoded_tokens_total,
+        generation_seconds=trainer.rollouts.generation_seconds_total,
     )
     run.write_summary(config, result)
     return result

@@ -56,6 +56,8 @@ class RunResult:
     gradient_tokens: int = 0  # completion tokens whose policy-gradient loss weight was non-zero (all ranks)
     wall_seconds: float = 0.0
     world_size: int = 1
+    decoded_tokens: int = 0  # completion tokens sampled for training (a forking tree's shared prefix once)
+    generation_seconds: float = 0.0  # wall time spent sampling training completions
 
 
 @dataclass
@@ -159,6 +161,9 @@ class RunDirectory:
             "train_seconds": result.train_seconds,
             "wall_seconds": result.wall_seconds,
             "gradient_tokens": result.gradient_tokens,
+            "decoded_tokens": result.decoded_tokens,
+            "generation_seconds": result.generation_seconds,
+            "rollout": vars(config.rollout),
             "world_size": result.world_size,
             "eval_before": result.before.as_dict() if result.before else None,
             "eval_after": result.after.as_dict() if result.after else None,

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rlvr.configuration import ConfigError
@@ -52,7 +55,7 @@ from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves
-from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, Rollouts
+from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.sparse_head import (
     HeadTransform,
     add_sparse_head_route,
@@ -97,6 +100,32 @@ class CorrectionBiasUpdate(TrainerCallback):
         self.updates.update_correction_bias()
 
 
+class RolloutTotals(TrainerCallback):
+    """Reads the rollout totals (decoded tokens, generation seconds) back when a run resumes from a
+    checkpoint; ``ForkingGRPOTrainer._save_checkpoint`` writes them into it."""
+
+    FILE = "rlvr_rollouts.json"
+
+    def __init__(self, rollouts: Rollouts):
+        self.rollouts = rollouts
+
+    def save(self, directory: str) -> None:
+        totals = {
+            "decoded_tokens_total": self.rollouts.decoded_tokens_total,
+            "generation_seconds_total": self.rollouts.generation_seconds_total,
+        }
+        with open(os.path.join(directory, self.FILE), "w") as handle:
+            json.dump(totals, handle)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
+        if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
+            with open(saved) as handle:
+                totals = json.load(handle)
+            self.rollouts.decoded_tokens_total = int(totals["decoded_tokens_total"])
+            self.rollouts.generation_seconds_total = float(totals["generation_seconds_total"])
+
+
 class ForkingGRPOTrainer(GRPOTrainer):
     """GRPO with the policy-gradient loss on the forking tokens (Wang et al., 2025).
 
@@ -104,6 +133,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         forking: which tokens are forking and how the loss treats them (see :class:`rlvr.forking.ForkingConfig`).
         moe: router-aware updates and routing analytics (see :class:`rlvr.moe.config.MoEConfig`); ignored
             for dense models when left at its defaults.
+        rollout: how training completions are sampled (see :class:`rlvr.rollouts.config.RolloutConfig`):
+            TRL's i.i.d. samples (the default) or forking trees.
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
 
@@ -120,10 +151,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
     * ``training_step``: TRL's, then the MoE gates of the step are released.
     * ``create_optimizer``: TRL's optimizer; routers get their own groups only when
       ``moe.router_lr_multiplier != 1``.
-    * ``_generate_and_score_completions`` / ``_generate_single_turn``: TRL's batch plus rlvr's keys
-      (prompt group ids; the routing record with ``moe.routing_replay=rollout``), via :mod:`rlvr.rollouts`.
+    * ``_generate_and_score_completions`` / ``_generate_single_turn`` / ``_calculate_rewards``: TRL's batch
+      plus rlvr's keys (prompt group ids; the routing record with ``moe.routing_replay=rollout``) and
+      ``rollout/*`` cost metrics, via :mod:`rlvr.rollouts`; with ``rollout.mode=forking_tree`` the training
+      completions are forking trees (and ``rollout.advantage=treerl`` replaces TRL's advantages).
     * ``log``: TRL's record plus the failure counts of rlvr's reward functions; writes the forking-token log.
-    * ``_load_from_checkpoint``: full checkpoints load through ``from_pretrained`` (fused MoE experts).
+    * ``_save_checkpoint`` / ``_load_from_checkpoint``: the rollout totals saved with each checkpoint; full
+      checkpoints load through ``from_pretrained`` (fused MoE experts).
 
     rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
     TRL's behaviour instead of failing on a missing attribute.
@@ -131,6 +165,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     forking: ForkingConfig = ForkingConfig()
     moe: MoEConfig = MoEConfig()
+    rollout: RolloutConfig = RolloutConfig()
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
     loss_forward: LossForward | None = None  # set only while _compute_loss runs
@@ -138,9 +173,18 @@ class ForkingGRPOTrainer(GRPOTrainer):
     sparse_head: bool = False
     gradient_tokens: int = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
 
-    def __init__(self, *args, forking: ForkingConfig | None = None, moe: MoEConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        forking: ForkingConfig | None = None,
+        moe: MoEConfig | None = None,
+        rollout: RolloutConfig | None = None,
+        **kwargs,
+    ):
         self.forking = forking or ForkingConfig()
         self.moe = moe or MoEConfig()
+        self.rollout = rollout or RolloutConfig()
+        self.rollout.validate()
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
@@ -159,12 +203,19 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.top_entropy_quantile = 0.0 if self.forking.policy_tokens == "forking" else 1.0
         self.normalization_unit = loss_normalization_unit(self.loss_type)  # an unknown loss type fails here
         self.router_updates = self._router_aware_updates()
+        self._check_rollout()
         self.rollouts = Rollouts(
             ReplayRecorder(
                 self.router_updates.hooks if self.router_updates is not None else None,
                 self.moe.routing_replay if self.router_updates is not None else "none",
-            )
+            ),
+            self.rollout,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self._tokenizer.pad_token_id,
+            sum_across_ranks=self._sum_across_ranks,
         )
+        self.rollout_totals = RolloutTotals(self.rollouts)
+        self.add_callback(self.rollout_totals)
         self.loss_forward = None
         self.forking_log = ForkingTokenLog(self.forking.log_examples)
         self.sparse_head = self._use_sparse_head()
@@ -202,6 +253,32 @@ class ForkingGRPOTrainer(GRPOTrainer):
             )
         return updates
 
+    def _check_rollout(self) -> None:
+        """What ``rollout.mode=forking_tree`` cannot run with yet, as one-line errors."""
+        if self.rollout.mode != "forking_tree":
+            return
+        for flag, name in (
+            (self.use_vllm, "use_vllm"),
+            (getattr(self, "use_transformers_continuous_batching", False), "use_transformers_paged"),
+            (self.tools, "tools"),
+            (self.rollout_func is not None, "rollout_func"),
+        ):
+            if flag:
+                raise ValueError(
+                    f"rollout.mode=forking_tree samples with transformers' generate(); {name} is not supported with it "
+                    "yet (ARCHITECTURE.md: forking trees with vLLM)"
+                )
+        try:
+            self.rollout.roots_per_prompt(self.num_generations)
+        except ValueError as error:
+            raise ValueError(f"rollout.{error}") from None
+        rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        if rows % self.num_generations:
+            raise ValueError(
+                f"rollout.mode=forking_tree grows each prompt's {self.num_generations} completions on one process: "
+                f"per_device_train_batch_size x steps_per_generation ({rows}) must be a multiple of num_generations"
+            )
+
     def _use_sparse_head(self) -> bool:
         """Whether the loss forward projects only the forking tokens through the LM head with gradient
         (:mod:`rlvr.sparse_head`): only where that gives TRL's gradient exactly. Logs the reason once."""
@@ -231,12 +308,49 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # Generation: delegated to rlvr.rollouts (prompt groups of the rows, routing recorded for replay).
 
     def _generate_and_score_completions(self, inputs):
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        training = self.model.training
+        group_size = self.num_generations if training else self.num_generations_eval
         produce = functools.partial(super()._generate_and_score_completions, inputs)
-        return self.rollouts.produce_batch(produce, group_size, self.accelerator.process_index)
+        batch, metrics = self.rollouts.produce_batch(produce, group_size, self.accelerator.process_index, training)
+        mode = "train" if training else "eval"
+        for key, value in metrics.items():
+            if key == "rollout/decoded_tokens_total":  # a running total: logged as its latest value
+                self._metrics[mode][key] = [value]
+            else:
+                self._metrics[mode][key].append(value)
+        return batch
 
-    def _generate_single_turn(self, *args, **kwargs):
-        return self.rollouts.generate(super()._generate_single_turn, *args, **kwargs)
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        if not self.rollouts.branches(self.model.training):
+            return self.rollouts.generate(
+                super()._generate_single_turn, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if images is not None or multimodal_fields:
+            raise ValueError("rollout.mode=forking_tree supports text-only prompts")
+        with self._generation_model() as model:
+            return self.rollouts.generate_tree(model, prompt_ids, num_generations, self.generation_config)
+
+    @contextlib.contextmanager
+    def _generation_model(self):
+        """The policy as TRL's ``_generate_single_turn`` samples with it (unwrapped, ZeRO-3 weights gathered)."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            yield unwrapped_model
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all ranks
+        group_size = self.num_generations if self.model.training else self.num_generations_eval
+        self.rollouts.observe_rewards(rewards_per_func, self.reward_weights, gather_object(completions), group_size)
+        return rewards_per_func
 
     # ---------------------------------------------------------------------------------------------
     # Loss: select after the forward, hand TRL the weights.
@@ -413,6 +527,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """TRL's checkpoint, plus the rollout totals (before ``on_save`` marks the checkpoint complete)."""
+        super()._save_checkpoint(model, trial)
+        directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(directory):
+            self.rollout_totals.save(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume with the weights converted as ``from_pretrained`` converts them.

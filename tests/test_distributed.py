@@ -26,8 +26,12 @@ TINY = [
 ]
 
 
+TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=treerl"]
+
+
 @pytest.mark.slow
-def test_two_process_torchrun_on_cpu(tmp_path):
+@pytest.mark.parametrize("rollout", [[], TREE], ids=["iid", "forking_tree"])
+def test_two_process_torchrun_on_cpu(tmp_path, rollout):
     output = tmp_path / "ddp"
     command = [
         sys.executable,
@@ -41,6 +45,7 @@ def test_two_process_torchrun_on_cpu(tmp_path):
         "rlvr.cli",
         "quickstart",
         *TINY,
+        *rollout,
         f"output_dir={output}",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -53,6 +58,11 @@ def test_two_process_torchrun_on_cpu(tmp_path):
     assert len(kept) == 2  # one record per logging step: only rank 0 writes
     # k = ceil(rho * n) over the micro-batch gathered from both ranks: the kept share is rho up to rounding
     assert all(0.2 <= fraction < 0.2 + 1 / 64 for fraction in kept)
+    # decoded tokens are summed over both ranks: a tree decodes fewer than its leaves hold
+    decoded = [r["rollout/decoded_tokens"] for r in records if "loss" in r]
+    share = [r["rollout/decoded_share"] for r in records if "loss" in r]
+    assert summary["decoded_tokens"] == sum(decoded) > 0
+    assert all(value < 1.0 for value in share) if rollout else all(value == 1.0 for value in share)
 
 
 def _trl_accelerate_config(name: str) -> str:
@@ -64,9 +74,12 @@ def _trl_accelerate_config(name: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, arm", [("zero2", "forking"), ("zero3", "forking_router")])
-def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage, arm):
-    """TRL's zero2.yaml / zero3.yaml, unchanged, with 2 CPU processes; ZeRO-3 with the router-aware arm and replay."""
+@pytest.mark.parametrize(
+    "stage, arm, rollout", [("zero2", "forking", []), ("zero3", "forking_router", TREE)], ids=["zero2", "zero3-tree"]
+)
+def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage, arm, rollout):
+    """TRL's zero2.yaml / zero3.yaml, unchanged, with 2 CPU processes; ZeRO-3 with the router-aware arm, routing
+    replay and forking-tree rollouts (the tree's branches replay their root's recorded prefix)."""
     output = tmp_path / stage
     command = [
         sys.executable,
@@ -85,6 +98,7 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
         arm,
         "moe.routing_replay=rollout",
         *TINY,
+        *rollout,
         f"output_dir={output}",
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from rlvr.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
 from rlvr.cli import main
 
@@ -73,15 +75,21 @@ def _metrics(directory):
     return [{k: v for k, v in record.items() if not TIMING.search(k)} for record in records]
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=treerl"]
+
+
+@pytest.mark.parametrize("rollout", [[], TREE], ids=["iid", "forking_tree"])
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys, rollout):
+    """Every logged metric but wall times matches, the running rollout totals included."""
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
+    run = [*RUN, *rollout]
     monkeypatch.syspath_prepend(str(tmp_path))
     environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
     # The run that gets killed: wait for the step-4 checkpoint to be complete, then SIGKILL.
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "rlvr.cli", "quickstart", *RUN, f"output_dir={killed}"],
+        [sys.executable, "-m", "rlvr.cli", "quickstart", *run, f"output_dir={killed}"],
         env=environment,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -99,8 +107,8 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatc
     path, step = latest_complete_checkpoint(killed)
     assert step in (4, 6) and path.name == f"checkpoint-{step}"
 
-    assert main(["quickstart", *RUN, f"output_dir={killed}", "--resume"]) == 0
-    assert main(["quickstart", *RUN, f"output_dir={tmp_path / 'reference'}"]) == 0
+    assert main(["quickstart", *run, f"output_dir={killed}", "--resume"]) == 0
+    assert main(["quickstart", *run, f"output_dir={tmp_path / 'reference'}"]) == 0
 
     resumed, reference = _metrics(killed), _metrics(tmp_path / "reference")
     training = lambda records: [r for r in records if "loss" in r]  # noqa: E731
@@ -108,9 +116,10 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatc
     assert training(resumed) == training(reference)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["steps"] == 10
+    assert summary["decoded_tokens"] == training(reference)[-1]["rollout/decoded_tokens_total"] > 0
     # Resuming a run whose newest checkpoint is its last step is refused (the Trainer would train one more).
     capsys.readouterr()
-    assert main(["quickstart", *RUN, f"output_dir={killed}", "--resume"]) == 2
+    assert main(["quickstart", *run, f"output_dir={killed}", "--resume"]) == 2
     assert "checkpoint-10 is at step 10 and grpo.max_steps is 10" in capsys.readouterr().err
 
 
@@ -124,11 +133,16 @@ def test_truncate_drops_records_past_the_checkpoint_and_partial_lines(tmp_path):
 
 def test_zero3_two_process_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     """The same under ``rlvr launch --zero 3 --nproc 2``: DeepSpeed engine checkpoints (partitioned
-    weights and optimizer states, one RNG state per rank), with the router-aware arm. The launcher and
+    weights and optimizer states, one RNG state per rank), with the router-aware arm and forking trees. The launcher and
     both ranks are killed together, as a scheduler kills a job."""
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
     environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    run = [o for o in RUN if not o.startswith("grpo.max_steps")] + ["grpo.max_steps=6", "--arm", "forking_router"]
+    run = [o for o in RUN if not o.startswith("grpo.max_steps")] + [
+        "grpo.max_steps=6",
+        "--arm",
+        "forking_router",
+        *TREE,
+    ]
 
     def launch(output, port, *extra):
         command = [

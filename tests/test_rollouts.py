@@ -209,3 +209,53 @@ def test_sampled_trees_share_prefixes_are_deterministic_and_count_their_tokens(f
             shared += p
     assert first.stats.leaf_tokens - first.stats.decoded_tokens == shared
     assert all(0.0 <= q < 1.0 for q in first.stats.branch_relative_positions)
+
+
+@pytest.mark.parametrize("reuse_cache", [True, False])
+def test_branch_routing_records_equal_a_fresh_recording_of_each_leaf(float64_policy, reuse_cache):
+    """Routing replay of a tree: every leaf's record (a branch's prefix copied from its root, then its own
+    decoding steps) holds the experts that one teacher-forced forward over prompt + leaf chooses."""
+    from rlvr.moe.hooks import RoutingHooks
+    from rlvr.moe.replay import NOT_RECORDED, lay_out
+
+    model, tokenizer = float64_policy
+    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    try:
+        settings = RolloutConfig(mode="forking_tree", branches=3, min_prefix=1, min_suffix=1, reuse_cache=reuse_cache)
+        sampler = ForkingTreeSampler(settings, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        config = GenerationConfig(do_sample=True, max_new_tokens=10, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(5)
+        rollout = sampler.sample(model, _prompts(tokenizer, 4), 4, config, routing_hooks=hooks)
+        prompts = _prompts(tokenizer, 4)
+        completions = rollout.completion_ids
+        assert rollout.routing is not None and rollout.routing.prompt.shape[0] == len(completions)
+        prompt_ids, prompt_mask = _left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
+        width = max(len(c) for c in completions)
+        completion_ids = torch.full((len(completions), width), tokenizer.pad_token_id)
+        completion_mask = torch.zeros(len(completions), width, dtype=torch.long)
+        for row, completion in enumerate(completions):
+            completion_ids[row, : len(completion)] = torch.tensor(completion)
+            completion_mask[row, : len(completion)] = 1
+        record = lay_out(rollout.routing, prompt_ids.shape[1], width, hooks.num_experts)  # (B, P + C, layers, k)
+
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        hooks.start_recording()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+        (fresh,) = hooks.stop_recording()
+        fresh = fresh.reshape(*input_ids.shape, *fresh.shape[1:])  # (B, P + C, layers, k)
+    finally:
+        hooks.remove()
+    prompt_width = prompt_ids.shape[1]
+    branched = 0
+    for row, completion in enumerate(completions):
+        # every real token but the leaf's last (never fed during generation) was recorded
+        real = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+        real[:prompt_width] = prompt_mask[row].bool()
+        real[prompt_width : prompt_width + len(completion) - 1] = True
+        assert (record[row, real] != NOT_RECORDED).all(), row
+        same = torch.sort(record[row, real].long(), -1).values == torch.sort(fresh[row, real].long(), -1).values
+        assert same.all(), row
+        branched += int(not rollout.layout.is_root()[row] and rollout.layout.position[row] > 0)
+    assert branched > 0

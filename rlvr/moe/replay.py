@@ -20,6 +20,8 @@ module lays records out; :mod:`rlvr.rollouts.routing` records them while a batch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NOT_RECORDED = -1
@@ -37,27 +39,52 @@ def stitch_forwards(forwards: list[torch.Tensor], batch: int, length: int, num_e
     return rows.reshape(batch, length, *rows.shape[1:]).to(compact_dtype(num_experts))
 
 
-def stitch_rollout(
-    forwards: list[torch.Tensor], batch: int, prompt_length: int, completion_length: int, num_experts: int
-) -> torch.Tensor:
-    """Rollout record: prefill (B * P_gen rows) + one forward of B rows per decoding step -> (B, P + C, layers, k).
+@dataclass
+class RolloutRecord:
+    """The experts of a batch as ``generate`` ran it, before they are laid out over a training input.
 
-    The prompt is left-padded in both layouts, so it is aligned on its right end.
+    ``prompt``: (B, P_gen, layers, k), the prompt as generate saw it (left-padded to P_gen).
+    ``completion``: (B, S, layers, k), completion position ``j`` in row ``j`` (its token was fed at
+    decoding step ``j + 1``); positions generate never ran hold :data:`NOT_RECORDED`.
     """
+
+    prompt: torch.Tensor
+    completion: torch.Tensor
+
+
+def rollout_record(forwards: list[torch.Tensor], batch: int) -> RolloutRecord:
+    """The forwards of one ``generate`` call: prefill (B * P_gen rows), then one forward of B rows per step."""
     if not forwards:
         raise RuntimeError("no routing was recorded during generation")
     prefill, steps = forwards[0], forwards[1:]
     layers, top_k = prefill.shape[1:]
-    generated_prompt = prefill.shape[0] // batch
+    for step, record in enumerate(steps, start=1):
+        if record.shape[0] != batch:
+            raise RuntimeError(f"decoding step {step} recorded {record.shape[0]} rows for {batch} sequences")
+    prompt = prefill.reshape(batch, prefill.shape[0] // batch, layers, top_k)
+    completion = torch.stack(steps, dim=1) if steps else prefill.new_empty(batch, 0, layers, top_k)
+    return RolloutRecord(prompt, completion)
+
+
+def lay_out(record: RolloutRecord, prompt_length: int, completion_length: int, num_experts: int) -> torch.Tensor:
+    """A rollout record over the (B, P + C) training input -> (B, P + C, layers, k).
+
+    The prompt is left-padded in both layouts, so it is aligned on its right end. The last completion
+    position is never fed during generation and stays :data:`NOT_RECORDED` (live routing).
+    """
+    batch, generated_prompt, layers, top_k = record.prompt.shape
     out = torch.full(
         (batch, prompt_length + completion_length, layers, top_k), NOT_RECORDED, dtype=compact_dtype(num_experts)
     )
-    prefill = prefill.reshape(batch, generated_prompt, layers, top_k)
     shared = min(generated_prompt, prompt_length)
-    out[:, prompt_length - shared : prompt_length] = prefill[:, generated_prompt - shared :].to(out.dtype)
-    # Decoding step s (1-based) ran on generated token s - 1, at training position P + s - 1.
-    for step, record in enumerate(steps[: max(completion_length - 1, 0)], start=1):
-        if record.shape[0] != batch:
-            raise RuntimeError(f"decoding step {step} recorded {record.shape[0]} rows for {batch} sequences")
-        out[:, prompt_length + step - 1] = record.to(out.dtype)
+    out[:, prompt_length - shared : prompt_length] = record.prompt[:, generated_prompt - shared :].to(out.dtype)
+    steps = min(record.completion.shape[1], max(completion_length - 1, 0))
+    out[:, prompt_length : prompt_length + steps] = record.completion[:, :steps].to(out.dtype)
     return out
+
+
+def stitch_rollout(
+    forwards: list[torch.Tensor], batch: int, prompt_length: int, completion_length: int, num_experts: int
+) -> torch.Tensor:
+    """Rollout record of one ``generate`` call -> (B, P + C, layers, k) (:func:`rollout_record`, :func:`lay_out`)."""
+    return lay_out(rollout_record(forwards, batch), prompt_length, completion_length, num_experts)

@@ -8,6 +8,7 @@ with its own numerics) belongs in this package, not in the trainer.
 """
 
 from rlvr.rollouts.batch import GROUP_IDS_KEY, ROUTING_KEY, Rollouts
+from rlvr.rollouts.config import RolloutConfig
 from rlvr.rollouts.routing import ReplayRecorder
 
-__all__ = ["GROUP_IDS_KEY", "ROUTING_KEY", "ReplayRecorder", "Rollouts"]
+__all__ = ["GROUP_IDS_KEY", "ROUTING_KEY", "ReplayRecorder", "RolloutConfig", "Rollouts"]

@@ -1,17 +1,28 @@
-"""The generation batch: what rlvr adds to the rows TRL produces, and the calls the trainer delegates.
+"""The generation batch: how it is sampled, what rlvr adds to the rows TRL produces, what it cost.
 
-``ForkingGRPOTrainer`` overrides two TRL methods on the generation side and hands both to
-:class:`Rollouts`: ``_generate_and_score_completions`` (one generation batch: sampling, rewards,
-advantages, old-policy log-probs) and ``_generate_single_turn`` (the sampling itself).
+``ForkingGRPOTrainer`` overrides TRL's generation-side methods and hands them to :class:`Rollouts`:
+``_generate_and_score_completions`` (one generation batch: sampling, rewards, advantages, old-policy
+log-probs), ``_generate_single_turn`` (the sampling itself) and ``_calculate_rewards`` (the rewards,
+which the tree-aware advantage needs).
+
+With ``rollout.mode: iid`` the sampling is TRL's, unchanged. With ``forking_tree`` the training
+batches' completions are forking trees (:mod:`rlvr.rollouts.tree`); TRL's own evaluation batches stay
+i.i.d. Either way the batch reports its cost: tokens decoded, generation wall time, where trees branched.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from rlvr.rewards.extraction import find_answer
+from rlvr.rollouts.branching import treerl_advantages
+from rlvr.rollouts.config import RolloutConfig
 from rlvr.rollouts.routing import ReplayRecorder
+from rlvr.rollouts.tree import ForkingTreeSampler, TreeRollout
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
 ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
@@ -25,28 +36,178 @@ def group_ids(rows: int, group_size: int, process_index: int, device: torch.devi
     return (torch.arange(rows, device=device) + first_row) // group_size
 
 
+def distinct_answers(completions: list, group_size: int) -> float:
+    """Mean number of distinct answers per group of ``group_size`` consecutive completions. The answer is
+    the span the verifiers read (:func:`rlvr.rewards.extraction.find_answer`); a completion without one
+    counts as the answer "none"."""
+    answers = []
+    for completion in completions:
+        span = find_answer(completion)
+        answers.append(" ".join(span.text.split()) if span is not None else None)
+    groups = [answers[start : start + group_size] for start in range(0, len(answers), group_size)]
+    return sum(len(set(group)) for group in groups) / max(len(groups), 1)
+
+
+@dataclass
+class GenerationCost:
+    """What sampling one generation batch cost on this rank, and where its trees branched."""
+
+    decoded_tokens: int  # completion tokens sampled (a tree's shared prefix once)
+    leaf_tokens: int  # completion tokens the rows hold
+    leaves: int
+    seconds: float
+    fallback_branches: int = 0
+    branch_relative_positions: list[float] = field(default_factory=list)
+    branch_entropies: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of_tree(cls, tree: TreeRollout) -> GenerationCost:
+        stats = tree.stats
+        return cls(
+            stats.decoded_tokens,
+            stats.leaf_tokens,
+            stats.leaves,
+            stats.generation_seconds,
+            stats.fallback_branches,
+            list(stats.branch_relative_positions),
+            list(stats.branch_entropies),
+        )
+
+
 class Rollouts:
     """The generation side of ``ForkingGRPOTrainer``.
 
     Args:
         replay: records routing while the batch is produced (a no-op for ``routing_replay: none`` and
             dense policies).
+        settings: the ``rollout`` section (how completions are sampled).
+        eos_token_ids, pad_token_id: the tokenizer's, for the tree sampler.
+        sum_across_ranks: sums a tensor over ranks (the identity on one process).
     """
 
-    def __init__(self, replay: ReplayRecorder):
+    def __init__(
+        self,
+        replay: ReplayRecorder,
+        settings: RolloutConfig | None = None,
+        eos_token_ids: list[int] | None = None,
+        pad_token_id: int | None = None,
+        sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda values: values,
+    ):
         self.replay = replay
+        self.settings = settings or RolloutConfig()
+        self.sum_across_ranks = sum_across_ranks
+        self.sampler = None
+        if self.settings.mode == "forking_tree":
+            if eos_token_ids is None or pad_token_id is None:
+                raise ValueError("rollout.mode=forking_tree needs the tokenizer's eos and pad token ids")
+            self.sampler = ForkingTreeSampler(self.settings, eos_token_ids, pad_token_id)
+        self.last_layout = None  # the TreeLayout of the last forking-tree batch (for inspection)
+        self.decoded_tokens_total = 0  # training batches, all ranks: the x-axis of "accuracy per decoded token"
+        self.generation_seconds_total = 0.0  # training batches, mean over ranks
+        self._tree: TreeRollout | None = None
+        self._cost: GenerationCost | None = None
+        self._rewards: torch.Tensor | None = None  # (B_all,) weighted rewards of the batch, all ranks
+        self._distinct_answers: float | None = None
 
-    def produce_batch(self, produce: Callable[[], dict], group_size: int, process_index: int) -> dict:
+    def branches(self, training: bool) -> bool:
+        """Whether this batch is sampled as forking trees (training batches in ``forking_tree`` mode)."""
+        return self.sampler is not None and training
+
+    def produce_batch(
+        self, produce: Callable[[], dict], group_size: int, process_index: int, training: bool = True
+    ) -> tuple[dict, dict[str, float]]:
         """Run TRL's ``_generate_and_score_completions`` (``produce``) and add rlvr's keys to its batch:
-        the routing record (:data:`ROUTING_KEY`) and each row's prompt group (:data:`GROUP_IDS_KEY`)."""
+        the routing record (:data:`ROUTING_KEY`), each row's prompt group (:data:`GROUP_IDS_KEY`) and,
+        with ``rollout.advantage=treerl``, TreeRL's (B, C) advantages. Returns the batch and its metrics."""
         self.replay.start_batch()
+        self._tree = self._cost = self._rewards = self._distinct_answers = None
         batch = produce()
         self.replay.finish_batch(batch, ROUTING_KEY)
         prompt_ids = batch["prompt_ids"]  # (B, P)
-        batch[GROUP_IDS_KEY] = group_ids(prompt_ids.size(0), group_size, process_index, prompt_ids.device)
-        return batch
+        rows = prompt_ids.size(0)
+        batch[GROUP_IDS_KEY] = group_ids(rows, group_size, process_index, prompt_ids.device)
+        if self._tree is not None and self.settings.advantage == "treerl":
+            if self._rewards is None:
+                raise RuntimeError("rollout.advantage=treerl: the batch's rewards were not observed")
+            local = self._rewards[process_index * rows : (process_index + 1) * rows]  # (B,)
+            lengths = batch["completion_mask"].sum(dim=1)  # (B,)
+            width = batch["completion_ids"].size(1)
+            advantages = treerl_advantages(local.cpu(), self._tree.layout, lengths.cpu(), width)  # (B, C)
+            batch["advantages"] = advantages.to(device=prompt_ids.device, dtype=batch["advantages"].dtype)
+        metrics = self._metrics(training)
+        self.last_layout = self._tree.layout if self._tree is not None else None
+        self._tree = None
+        return batch, metrics
 
     def generate(self, generate: Callable, *args, **kwargs):
         """TRL's ``_generate_single_turn`` (``generate``), with routing recorded when replay asks for it."""
+        start = time.perf_counter()
         with self.replay.rollout():
-            return generate(*args, **kwargs)
+            completion_ids, logprobs = generate(*args, **kwargs)
+        tokens = sum(len(ids) for ids in completion_ids)
+        self._cost = GenerationCost(tokens, tokens, len(completion_ids), time.perf_counter() - start)
+        return completion_ids, logprobs
+
+    def generate_tree(self, model, prompt_ids: list[list[int]], group_size: int, generation_config):
+        """The completions of ``prompt_ids`` as forking trees, in the ``(completion_ids, logprobs)`` form of
+        TRL's ``_generate_single_turn`` (no sampling log-probs: TRL computes them for the policy)."""
+        tree = self.sampler.sample(
+            model, prompt_ids, group_size, generation_config, routing_hooks=self.replay.rollout_hooks()
+        )
+        if tree.routing is not None:
+            self.replay.keep_record(tree.routing)
+        self._tree, self._cost = tree, GenerationCost.of_tree(tree)
+        return tree.completion_ids, None
+
+    def observe_rewards(
+        self, rewards_per_func: torch.Tensor, weights: torch.Tensor, completions: list, group_size: int
+    ):
+        """TRL's ``_calculate_rewards`` result ((B_all, F), all ranks) with the reward weights (F,), and the
+        completions of all ranks: the rewards TreeRL's advantage needs and the distinct answers per group."""
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (B_all,)
+        rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+        self._rewards = rewards.masked_fill(unscorable, float("nan"))
+        self._distinct_answers = distinct_answers(completions, group_size)
+
+    def _metrics(self, training: bool) -> dict[str, float]:
+        """``rollout/*`` metrics of the batch just produced, summed or averaged over ranks."""
+        cost = self._cost
+        if cost is None:  # generation bypassed (e.g. a custom rollout_func): nothing was measured
+            return {}
+        positions, entropies = cost.branch_relative_positions, cost.branch_entropies
+        local = torch.tensor(
+            [
+                cost.decoded_tokens,
+                cost.leaf_tokens,
+                cost.leaves,
+                cost.seconds,
+                1.0,
+                sum(positions),
+                len(positions),
+                sum(entropies),
+                cost.fallback_branches,
+            ],
+            dtype=torch.float64,
+        )
+        decoded, leaf_tokens, leaves, seconds, ranks, position_sum, branched, entropy_sum, fallback = (
+            self.sum_across_ranks(local).tolist()
+        )
+        metrics = {
+            "rollout/decoded_tokens": decoded,
+            "rollout/decoded_tokens_per_completion": decoded / max(leaves, 1.0),
+            "rollout/decoded_share": decoded / max(leaf_tokens, 1.0),
+            "rollout/generation_seconds": seconds / ranks,
+        }
+        if self._distinct_answers is not None:
+            metrics["rollout/distinct_answers"] = self._distinct_answers
+        if self._tree is not None:
+            metrics["rollout/branches"] = branched
+            metrics["rollout/fallback_branches"] = fallback
+            if branched:
+                metrics["rollout/branch_relative_position"] = position_sum / branched
+                metrics["rollout/branch_entropy"] = entropy_sum / branched
+        if training:
+            self.decoded_tokens_total += int(decoded)
+            self.generation_seconds_total += seconds / ranks
+            metrics["rollout/decoded_tokens_total"] = float(self.decoded_tokens_total)
+        return metrics

@@ -116,7 +116,8 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
     segment is the prompt.
 
     Args:
-        rewards: (B,) leaf rewards (each group's G rows consecutive).
+        rewards: (B,) leaf rewards (each group's G rows consecutive); NaN: unscorable, left out of every
+            value, its own advantages 0.
         layout: the trees (:func:`tree_layout`).
         lengths: (B,) completion lengths of the leaves (their tokens beyond get 0).
         width: T, the completion width of the batch.
@@ -131,7 +132,7 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
     origin, position, lengths = layout.origin.cpu(), layout.position.cpu(), lengths.cpu()
     for start in range(0, rows, group_size):
         group = range(start, start + group_size)
-        prompt_value = values[start : start + group_size].mean()
+        prompt_value = values[start : start + group_size].nanmean()
         for root in sorted({start + int(origin[row]) for row in group}):
             members = [row for row in group if start + int(origin[row]) == root]
             branches = sorted((int(position[row]), row) for row in members if row != root)
@@ -139,7 +140,7 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
             parent_value = prompt_value
             for k, begin in enumerate(cuts):
                 below = [root] + [row for _, row in branches[k:]]  # the root and the later branches
-                value = values[below].mean()
+                value = values[below].nanmean()
                 score = ((value - prompt_value) + (value - parent_value)) / math.sqrt(len(below))
                 end = cuts[k + 1] if k + 1 < len(cuts) else width
                 for row in below:  # every leaf below holds this segment's tokens
@@ -150,4 +151,5 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
                     out[branch, q:] = (own - prompt_value) + (own - value)  # one leaf below: sqrt(1)
                 parent_value = value
     beyond = torch.arange(width).unsqueeze(0) >= lengths.unsqueeze(1)  # (B, T) padding
-    return out.masked_fill(beyond, 0.0).to(rewards.dtype)
+    unscorable = torch.isnan(values).unsqueeze(1)  # (B, 1): no reward, no signal (as TRL does)
+    return out.masked_fill(beyond | unscorable, 0.0).nan_to_num(0.0).to(rewards.dtype)

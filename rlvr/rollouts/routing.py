@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from rlvr.moe.replay import stitch_forwards, stitch_rollout
+from rlvr.moe.replay import RolloutRecord, lay_out, stitch_forwards, stitch_rollout
 
 
 class ReplayRecorder:
@@ -26,10 +26,11 @@ class ReplayRecorder:
     def __init__(self, hooks, source: str):
         self.hooks, self.source = hooks, source  # hooks: rlvr.moe.hooks.RoutingHooks (None for dense models)
         self._forwards: list[torch.Tensor] | None = None
+        self._leaf_record: RolloutRecord | None = None  # laid out per leaf by a tree sampler
         self._old_policy_pending = False  # the next policy forward is TRL's old-policy forward
 
     def start_batch(self) -> None:
-        self._forwards = None
+        self._forwards, self._leaf_record = None, None
         self._old_policy_pending = self.source == "old_policy"
 
     @contextlib.contextmanager
@@ -46,6 +47,16 @@ class ReplayRecorder:
         finally:
             self._forwards = self.hooks.stop_recording()
 
+    def rollout_hooks(self):
+        """The hooks a sampler that calls ``generate`` more than once records with (None: nothing to record).
+        It hands the per-leaf result back with :meth:`keep_record`."""
+        return self.hooks if self.source == "rollout" else None
+
+    def keep_record(self, record: RolloutRecord) -> None:
+        if self._forwards is not None or self._leaf_record is not None:
+            raise RuntimeError("moe.routing_replay=rollout supports single-turn generation only (no tool calls)")
+        self._leaf_record = record
+
     @contextlib.contextmanager
     def old_policy_forward(self, is_policy: bool):
         """Record the first policy forward of the batch, TRL's old-policy forward (``source="old_policy"``);
@@ -61,10 +72,14 @@ class ReplayRecorder:
 
     def finish_batch(self, batch: dict, key: str) -> None:
         forwards, self._forwards, self._old_policy_pending = self._forwards, None, False
-        if not forwards:
-            return
+        leaf_record, self._leaf_record = self._leaf_record, None
         rows, prompt_length = batch["prompt_ids"].shape
         completion_length = batch["completion_ids"].shape[1]
+        if leaf_record is not None:
+            batch[key] = lay_out(leaf_record, prompt_length, completion_length, self.hooks.num_experts)
+            return
+        if not forwards:
+            return
         num_experts = self.hooks.num_experts
         if self.source == "rollout":
             batch[key] = stitch_rollout(forwards, rows, prompt_length, completion_length, num_experts)

@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 
+from rlvr.moe.replay import NOT_RECORDED, RolloutRecord, rollout_record
 from rlvr.rollouts.branching import NO_POSITION, TreeLayout, branch_positions, tree_layout
 from rlvr.rollouts.config import RolloutConfig
 
@@ -85,6 +86,23 @@ class TreeRollout:
     completion_ids: list[list[int]]  # per leaf, EOS included, no padding
     layout: TreeLayout
     stats: TreeStats
+    routing: RolloutRecord | None = None  # per leaf, when sampled with routing hooks (routing replay)
+
+
+class _Recording:
+    """Records the experts of one ``generate`` call with ``hooks`` (a no-op without them)."""
+
+    def __init__(self, hooks):
+        self.hooks, self.forwards = hooks, None
+
+    def __enter__(self):
+        if self.hooks is not None:
+            self.hooks.start_recording()
+        return self
+
+    def __exit__(self, *exc):
+        if self.hooks is not None:
+            self.forwards = self.hooks.stop_recording()
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +159,17 @@ class ForkingTreeSampler:
 
     @torch.no_grad()
     def sample(
-        self, model, prompt_ids: list[list[int]], group_size: int, generation_config: GenerationConfig
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        group_size: int,
+        generation_config: GenerationConfig,
+        routing_hooks=None,
     ) -> TreeRollout:
-        """Leaves for ``prompt_ids`` (B rows, each prompt repeated on ``group_size`` consecutive rows)."""
+        """Leaves for ``prompt_ids`` (B rows, each prompt repeated on ``group_size`` consecutive rows).
+
+        ``routing_hooks`` (:class:`rlvr.moe.hooks.RoutingHooks`): record the experts of every leaf for
+        routing replay; a branch's prefix takes its root's record, copied exactly."""
         start = time.perf_counter()
         settings = self.settings
         roots_per_prompt = settings.roots_per_prompt(group_size)
@@ -161,14 +187,15 @@ class ForkingTreeSampler:
         root_prompts = [prompt for prompt in prompts for _ in range(roots_per_prompt)]
         input_ids, attention_mask = _left_pad(root_prompts, self.pad_token_id)  # (R, P)
         entropy = SamplingEntropy(temperature)
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=generation_config,
-            logits_processor=[entropy],
-            return_dict_in_generate=True,
-            max_new_tokens=max_new_tokens,
-        )
+        with _Recording(routing_hooks) as root_routing:
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
+                logits_processor=[entropy],
+                return_dict_in_generate=True,
+                max_new_tokens=max_new_tokens,
+            )
         prompt_width = input_ids.shape[1]
         roots = output.sequences[:, prompt_width:].cpu()  # (R, Cr)
         root_lengths = _completion_lengths(roots, self.eos_token_ids)  # (R,)
@@ -201,14 +228,15 @@ class ForkingTreeSampler:
             extra["cache"] = aligned_prefix_cache(output.cache, branch_root, kept, width - 1)
         budget = max_new_tokens - branch_position  # (Nb,)
         context_width = branch_ids.shape[1]
-        branches = model.generate(
-            input_ids=branch_ids.to(device),
-            attention_mask=branch_mask.to(device),
-            generation_config=generation_config,
-            stopping_criteria=[RowBudget(context_width, budget)],
-            max_new_tokens=int(budget.max()),
-            **extra,
-        )
+        with _Recording(routing_hooks) as branch_routing:
+            branches = model.generate(
+                input_ids=branch_ids.to(device),
+                attention_mask=branch_mask.to(device),
+                generation_config=generation_config,
+                stopping_criteria=[RowBudget(context_width, budget)],
+                max_new_tokens=int(budget.max()),
+                **extra,
+            )
         continuations = branches[:, context_width:].cpu()  # (Nb, Cb)
         lengths = torch.minimum(_completion_lengths(continuations, self.eos_token_ids), budget)
 
@@ -223,6 +251,16 @@ class ForkingTreeSampler:
                 completions.append(prefix + continuations[branch, : int(lengths[branch])].tolist())
         assert len(completions) == len(prompts) * roots_per_prompt * per_root == len(prompt_ids)
 
+        routing = None
+        if routing_hooks is not None:
+            routing = _leaf_routing(
+                rollout_record(root_routing.forwards, roots.shape[0]),
+                branch_routing.forwards[1:],
+                branch_position,
+                settings.branches,
+                max(len(completion) for completion in completions),
+            )
+
         real = table != NO_POSITION  # (R, N)
         relative = table.double() / root_lengths.double().unsqueeze(1)
         at_branch = entropies.gather(1, table.clamp(min=0)) if entropies.numel() else torch.zeros_like(relative)
@@ -236,7 +274,7 @@ class ForkingTreeSampler:
             branch_relative_positions=relative[real].tolist(),
             branch_entropies=at_branch[real].tolist(),
         )
-        return TreeRollout(completions, layout, stats)
+        return TreeRollout(completions, layout, stats, routing)
 
     def _aligned_contexts(
         self,
@@ -259,3 +297,30 @@ class ForkingTreeSampler:
             mask[row, begin : begin + prompt_width] = root_mask[root]
             mask[row, begin + prompt_width :] = 1
         return ids, mask
+
+
+def _leaf_routing(
+    roots: RolloutRecord, branch_steps: list[torch.Tensor], position: torch.Tensor, branches: int, width: int
+) -> RolloutRecord:
+    """Per-leaf routing in layout order. A branch at ``p`` holds its root's record for the prompt and
+    completion positions ``< p`` (the shared prefix, copied), then its own decoding steps: the branch's
+    first forward re-reads the token before ``p`` (the root's record has it already), its step ``s`` feeds
+    completion position ``p + s - 1``. ``branch_steps``: (Nb, layers, k) per decoding step after the first."""
+    root_count, _, layers, top_k = roots.prompt.shape
+    per_root = 1 + branches
+    completion = torch.full((root_count * per_root, width, layers, top_k), NOT_RECORDED, dtype=roots.completion.dtype)
+    steps = (
+        torch.stack(branch_steps, dim=1) if branch_steps else completion.new_empty(position.numel(), 0, layers, top_k)
+    )
+    root_width = min(roots.completion.shape[1], width)
+    for root in range(root_count):
+        completion[root * per_root, :root_width] = roots.completion[root, :root_width]
+        for column in range(branches):
+            branch = root * branches + column
+            leaf = root * per_root + 1 + column
+            p = int(position[branch])
+            completion[leaf, :p] = roots.completion[root, :p]
+            own = min(steps.shape[1], width - p)
+            completion[leaf, p : p + own] = steps[branch, :own]
+    prompt = roots.prompt.repeat_interleave(per_root, dim=0)  # (B, P_gen, layers, k)
+    return RolloutRecord(prompt, completion)

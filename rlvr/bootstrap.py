@@ -125,8 +125,15 @@ def paired_difference(
     return _percentiles(differences, estimate)
 
 
-def verdict(arm: str, baseline: str, difference: Interval, token_share: float | None = None) -> str:
-    """One line in plain words, e.g. ``forking vs full: -0.008 [-0.040, +0.030], no detectable difference``."""
+def verdict(
+    arm: str,
+    baseline: str,
+    difference: Interval,
+    token_share: float | None = None,
+    decoded_share: float | None = None,
+) -> str:
+    """One line in plain words, e.g. ``forking vs full: -0.008 [-0.040, +0.030], no detectable difference``;
+    ``token_share`` / ``decoded_share``: the arm's gradient / decoded tokens relative to the baseline's."""
     if math.isnan(difference.estimate):
         return f"{arm} vs {baseline}: n/a (no per-problem eval records)"
     if difference.low > 0:
@@ -135,5 +142,10 @@ def verdict(arm: str, baseline: str, difference: Interval, token_share: float | 
         finding = f"worse than {baseline}"
     else:
         finding = "no detectable difference"
-    tokens = "" if token_share is None or math.isnan(token_share) else f" with {token_share:.0%} of the gradient tokens"
+    shares = []
+    if token_share is not None and not math.isnan(token_share):
+        shares.append(f"{token_share:.0%} of the gradient tokens")
+    if decoded_share is not None and not math.isnan(decoded_share):
+        shares.append(f"{decoded_share:.0%} of the decoded tokens")
+    tokens = f" with {' and '.join(shares)}" if shares else ""
     return f"{arm} vs {baseline}: {difference.format(signed=True)}, {finding}{tokens}"

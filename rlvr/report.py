@@ -51,10 +51,22 @@ def _clusters(runs: list[Run]) -> list | None:
     return None if any(construction is None for construction in constructions) else constructions
 
 
+def _reach_step(runs: list[Run], low: float) -> int | None:
+    """The first eval step at which the mean greedy accuracy of ``runs`` is at least ``low``."""
+    steps, means, _ = mean_curve(runs, "eval/greedy_accuracy")
+    return next((step for step, mean in zip(steps, means, strict=True) if mean >= low), None)
+
+
+def _decoded_at(runs: list[Run], step: int | None) -> float:
+    """Mean over runs of the training tokens decoded by ``step`` (NaN if never reached or not logged)."""
+    return math.nan if step is None else mean_std([run.decoded_tokens_at(step) for run in runs])[0]
+
+
 def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
     """One row per arm: accuracies with bootstrap intervals over seeds x problems, the paired difference
     to its baseline (:func:`baseline_of`), and the first eval at which the arm's mean greedy accuracy
-    enters the baseline's final interval (a noise-tolerant "steps to baseline"). Runs pair by their
+    enters the baseline's final interval (a noise-tolerant "steps to baseline"), with the tokens decoded
+    by then against those the baseline decoded to enter its own final interval. Runs pair by their
     replicate (construction seed, RL seed)."""
     rows = []
     for arm, runs in groups.items():
@@ -65,7 +77,8 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
         baseline = baseline_of(arm, groups)
         clusters = _clusters(finished)
         versus_greedy = versus_sampled = reach = None
-        token_share = math.nan
+        token_share = decoded_share = decoded_to_reach = reach_share = math.nan
+        decoded = mean_std([float(run.summary.get("decoded_tokens") or math.nan) for run in finished])[0]
         if baseline is not None:
             reference = _finished(groups[baseline])
             paired = [run.replicate for run in finished] == [run.replicate for run in reference]
@@ -80,6 +93,12 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
             if reference_greedy and not math.isnan(final.low):
                 reach = next((s for s, m in zip(steps, means, strict=True) if m >= final.low), "no")
+                decoded_to_reach = _decoded_at(finished, reach if reach != "no" else None)
+                reference_to_reach = _decoded_at(reference, _reach_step(reference, final.low))
+                if reference_to_reach > 0:  # NaN when not logged; 0 when the baseline started inside it
+                    reach_share = decoded_to_reach / reference_to_reach
+            reference_decoded = mean_std([float(r.summary.get("decoded_tokens") or math.nan) for r in reference])[0]
+            decoded_share = decoded / reference_decoded if reference_decoded else math.nan
             reference_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in reference])[0]
             if reference_tokens and not math.isnan(reference_tokens) and "+" not in arm:  # arms, not inits
                 token_share = tokens / reference_tokens
@@ -100,6 +119,10 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
                 "reaches_baseline": reach,
                 "gradient_tokens": tokens,
                 "token_share": token_share,
+                "decoded_tokens": decoded,
+                "decoded_share": decoded_share,
+                "decoded_to_reach": decoded_to_reach,
+                "decoded_to_reach_share": reach_share,
                 "train_seconds": mean_std([float(run.summary.get("train_seconds", math.nan)) for run in finished])[0],
             }
         )
@@ -116,7 +139,13 @@ def verdict_lines(rows: list[dict], accuracy: str = "greedy") -> list[str]:
     """One plain-words line per arm of :func:`summary_rows` against its baseline (``greedy`` or
     ``sampled`` accuracy after RL)."""
     return [
-        verdict(row["arm"], row["baseline"], row[f"{accuracy}_vs_baseline"], row["token_share"])
+        verdict(
+            row["arm"],
+            row["baseline"],
+            row[f"{accuracy}_vs_baseline"],
+            row["token_share"],
+            row["decoded_share"] if abs(row["decoded_share"] - 1.0) > 0.005 else None,  # shown where they differ
+        )
         for row in rows
         if row[f"{accuracy}_vs_baseline"] is not None
     ]
@@ -311,11 +340,14 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
         "seeds; best = best mean greedy accuracy of any eval during training; reaches baseline = first eval step "
         "where the arm's mean greedy accuracy is inside the baseline's final interval; seeds = RL seeds (cC/sS: "
         "construction seed C, RL seed S); gradient tokens = completion tokens with a non-zero policy-gradient "
-        "weight per run; train time = wall-clock seconds of the RL phase (no warm start, no evals).",
+        "weight per run; decoded tokens = completion tokens sampled for training per run (a forking tree's "
+        "shared prefixes once); decoded to reach baseline = tokens decoded by the reaches-baseline step, and "
+        "their ratio to the tokens the baseline decoded to enter its own final interval; train time = "
+        "wall-clock seconds of the RL phase (no warm start, no evals).",
         "",
         "| arm | seeds | greedy acc | sampled acc | baseline | greedy vs baseline | best greedy | reaches baseline "
-        "| gradient tokens | train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| gradient tokens | decoded tokens | decoded to reach baseline | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = summary_rows(groups)
     for row in rows:
@@ -324,7 +356,8 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
         lines.append(
             f"| {row['arm']} | {row['seeds']} | {_interval_cell(row['greedy'])} | {_interval_cell(row['sampled'])} | "
             f"{row['baseline'] or '—'} | {versus} | {_fmt(*row['best'])} | {reach} | "
-            f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['train_seconds'], digits=0)} |"
+            f"{_fmt(row['gradient_tokens'], digits=0)} | {_fmt(row['decoded_tokens'], digits=0)} | "
+            f"{_reach_cell(row)} | {_fmt(row['train_seconds'], digits=0)} |"
         )
     for accuracy in ("greedy", "sampled"):
         verdicts = verdict_lines(rows, accuracy)
@@ -336,6 +369,13 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
             ]
             lines += [f"- {line}" for line in verdicts]
     return lines
+
+
+def _reach_cell(row: dict) -> str:
+    if math.isnan(row["decoded_to_reach"]):
+        return "—"
+    share = row["decoded_to_reach_share"]
+    return _fmt(row["decoded_to_reach"], digits=0) + ("" if math.isnan(share) else f" ({share:.2f}x)")
 
 
 def write_report(paths: list[Path], out_dir: Path | None = None, records: CompareRecords | None = None) -> Path:

@@ -6,7 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
-from rlvr.runs import Run, mean_curve
+from rlvr.runs import Run, decoded_tokens_curve, mean_curve
 
 
 def _pyplot():
@@ -79,6 +79,32 @@ def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], pat
     for axis in list(axes.flat)[len(present) :]:
         axis.axis("off")
     figure.suptitle(title)
+    _save_figure(plt, figure, path)
+    return True
+
+
+def plot_accuracy_per_decoded_token(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Greedy eval accuracy against the training tokens decoded by each eval (mean over seeds, ±1 std band)."""
+    curves = {arm: decoded_tokens_curve(runs, "eval/greedy_accuracy") for arm, runs in groups.items()}
+    curves = {arm: curve for arm, curve in curves.items() if len(curve[0]) > 1}
+    if not curves or all(max(curve[0]) == 0 for curve in curves.values()):
+        return False
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for arm, (tokens, means, stds) in curves.items():
+        (line,) = axis.plot(tokens, means, marker="o", label=f"{arm} (n={len(groups[arm])})")
+        axis.fill_between(
+            tokens,
+            [m - s for m, s in zip(means, stds, strict=True)],
+            [m + s for m, s in zip(means, stds, strict=True)],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    axis.set_xlabel("completion tokens decoded for training (cumulative)")
+    axis.set_ylabel("greedy accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.suptitle("Eval accuracy against decoded tokens")
     _save_figure(plt, figure, path)
     return True
 
@@ -268,6 +294,7 @@ def _curves(name: str):
 # The report's figures, in order: (file, section title, draw(groups, path) -> drawn?)
 FIGURES = [
     ("accuracy.png", "Eval accuracy", _curves("accuracy.png")),
+    ("accuracy_tokens.png", "Eval accuracy against decoded tokens", plot_accuracy_per_decoded_token),
     ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
     ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
     ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+DECODED_TOTAL = "rollout/decoded_tokens_total"  # the logged running total of decoded training tokens
 MANIFEST = "compare.json"  # a compare's directory: its arms, seeds and run directories (written by rlvr.compare)
 
 
@@ -50,6 +51,17 @@ class Run:
                 points[record["step"]] = float(value)
         steps = sorted(points)
         return steps, [points[step] for step in steps]
+
+    def decoded_tokens_at(self, step: int) -> float:
+        """Completion tokens decoded for training up to ``step`` (``rollout/decoded_tokens_total`` logged at
+        or before it; 0 at step 0; NaN for runs that did not log it)."""
+        if step <= 0:
+            return 0.0
+        steps, totals = self.series(DECODED_TOTAL)
+        if not steps:
+            return math.nan
+        before = [total for logged, total in zip(steps, totals, strict=True) if logged <= step]
+        return before[-1] if before else 0.0
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -132,6 +144,16 @@ def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[
         means.append(mean)
         stds.append(std)
     return steps, means, stds
+
+
+def decoded_tokens_curve(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    """A metric against decoded tokens: at each step of :func:`mean_curve`, the mean over runs of the
+    tokens decoded by then, and the metric's mean and std. Empty when a run did not log its tokens."""
+    steps, means, stds = mean_curve(runs, key)
+    tokens = [mean_std([run.decoded_tokens_at(step) for run in runs]) for step in steps]
+    if any(math.isnan(mean) for mean, _ in tokens):
+        return [], [], []
+    return [mean for mean, _ in tokens], means, stds
 
 
 @dataclass

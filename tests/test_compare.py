@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 
 import pytest
@@ -57,7 +58,7 @@ def compared(tmp_path_factory):
 def _table_row(report: str, arm: str) -> list[str]:
     for line in report.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if cells and cells[0] == arm and len(cells) == 10:
+        if cells and cells[0] == arm and len(cells) == 12:
             return cells
     raise AssertionError(f"no summary row for {arm}")
 
@@ -72,6 +73,7 @@ def test_report_tables_hold_the_runs_numbers(compared):
         assert cells[3].startswith(f"{summary['eval_after']['sampled_accuracy']:.3f} [")
         assert len(summary["eval_after"]["greedy_correct"]) == summary["eval_after"]["num_problems"] == 8
         assert cells[8] == f"{summary['gradient_tokens']:.0f}"
+        assert summary["decoded_tokens"] > 0 and cells[9] == f"{summary['decoded_tokens']:.0f}"
         assert cells[4] == ("—" if arm == "full" else "full")  # the baseline
         assert summary["arm"] == arm and summary["steps"] == 4
     full = json.loads((compared / "full-seed0" / "summary.json").read_text())["gradient_tokens"]
@@ -141,3 +143,38 @@ def test_pass_at_k_matches_brute_force(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(expected)
     with pytest.raises(ValueError):
         pass_at_k(n, c, n + 1)
+
+
+def test_decoded_tokens_to_reach_the_baseline_and_the_accuracy_per_token_figure(tmp_path):
+    """Hand-made runs: the tree arm enters full's final interval at step 20 having decoded 300 tokens;
+    full enters it at step 30 (its last eval) having decoded 900: 300 / 900 = 0.33x."""
+    from rlvr.report import summary_rows
+    from rlvr.report_figures import plot_accuracy_per_decoded_token
+    from rlvr.runs import Run
+
+    def run(arm, seed, accuracies, per_step, correct):
+        metrics = [{"step": step, "rollout/decoded_tokens_total": per_step * step} for step in (10, 20, 30)]
+        metrics += [
+            {"step": step, "eval/greedy_accuracy": a} for step, a in zip((0, 10, 20, 30), accuracies, strict=True)
+        ]
+        after = {"greedy_accuracy": accuracies[-1], "sampled_accuracy": 0.0, "greedy_correct": correct}
+        summary = {"decoded_tokens": per_step * 30, "gradient_tokens": 100, "eval_after": after}
+        return Run(tmp_path / f"{arm}{seed}", arm, seed, summary, metrics=metrics)
+
+    correct = [1.0] * 6 + [0.0] * 4  # 0.6 on every seed; full is below its final interval until step 30
+    groups = {
+        "full": [run("full", seed, [0.0, 0.1, 0.1, 0.6], 30, correct) for seed in (0, 1)],
+        "tree": [run("tree", seed, [0.0, 0.1, 0.6, 0.6], 15, correct) for seed in (0, 1)],
+    }
+    rows = {row["arm"]: row for row in summary_rows(groups)}
+    tree = rows["tree"]
+    assert tree["reaches_baseline"] == 20 and tree["decoded_to_reach"] == 300
+    assert tree["decoded_to_reach_share"] == pytest.approx(300 / 900)
+    assert tree["decoded_share"] == pytest.approx(0.5) and tree["decoded_tokens"] == 450
+    assert plot_accuracy_per_decoded_token(groups, tmp_path / "tokens.png")
+    assert (tmp_path / "tokens.png").stat().st_size > 5000
+    for group in groups.values():  # runs that never logged decoded tokens: no figure, no ratio
+        for member in group:
+            member.metrics = [r for r in member.metrics if "rollout/decoded_tokens_total" not in r]
+    assert not plot_accuracy_per_decoded_token(groups, tmp_path / "none.png")
+    assert math.isnan({row["arm"]: row for row in summary_rows(groups)}["tree"]["decoded_to_reach"])

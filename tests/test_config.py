@@ -39,10 +39,21 @@ def test_arm_overlays_validate_on_the_quickstart(arm):
 
 
 def test_arm_overlays_change_only_the_forking_section():
-    base = load_config(CONFIGS / "quickstart.yaml")
+    """Arms change which tokens and routers learn (forking, moe) or how completions are sampled (rollout);
+    full_g6, the equal-decoded-tokens i.i.d. control, also samples fewer completions per prompt."""
+    sample_size = {"num_generations", "per_device_train_batch_size"}
     for arm in (CONFIGS / "arms").glob("*.yaml"):
-        overlaid = load_config([CONFIGS / "quickstart.yaml", arm])
-        assert overlaid.model == base.model and overlaid.data == base.data and overlaid.grpo == base.grpo, arm
+        base_path = CONFIGS / ("countdown.yaml" if arm.stem == "full_g6" else "quickstart.yaml")  # 8 prompts x 8
+        base = load_config(base_path)
+        overlaid = load_config([base_path, arm])
+        assert overlaid.model == base.model and overlaid.data == base.data, arm
+        changed = {
+            key for key in overlaid.grpo.keys() | base.grpo.keys() if overlaid.grpo.get(key) != base.grpo.get(key)
+        }
+        assert changed == (sample_size if arm.stem == "full_g6" else set()), arm
+        if arm.stem == "full_g6":  # the same prompts per step, 6 completions each
+            prompts = base.grpo["per_device_train_batch_size"] // base.grpo["num_generations"]
+            assert overlaid.grpo["per_device_train_batch_size"] == prompts * 6
 
 
 def test_overrides_both_forms_and_yaml_types():

@@ -4,17 +4,22 @@ One step = the completions of one generation batch (``--prompts`` prompts x G). 
 transformers path: one ``generate`` call over the left-padded batch. The tree is
 :class:`rlvr.rollouts.tree.ForkingTreeSampler`: M = G / (1 + N) roots per prompt, then N branches per
 root in one more ``generate`` call that continues from the roots' KV cache. Both are timed interleaved
-in one process (alternating order), so machine noise hits both alike. Printed per model: median
-generation seconds per step, tokens decoded per step (a shared prefix once), and tree / i.i.d. ratios.
+in one process (rotating order), so machine noise hits all alike; the tree also runs without KV-cache
+reuse (``rollout.reuse_cache=false``: each branch re-reads its prefix), which shows what the reuse buys.
+Printed per model: median generation seconds per step, tokens decoded per step (a shared prefix once),
+and the ratios to i.i.d.
 
 Two models:
 
 * ``quickstart``: the quickstart's warm-started tiny MoE on its own prompts (completions end at EOS,
   as in training; the warm start is cached, built on first use);
 * ``long``: a wider random-init tiny MoE with EOS suppressed, so every root runs ``--long-length``
-  tokens (512 by default): where KV-cache reuse of the shared prefix matters.
+  tokens (512 by default): where KV-cache reuse of the shared prefix matters. A random-init model's
+  entropy is highest on its first tokens, so it branches early; ``--long-min-prefix`` moves the branches
+  into the root's second half, the long shared prefixes of a trained model that decides late.
 
     python benchmarks/rollouts.py                          # both models
+    python benchmarks/rollouts.py --models long --long-min-prefix 256
     python benchmarks/rollouts.py --models long --rounds 3 --long-length 1024
 """
 
@@ -82,7 +87,7 @@ def tree_step(sampler, model, rows, group_size, config) -> tuple[float, int]:
     return time.perf_counter() - start, rollout.stats.decoded_tokens
 
 
-def measure(name, model, tokenizer, prompts, args, length: int, suppress_eos: bool) -> None:
+def measure(name, model, tokenizer, prompts, args, length: int, suppress_eos: bool, min_prefix: int = 2) -> None:
     model.eval()
     eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
     config = GenerationConfig(
@@ -93,31 +98,43 @@ def measure(name, model, tokenizer, prompts, args, length: int, suppress_eos: bo
         pad_token_id=pad,
         eos_token_id=eos,
     )
-    settings = RolloutConfig(mode="forking_tree", branches=args.branches)
-    sampler = ForkingTreeSampler(settings, eos, pad)
+    samplers = {
+        "tree": ForkingTreeSampler(
+            RolloutConfig(mode="forking_tree", branches=args.branches, min_prefix=min_prefix), eos, pad
+        ),
+        "tree, no reuse": ForkingTreeSampler(
+            RolloutConfig(mode="forking_tree", branches=args.branches, min_prefix=min_prefix, reuse_cache=False),
+            eos,
+            pad,
+        ),
+    }
     rows = prompt_ids(tokenizer, prompts, args.prompts, args.generations)
-    results = {"iid": ([], []), "tree": ([], [])}
+    labels = ["iid", *samplers]
+    results = {label: ([], []) for label in labels}
     torch.manual_seed(0)
     iid_step(model, rows[: args.generations], config, eos, pad)  # warm-up (allocator, kernels)
     for round_index in range(args.rounds):
-        order = ("iid", "tree") if round_index % 2 == 0 else ("tree", "iid")
-        for label in order:
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             seconds, tokens = (
                 iid_step(model, rows, config, eos, pad)
                 if label == "iid"
-                else tree_step(sampler, model, rows, args.generations, config)
+                else tree_step(samplers[label], model, rows, args.generations, config)
             )
             results[label][0].append(seconds)
             results[label][1].append(tokens)
-    iid_seconds, tree_seconds = (statistics.median(results[k][0]) for k in ("iid", "tree"))
-    iid_tokens, tree_tokens = (statistics.median(results[k][1]) for k in ("iid", "tree"))
+    seconds = {label: statistics.median(results[label][0]) for label in labels}
+    tokens = {label: statistics.median(results[label][1]) for label in labels}
     print(
         f"\n{name}: {args.prompts} prompts x G={args.generations}, branches={args.branches}, max {length} tokens"
-        f"{' (EOS suppressed)' if suppress_eos else ''}, median of {args.rounds} steps"
+        f"{' (EOS suppressed)' if suppress_eos else ''}, min_prefix={min_prefix}, median of {args.rounds} steps"
     )
-    print(f"{'':22}{'iid':>12}{'tree':>12}{'ratio':>8}")
-    print(f"{'generation s / step':22}{iid_seconds:12.3f}{tree_seconds:12.3f}{tree_seconds / iid_seconds:8.3f}")
-    print(f"{'decoded tokens / step':22}{iid_tokens:12.0f}{tree_tokens:12.0f}{tree_tokens / iid_tokens:8.3f}")
+    print(f"{'':16}{'generation s / step':>22}{'ratio':>8}{'decoded tokens / step':>24}{'ratio':>8}")
+    for label in labels:
+        print(
+            f"{label:16}{seconds[label]:22.3f}{seconds[label] / seconds['iid']:8.3f}"
+            f"{tokens[label]:24.0f}{tokens[label] / tokens['iid']:8.3f}"
+        )
 
 
 def main() -> None:
@@ -129,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed steps per mode (interleaved)")
     parser.add_argument("--long-length", type=int, default=512, help="completion tokens of the long model")
     parser.add_argument("--long-hidden", type=int, default=256, help="hidden size of the long model")
+    parser.add_argument("--long-min-prefix", type=int, default=2, help="rollout.min_prefix for the long model")
     args = parser.parse_args()
     quiet()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -139,7 +157,16 @@ def main() -> None:
         elif name == "long":
             with tempfile.TemporaryDirectory() as scratch:
                 model, tokenizer, prompts = long_model(f"{scratch}/model", args.long_hidden)
-                measure("long model", model, tokenizer, prompts, args, args.long_length, suppress_eos=True)
+                measure(
+                    "long model",
+                    model,
+                    tokenizer,
+                    prompts,
+                    args,
+                    args.long_length,
+                    suppress_eos=True,
+                    min_prefix=args.long_min_prefix,
+                )
         else:
             parser.error(f"--models: unknown model {name!r} (quickstart, long)")
 

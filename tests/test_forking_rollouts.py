@@ -156,3 +156,24 @@ def test_tree_settings_the_trainer_cannot_run_fail_naming_the_setting(tiny_check
 def test_rollout_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("arm", ["forking", "random", "bottom", "forking_router", "hybrid"])
+def test_every_arm_trains_on_forking_trees(tiny_checkpoint, tmp_path, arm):
+    """The packaged arm overlays (selection, controls, router-aware gates) with forking-tree rollouts and
+    TreeRL's (B, T) advantages: a training step runs and the arm's share of gradient tokens holds."""
+    from rlvr.config import load_config
+    from rlvr.packaged import arm_path
+
+    config = load_config([arm_path(arm)])
+    trainer = make_trainer(tiny_checkpoint(), tmp_path, forking=config.forking, moe=config.moe, max_steps=1)
+    trainer.rollouts = type(trainer.rollouts)(
+        trainer.rollouts.replay, TREE, trainer.eos_token_ids, trainer._tokenizer.pad_token_id
+    )
+    trainer.train()
+    (logged,) = [record for record in trainer.state.log_history if "loss" in record]
+    assert logged["rollout/decoded_share"] < 1.0 and logged["grad_norm"] > 0
+    share = trainer.gradient_tokens / (logged["completions/mean_length"] * ROWS)  # of this step's completion tokens
+    expected = {"forking": 0.2, "random": 0.2, "bottom": 0.8, "forking_router": 0.2, "hybrid": 1.0}[arm]
+    assert share == pytest.approx(expected, abs=0.03)
+    assert logged["forking/kept_fraction"] == pytest.approx(0.2 if arm != "bottom" else 0.8, abs=0.05)

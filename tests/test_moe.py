@@ -436,11 +436,11 @@ SHARED_EXPERT_FAMILIES = {  # family: the parameter-name part of its shared expe
 
 def set_correction_bias(model, seed: int | None = 5):
     """A learned-looking aux-loss-free bias (seed None: zero), large enough to change the chosen experts."""
-    from rlvr.moe.updates import _correction_bias
+    from rlvr.moe.updates import correction_bias
 
     generator = torch.Generator().manual_seed(seed or 0)
     for layer in find_moe_layers(model):
-        bias = _correction_bias(layer)
+        bias = correction_bias(layer)
         values = torch.randn(bias.shape, generator=generator, dtype=bias.dtype) if seed is not None else 0.0
         with torch.no_grad():
             bias.copy_(values * torch.ones_like(bias))

@@ -19,7 +19,7 @@ from rlvr.moe.positions import decision_positions
 from rlvr.moe.stats import routing_by_layer, summarize
 
 
-def _correction_bias(layer) -> torch.Tensor | None:
+def correction_bias(layer) -> torch.Tensor | None:
     """The aux-loss-free correction bias of a router: on the router (DeepSeek-V3, GLM-4.5, dots1), in its
     ``moe_statics`` (ERNIE-4.5) or on the block (MiniMax-M2); None for routers without one."""
     for holder in (layer.router, getattr(layer.router, "moe_statics", None), layer.block):
@@ -53,7 +53,7 @@ class RouterAwareUpdates:
         self._load_counts: dict[str, int] = defaultdict(int)
         # Aux-loss-free balancing (DeepSeek-V3, Liu et al., 2024, sec. 2.1.2): expert loads of the completion
         # tokens since the last optimizer step, per layer with a correction bias.
-        self._biased = [layer for layer in self.layers if _correction_bias(layer) is not None]
+        self._biased = [layer for layer in self.layers if correction_bias(layer) is not None]
         self._biased_positions = [layer.index for layer in self._biased]  # their place in a forward's records
         if config.update_correction_bias and not self._biased:
             raise ValueError("moe.update_correction_bias: this model's routers have no correction bias")
@@ -157,7 +157,7 @@ class RouterAwareUpdates:
             loads = self._pooling["sum_across_ranks"](loads.to(self.layers[0].router.weight.device)).cpu()
         for row, layer in enumerate(self._biased):
             if loads[row].sum() > 0:
-                bias = _correction_bias(layer)
+                bias = correction_bias(layer)
                 step = self.config.correction_bias_rate * torch.sign(loads[row].mean() - loads[row])  # (E,)
                 bias.add_(step.to(bias.device, bias.dtype).view_as(bias))
         self._bias_loads.zero_()

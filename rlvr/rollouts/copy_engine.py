@@ -1,0 +1,159 @@
+"""A rollout engine with numerics of its own: the training-inference mismatch of real MoE runs, on CPU.
+
+Real MoE RL samples with an inference engine (vLLM, SGLang) whose kernels and precision differ from the
+trainer's, and for MoE policies that difference flips routing decisions (Ma et al., 2025, arXiv
+2510.11370). :class:`CopyEngine` reproduces that setting without one: it samples with a separate copy of
+the policy's weights, synced after every optimizer step as vLLM's colocate mode is, in its own dtype
+(e.g. bfloat16 while training in float32), optionally with noise on every router's logits
+(:class:`RouterNoise`, relative to the logits' spread) to stand in for engine kernels.
+
+Like vLLM it returns what an engine returns: completion token ids, the sampling log-prob of each token
+(of the processed distribution it sampled from, vLLM's ``processed_logprobs``), and the routed experts
+of every token it ran, in vLLM 0.14-0.20's layout (``[P + C - 1, layers, k]`` per completion), which
+:func:`rlvr.rollouts.engine_routing.engine_routing_record` turns into a replay record, as it does for vLLM.
+Single process and DDP (each rank keeps its own copy of the unwrapped policy); not ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from rlvr.moe.adapters import MoELayer, UnknownMoEArchitecture, find_moe_layers
+from rlvr.moe.hooks import RoutingHooks
+from rlvr.moe.replay import rollout_record
+from rlvr.moe.updates import correction_bias
+from rlvr.rollouts.tree import _completion_lengths, _left_pad
+
+
+class RouterNoise:
+    """Forward hooks that route every MoE layer of a model from noisy logits.
+
+    Each router call adds ``scale * std(logits) * N(0, 1)`` to the (N, E) logits (std over experts, per
+    token), chooses the top-k experts from the noisy routing scores (plus the router's correction bias
+    where it has one; DeepSeek-V3's group-limited choice is not reproduced) and recomputes the gate
+    weights from the noisy logits as the router would."""
+
+    def __init__(self, layers: list[MoELayer], scale: float, seed: int = 0):
+        self.scale = scale
+        self.generator = torch.Generator().manual_seed(seed)
+        self._handles = [layer.router.register_forward_hook(self._hook(layer), prepend=True) for layer in layers]
+
+    def _hook(self, layer: MoELayer):
+        def hook(module, inputs, output):
+            logits, weights, indices = layer.adapter.unpack(output, module)
+            noise = torch.randn(logits.shape, generator=self.generator, dtype=torch.float32).to(logits.device)
+            spread = logits.float().std(dim=-1, keepdim=True)  # (N, 1)
+            noisy = (logits.float() + self.scale * spread * noise).to(logits.dtype)  # (N, E)
+            scores = layer.adapter.router_probabilities(noisy)
+            bias = correction_bias(layer)
+            if bias is not None:
+                scores = scores + bias.to(scores.dtype)
+            chosen = torch.topk(scores, indices.shape[-1], dim=-1).indices.to(indices.dtype)  # (N, k)
+            gate = layer.adapter.gate_weights(noisy, chosen, module).to(weights.dtype)
+            return layer.adapter.pack(noisy, gate, chosen, output)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@dataclass
+class EngineOutput:
+    """What the engine returned for a batch, per row: as vLLM returns it."""
+
+    completion_ids: list[list[int]]  # EOS included, no padding
+    logprobs: list[list[float]]  # sampling log-prob of each completion token
+    routed_experts: list[np.ndarray] | None  # [P + C - 1, layers, k] int32 per row; None for a dense policy
+
+
+class CopyEngine:
+    """Samples with a copy of the policy in its own dtype, optionally with router noise.
+
+    Args:
+        policy: the (unwrapped) policy; the copy is made once and synced with :meth:`sync`.
+        dtype: the engine's precision (e.g. ``torch.bfloat16``).
+        router_noise: noise on the router logits, in units of their std over experts (0: none).
+        seed: the noise's random stream.
+    """
+
+    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, router_noise: float = 0.0, seed: int = 0):
+        self.dtype = dtype
+        self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+        try:
+            layers = find_moe_layers(self.model)
+        except UnknownMoEArchitecture:
+            layers = []
+        if router_noise and not layers:
+            raise ValueError("rollout.router_noise needs an MoE policy (there is no router to perturb)")
+        # recording hooks first: the noise hooks (prepend=True) run before them, so the noisy choice is recorded
+        self.hooks = RoutingHooks(self.model, gate_routers=False, gate_experts=False) if layers else None
+        self.noise = RouterNoise(layers, router_noise, seed) if router_noise else None
+        self.synced_step: int | None = None
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module, step: int | None = None) -> None:
+        """Copy the policy's current weights and buffers into the engine (cast to its dtype)."""
+        engine_state = self.model.state_dict()
+        policy_state = policy.state_dict()
+        if engine_state.keys() != policy_state.keys():
+            missing = sorted(engine_state.keys() ^ policy_state.keys())[:3]
+            raise ValueError(f"the engine copy and the policy have different weights (e.g. {missing})")
+        for name, tensor in engine_state.items():
+            source = policy_state[name].detach()
+            tensor.copy_(source.to(tensor.dtype) if tensor.is_floating_point() else source)
+        self.synced_step = step
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        generation_config: GenerationConfig,
+        pad_token_id: int,
+        eos_token_ids: list[int],
+    ) -> EngineOutput:
+        input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id)  # (B, P)
+        device = next(self.model.parameters()).device
+        if self.hooks is not None:
+            self.hooks.start_recording()
+        try:
+            output = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=generation_config,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        finally:
+            forwards = self.hooks.stop_recording() if self.hooks is not None else None
+        prompt_width = input_ids.shape[1]
+        completions = output.sequences[:, prompt_width:].cpu()  # (B, C)
+        lengths = _completion_lengths(completions, eos_token_ids)  # (B,)
+        # log-prob of each sampled token under the processed distribution it was drawn from
+        scores = torch.stack(output.scores, dim=1).float().cpu()  # (B, C, V)
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        completion_ids = [completions[row, : int(lengths[row])].tolist() for row in range(len(prompt_ids))]
+        token_logprobs = [logprobs[row, : int(lengths[row])].tolist() for row in range(len(prompt_ids))]
+        routed = None
+        if forwards is not None:
+            record = rollout_record(forwards, len(prompt_ids))
+            routed = []
+            for row, prompt in enumerate(prompt_ids):
+                steps = max(int(lengths[row]) - 1, 0)
+                rows = torch.cat([record.prompt[row, prompt_width - len(prompt) :], record.completion[row, :steps]])
+                routed.append(rows.numpy().astype(np.int32))
+        return EngineOutput(completion_ids, token_logprobs, routed)
+
+    def remove(self) -> None:
+        """Detach the engine's hooks (the copy itself is dropped with the engine)."""
+        if self.noise is not None:
+            self.noise.remove()
+        if self.hooks is not None:
+            self.hooks.remove()

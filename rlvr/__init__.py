@@ -3,11 +3,12 @@
 The public API, a drop-in for TRL's ``GRPOTrainer`` in your own script::
 
     from trl import GRPOConfig
-    from rlvr import ForkingConfig, ForkingGRPOTrainer, MoEConfig, math_accuracy
+    from rlvr import ForkingConfig, ForkingGRPOTrainer, MoEConfig, RolloutConfig, math_accuracy
 
     trainer = ForkingGRPOTrainer(
         model="Qwen/Qwen3-30B-A3B", reward_funcs=math_accuracy, args=GRPOConfig(...), train_dataset=dataset,
         forking=ForkingConfig(rho=0.2), moe=MoEConfig(router_gate_scope="forking"),
+        rollout=RolloutConfig(mode="forking_tree"),  # optional: sample G completions as forking trees
     )
     trainer.train()
 
@@ -26,6 +27,7 @@ _EXPORTS = {
     "ForkingGRPOTrainer": "rlvr.trainer",
     "ForkingConfig": "rlvr.config",
     "MoEConfig": "rlvr.config",
+    "RolloutConfig": "rlvr.rollouts",
     "select_forking_tokens": "rlvr.forking",
     "MathAccuracy": "rlvr.rewards",
     "math_accuracy": "rlvr.rewards",
@@ -47,6 +49,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for linters and IDEs
     "MathAccuracy",
     "MoEConfig",
     "OverlongPenalty",
+    "RolloutConfig",
     "TinyMoESpec",
     "__version__",
     "arithmetic_exact",
@@ -72,6 +75,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         math_accuracy,
         think_answer_format,
     )
+    from rlvr.rollouts import RolloutConfig
     from rlvr.trainer import ForkingGRPOTrainer
     from rlvr.upcycle import upcycle as upcycle_moe
 

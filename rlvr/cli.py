@@ -172,7 +172,12 @@ def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
         end_distributed()
     records = CompareRecords.load([output_dir])  # every run's files, read once for the report and the summary
     report = write_report([output_dir], records=records)
-    print("\n" + "=" * 72 + "\nrlvr compare: summary\n\n" + "\n".join(summary_lines(records.groups)).rstrip())
+    print(
+        "\n"
+        + "=" * 72
+        + "\nrlvr compare: summary\n\n"
+        + "\n".join(summary_lines(records.groups, records.contrasts)).rstrip()
+    )
     print(f"\nreport: {report} (figures next to it)")
     return 0
 

@@ -34,11 +34,32 @@ class CompareConfig:
         "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom",
     )
     seeds: list = option([0, 1, 2], "seeds; every arm runs once per seed on the same data")
+    contrasts: list = option(
+        [],
+        "more paired comparisons for the report, as 'arm:baseline' (e.g. tree:full_g6); every arm is compared "
+        "with full anyway",
+    )
 
     def validate(self) -> None:
         require_integers(self.seeds, "seeds")
         require(len(self.arms) > 0, "arms", "needs at least one arm")
         require(len(set(map(str, self.arms))) == len(self.arms), "arms", "lists an arm twice")
+        for index, contrast in enumerate(self.contrasts):
+            names = str(contrast).split(":")
+            require(
+                len(names) == 2 and all(names) and names[0] != names[1],
+                f"contrasts[{index}]",
+                f"must be 'arm:baseline' with two different arms; got {contrast!r}",
+            )
+            for name in names:
+                require(
+                    name in arm_names(), f"contrasts[{index}]", f"unknown arm {name!r}; one of {', '.join(arm_names())}"
+                )
+
+    def contrast_pairs(self, arms: list[str]) -> list[tuple[str, str]]:
+        """The contrasts whose two arms both run (a compare restricted with --arms drops the others)."""
+        pairs = [tuple(str(contrast).split(":")) for contrast in self.contrasts]
+        return [(arm, baseline) for arm, baseline in pairs if arm in arms and baseline in arms]
 
 
 @dataclass
@@ -128,8 +149,10 @@ def config_factory(config_paths: list[str], overrides: list[str]) -> Callable[[l
 
 def write_manifest(output_dir: Path, runs: list[PlannedRun]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
+    arms = list(dict.fromkeys(run.arm for run in runs))
     manifest = {
-        "arms": list(dict.fromkeys(run.arm for run in runs)),
+        "arms": arms,
+        "contrasts": [list(pair) for pair in runs[0].config.compare.contrast_pairs(arms)] if runs else [],
         "seeds": list(dict.fromkeys(run.seed for run in runs)),
         "runs": [
             {"arm": run.arm, "seed": run.seed, "construction": run.construction, "directory": run.directory.name}

@@ -151,6 +151,34 @@ def verdict_lines(rows: list[dict], accuracy: str = "greedy") -> list[str]:
     ]
 
 
+def _mean_summary(runs: list[Run], key: str) -> float:
+    return mean_std([float(run.summary.get(key) or math.nan) for run in runs])[0]
+
+
+def contrast_lines(groups: dict[str, list[Run]], contrasts: list[tuple[str, str]]) -> list[str]:
+    """Verdict lines for the extra (arm, baseline) pairs a compare asked for (``compare.contrasts``), on
+    greedy and sampled accuracy, paired on problems and seeds like the comparisons with full."""
+    lines = []
+    for accuracy in ("greedy", "sampled"):
+        for arm, baseline in contrasts:
+            runs, reference = _finished(groups.get(arm, [])), _finished(groups.get(baseline, []))
+            if not runs or [run.replicate for run in runs] != [run.replicate for run in reference]:
+                continue  # not run (yet), or not the same seeds: nothing to pair
+            ours = _per_problem(runs, f"{accuracy}_correct")
+            theirs = _per_problem(reference, f"{accuracy}_correct")
+            if not ours or not theirs:
+                continue
+            clusters = None if _clusters(runs) is None else (_clusters(runs), _clusters(reference))
+            difference = paired_difference(ours, theirs, clusters=clusters)
+            shares = [
+                _mean_summary(runs, key) / _mean_summary(reference, key)
+                for key in ("gradient_tokens", "decoded_tokens")
+            ]
+            prefix = "" if accuracy == "greedy" else "(sampled) "
+            lines.append(prefix + verdict(arm, baseline, difference, *shares))
+    return lines
+
+
 def top_forking_tokens(runs: list[Run], count: int = 10) -> list[tuple[str, int]]:
     counts: Counter[str] = Counter()
     for run in runs:
@@ -330,8 +358,9 @@ def _interval_cell(interval: Interval) -> str:
     return interval.format()
 
 
-def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
-    """The summary table (markdown lines) with its legend, then the verdict lines."""
+def summary_lines(groups: dict[str, list[Run]], contrasts: list[tuple[str, str]] | None = None) -> list[str]:
+    """The summary table (markdown lines) with its legend, then the verdict lines (and those of the
+    compare's ``contrasts``)."""
     lines = [
         "Eval accuracy after RL: mean over runs x eval problems with a 95% bootstrap interval (problems and "
         "runs resampled; runs built from one construction seed are resampled together); baseline = the arm "
@@ -368,6 +397,10 @@ def summary_lines(groups: dict[str, list[Run]]) -> list[str]:
                 "",
             ]
             lines += [f"- {line}" for line in verdicts]
+    extra = contrast_lines(groups, contrasts or [])
+    if extra:
+        lines += ["", "**Contrasts** asked for by the compare (arm vs baseline, 95% interval):", ""]
+        lines += [f"- {line}" for line in extra]
     return lines
 
 
@@ -388,7 +421,7 @@ def write_report(paths: list[Path], out_dir: Path | None = None, records: Compar
     lines.append(f"Runs: {len(runs)} ({', '.join(f'{arm} x{len(rs)}' for arm, rs in groups.items()) or 'none'}).")
     if missing:
         lines += ["", f"**Missing runs ({len(missing)})**, not in the tables or figures:", *[f"- {m}" for m in missing]]
-    lines += ["", "## Summary", "", *summary_lines(groups)]
+    lines += ["", "## Summary", "", *summary_lines(groups, records.contrasts)]
     figures = []
     for name, title, draw in FIGURES:
         if draw(groups, out_dir / name):

@@ -164,13 +164,16 @@ class CompareRecords:
     missing: list[str]  # planned runs without a summary
     groups: dict[str, list[Run]]  # by arm, the full arm first
     starting_policies: list[tuple[str, dict]]  # (construction seed, its policies.json) of every compare directory
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # (arm, baseline) pairs the compare asked for
 
     @classmethod
     def load(cls, paths: list[Path]) -> CompareRecords:
         runs, missing = find_runs(paths)
-        starting = []
+        starting, contrasts = [], []
         for path in paths:
             if (path / MANIFEST).exists():
+                manifest = json.loads((path / MANIFEST).read_text())
+                contrasts += [tuple(pair) for pair in manifest.get("contrasts", []) if tuple(pair) not in contrasts]
                 for record in sorted((path / "policies").glob("seed*/policies.json")):
                     starting.append((record.parent.name.removeprefix("seed"), json.loads(record.read_text())))
-        return cls(runs, missing, group_runs(runs), starting)
+        return cls(runs, missing, group_runs(runs), starting, contrasts)

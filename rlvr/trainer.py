@@ -168,6 +168,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     rollout: RolloutConfig = RolloutConfig()
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
+    rollout_totals: RolloutTotals | None = None
     loss_forward: LossForward | None = None  # set only while _compute_loss runs
     forking_log: ForkingTokenLog | None = None
     sparse_head: bool = False
@@ -532,7 +533,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """TRL's checkpoint, plus the rollout totals (before ``on_save`` marks the checkpoint complete)."""
         super()._save_checkpoint(model, trial)
         directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(directory):
+        if self.rollout_totals is not None and self.args.should_save and os.path.isdir(directory):
             self.rollout_totals.save(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -178,3 +178,43 @@ def test_decoded_tokens_to_reach_the_baseline_and_the_accuracy_per_token_figure(
             member.metrics = [r for r in member.metrics if "rollout/decoded_tokens_total" not in r]
     assert not plot_accuracy_per_decoded_token(groups, tmp_path / "none.png")
     assert math.isnan({row["arm"]: row for row in summary_rows(groups)}["tree"]["decoded_to_reach"])
+
+
+def test_contrasts_pair_two_arms_in_the_report(tmp_path):
+    """compare.contrasts adds verdicts for arm pairs other than "vs full": the manifest carries them, the
+    report pairs the arms' per-problem results; pairs with an arm that did not run are left out."""
+    from rlvr.compare import CompareConfig
+    from rlvr.report import summary_lines
+    from rlvr.runs import Run
+
+    def run(arm, seed, correct, decoded):
+        after = {"greedy_accuracy": sum(correct) / len(correct), "sampled_accuracy": 0.0}
+        after |= {"greedy_correct": correct, "sampled_correct": correct}
+        summary = {"decoded_tokens": decoded, "gradient_tokens": 100, "eval_after": after}
+        return Run(tmp_path / f"{arm}{seed}", arm, seed, summary)
+
+    better, worse = [1.0] * 30 + [0.0] * 10, [1.0] * 10 + [0.0] * 30
+    groups = {
+        "full": [run("full", seed, worse, 300) for seed in (0, 1)],
+        "tree": [run("tree", seed, better, 150) for seed in (0, 1)],
+        "full_g6": [run("full_g6", seed, worse, 150) for seed in (0, 1)],
+    }
+    settings = CompareConfig(contrasts=["tree:full_g6", "tree_treerl:tree"])
+    settings.validate()
+    pairs = settings.contrast_pairs(list(groups))
+    assert pairs == [("tree", "full_g6")]  # tree_treerl did not run
+    text = "\n".join(summary_lines(groups, pairs))
+    assert "**Contrasts**" in text
+    assert "- tree vs full_g6: +0.500 [" in text and "better than full_g6" in text
+    assert "100% of the gradient tokens and 100% of the decoded tokens" in text
+    assert "(sampled) tree vs full_g6: +0.500" in text
+    assert "**Contrasts**" not in "\n".join(summary_lines(groups, []))
+    # the manifest carries the contrasts to the report
+    from rlvr.compare import ExperimentConfig, PlannedRun, write_manifest
+    from rlvr.runs import CompareRecords
+
+    config = ExperimentConfig()
+    config.compare.contrasts = ["tree:full", "tree:full_g6"]
+    planned = [PlannedRun(arm, 0, tmp_path / "m" / f"{arm}-seed0", config) for arm in ("full", "tree")]
+    write_manifest(tmp_path / "m", planned)
+    assert CompareRecords.load([tmp_path / "m"]).contrasts == [("tree", "full")]

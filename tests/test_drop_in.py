@@ -46,6 +46,7 @@ def test_instance_state_has_class_level_defaults():
     assert bare.loss_forward is None and bare.router_updates is None and bare.forking_log is None
     assert bare.forking.rho == 0.2 and bare.moe.is_default() and bare.sparse_head is False
     assert bare.gradient_tokens == 0 and bare.rollouts.replay.source == "none"
+    assert bare.rollout.mode == "iid" and bare.rollout_totals is None and not bare.rollouts.branches(training=True)
 
 
 def test_overridden_public_methods_outside_the_loss_forward_match_trls(tiny_checkpoint, tmp_path):

@@ -145,7 +145,13 @@ class Rollouts:
         with self.replay.rollout():
             completion_ids, logprobs = generate(*args, **kwargs)
         tokens = sum(len(ids) for ids in completion_ids)
-        self._cost = GenerationCost(tokens, tokens, len(completion_ids), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if self._cost is None:
+            self._cost = GenerationCost(tokens, tokens, len(completion_ids), seconds)
+        else:  # a multi-turn batch (tool calls) samples again for the rows that called a tool
+            self._cost.decoded_tokens += tokens
+            self._cost.leaf_tokens += tokens
+            self._cost.seconds += seconds
         return completion_ids, logprobs
 
     def generate_tree(self, model, prompt_ids: list[list[int]], group_size: int, generation_config):

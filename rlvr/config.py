@@ -185,25 +185,12 @@ class RunConfig:
 
     def _validate_rollout(self, arguments) -> None:
         """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process."""
-        if self.rollout.mode != "forking_tree":
-            return
-        for key in ("use_vllm", "use_transformers_paged"):
-            if self.grpo.get(key):
-                raise ConfigError(
-                    f"rollout.mode: forking_tree samples with transformers' generate(); grpo.{key} is not supported "
-                    "with it yet (ARCHITECTURE.md: forking trees with vLLM)"
-                )
+        unsupported = [f"grpo.{key}" for key in ("use_vllm", "use_transformers_paged") if self.grpo.get(key)]
+        rows = arguments.per_device_train_batch_size * arguments.steps_per_generation
         try:
-            self.rollout.roots_per_prompt(arguments.num_generations)
+            self.rollout.check_run(arguments.num_generations, rows, unsupported)
         except ValueError as error:
             raise ConfigError(f"rollout.{error}") from None
-        rows = arguments.per_device_train_batch_size * arguments.steps_per_generation
-        require(
-            rows % arguments.num_generations == 0,
-            "rollout.mode",
-            f"forking_tree grows each prompt's {arguments.num_generations} completions on one process: "
-            f"grpo.per_device_train_batch_size x steps_per_generation ({rows}) must be a multiple of num_generations",
-        )
 
     def _validate_grpo(self):
         from trl import GRPOConfig

@@ -49,6 +49,14 @@ def split_panels(groups: dict[str, list[Run]], panels: list[tuple[str, str]]) ->
     return present, flat
 
 
+def _line_with_band(axis, xs: list[float], means: list[float], stds: list[float], label: str) -> None:
+    """A mean curve with its ±1 std band over seeds."""
+    (line,) = axis.plot(xs, means, marker="o" if len(xs) < 15 else None, label=label)
+    lows = [m - s for m, s in zip(means, stds, strict=True)]
+    highs = [m + s for m, s in zip(means, stds, strict=True)]
+    axis.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
+
+
 def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], path: Path, title: str) -> bool:
     """One panel per (metric key, label): mean over seeds per arm, with a ±1 std band."""
     plt = _pyplot()
@@ -63,14 +71,7 @@ def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], pat
             steps, means, stds = mean_curve(runs, key)
             if not steps:
                 continue
-            (line,) = axis.plot(steps, means, marker="o" if len(steps) < 15 else None, label=f"{arm} (n={len(runs)})")
-            axis.fill_between(
-                steps,
-                [m - s for m, s in zip(means, stds, strict=True)],
-                [m + s for m, s in zip(means, stds, strict=True)],
-                color=line.get_color(),
-                alpha=0.2,
-            )
+            _line_with_band(axis, steps, means, stds, f"{arm} (n={len(runs)})")
         axis.set_xlabel("training step")
         axis.set_ylabel(label)
         axis.set_title(label)
@@ -92,14 +93,7 @@ def plot_accuracy_per_decoded_token(groups: dict[str, list[Run]], path: Path) ->
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for arm, (tokens, means, stds) in curves.items():
-        (line,) = axis.plot(tokens, means, marker="o", label=f"{arm} (n={len(groups[arm])})")
-        axis.fill_between(
-            tokens,
-            [m - s for m, s in zip(means, stds, strict=True)],
-            [m + s for m, s in zip(means, stds, strict=True)],
-            color=line.get_color(),
-            alpha=0.2,
-        )
+        _line_with_band(axis, tokens, means, stds, f"{arm} (n={len(groups[arm])})")
     axis.set_xlabel("completion tokens decoded for training (cumulative)")
     axis.set_ylabel("greedy accuracy")
     axis.grid(alpha=0.3)

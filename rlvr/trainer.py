@@ -256,29 +256,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def _check_rollout(self) -> None:
         """What ``rollout.mode=forking_tree`` cannot run with yet, as one-line errors."""
-        if self.rollout.mode != "forking_tree":
-            return
-        for flag, name in (
-            (self.use_vllm, "use_vllm"),
-            (getattr(self, "use_transformers_continuous_batching", False), "use_transformers_paged"),
-            (self.tools, "tools"),
-            (self.rollout_func is not None, "rollout_func"),
-        ):
-            if flag:
-                raise ValueError(
-                    f"rollout.mode=forking_tree samples with transformers' generate(); {name} is not supported with it "
-                    "yet (ARCHITECTURE.md: forking trees with vLLM)"
-                )
+        active = {
+            "use_vllm": self.use_vllm,
+            "use_transformers_paged": getattr(self, "use_transformers_continuous_batching", False),
+            "tools": bool(self.tools),
+            "rollout_func": self.rollout_func is not None,
+        }
+        rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
         try:
-            self.rollout.roots_per_prompt(self.num_generations)
+            self.rollout.check_run(self.num_generations, rows, [name for name, on in active.items() if on])
         except ValueError as error:
             raise ValueError(f"rollout.{error}") from None
-        rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
-        if rows % self.num_generations:
-            raise ValueError(
-                f"rollout.mode=forking_tree grows each prompt's {self.num_generations} completions on one process: "
-                f"per_device_train_batch_size x steps_per_generation ({rows}) must be a multiple of num_generations"
-            )
 
     def _use_sparse_head(self) -> bool:
         """Whether the loss forward projects only the forking tokens through the LM head with gradient

@@ -61,6 +61,20 @@ def _teacher_forced(model, tokenizer, prompts, completions, temperature):
     return logps, completion_mask, forward.reshape(*input_ids.shape, *forward.shape[1:]), P, width
 
 
+def _engine_record(engine, out, prompts, prompt_width, completion_width, routing):
+    """The engine's routed experts (vLLM's layout) as a replay record over the teacher-forced batch."""
+    return engine_routing_record(
+        [EngineRouting(r) for r in out.routed_experts],
+        [len(p) for p in prompts],
+        [len(c) for c in out.completion_ids],
+        prompt_width,
+        completion_width,
+        engine.hooks.num_experts,
+        routing.shape[-1],
+        list(range(routing.shape[2])),
+    )
+
+
 def test_a_float64_copy_without_noise_reproduces_the_policy_exactly(policy):
     model, tokenizer = policy
     engine = CopyEngine(model, torch.float64)
@@ -72,16 +86,7 @@ def test_a_float64_copy_without_noise_reproduces_the_policy_exactly(policy):
         torch.testing.assert_close(
             torch.tensor(values, dtype=torch.float64), logps[row, : len(values)], rtol=0, atol=1e-6
         )
-    record = engine_routing_record(
-        [EngineRouting(r) for r in out.routed_experts],
-        [len(p) for p in prompts],
-        [len(c) for c in out.completion_ids],
-        P,
-        C,
-        engine.hooks.num_experts,
-        routing.shape[-1],
-        list(range(routing.shape[2])),
-    )
+    record = _engine_record(engine, out, prompts, P, C, routing)
     recorded = record[..., 0] != NOT_RECORDED  # (B, P + C, layers)
     assert recorded.any()
     same = torch.sort(record.long(), -1).values == torch.sort(routing.long(), -1).values
@@ -115,16 +120,7 @@ def test_router_noise_and_bfloat16_make_a_measurable_mismatch(policy):
         torch.manual_seed(0)
         out = engine.generate(prompts, _config(tokenizer, 1.0), tokenizer.pad_token_id, [tokenizer.eos_token_id])
         logps, mask, routing, P, C = _teacher_forced(model, tokenizer, prompts, out.completion_ids, 1.0)
-        record = engine_routing_record(
-            [EngineRouting(r) for r in out.routed_experts],
-            [len(p) for p in prompts],
-            [len(c) for c in out.completion_ids],
-            P,
-            C,
-            engine.hooks.num_experts,
-            routing.shape[-1],
-            list(range(routing.shape[2])),
-        )
+        record = _engine_record(engine, out, prompts, P, C, routing)
         positions = torch.zeros(record.shape[:2], dtype=torch.bool)
         positions[:, P:] = True
         flips[noise] = routing_flips(record, routing, positions)["mismatch/router_flips"]

@@ -48,3 +48,23 @@ class RolloutConfig:
                 f"({num_generations}); branches={self.branches} does not"
             )
         return num_generations // (1 + self.branches)
+
+    def check_run(self, num_generations: int, rows_per_process: int, unsupported: list[str]) -> None:
+        """What ``forking_tree`` cannot run with, as a ValueError naming this section's field: any of
+        ``unsupported`` (the active features it does not support yet, e.g. ``use_vllm``), a G that
+        ``1 + branches`` does not divide, a process whose generation batch would split a group (each
+        process grows whole trees: ``rows_per_process`` = per_device_train_batch_size x steps_per_generation)."""
+        if self.mode != "forking_tree":
+            return
+        if unsupported:
+            raise ValueError(
+                f"mode: forking_tree samples with transformers' generate(); {unsupported[0]} is not supported "
+                "with it yet (ARCHITECTURE.md: forking trees with vLLM)"
+            )
+        self.roots_per_prompt(num_generations)
+        if rows_per_process % num_generations:
+            raise ValueError(
+                f"mode: forking_tree grows each prompt's {num_generations} completions on one process: "
+                f"per_device_train_batch_size x steps_per_generation ({rows_per_process}) must be a multiple of "
+                "num_generations"
+            )

@@ -17,11 +17,13 @@ by what they are for:
   tokens if asked, the router losses;
 * router-aware updates on MoE policies (:mod:`rlvr.moe`) -- gates and router losses set in the loss
   forward, released after backward (``training_step``); router learning rate (``create_optimizer``);
-* the generation side -- ``_generate_and_score_completions`` and ``_generate_single_turn`` delegate to
-  :class:`rlvr.rollouts.Rollouts` (prompt group of each row; experts recorded for routing replay, forced
-  in the loss forward);
+* the generation side -- ``_generate_and_score_completions``, ``_generate_single_turn`` and
+  ``_calculate_rewards`` delegate to :class:`rlvr.rollouts.Rollouts` (prompt group of each row; experts
+  recorded for routing replay, forced in the loss forward; forking-tree sampling and TreeRL advantages
+  with ``rollout.mode=forking_tree``; the ``rollout/*`` cost metrics);
 * ``log``: selection metrics, and the records of :class:`rlvr.forking_log.ForkingTokenLog`;
-* ``_load_from_checkpoint``: resume MoE weights as ``from_pretrained`` converts them.
+* ``_save_checkpoint`` / ``_load_from_checkpoint``: the rollout totals in each checkpoint; resume MoE
+  weights as ``from_pretrained`` converts them.
 """
 
 from __future__ import annotations

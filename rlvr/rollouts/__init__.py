@@ -1,10 +1,13 @@
 """How completions are produced: the generation side of a training step.
 
 TRL's ``GRPOTrainer`` samples the completions of a generation batch; :class:`rlvr.rollouts.batch.Rollouts`
-is what ``ForkingGRPOTrainer``'s generation overrides delegate to. Today it records the routing of MoE
-policies while the batch is produced (:mod:`rlvr.rollouts.routing`, for routing replay) and tags each row
-with its prompt group. Code that changes *what is sampled* (branching at forking tokens, a rollout engine
-with its own numerics) belongs in this package, not in the trainer.
+is what ``ForkingGRPOTrainer``'s generation overrides delegate to. It samples i.i.d. (TRL's) or as forking
+trees (:mod:`rlvr.rollouts.tree`, configured by :class:`RolloutConfig`), records the routing of MoE policies
+for routing replay (:mod:`rlvr.rollouts.routing`), tags each row with its prompt group and measures what
+sampling cost. The rollout engine with numerics of its own (:mod:`rlvr.rollouts.copy_engine`), the layout
+of an engine's routed experts (:mod:`rlvr.rollouts.engine_routing`) and the mismatch metrics
+(:mod:`rlvr.rollouts.mismatch`) live here too. Code that changes *what is sampled* belongs in this package,
+not in the trainer.
 """
 
 from rlvr.rollouts.batch import GROUP_IDS_KEY, ROUTING_KEY, Rollouts

@@ -37,7 +37,7 @@ from transformers import GenerationConfig
 from rlvr.data import ArithmeticTask, generate_problems, make_prompt
 from rlvr.models import TinyMoESpec, load_pretrained, save_tiny_policy
 from rlvr.rollouts.config import RolloutConfig
-from rlvr.rollouts.tree import ForkingTreeSampler, _completion_lengths, _left_pad
+from rlvr.rollouts.tree import ForkingTreeSampler, completion_lengths, left_pad
 
 
 def quickstart_model():
@@ -73,12 +73,12 @@ def prompt_ids(tokenizer, prompts: list, count: int, group_size: int) -> list[li
 
 def iid_step(model, rows: list[list[int]], config: GenerationConfig, eos: list[int], pad: int) -> tuple[float, int]:
     """TRL's transformers path: one generate over the left-padded batch. Returns (seconds, decoded tokens)."""
-    input_ids, mask = _left_pad(rows, pad)
+    input_ids, mask = left_pad(rows, pad)
     start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
     seconds = time.perf_counter() - start
-    return seconds, int(_completion_lengths(output[:, input_ids.shape[1] :], eos).sum())
+    return seconds, int(completion_lengths(output[:, input_ids.shape[1] :], eos).sum())
 
 
 def tree_step(sampler, model, rows, group_size, config) -> tuple[float, int]:

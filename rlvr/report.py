@@ -51,6 +51,12 @@ def _clusters(runs: list[Run]) -> list | None:
     return None if any(construction is None for construction in constructions) else constructions
 
 
+def _mean_summary(runs: list[Run], key: str) -> float:
+    """Mean over runs of a number in their summaries (NaN where none has it)."""
+    values = [run.summary.get(key) for run in runs]
+    return mean_std([math.nan if value is None else float(value) for value in values])[0]
+
+
 def _reach_step(runs: list[Run], low: float) -> int | None:
     """The first eval step at which the mean greedy accuracy of ``runs`` is at least ``low``."""
     steps, means, _ = mean_curve(runs, "eval/greedy_accuracy")
@@ -73,12 +79,12 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
         finished = _finished(runs)
         greedy, sampled = _per_problem(finished, "greedy_correct"), _per_problem(finished, "sampled_correct")
         best = [max(run.series("eval/greedy_accuracy")[1], default=math.nan) for run in finished]
-        tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in finished])[0]
+        tokens = _mean_summary(finished, "gradient_tokens")
         baseline = baseline_of(arm, groups)
         clusters = _clusters(finished)
         versus_greedy = versus_sampled = reach = None
         token_share = decoded_share = decoded_to_reach = reach_share = math.nan
-        decoded = mean_std([float(run.summary.get("decoded_tokens") or math.nan) for run in finished])[0]
+        decoded = _mean_summary(finished, "decoded_tokens")
         if baseline is not None:
             reference = _finished(groups[baseline])
             paired = [run.replicate for run in finished] == [run.replicate for run in reference]
@@ -90,16 +96,16 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             if paired and sampled and reference_sampled:
                 versus_sampled = paired_difference(sampled, reference_sampled, clusters=pairs)
             final = mean_interval(reference_greedy, clusters=_clusters(reference))
-            steps, means, _ = mean_curve(finished, "eval/greedy_accuracy")
             if reference_greedy and not math.isnan(final.low):
-                reach = next((s for s, m in zip(steps, means, strict=True) if m >= final.low), "no")
-                decoded_to_reach = _decoded_at(finished, reach if reach != "no" else None)
+                reach_step = _reach_step(finished, final.low)
+                reach = "no" if reach_step is None else reach_step
+                decoded_to_reach = _decoded_at(finished, reach_step)
                 reference_to_reach = _decoded_at(reference, _reach_step(reference, final.low))
                 if reference_to_reach > 0:  # NaN when not logged; 0 when the baseline started inside it
                     reach_share = decoded_to_reach / reference_to_reach
-            reference_decoded = mean_std([float(r.summary.get("decoded_tokens") or math.nan) for r in reference])[0]
+            reference_decoded = _mean_summary(reference, "decoded_tokens")
             decoded_share = decoded / reference_decoded if reference_decoded else math.nan
-            reference_tokens = mean_std([float(run.summary.get("gradient_tokens", math.nan)) for run in reference])[0]
+            reference_tokens = _mean_summary(reference, "gradient_tokens")
             if reference_tokens and not math.isnan(reference_tokens) and "+" not in arm:  # arms, not inits
                 token_share = tokens / reference_tokens
         rows.append(
@@ -149,10 +155,6 @@ def verdict_lines(rows: list[dict], accuracy: str = "greedy") -> list[str]:
         for row in rows
         if row[f"{accuracy}_vs_baseline"] is not None
     ]
-
-
-def _mean_summary(runs: list[Run], key: str) -> float:
-    return mean_std([float(run.summary.get(key) or math.nan) for run in runs])[0]
 
 
 def contrast_lines(groups: dict[str, list[Run]], contrasts: list[tuple[str, str]]) -> list[str]:

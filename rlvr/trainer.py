@@ -300,9 +300,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         training = self.model.training
-        group_size = self.num_generations if training else self.num_generations_eval
         produce = functools.partial(super()._generate_and_score_completions, inputs)
-        batch, metrics = self.rollouts.produce_batch(produce, group_size, self.accelerator.process_index, training)
+        batch, metrics = self.rollouts.produce_batch(
+            produce, self._group_size(), self.accelerator.process_index, training
+        )
         mode = "train" if training else "eval"
         for key, value in metrics.items():
             if key == "rollout/decoded_tokens_total":  # a running total: logged as its latest value
@@ -339,9 +340,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all ranks
-        group_size = self.num_generations if self.model.training else self.num_generations_eval
-        self.rollouts.observe_rewards(rewards_per_func, self.reward_weights, gather_object(completions), group_size)
+        self.rollouts.observe_rewards(
+            rewards_per_func, self.reward_weights, gather_object(completions), self._group_size()
+        )
         return rewards_per_func
+
+    def _group_size(self) -> int:
+        """Completions per prompt of the batch being produced (TRL's training or eval G)."""
+        return self.num_generations if self.model.training else self.num_generations_eval
 
     # ---------------------------------------------------------------------------------------------
     # Loss: select after the forward, hand TRL the weights.

@@ -12,7 +12,8 @@ from rlvr.moe.replay import NOT_RECORDED
 from rlvr.rollouts.copy_engine import CopyEngine
 from rlvr.rollouts.engine_routing import EngineRouting, engine_routing_record
 from rlvr.rollouts.mismatch import logprob_mismatch, routing_flips
-from rlvr.rollouts.tree import _left_pad
+from rlvr.rollouts.tree import left_pad
+from tests.test_rollouts import right_pad
 
 
 @pytest.fixture()
@@ -35,13 +36,9 @@ def _config(tokenizer, temperature=0.7):
 
 def _teacher_forced(model, tokenizer, prompts, completions, temperature):
     """The policy's own log-probs (at the temperature) and routing of the engine's samples, in one forward."""
-    prompt_ids, prompt_mask = _left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
-    width = max(len(c) for c in completions)
-    completion_ids = torch.full((len(completions), width), tokenizer.pad_token_id)
-    completion_mask = torch.zeros(len(completions), width, dtype=torch.long)
-    for row, completion in enumerate(completions):
-        completion_ids[row, : len(completion)] = torch.tensor(completion)
-        completion_mask[row, : len(completion)] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
+    completion_ids, completion_mask = right_pad(completions, tokenizer.pad_token_id)  # (B, C)
+    width = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask], 1)
     hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 from rlvr.models import load_pretrained
 from rlvr.rollouts.branching import NO_POSITION, TreeLayout, branch_positions, tree_layout, treerl_advantages
 from rlvr.rollouts.config import RolloutConfig
-from rlvr.rollouts.tree import ForkingTreeSampler, _left_pad, aligned_prefix_cache, croppable
+from rlvr.rollouts.tree import ForkingTreeSampler, aligned_prefix_cache, croppable, left_pad
 
 # --------------------------------------------------------------------------------------------------
 # Branch positions
@@ -117,6 +117,12 @@ def float64_policy(tiny_checkpoint):
     return model, tokenizer
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) ids and mask of right-padded completions, as a training batch holds them."""
+    ids, mask = left_pad([row[::-1] for row in rows], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
 def _prompts(tokenizer, group_size: int) -> list[list[int]]:
     texts = ["1+2=", "7-3+1=", "9="]  # different lengths: left padding matters
     return [tokenizer(text)["input_ids"] for text in texts for _ in range(group_size)]
@@ -127,7 +133,7 @@ def test_a_branch_continuing_the_root_reproduces_its_logits_at_every_position(fl
     own tokens, give the logits of one full forward over the root (float64)."""
     model, tokenizer = float64_policy
     prompts = [tokenizer(text)["input_ids"] for text in ("1+2=", "7-3+1=")]
-    input_ids, mask = _left_pad(prompts, tokenizer.pad_token_id)  # (2, P)
+    input_ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # (2, P)
     torch.manual_seed(0)
     out = model.generate(
         input_ids=input_ids,
@@ -229,13 +235,9 @@ def test_branch_routing_records_equal_a_fresh_recording_of_each_leaf(float64_pol
         prompts = _prompts(tokenizer, 4)
         completions = rollout.completion_ids
         assert rollout.routing is not None and rollout.routing.prompt.shape[0] == len(completions)
-        prompt_ids, prompt_mask = _left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
-        width = max(len(c) for c in completions)
-        completion_ids = torch.full((len(completions), width), tokenizer.pad_token_id)
-        completion_mask = torch.zeros(len(completions), width, dtype=torch.long)
-        for row, completion in enumerate(completions):
-            completion_ids[row, : len(completion)] = torch.tensor(completion)
-            completion_mask[row, : len(completion)] = 1
+        prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
+        completion_ids, completion_mask = right_pad(completions, tokenizer.pad_token_id)  # (B, C)
+        width = completion_ids.shape[1]
         record = lay_out(rollout.routing, prompt_ids.shape[1], width, hooks.num_experts)  # (B, P + C, layers, k)
 
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +21,7 @@ from rlvr.rewards.extraction import find_answer
 from rlvr.rollouts.branching import treerl_advantages
 from rlvr.rollouts.config import RolloutConfig
 from rlvr.rollouts.routing import ReplayRecorder
-from rlvr.rollouts.tree import ForkingTreeSampler, TreeRollout
+from rlvr.rollouts.tree import ForkingTreeSampler, GenerationCost, TreeRollout
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
 ROUTING_KEY = "rlvr_routing"  # (B, P + C, layers, k) recorded experts for routing replay, travels with the rows
@@ -46,32 +45,6 @@ def distinct_answers(completions: list, group_size: int) -> float:
         answers.append(" ".join(span.text.split()) if span is not None else None)
     groups = [answers[start : start + group_size] for start in range(0, len(answers), group_size)]
     return sum(len(set(group)) for group in groups) / max(len(groups), 1)
-
-
-@dataclass
-class GenerationCost:
-    """What sampling one generation batch cost on this rank, and where its trees branched."""
-
-    decoded_tokens: int  # completion tokens sampled (a tree's shared prefix once)
-    leaf_tokens: int  # completion tokens the rows hold
-    leaves: int
-    seconds: float
-    fallback_branches: int = 0
-    branch_relative_positions: list[float] = field(default_factory=list)
-    branch_entropies: list[float] = field(default_factory=list)
-
-    @classmethod
-    def of_tree(cls, tree: TreeRollout) -> GenerationCost:
-        stats = tree.stats
-        return cls(
-            stats.decoded_tokens,
-            stats.leaf_tokens,
-            stats.leaves,
-            stats.generation_seconds,
-            stats.fallback_branches,
-            list(stats.branch_relative_positions),
-            list(stats.branch_entropies),
-        )
 
 
 class Rollouts:
@@ -151,7 +124,7 @@ class Rollouts:
         else:  # a multi-turn batch (tool calls) samples again for the rows that called a tool
             self._cost.decoded_tokens += tokens
             self._cost.leaf_tokens += tokens
-            self._cost.seconds += seconds
+            self._cost.generation_seconds += seconds
         return completion_ids, logprobs
 
     def generate_tree(self, model, prompt_ids: list[list[int]], group_size: int, generation_config):
@@ -162,7 +135,7 @@ class Rollouts:
         )
         if tree.routing is not None:
             self.replay.keep_record(tree.routing)
-        self._tree, self._cost = tree, GenerationCost.of_tree(tree)
+        self._tree, self._cost = tree, tree.stats
         return tree.completion_ids, None
 
     def observe_rewards(
@@ -186,7 +159,7 @@ class Rollouts:
                 cost.decoded_tokens,
                 cost.leaf_tokens,
                 cost.leaves,
-                cost.seconds,
+                cost.generation_seconds,
                 1.0,
                 sum(positions),
                 len(positions),

@@ -27,7 +27,7 @@ from rlvr.moe.adapters import MoELayer, UnknownMoEArchitecture, find_moe_layers
 from rlvr.moe.hooks import RoutingHooks
 from rlvr.moe.replay import rollout_record
 from rlvr.moe.updates import correction_bias
-from rlvr.rollouts.tree import _completion_lengths, _left_pad
+from rlvr.rollouts.tree import completion_lengths, left_pad
 
 
 class RouterNoise:
@@ -119,7 +119,7 @@ class CopyEngine:
         pad_token_id: int,
         eos_token_ids: list[int],
     ) -> EngineOutput:
-        input_ids, attention_mask = _left_pad(prompt_ids, pad_token_id)  # (B, P)
+        input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)  # (B, P)
         device = next(self.model.parameters()).device
         if self.hooks is not None:
             self.hooks.start_recording()
@@ -135,7 +135,7 @@ class CopyEngine:
             forwards = self.hooks.stop_recording() if self.hooks is not None else None
         prompt_width = input_ids.shape[1]
         completions = output.sequences[:, prompt_width:].cpu()  # (B, C)
-        lengths = _completion_lengths(completions, eos_token_ids)  # (B,)
+        lengths = completion_lengths(completions, eos_token_ids)  # (B,)
         # log-prob of each sampled token under the processed distribution it was drawn from
         scores = torch.stack(output.scores, dim=1).float().cpu()  # (B, C, V)
         logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (B, C)

@@ -81,7 +81,7 @@ def importance_sampling_drops(
     ``[clip_min, clip_max]`` (None: unbounded). Truncating modes drop nothing: ``{}``."""
     if mode not in ("token_mask", "sequence_mask"):
         return {}
-    low = -math.inf if clip_min is None else math.log(clip_min) if clip_min > 0 else -math.inf
+    low = math.log(clip_min) if clip_min else -math.inf  # None or 0: no lower bound
     high = math.inf if clip_max is None else math.log(clip_max)
     log_ratio = ((training_logps.double() - sampling_logps.double()) * mask).nan_to_num(0.0)  # (B, T), as TRL
     if mode == "sequence_mask":

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from rlvr.moe.replay import RolloutRecord, lay_out, stitch_forwards, stitch_rollout
+from rlvr.moe.replay import RolloutRecord, lay_out, rollout_record, stitch_forwards
 
 
 class ReplayRecorder:
@@ -72,16 +72,12 @@ class ReplayRecorder:
 
     def finish_batch(self, batch: dict, key: str) -> None:
         forwards, self._forwards, self._old_policy_pending = self._forwards, None, False
-        leaf_record, self._leaf_record = self._leaf_record, None
+        record, self._leaf_record = self._leaf_record, None
         rows, prompt_length = batch["prompt_ids"].shape
         completion_length = batch["completion_ids"].shape[1]
-        if leaf_record is not None:
-            batch[key] = lay_out(leaf_record, prompt_length, completion_length, self.hooks.num_experts)
-            return
-        if not forwards:
-            return
-        num_experts = self.hooks.num_experts
-        if self.source == "rollout":
-            batch[key] = stitch_rollout(forwards, rows, prompt_length, completion_length, num_experts)
-        else:
-            batch[key] = stitch_forwards(forwards, rows, prompt_length + completion_length, num_experts)
+        if forwards and self.source == "rollout":  # one generate call: its forwards are the record
+            record = rollout_record(forwards, rows)
+        if record is not None:
+            batch[key] = lay_out(record, prompt_length, completion_length, self.hooks.num_experts)
+        elif forwards:
+            batch[key] = stitch_forwards(forwards, rows, prompt_length + completion_length, self.hooks.num_experts)

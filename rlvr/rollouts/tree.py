@@ -68,14 +68,14 @@ class RowBudget(StoppingCriteria):
 
 
 @dataclass
-class TreeStats:
-    """What one forking-tree generation batch cost and where it branched."""
+class GenerationCost:
+    """What sampling one generation batch cost on this rank and, for forking trees, where they branched."""
 
-    decoded_tokens: int  # completion tokens sampled: roots + each branch's own continuation
+    decoded_tokens: int  # completion tokens sampled: roots + each branch's own continuation (i.i.d.: all)
     leaf_tokens: int  # completion tokens the leaves hold (shared prefixes counted per leaf)
     leaves: int
     generation_seconds: float
-    cache_reused: bool
+    cache_reused: bool = False
     fallback_branches: int = 0  # branches without an eligible position: i.i.d. samples of the prompt
     branch_relative_positions: list[float] = field(default_factory=list)  # position / root length
     branch_entropies: list[float] = field(default_factory=list)  # entropy at the branch position
@@ -85,7 +85,7 @@ class TreeStats:
 class TreeRollout:
     completion_ids: list[list[int]]  # per leaf, EOS included, no padding
     layout: TreeLayout
-    stats: TreeStats
+    stats: GenerationCost
     routing: RolloutRecord | None = None  # per leaf, when sampled with routing hooks (routing replay)
 
 
@@ -105,7 +105,7 @@ class _Recording:
             self.forwards = self.hooks.stop_recording()
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) ids and attention mask of left-padded ``rows``."""
     width = max((len(row) for row in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -117,7 +117,7 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _completion_lengths(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+def completion_lengths(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """(B,) tokens up to and including the first EOS (the whole row when there is none)."""
     is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))  # (B, C)
     first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completions.shape[1])
@@ -185,7 +185,7 @@ class ForkingTreeSampler:
 
         # 1. roots
         root_prompts = [prompt for prompt in prompts for _ in range(roots_per_prompt)]
-        input_ids, attention_mask = _left_pad(root_prompts, self.pad_token_id)  # (R, P)
+        input_ids, attention_mask = left_pad(root_prompts, self.pad_token_id)  # (R, P)
         entropy = SamplingEntropy(temperature)
         with _Recording(routing_hooks) as root_routing:
             output = model.generate(
@@ -198,7 +198,7 @@ class ForkingTreeSampler:
             )
         prompt_width = input_ids.shape[1]
         roots = output.sequences[:, prompt_width:].cpu()  # (R, Cr)
-        root_lengths = _completion_lengths(roots, self.eos_token_ids)  # (R,)
+        root_lengths = completion_lengths(roots, self.eos_token_ids)  # (R,)
         entropies = entropy.entropies().cpu()  # (R, Cr)
 
         # 2. where each root branches
@@ -238,7 +238,7 @@ class ForkingTreeSampler:
                 **extra,
             )
         continuations = branches[:, context_width:].cpu()  # (Nb, Cb)
-        lengths = torch.minimum(_completion_lengths(continuations, self.eos_token_ids), budget)
+        lengths = torch.minimum(completion_lengths(continuations, self.eos_token_ids), budget)
 
         # 4. leaves in layout order
         completions: list[list[int]] = []
@@ -264,7 +264,7 @@ class ForkingTreeSampler:
         real = table != NO_POSITION  # (R, N)
         relative = table.double() / root_lengths.double().unsqueeze(1)
         at_branch = entropies.gather(1, table.clamp(min=0)) if entropies.numel() else torch.zeros_like(relative)
-        stats = TreeStats(
+        stats = GenerationCost(
             decoded_tokens=int(root_lengths.sum() + lengths.sum()),
             leaf_tokens=sum(len(completion) for completion in completions),
             leaves=len(completions),

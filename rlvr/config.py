@@ -165,13 +165,11 @@ class RunConfig:
                 "moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef is also set; the load-balancing loss would "
                 "be added twice. Keep one (rlvr's can be scoped to completion or forking tokens)."
             )
-        if self.moe.routing_replay == "rollout":
-            for key in ("use_vllm", "use_transformers_paged"):
-                if grpo.get(key):
-                    raise ConfigError(
-                        f"moe.routing_replay: 'rollout' records routing inside transformers' generate(), which "
-                        f"grpo.{key} bypasses; use routing_replay=old_policy (or none) with grpo.{key}"
-                    )
+        if self.moe.routing_replay == "rollout" and grpo.get("use_transformers_paged"):
+            raise ConfigError(
+                "moe.routing_replay: 'rollout' replays the experts the sampler chose, which paged generation "
+                "(grpo.use_transformers_paged) does not return; use routing_replay=old_policy (or none) with it"
+            )
         if self.forking.mask_entropy_bonus is False and grpo.get("use_adaptive_entropy"):
             raise ConfigError("forking.mask_entropy_bonus: false is not supported with grpo.use_adaptive_entropy")
         max_completion_length = self.max_completion_length()
@@ -184,11 +182,13 @@ class RunConfig:
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
 
     def _validate_rollout(self, arguments) -> None:
-        """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process."""
+        """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process; the copy
+        engine: not with another sampler."""
         unsupported = [f"grpo.{key}" for key in ("use_vllm", "use_transformers_paged") if self.grpo.get(key)]
         rows = arguments.per_device_train_batch_size * arguments.steps_per_generation
         try:
             self.rollout.check_run(arguments.num_generations, rows, unsupported)
+            self.rollout.check_engine(unsupported)
         except ValueError as error:
             raise ConfigError(f"rollout.{error}") from None
 

@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
@@ -58,6 +58,7 @@ from rlvr.moe.config import MoEConfig
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
+from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.sparse_head import (
     HeadTransform,
     add_sparse_head_route,
@@ -66,6 +67,7 @@ from rlvr.sparse_head import (
     text_only_loss_forward,
 )
 from rlvr.trl_loading import zero3_leaves_as_trl_loads
+from rlvr.vllm_routing import VLLMRoutedExperts, routed_experts_returned
 
 __all__ = ["GROUP_IDS_KEY", "ROUTING_KEY", "ForkingGRPOTrainer"]
 
@@ -191,7 +193,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
-        with zero3_leaves_as_trl_loads():  # a model id: TRL loads the policy and the reference model itself
+        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        vllm_replay = bool(getattr(training_args, "use_vllm", False)) and self.moe.routing_replay == "rollout"
+        # a model id: TRL loads the policy and the reference model itself; with vLLM it builds the engine
+        with zero3_leaves_as_trl_loads(), routed_experts_returned(vllm_replay):
             super().__init__(*args, **kwargs)
         for policy in (self.model, getattr(self, "ref_model", None)):
             if isinstance(policy, PreTrainedModel):
@@ -207,16 +212,21 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.normalization_unit = loss_normalization_unit(self.loss_type)  # an unknown loss type fails here
         self.router_updates = self._router_aware_updates()
         self._check_rollout()
+        engine_sampling = self.args.use_vllm or self.rollout.engine == "copy"  # numerics other than the trainer's
         self.rollouts = Rollouts(
             ReplayRecorder(
                 self.router_updates.hooks if self.router_updates is not None else None,
                 self.moe.routing_replay if self.router_updates is not None else "none",
+                measure=engine_sampling,
             ),
             self.rollout,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id,
             sum_across_ranks=self._sum_across_ranks,
+            gather=self._gather_rows,
         )
+        if engine_sampling:
+            self._attach_engine()
         self.rollout_totals = RolloutTotals(self.rollouts)
         self.add_callback(self.rollout_totals)
         self.loss_forward = None
@@ -247,28 +257,69 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 "gradient_checkpointing_kwargs.use_reentrant=False "
                 "(TRL's default): reentrant checkpointing re-runs the forward in backward without the recorded routing"
             )
-        if self.moe.routing_replay == "rollout" and (
-            self.use_vllm or getattr(self.args, "use_transformers_paged", False)
-        ):
+        if self.moe.routing_replay == "rollout" and getattr(self, "use_transformers_continuous_batching", False):
             raise ValueError(
-                "moe.routing_replay='rollout' records routing inside transformers' generate(), which vLLM and paged "
-                "generation bypass; use routing_replay='old_policy' or 'none'"
+                "moe.routing_replay='rollout' replays the experts the sampler chose, which paged generation does not "
+                "return; use routing_replay='old_policy' or 'none'"
             )
         return updates
 
     def _check_rollout(self) -> None:
         """What ``rollout.mode=forking_tree`` cannot run with yet, as one-line errors."""
         active = {
-            "use_vllm": self.use_vllm,
+            "use_vllm": self.args.use_vllm,  # the setting: the copy engine runs TRL's vLLM path
             "use_transformers_paged": getattr(self, "use_transformers_continuous_batching", False),
             "tools": bool(self.tools),
             "rollout_func": self.rollout_func is not None,
         }
         rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         try:
             self.rollout.check_run(self.num_generations, rows, [name for name, on in active.items() if on])
+            self.rollout.check_engine([name for name, on in {**active, "DeepSpeed ZeRO-3": zero3}.items() if on])
         except ValueError as error:
             raise ValueError(f"rollout.{error}") from None
+
+    def _attach_engine(self) -> None:
+        """Sampling with numerics of the engine's own: the copy engine (``rollout.engine=copy``) behind TRL's
+        vLLM generator interface, so TRL's vLLM path (weight sync after optimizer steps, sampling log-probs,
+        importance-sampling correction) runs on it unchanged; or TRL's vLLM with its routed experts kept.
+        Either way each batch's mismatch is measured (``mismatch/*``)."""
+        if self.rollout.engine == "copy":
+            policy = self.accelerator.unwrap_model(self.model)
+            dtype = (
+                next(policy.parameters()).dtype if self.rollout.dtype == "auto" else getattr(torch, self.rollout.dtype)
+            )
+            engine = CopyEngine(
+                policy,
+                dtype,
+                self.rollout.router_noise,
+                seed=int(self.args.seed) * 1009 + self.accelerator.process_index,
+            )
+            self.vllm_generation = CopyEngineGeneration(
+                engine,
+                lambda: self.accelerator.unwrap_model(self.model),
+                self.generation_config,
+                self._tokenizer.pad_token_id,
+                self.eos_token_ids,
+            )
+            self.use_vllm, self.vllm_mode, self._last_loaded_step = True, "colocate", -1  # TRL's vLLM path
+            routed = self.vllm_generation
+        else:
+            routed = VLLMRoutedExperts(
+                self.vllm_generation,
+                self.accelerator.process_index,
+                self.accelerator.num_processes,
+                broadcast=lambda objects, source: broadcast_object_list(objects, from_process=source),
+            )
+        correction = None
+        if self.vllm_importance_sampling_correction:
+            correction = (
+                self.vllm_importance_sampling_mode,
+                self.vllm_importance_sampling_clip_min,
+                self.vllm_importance_sampling_clip_max,
+            )
+        self.rollouts.attach_engine(routed, self._measure_forward, correction)
 
     def _use_sparse_head(self) -> bool:
         """Whether the loss forward projects only the forking tokens through the LM head with gradient
@@ -382,10 +433,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
         sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
         try:
-            with self.rollouts.replay.old_policy_forward(is_policy=model is self.model):
+            with self.rollouts.replay.old_policy_forward(
+                model is self.model and not loss_forward, tuple(input_ids.shape), logits_to_keep
+            ) as forced:
                 if sparse:
                     logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
                     aux_loss = None
+                elif forced is not None:  # the old-policy forward of an engine's batch, with its experts replayed
+                    logps, entropies, aux_loss = self._replayed_forward(
+                        model, input_ids, attention_mask, logits_to_keep, forced, *args, **kwargs
+                    )
                 else:
                     logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
                         model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
@@ -405,6 +462,50 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 # off them. The KL value that TRL logs still covers every token.
                 logps = mask_gradient(logps, state.selection.keep)
         return logps, entropies, aux_loss
+
+    def _replayed_forward(self, model, input_ids, attention_mask, logits_to_keep, forced, *args, **kwargs):
+        """TRL's no-grad forward, in the row chunks TRL would use, with ``forced`` (B, L, layers, k) experts
+        replayed in each (the routers' own choice is recorded by the surrounding ``old_policy_forward``)."""
+        if args or any(
+            value is not None for key, value in kwargs.items() if key not in ("batch_size", "num_images", "num_tiles")
+        ):
+            raise ValueError("moe.routing_replay=rollout with an engine supports text-only batches")
+        hooks = self.router_updates.hooks
+        rows = kwargs.get("batch_size") or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), rows):
+            chunk = slice(start, start + rows)
+            hooks.begin(*input_ids[chunk].shape, forced=forced[chunk].to(input_ids.device))
+            try:
+                chunk_logps, chunk_entropies, _ = super()._get_per_token_logps_and_entropies(
+                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep
+                )
+            finally:
+                hooks.release()
+            logps.append(chunk_logps)
+            entropies.append(chunk_entropies)
+        return torch.cat(logps), (None if entropies[0] is None else torch.cat(entropies)), None
+
+    @torch.no_grad()
+    def _measure_forward(self, batch: dict) -> torch.Tensor:
+        """The policy's (B, C) log-probs of an engine-sampled batch, for its mismatch metrics, when TRL ran
+        no old-policy forward on it (no importance-sampling correction, one optimizer step per batch)."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P + C)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P + C)
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            input_ids,
+            attention_mask,
+            batch["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )
+        return logps
+
+    def _gather_rows(self, values: torch.Tensor, pad_value: float) -> torch.Tensor:
+        """(B, L, ...) rows of every rank, padded along dim 1 with ``pad_value`` (the identity on one process)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=1, pad_index=pad_value))
 
     def _sparse_loss_forward(self, model, input_ids, attention_mask, logits_to_keep):
         """The loss forward through :func:`rlvr.sparse_head.sparse_completion_logprobs`: every completion

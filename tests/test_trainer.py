@@ -29,7 +29,9 @@ def _dataset():
     return problems_to_dataset(generate_problems(ArithmeticTask(), "train", 16, seed=0))
 
 
-def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, dtype="float32", **grpo):
+def make_trainer(
+    checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, dtype="float32", rollout=None, **grpo
+):
     model, tokenizer = load_pretrained(checkpoint, dtype)
     if dtype == "float64" and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")  # grouped_mm rejects float64
@@ -52,7 +54,11 @@ def make_trainer(checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=N
         )
         | grpo
     )
-    extra = {"forking": forking or ForkingConfig(), "moe": moe} if trainer_cls is ForkingGRPOTrainer else {}
+    extra = (
+        {"forking": forking or ForkingConfig(), "moe": moe, "rollout": rollout}
+        if trainer_cls is ForkingGRPOTrainer
+        else {}
+    )
     trainer = trainer_cls(
         model=model,
         reward_funcs=odd_length_reward,

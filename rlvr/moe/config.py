@@ -40,7 +40,7 @@ class MoEConfig:
     routing_replay: str = option(
         "none",
         "force recorded experts in training forwards: none, old_policy (recorded in TRL's old-policy forward), "
-        "rollout (recorded during generate; not with vLLM)",
+        "rollout (the experts the sampler chose: generate, the copy engine, or vLLM with routed experts returned)",
         REPLAY_SOURCES,
     )
     analytics: bool = option(True, "log routing on forking vs other tokens (MoE models)")

@@ -8,7 +8,9 @@
   still learns); wrap router outputs and block outputs in gradient gates whose weights the trainer
   fills in after the forward, once it knows the forking tokens;
 * **recording** (between :meth:`start_recording` and :meth:`stop_recording`, without gradient): keep
-  the experts chosen in every forward, e.g. the old-policy forward or each step of ``generate``;
+  the experts each router chooses itself in every forward, e.g. the old-policy forward or each step of
+  ``generate``; a forward that also replays (:meth:`begin` with ``forced``) records the router's own choice
+  and runs with the forced experts;
 * otherwise the hooks do nothing.
 """
 
@@ -102,10 +104,12 @@ class RoutingHooks:
 
     def _router_hook(self, layer: MoELayer):
         def hook(module, inputs, output):
-            if self._recorded is not None and not torch.is_grad_enabled():
-                self._recorded.append((layer.index, layer.adapter.unpack(output, module)[2].detach()))
-                return output
             routing = self.current
+            if self._recorded is not None and not torch.is_grad_enabled():  # the router's own (live) choice
+                self._recorded.append((layer.index, layer.adapter.unpack(output, module)[2].detach()))
+                if routing is None or routing.forced is None:
+                    return output
+                # else: a no-grad forward that also replays (the old-policy forward under routing replay)
             if routing is None:
                 return output
             logits, weights, indices = layer.adapter.unpack(output, module)

@@ -8,6 +8,10 @@ which the tree-aware advantage needs).
 With ``rollout.mode: iid`` the sampling is TRL's, unchanged. With ``forking_tree`` the training
 batches' completions are forking trees (:mod:`rlvr.rollouts.tree`); TRL's own evaluation batches stay
 i.i.d. Either way the batch reports its cost: tokens decoded, generation wall time, where trees branched.
+
+When an engine with numerics of its own samples (``rollout.engine: copy``, or vLLM), each batch also
+reports how far the engine's numbers are from the trainer's (:mod:`rlvr.rollouts.mismatch`): log-prob
+mismatch, routing flips, what importance-sampling masking drops (``mismatch/*``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from rlvr.rewards.extraction import find_answer
 from rlvr.rollouts.branching import treerl_advantages
 from rlvr.rollouts.config import RolloutConfig
-from rlvr.rollouts.routing import ReplayRecorder
+from rlvr.rollouts.mismatch import importance_sampling_drops, logprob_mismatch, routing_flips
+from rlvr.rollouts.routing import EngineSample, ReplayRecorder
 from rlvr.rollouts.tree import ForkingTreeSampler, GenerationCost, TreeRollout
 
 GROUP_IDS_KEY = "rlvr_group_ids"  # (B,) global prompt index of each row, added to TRL's generation batch
@@ -56,6 +61,8 @@ class Rollouts:
         settings: the ``rollout`` section (how completions are sampled).
         eos_token_ids, pad_token_id: the tokenizer's, for the tree sampler.
         sum_across_ranks: sums a tensor over ranks (the identity on one process).
+        gather: ``(tensor, pad_value)`` -> the (B_all, ...) rows of every rank, padded along dim 1 with
+            ``pad_value`` (the identity on one process).
     """
 
     def __init__(
@@ -65,10 +72,15 @@ class Rollouts:
         eos_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
         sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda values: values,
+        gather: Callable[[torch.Tensor, float], torch.Tensor] = lambda values, pad_value: values,
     ):
         self.replay = replay
         self.settings = settings or RolloutConfig()
         self.sum_across_ranks = sum_across_ranks
+        self.gather = gather
+        self.engine = None  # set by attach_engine: an engine with numerics of its own samples the batches
+        self.measure_forward: Callable[[dict], torch.Tensor] | None = None
+        self.importance_sampling: tuple[str, float | None, float | None] | None = None
         self.sampler = None
         if self.settings.mode == "forking_tree":
             if eos_token_ids is None or pad_token_id is None:
@@ -81,6 +93,23 @@ class Rollouts:
         self._cost: GenerationCost | None = None
         self._rewards: torch.Tensor | None = None  # (B_all,) weighted rewards of the batch, all ranks
         self._distinct_answers: float | None = None
+
+    def attach_engine(
+        self,
+        engine,
+        measure_forward: Callable[[dict], torch.Tensor],
+        importance_sampling: tuple[str, float | None, float | None] | None,
+    ) -> None:
+        """Batches are sampled by an engine with numerics of its own: measure the mismatch of each.
+
+        Args:
+            engine: after each generation call, ``engine.take_routing()`` returns the experts it chose per row
+                (a list of :class:`rlvr.rollouts.engine_routing.EngineRouting`, or None).
+            measure_forward: the trainer's no-grad log-probs (B, C) of a batch's completions, for batches
+                whose old-policy log-probs TRL did not compute.
+            importance_sampling: TRL's correction as ``(mode, clip_min, clip_max)``, or None when it is off.
+        """
+        self.engine, self.measure_forward, self.importance_sampling = engine, measure_forward, importance_sampling
 
     def branches(self, training: bool) -> bool:
         """Whether this batch is sampled as forking trees (training batches in ``forking_tree`` mode)."""
@@ -95,7 +124,12 @@ class Rollouts:
         self.replay.start_batch()
         self._tree = self._cost = self._rewards = self._distinct_answers = None
         batch = produce()
-        self.replay.finish_batch(batch, ROUTING_KEY)
+        training_logps = None
+        if self.engine is not None and "sampling_per_token_logps" in batch:
+            training_logps = batch.get("old_per_token_logps")
+            if training_logps is None:  # TRL ran no old-policy forward (no correction, one step per batch)
+                training_logps = self.measure_forward(batch)
+        trainer_routing = self.replay.finish_batch(batch, ROUTING_KEY)
         prompt_ids = batch["prompt_ids"]  # (B, P)
         rows = prompt_ids.size(0)
         batch[GROUP_IDS_KEY] = group_ids(rows, group_size, process_index, prompt_ids.device)
@@ -108,15 +142,26 @@ class Rollouts:
             advantages = treerl_advantages(local.cpu(), self._tree.layout, lengths.cpu(), width)  # (B, C)
             batch["advantages"] = advantages.to(device=prompt_ids.device, dtype=batch["advantages"].dtype)
         metrics = self._metrics(training)
+        if training_logps is not None:
+            metrics.update(self._mismatch(batch, training_logps, trainer_routing))
         self.last_layout = self._tree.layout if self._tree is not None else None
         self._tree = None
         return batch, metrics
 
-    def generate(self, generate: Callable, *args, **kwargs):
-        """TRL's ``_generate_single_turn`` (``generate``), with routing recorded when replay asks for it."""
+    def generate(self, generate: Callable, prompt_ids: list[list[int]], *args, **kwargs):
+        """TRL's ``_generate_single_turn`` (``generate``), with routing recorded when replay asks for it (by
+        the policy's hooks during ``generate``, or as the engine returned it)."""
         start = time.perf_counter()
-        with self.replay.rollout():
-            completion_ids, logprobs = generate(*args, **kwargs)
+        if self.engine is None:
+            with self.replay.rollout():
+                completion_ids, logprobs = generate(prompt_ids, *args, **kwargs)
+        else:
+            completion_ids, logprobs = generate(prompt_ids, *args, **kwargs)
+            self.replay.keep_engine_sample(
+                EngineSample(
+                    [len(ids) for ids in prompt_ids], [len(ids) for ids in completion_ids], self.engine.take_routing()
+                )
+            )
         tokens = sum(len(ids) for ids in completion_ids)
         seconds = time.perf_counter() - start
         if self._cost is None:
@@ -189,4 +234,29 @@ class Rollouts:
             self.decoded_tokens_total += int(decoded)
             self.generation_seconds_total += seconds / ranks
             metrics["rollout/decoded_tokens_total"] = float(self.decoded_tokens_total)
+        return metrics
+
+    def _mismatch(self, batch: dict, training_logps: torch.Tensor, trainer_routing: torch.Tensor | None) -> dict:
+        """``mismatch/*`` metrics of the batch over all ranks: the engine's sampling log-probs against the
+        trainer's (B, C), the engine's experts against those the trainer's routers chose (B, P + C, layers, k),
+        and the share TRL's masking importance-sampling correction drops."""
+        mask = batch["completion_mask"]  # (B, C)
+        if "tool_mask" in batch:
+            mask = mask * batch["tool_mask"]
+        sampling = self.gather(batch["sampling_per_token_logps"].float(), 0.0)  # (B_all, C)
+        training = self.gather(training_logps.float(), 0.0)  # (B_all, C)
+        completion_mask = self.gather(mask, 0)  # (B_all, C)
+        metrics = logprob_mismatch(sampling, training, completion_mask)
+        if self.importance_sampling is not None:
+            metrics |= importance_sampling_drops(sampling, training, completion_mask, *self.importance_sampling)
+        prompt_width, completion_width = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
+        engine = self.replay.engine_record(prompt_width, completion_width)
+        if engine is not None and trainer_routing is not None:
+            device = mask.device
+            positions = torch.cat([torch.zeros_like(batch["prompt_ids"]), mask.long()], dim=1)  # (B, P + C)
+            metrics |= routing_flips(
+                self.gather(engine.to(device), -1),
+                self.gather(trainer_routing.to(device), -1),
+                self.gather(positions, 0),
+            )
         return metrics

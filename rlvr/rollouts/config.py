@@ -8,6 +8,8 @@ from rlvr.configuration import option, require
 
 MODES = ("iid", "forking_tree")
 ADVANTAGES = ("group", "treerl")
+ENGINES = ("policy", "copy")
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 
 
 @dataclass
@@ -32,7 +34,32 @@ class RolloutConfig:
         True, "forking_tree: branches continue from the root's KV cache (else each branch re-reads its prefix)"
     )
 
+    engine: str = option(
+        "policy",
+        "policy: sample with the policy itself (transformers' generate); copy: with a copy of its weights in "
+        "rollout.dtype, synced after every optimizer step, as an inference engine with numerics of its own",
+        ENGINES,
+    )
+    dtype: str = option(
+        "auto",
+        "engine=copy: the copy's precision (auto: the policy's), e.g. bfloat16 while training in float32",
+        ENGINE_DTYPES,
+    )
+    router_noise: float = option(
+        0.0, "engine=copy: noise on every MoE router's logits, in units of their std over experts (0: none)"
+    )
+
     def validate(self) -> None:
+        require(self.router_noise >= 0.0, "router_noise", "must be >= 0")
+        if self.engine == "policy":
+            require(self.dtype == "auto", "dtype", "sets the copy engine's precision: needs rollout.engine=copy")
+            require(self.router_noise == 0.0, "router_noise", "perturbs the copy engine: needs rollout.engine=copy")
+        else:
+            require(
+                self.mode == "iid",
+                "engine",
+                "copy samples i.i.d. completions; forking trees sample with the policy (rollout.engine=policy)",
+            )
         require(self.branches >= 1, "branches", "must be >= 1")
         require(self.min_prefix >= 0, "min_prefix", "must be >= 0")
         require(self.min_suffix >= 0, "min_suffix", "must be >= 0")
@@ -48,6 +75,12 @@ class RolloutConfig:
                 f"({num_generations}); branches={self.branches} does not"
             )
         return num_generations // (1 + self.branches)
+
+    def check_engine(self, unsupported: list[str]) -> None:
+        """What ``engine: copy`` cannot run with, as a ValueError naming this section's field: any of
+        ``unsupported`` (the active features it does not support, e.g. ``use_vllm``, which is an engine already)."""
+        if self.engine == "copy" and unsupported:
+            raise ValueError(f"engine: copy stands in for an inference engine; it does not run with {unsupported[0]}")
 
     def check_run(self, num_generations: int, rows_per_process: int, unsupported: list[str]) -> None:
         """What ``forking_tree`` cannot run with, as a ValueError naming this section's field: any of

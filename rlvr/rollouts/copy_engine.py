@@ -12,10 +12,14 @@ Like vLLM it returns what an engine returns: completion token ids, the sampling 
 of every token it ran, in vLLM 0.14-0.20's layout (``[P + C - 1, layers, k]`` per completion), which
 :func:`rlvr.rollouts.engine_routing.engine_routing_record` turns into a replay record, as it does for vLLM.
 Single process and DDP (each rank keeps its own copy of the unwrapped policy); not ZeRO-3.
+
+:class:`CopyEngineGeneration` puts it behind TRL's vLLM generator interface, so that TRL treats its samples
+exactly as vLLM's (``rollout.engine: copy``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -27,6 +31,7 @@ from rlvr.moe.adapters import MoELayer, UnknownMoEArchitecture, find_moe_layers
 from rlvr.moe.hooks import RoutingHooks
 from rlvr.moe.replay import rollout_record
 from rlvr.moe.updates import correction_bias
+from rlvr.rollouts.engine_routing import EngineRouting
 from rlvr.rollouts.tree import completion_lengths, left_pad
 
 
@@ -65,6 +70,20 @@ class RouterNoise:
         self._handles = []
 
 
+def _plain_copy(policy: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``policy`` as an engine loads it: the class's own forwards, no hooks. A trainer patches
+    its policy's forward (TRL's fused LM head, rlvr's sparse head) with closures over the policy itself and
+    hooks its routers; a copy that kept them would run the policy's forward and the trainer's hooks."""
+    model = copy.deepcopy(policy)
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+        module._forward_hooks.clear()
+        module._forward_hooks_with_kwargs.clear()
+        module._forward_pre_hooks.clear()
+        module._forward_pre_hooks_with_kwargs.clear()
+    return model
+
+
 @dataclass
 class EngineOutput:
     """What the engine returned for a batch, per row: as vLLM returns it."""
@@ -86,7 +105,7 @@ class CopyEngine:
 
     def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, router_noise: float = 0.0, seed: int = 0):
         self.dtype = dtype
-        self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+        self.model = _plain_copy(policy).to(dtype).eval().requires_grad_(False)
         try:
             layers = find_moe_layers(self.model)
         except UnknownMoEArchitecture:
@@ -157,3 +176,45 @@ class CopyEngine:
             self.noise.remove()
         if self.hooks is not None:
             self.hooks.remove()
+
+
+class CopyEngineGeneration:
+    """The copy engine behind the interface of TRL's ``VLLMGeneration`` (``sync_weights``, ``generate``).
+
+    A trainer that hands this object to TRL as its vLLM generator runs TRL's own vLLM code path on the copy
+    engine, unchanged: weights synced whenever the optimizer step changed, sampling log-probs kept, the
+    importance-sampling correction in every mode TRL has, and TRL's ``sampling/*`` metrics.
+
+    Args:
+        engine: the :class:`CopyEngine`.
+        policy: returns the current (unwrapped) policy, whose weights :meth:`sync_weights` copies.
+        generation_config: how to sample (TRL's ``GenerationConfig``: temperature, top-k/p, length).
+        pad_token_id, eos_token_ids: the tokenizer's.
+    """
+
+    def __init__(self, engine: CopyEngine, policy, generation_config, pad_token_id: int, eos_token_ids: list[int]):
+        self.engine, self.policy = engine, policy
+        self.generation_config, self.pad_token_id, self.eos_token_ids = generation_config, pad_token_id, eos_token_ids
+        self.syncs = 0
+        self._routing = None
+
+    def sync_weights(self) -> None:
+        self.engine.sync(self.policy())
+        self.syncs += 1
+
+    def generate(self, prompts: list[list[int]], images, num_generations: int, profiler=None):
+        """One completion per row of ``prompts`` (TRL's colocate mode: the prompts are already repeated
+        ``num_generations`` times). Returns TRL's ``(prompt_ids, completion_ids, logprobs, logprob_token_ids)``
+        with one sampling log-prob per token."""
+        if images is not None and any(image is not None for image in images):
+            raise ValueError("rollout.engine=copy supports text-only prompts")
+        with profiler if profiler is not None else contextlib.nullcontext():
+            output = self.engine.generate(prompts, self.generation_config, self.pad_token_id, self.eos_token_ids)
+        self._routing = output.routed_experts
+        logprobs = [[[value] for value in row] for row in output.logprobs]
+        return prompts, output.completion_ids, logprobs, None
+
+    def take_routing(self) -> list[EngineRouting] | None:
+        """The routed experts of the last :meth:`generate` call, per row (None: a dense policy)."""
+        routing, self._routing = self._routing, None
+        return None if routing is None else [EngineRouting(rows) for rows in routing]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,3 +185,14 @@ def engine_routing_record(
             _check(completion, num_experts, top_k, where)
             record[row, prompt_width : prompt_width + completion.shape[0]] = completion
     return torch.from_numpy(record).to(compact_dtype(num_experts))
+
+
+def decoder_layer_indices(module_names: list[str]) -> list[int]:
+    """The decoder-layer index of each MoE block from its module path (``model.layers.3.mlp`` -> 3): where
+    an engine that returns every decoder layer's routing keeps each of rlvr's MoE layers. A path without a
+    ``layers.<i>`` part keeps its position in the list."""
+    indices = []
+    for position, name in enumerate(module_names):
+        match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+        indices.append(int(match.group(1)) if match else position)
+    return indices

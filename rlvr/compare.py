@@ -31,7 +31,8 @@ class CompareConfig:
 
     arms: list = option(
         ["full", "forking", "random", "bottom"],
-        "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom",
+        "arms to run (rlvr/configs/arms/<arm>.yaml overlays): full, forking, forking_router, hybrid, random, bottom; "
+        "tree, tree_treerl, full_g6 (rollouts); engine_exact, tis, mis, replay, replay_mis (mismatch)",
     )
     seeds: list = option([0, 1, 2], "seeds; every arm runs once per seed on the same data")
     contrasts: list = option(

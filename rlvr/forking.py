@@ -303,6 +303,12 @@ class ForkingConfig:
         "exact; an error otherwise), false (TRL's fused head on every token)",
         ("auto", "true", "false"),
     )
+    sparse_head_kernel: str = option(
+        "auto",
+        "the sparse head's projections: auto (TRL's fused ChunkedLogProbFunction on CUDA/XPU, rlvr's row chunks "
+        "elsewhere), rlvr, trl",
+        ("auto", "rlvr", "trl"),
+    )
 
     def validate(self) -> None:
         require(0.0 <= self.rho <= 1.0, "rho", f"must be in [0, 1]; got {self.rho}")

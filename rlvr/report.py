@@ -406,6 +406,61 @@ def summary_lines(groups: dict[str, list[Run]], contrasts: list[tuple[str, str]]
     return lines
 
 
+MISMATCH_COLUMNS = [  # (logged key, column)
+    ("mismatch/router_flips", "router flips"),
+    ("mismatch/tokens_with_flip", "tokens with a flip"),
+    ("mismatch/kl_k3", "KL (k3)"),
+    ("mismatch/logp_diff_mean", "mean abs dlogp"),
+    ("mismatch/ratio_above_2", "ratio > 2"),
+    ("mismatch/is_dropped_sequences", "IS-dropped sequences"),
+    ("mismatch/is_dropped_tokens", "IS-dropped tokens"),
+]
+
+
+def collapsed(run: Run, window: int = 5) -> bool:
+    """Whether a run's training reward fell and did not recover: the mean of its last ``window`` logged
+    rewards is below half its best ``window``-log mean and below its first."""
+    _, rewards = run.series("reward")
+    if len(rewards) < 2 * window:
+        return False
+    means = [sum(rewards[i : i + window]) / window for i in range(len(rewards) - window + 1)]
+    return means[-1] < 0.5 * max(means) and means[-1] < means[0]
+
+
+def mismatch_lines(groups: dict[str, list[Run]]) -> list[str]:
+    """The mismatch table: per arm, each ``mismatch/*`` metric averaged over a run's logging steps (mean ±
+    std over runs), and the runs that collapsed. Empty when no run sampled with an engine of its own."""
+    columns = [
+        (key, name) for key, name in MISMATCH_COLUMNS if any(r.series(key)[0] for rs in groups.values() for r in rs)
+    ]
+    if not columns:
+        return []
+    lines = [
+        "",
+        "## Training-inference mismatch",
+        "",
+        "Each training batch's sampler (engine) against the trainer, averaged over a run's logging steps, mean ± "
+        "std over runs: router flips = share of (token, layer) decisions whose expert set differs between the "
+        "engine and the trainer's own routers; tokens with a flip = share of completion tokens with a flip in "
+        "any layer; KL (k3) = per-token KL of the sampler from the trainer, with the trainer's log-probs as "
+        "training computes them (under routing replay: on the engine's experts); mean abs dlogp = mean |log "
+        "p_train - log p_sample|; ratio > 2 = share of tokens with p_train / p_sample > 2; IS-dropped = share "
+        "TRL's masking importance sampling gives no gradient; collapsed = runs whose training reward fell below "
+        "half its best 5-log mean and below its first, and stayed there.",
+        "",
+        "| arm | " + " | ".join(name for _, name in columns) + " | collapsed |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for arm, runs in groups.items():
+        cells = []
+        for key, _ in columns:
+            per_run = [sum(values) / len(values) for values in (run.series(key)[1] for run in runs) if values]
+            mean, std = mean_std(per_run)
+            cells.append(f"{mean:.3g} ± {std:.2g}" if per_run else "—")
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {sum(collapsed(run) for run in runs)}/{len(runs)} |")
+    return lines
+
+
 def _reach_cell(row: dict) -> str:
     if math.isnan(row["decoded_to_reach"]):
         return "—"
@@ -428,6 +483,7 @@ def write_report(paths: list[Path], out_dir: Path | None = None, records: Compar
     for name, title, draw in FIGURES:
         if draw(groups, out_dir / name):
             figures.append((title, name))
+    lines += mismatch_lines(groups)
     lines += domain_sections(groups, records.starting_policies)
     figures += own_share_figures(groups, out_dir)
     for title, name in figures:

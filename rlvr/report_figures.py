@@ -277,6 +277,16 @@ CURVE_PANELS = [
         "Routing on forking vs other tokens",
         [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
     ),
+    (
+        "mismatch.png",
+        "Training-inference mismatch of the sampled batches",
+        [
+            ("mismatch/router_flips", "router flips (share of token x layer decisions)"),
+            ("mismatch/kl_k3", "per-token KL, sampler vs trainer (k3)"),
+            ("mismatch/logp_diff_mean", "mean |log p_train - log p_sample|"),
+            ("mismatch/is_dropped_sequences", "sequences dropped by IS masking"),
+        ],
+    ),
 ]
 
 
@@ -293,5 +303,6 @@ FIGURES = [
     ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
     ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
     ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
+    ("mismatch.png", "Training-inference mismatch over training", _curves("mismatch.png")),
     ("domain_routing.png", "Expert load per layer of each domain's tokens, after RL", plot_domain_routing),
 ]

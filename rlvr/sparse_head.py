@@ -192,6 +192,46 @@ class SelectedLogProbs(torch.autograd.Function):
         )
 
 
+# TRL's fused head: vocabulary tile width of its ChunkedLogProbFunction calls (trl.trainer.utils)
+FUSED_VOCAB_CHUNK = 32768
+KERNELS = ("auto", "rlvr", "trl")
+
+
+def fused_kernel_devices() -> tuple[str, ...]:
+    """Device types whose sparse head runs through TRL's fused kernel under ``kernel="auto"`` (its Triton
+    kernels run there; elsewhere rlvr's chunks are faster: ``benchmarks/lm_head.py`` on CPU)."""
+    return ("cuda", "xpu")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``auto`` -> ``trl`` on the devices of :func:`fused_kernel_devices`, ``rlvr`` elsewhere."""
+    if kernel not in KERNELS:
+        raise ValueError(f"sparse head kernel must be one of {KERNELS}; got {kernel!r}")
+    if kernel == "auto":
+        return "trl" if device.type in fused_kernel_devices() else "rlvr"
+    return kernel
+
+
+def fused_logprobs(hidden, weight, bias, targets, transform: HeadTransform, entropy: bool):
+    """(N,) target log-probs (and entropies) through TRL's ``ChunkedLogProbFunction``: cuBLAS tiles in the
+    compute dtype (bf16 under autocast), float32 statistics folded in one Triton pass (torch ops on devices
+    without Triton), a backward that recomputes each tile. Differentiable when ``hidden`` needs grad."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    logps, entropies, *_ = ChunkedLogProbFunction.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        transform.temperature,
+        FUSED_VOCAB_CHUNK,
+        transform.softcap,
+        transform.logit_scale,
+        ("entropy",) if entropy else (),
+    )
+    return logps, entropies
+
+
 def sparse_completion_logprobs(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -199,6 +239,7 @@ def sparse_completion_logprobs(
     transform: HeadTransform,
     select: Callable[[torch.Tensor], torch.Tensor],
     gather: Callable = nullcontext,
+    kernel: str = "rlvr",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of a completion, with a graph only through the selected tokens.
 
@@ -208,19 +249,35 @@ def sparse_completion_logprobs(
         lm_head: the output embedding (its ``weight`` (V, H) and ``bias``).
         select: (B, T) entropies (no graph; 0 where nothing is scored) -> (B, T) bool selected tokens.
         gather: context manager that makes the head's weight whole (ZeRO-3), entered in forward and backward.
+        kernel: ``rlvr`` (row chunks, statistics in at least float32: the CPU path) or ``trl`` (both passes
+            through TRL's fused ``ChunkedLogProbFunction``: a no-grad pass over every scored row, then one with
+            gradient over the selected rows; TRL's numerics); ``auto`` picks by device (:func:`resolve_kernel`).
 
     Returns:
         log_probs: (B, T); the selected tokens' entries carry the graph, the others are constants.
         entropy: (B, T), no graph.
     """
+    kernel = resolve_kernel(kernel, hidden.device)
     scored = labels != -100  # (B, T)
     weight, bias = lm_head.weight, lm_head.bias
     with gather():
-        logps_all, entropy_all = logprobs_and_entropy(hidden[scored], weight, bias, labels[scored], transform)
+        if kernel == "trl":
+            with torch.no_grad():
+                logps_all, entropy_all = fused_logprobs(
+                    hidden[scored], weight, bias, labels[scored], transform, entropy=True
+                )
+        else:
+            logps_all, entropy_all = logprobs_and_entropy(hidden[scored], weight, bias, labels[scored], transform)
     log_probs = logps_all.new_zeros(labels.shape).masked_scatter(scored, logps_all)  # (B, T), TRL's float32 (or 64)
     entropy = entropy_all.new_zeros(labels.shape).masked_scatter(scored, entropy_all)
     selected = select(entropy) & scored  # (B, T)
-    logps_selected = SelectedLogProbs.apply(hidden[selected], weight, bias, labels[selected], transform, gather)
+    if kernel == "trl":
+        with gather():  # TRL's backward gathers the head itself
+            logps_selected, _ = fused_logprobs(
+                hidden[selected], weight, bias, labels[selected], transform, entropy=False
+            )
+    else:
+        logps_selected = SelectedLogProbs.apply(hidden[selected], weight, bias, labels[selected], transform, gather)
     # masked_scatter keeps the output connected to the model even when nothing is selected (a zero gradient)
     return log_probs.masked_scatter(selected, logps_selected), entropy
 

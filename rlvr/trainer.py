@@ -60,6 +60,7 @@ from rlvr.moe.zero3 import register_zero3_leaves
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.sparse_head import (
+    MULTIMODAL_KEYS,
     HeadTransform,
     add_sparse_head_route,
     sparse_completion_logprobs,
@@ -466,25 +467,27 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _replayed_forward(self, model, input_ids, attention_mask, logits_to_keep, forced, *args, **kwargs):
         """TRL's no-grad forward, in the row chunks TRL would use, with ``forced`` (B, L, layers, k) experts
         replayed in each (the routers' own choice is recorded by the surrounding ``old_policy_forward``)."""
-        if args or any(
-            value is not None for key, value in kwargs.items() if key not in ("batch_size", "num_images", "num_tiles")
-        ):
+        if args or any(kwargs.get(key) is not None for key in MULTIMODAL_KEYS):
             raise ValueError("moe.routing_replay=rollout with an engine supports text-only batches")
+        options = {key: value for key, value in kwargs.items() if key not in MULTIMODAL_KEYS and key != "batch_size"}
         hooks = self.router_updates.hooks
         rows = kwargs.get("batch_size") or input_ids.size(0)
-        logps, entropies = [], []
+        logps, entropies, aux_losses = [], [], []
         for start in range(0, input_ids.size(0), rows):
             chunk = slice(start, start + rows)
             hooks.begin(*input_ids[chunk].shape, forced=forced[chunk].to(input_ids.device))
             try:
-                chunk_logps, chunk_entropies, _ = super()._get_per_token_logps_and_entropies(
-                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep
+                chunk_logps, chunk_entropies, chunk_aux = super()._get_per_token_logps_and_entropies(
+                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep, **options
                 )
             finally:
                 hooks.release()
             logps.append(chunk_logps)
             entropies.append(chunk_entropies)
-        return torch.cat(logps), (None if entropies[0] is None else torch.cat(entropies)), None
+            aux_losses.append(chunk_aux)
+        entropies = None if entropies[0] is None else torch.cat(entropies)
+        aux_loss = None if aux_losses[0] is None else torch.stack(aux_losses).mean()  # as TRL averages chunks
+        return torch.cat(logps), entropies, aux_loss
 
     @torch.no_grad()
     def _measure_forward(self, batch: dict) -> torch.Tensor:
@@ -530,6 +533,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                     self._head_transform,
                     select,
                     gather=lambda: maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias),
+                    kernel=self.forking.sparse_head_kernel,
                 )
 
         with self.accelerator.autocast():

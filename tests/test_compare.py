@@ -218,3 +218,37 @@ def test_contrasts_pair_two_arms_in_the_report(tmp_path):
     planned = [PlannedRun(arm, 0, tmp_path / "m" / f"{arm}-seed0", config) for arm in ("full", "tree")]
     write_manifest(tmp_path / "m", planned)
     assert CompareRecords.load([tmp_path / "m"]).contrasts == [("tree", "full")]
+
+
+def test_mismatch_table_averages_each_runs_metrics_and_counts_collapsed_runs(tmp_path):
+    """Hand-made runs: the table's cells are the mean over runs of each run's mean over logging steps; a run
+    whose reward falls to a quarter of its best and stays there counts as collapsed, a dip that recovers
+    does not; runs without an engine add no section."""
+    from rlvr.report import collapsed, mismatch_lines
+    from rlvr.report_figures import plot_curves
+    from rlvr.runs import Run
+
+    def run(arm, seed, flips, rewards):
+        metrics = [{"step": 5 * (i + 1), "mismatch/router_flips": f} for i, f in enumerate(flips)]
+        metrics += [{"step": 5 * (i + 1), "reward": r} for i, r in enumerate(rewards)]
+        return Run(tmp_path / f"{arm}{seed}", arm, seed, {}, metrics=metrics)
+
+    steady = [0.4] * 5 + [0.6] * 10
+    dip = [0.4] * 5 + [0.1] * 5 + [0.6] * 5
+    fall = [0.4] * 5 + [0.8] * 5 + [0.1] * 5
+    groups = {
+        "full": [run("full", 0, [0.1, 0.3], fall), run("full", 1, [0.2, 0.2], steady)],
+        "replay": [run("replay", 0, [0.1, 0.1], dip), run("replay", 1, [0.1, 0.1], steady)],
+    }
+    assert collapsed(groups["full"][0]) and not collapsed(groups["full"][1]) and not collapsed(groups["replay"][0])
+    text = "\n".join(mismatch_lines(groups))
+    assert "| full | 0.2 ± 0 | 1/2 |" in text and "| replay | 0.1 ± 0 | 0/2 |" in text
+    assert "| arm | router flips | collapsed |" in text  # columns only for what was logged
+    from rlvr.report_figures import CURVE_PANELS
+
+    panels = next(entry[2] for entry in CURVE_PANELS if entry[0] == "mismatch.png")
+    assert plot_curves(groups, panels, tmp_path / "mismatch.png", "mismatch")
+    for runs in groups.values():
+        for member in runs:
+            member.metrics = [r for r in member.metrics if "mismatch/router_flips" not in r]
+    assert mismatch_lines(groups) == []

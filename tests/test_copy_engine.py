@@ -7,13 +7,9 @@ import torch
 from transformers import GenerationConfig
 
 from rlvr.models import load_pretrained
-from rlvr.moe.hooks import RoutingHooks
 from rlvr.moe.replay import NOT_RECORDED
-from rlvr.rollouts.copy_engine import CopyEngine
-from rlvr.rollouts.engine_routing import EngineRouting, engine_routing_record
+from rlvr.rollouts.copy_engine import CopyEngine, teacher_forced
 from rlvr.rollouts.mismatch import logprob_mismatch, routing_flips
-from rlvr.rollouts.tree import left_pad
-from tests.test_rollouts import right_pad
 
 
 @pytest.fixture()
@@ -36,40 +32,13 @@ def _config(tokenizer, temperature=0.7):
 
 def _teacher_forced(model, tokenizer, prompts, completions, temperature):
     """The policy's own log-probs (at the temperature) and routing of the engine's samples, in one forward."""
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
-    completion_ids, completion_mask = right_pad(completions, tokenizer.pad_token_id)  # (B, C)
-    width = completion_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], 1)
-    attention = torch.cat([prompt_mask, completion_mask], 1)
-    hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
-    hooks.start_recording()
-    with torch.no_grad():
-        logits = model(
-            input_ids=input_ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)
-        ).logits
-    (forward,) = hooks.stop_recording()
-    hooks.remove()
-    P = prompt_ids.shape[1]
-    logps = (
-        torch.log_softmax(logits[:, P - 1 : -1].double() / temperature, -1)
-        .gather(-1, completion_ids.unsqueeze(-1))
-        .squeeze(-1)
-    )
-    return logps, completion_mask, forward.reshape(*input_ids.shape, *forward.shape[1:]), P, width
+    view = teacher_forced(model, prompts, completions, tokenizer.pad_token_id, temperature)
+    return view.logprobs, view.completion_mask, view.experts, view.prompt_width, view.logprobs.shape[1]
 
 
 def _engine_record(engine, out, prompts, prompt_width, completion_width, routing):
     """The engine's routed experts (vLLM's layout) as a replay record over the teacher-forced batch."""
-    return engine_routing_record(
-        [EngineRouting(r) for r in out.routed_experts],
-        [len(p) for p in prompts],
-        [len(c) for c in out.completion_ids],
-        prompt_width,
-        completion_width,
-        engine.hooks.num_experts,
-        routing.shape[-1],
-        list(range(routing.shape[2])),
-    )
+    return engine.replay_record(out, prompts, prompt_width, completion_width)
 
 
 def test_a_float64_copy_without_noise_reproduces_the_policy_exactly(policy):

@@ -27,10 +27,16 @@ TINY = [
 
 
 TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=treerl"]
+COPY_ENGINE = [
+    "rollout.engine=copy",
+    "rollout.dtype=bfloat16",
+    "rollout.router_noise=0.5",
+    "moe.routing_replay=rollout",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", [[], TREE], ids=["iid", "forking_tree"])
+@pytest.mark.parametrize("rollout", [[], TREE, COPY_ENGINE], ids=["iid", "forking_tree", "copy_engine"])
 def test_two_process_torchrun_on_cpu(tmp_path, rollout):
     output = tmp_path / "ddp"
     command = [
@@ -62,7 +68,10 @@ def test_two_process_torchrun_on_cpu(tmp_path, rollout):
     decoded = [r["rollout/decoded_tokens"] for r in records if "loss" in r]
     share = [r["rollout/decoded_share"] for r in records if "loss" in r]
     assert summary["decoded_tokens"] == sum(decoded) > 0
-    assert all(value < 1.0 for value in share) if rollout else all(value == 1.0 for value in share)
+    assert all(value < 1.0 for value in share) if rollout == TREE else all(value == 1.0 for value in share)
+    # each rank samples with its own engine copy; the mismatch is measured over both ranks' rows
+    flips = [r.get("mismatch/router_flips") for r in records if "loss" in r]
+    assert all(value > 0.05 for value in flips) if rollout == COPY_ENGINE else flips == [None, None]
 
 
 def _trl_accelerate_config(name: str) -> str:

@@ -20,25 +20,15 @@ from rlvr.moe.hooks import RoutingHooks
 from rlvr.moe.replay import NOT_RECORDED
 from rlvr.rollouts import ROUTING_KEY, RolloutConfig
 from rlvr.rollouts.copy_engine import CopyEngine
-from rlvr.rollouts.engine_routing import EngineRouting, engine_routing_record
+from rlvr.rollouts.engine_routing import engine_routing_record
 from rlvr.rollouts.mismatch import logprob_mismatch, routing_flips
-from rlvr.rollouts.tree import left_pad
+from rlvr.rollouts.tree import left_pad, right_pad
 from rlvr.vllm_routing import VLLMRoutedExperts, routed_experts_returned
+from tests.test_forking_rollouts import _batch
 from tests.test_moe import SPEC
-from tests.test_rollouts import right_pad
-from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
+from tests.test_trainer import ROWS, make_trainer
 
 NOISY = RolloutConfig(engine="copy", router_noise=1.0)
-
-
-def _rows():
-    dataset = _dataset()
-    return [dataset[i] for i in range(ROWS // GENERATIONS) for _ in range(GENERATIONS)]
-
-
-def _batch(trainer, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    return trainer._generate_and_score_completions(_rows())
 
 
 def _last(trainer, key: str) -> float:
@@ -133,16 +123,7 @@ def test_replay_makes_every_familys_forward_route_as_the_copy_engine_did(archite
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
     completion_ids, completion_mask = right_pad(out.completion_ids, tokenizer.pad_token_id)
     P, C = prompt_ids.shape[1], completion_ids.shape[1]
-    record = engine_routing_record(
-        [EngineRouting(rows) for rows in out.routed_experts],
-        [len(p) for p in prompts],
-        [len(c) for c in out.completion_ids],
-        P,
-        C,
-        engine.hooks.num_experts,
-        engine.hooks.layers[0].top_k,
-        list(range(len(engine.hooks.layers))),
-    )
+    record = engine.replay_record(out, prompts, P, C)
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention = torch.cat([prompt_mask, completion_mask], 1)
     hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
@@ -339,3 +320,30 @@ def test_mismatch_metrics_of_a_batch_match_the_reference_functions(tiny_checkpoi
     assert _last(trainer, "mismatch/is_dropped_tokens") == pytest.approx(
         float(dropped.sum()) / float(batch["completion_mask"].sum())
     )
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_trls_importance_sampling_correction_applies_to_the_copy_engine_in_every_mode(tiny_checkpoint, tmp_path, mode):
+    """The ratio TRL puts in the batch is exp(old - sampling) per token or summed per sequence, truncated
+    or masked outside [clip_min, clip_max], computed from the copy engine's sampling log-probs."""
+    trainer = make_trainer(
+        tiny_checkpoint(),
+        tmp_path,
+        rollout=RolloutConfig(engine="copy", router_noise=2.0),
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=0.995,
+        vllm_importance_sampling_clip_max=1.005,
+    )
+    batch = _batch(trainer)
+    mask = batch["completion_mask"].float()
+    log_ratio = (batch["old_per_token_logps"] - batch["sampling_per_token_logps"]) * mask  # (B, C)
+    if mode.startswith("sequence"):
+        log_ratio = log_ratio.sum(dim=1, keepdim=True)  # (B, 1)
+    ratio = log_ratio.exp()
+    if mode.endswith("truncate"):
+        expected = ratio.clamp(0.995, 1.005)
+    else:
+        expected = ratio.masked_fill((ratio < 0.995) | (ratio > 1.005), 0.0)
+    torch.testing.assert_close(batch["importance_sampling_ratio"], expected)
+    outside = (ratio < 0.995) | (ratio > 1.005)
+    assert outside.any() and (~outside).any()  # the bounds bite, so the test can tell the modes apart

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 from rlvr.models import load_pretrained
 from rlvr.rollouts.branching import NO_POSITION, TreeLayout, branch_positions, tree_layout, treerl_advantages
 from rlvr.rollouts.config import RolloutConfig
-from rlvr.rollouts.tree import ForkingTreeSampler, aligned_prefix_cache, croppable, left_pad
+from rlvr.rollouts.tree import ForkingTreeSampler, aligned_prefix_cache, croppable, left_pad, right_pad
 
 # --------------------------------------------------------------------------------------------------
 # Branch positions
@@ -115,12 +115,6 @@ def float64_policy(tiny_checkpoint):
         model.set_experts_implementation("eager")  # grouped_mm rejects float64
     model.eval()
     return model, tokenizer
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) ids and mask of right-padded completions, as a training batch holds them."""
-    ids, mask = left_pad([row[::-1] for row in rows], pad_id)
-    return ids.flip(1), mask.flip(1)
 
 
 def _prompts(tokenizer, group_size: int) -> list[list[int]]:

@@ -103,12 +103,56 @@ def test_completion_gradients_equal_a_dense_head_with_zero_weights_on_dropped_to
         close(g, w)
 
 
-def test_nothing_selected_gives_zero_gradients_not_an_error():
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
+@pytest.mark.parametrize("rho", [0.05, 0.2, 1.0])
+def test_the_fused_kernel_path_matches_the_float64_reference(transform, rho):
+    """kernel="trl": both passes through TRL's ChunkedLogProbFunction (its torch fallback here, the code the
+    CUDA path runs around the Triton kernel): values and gradients of the selected rows against plain float64
+    autograd, to TRL's float32 statistics; padding and one-token rows included."""
+    linear = head(vocab=53, size=6)
+    generator = torch.Generator().manual_seed(3)
+    B, T = 4, 7
+    hidden = torch.randn(B, T, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 53, (B, T), generator=generator)
+    labels[0, 5:] = -100
+    labels[3, 1:] = -100
+    weights = torch.rand(B, T, generator=generator, dtype=torch.float64)
+    scored = labels != -100
+    k = max(1, round(rho * int(scored.sum())))
+
+    def select(entropy):
+        order = torch.where(scored, entropy, torch.full_like(entropy, -1.0)).flatten().argsort(descending=True)
+        keep = torch.zeros(B * T, dtype=torch.bool)
+        keep[order[:k]] = True
+        return keep.view(B, T) & scored
+
+    logps, entropy = sparse_completion_logprobs(hidden, labels, linear, transform, select, kernel="trl")
+    keep = select(entropy)
+    grads = torch.autograd.grad((logps * weights * keep).sum(), [hidden, *linear.parameters()])
+    want_logps, want_entropy = reference(hidden[scored], linear.weight, linear.bias, labels[scored], transform)
+    full = torch.zeros(B, T, dtype=torch.float64).masked_scatter(scored, want_logps)
+    want = torch.autograd.grad((full * weights * keep).sum(), [hidden, *linear.parameters()])
+    close(entropy[scored].double(), want_entropy.detach(), rtol=1e-5)
+    close(logps.detach()[scored].double(), want_logps.detach(), rtol=1e-5)
+    for g, w in zip(grads, want, strict=True):
+        close(g, w, rtol=1e-5)
+
+
+def test_the_kernel_follows_the_device_under_auto():
+    assert sparse_head.resolve_kernel("auto", torch.device("cpu")) == "rlvr"
+    assert sparse_head.resolve_kernel("auto", torch.device("cuda")) == "trl"
+    assert sparse_head.resolve_kernel("trl", torch.device("cpu")) == "trl"
+    with pytest.raises(ValueError, match="kernel"):
+        sparse_head.resolve_kernel("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kernel", ["rlvr", "trl"])
+def test_nothing_selected_gives_zero_gradients_not_an_error(kernel):
     linear = head()
     hidden = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 37, (2, 3))
     logps, _ = sparse_completion_logprobs(
-        hidden, labels, linear, HeadTransform(), lambda e: torch.zeros_like(e, dtype=torch.bool)
+        hidden, labels, linear, HeadTransform(), lambda e: torch.zeros_like(e, dtype=torch.bool), kernel=kernel
     )
     logps.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().max() == 0 and linear.weight.grad.abs().max() == 0
@@ -120,14 +164,16 @@ def test_nothing_selected_gives_zero_gradients_not_an_error():
 LOSS_TYPES = ["grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "vespo"]
 
 
-def _trainers(tiny_checkpoint, tmp_path, architecture="qwen3_moe", rho=0.2, dtype="float64", moe=None, **grpo):
+def _trainers(
+    tiny_checkpoint, tmp_path, architecture="qwen3_moe", rho=0.2, dtype="float64", moe=None, kernel="auto", **grpo
+):
     """(sparse, stock): the same trainer with forking.sparse_lm_head true and false."""
     from rlvr.forking import ForkingConfig
     from tests.test_trainer import make_trainer
 
     made = {}
     for setting in ("true", "false"):
-        forking = ForkingConfig(rho=rho, sparse_lm_head=setting)
+        forking = ForkingConfig(rho=rho, sparse_lm_head=setting, sparse_head_kernel=kernel)
         made[setting] = make_trainer(
             tiny_checkpoint(architecture), tmp_path / setting, forking=forking, moe=moe, dtype=dtype, **grpo
         )
@@ -138,13 +184,15 @@ def _trainers(tiny_checkpoint, tmp_path, architecture="qwen3_moe", rho=0.2, dtyp
 @pytest.mark.parametrize("architecture", ["qwen3_moe", "qwen3"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("rho", [0.05, 0.2, 1.0])
-def test_sparse_loss_forward_gives_trls_gradients(tiny_checkpoint, tmp_path, architecture, loss_type, rho):
-    """Same batch, same selection: the parameter gradients of the sparse path equal TRL's fused head's.
-    TRL's kernel accumulates in float32 even for a float64 model, which bounds the agreement here; the
-    float64 reference test below pins the sparse path to 1e-10."""
+@pytest.mark.parametrize("kernel", ["rlvr", "trl"])
+def test_sparse_loss_forward_gives_trls_gradients(tiny_checkpoint, tmp_path, architecture, loss_type, rho, kernel):
+    """Same batch, same selection: the parameter gradients of the sparse path equal TRL's fused head's, with
+    rlvr's row chunks and with both passes through TRL's fused kernel (its torch fallback on CPU: the CUDA
+    path's code). TRL's kernel accumulates in float32 even for a float64 model, which bounds the agreement
+    here; the float64 reference test below pins rlvr's path to 1e-10."""
     from tests.test_trainer import loss_and_grads, make_batch
 
-    sparse, stock = _trainers(tiny_checkpoint, tmp_path, architecture, rho, loss_type=loss_type)
+    sparse, stock = _trainers(tiny_checkpoint, tmp_path, architecture, rho, kernel=kernel, loss_type=loss_type)
     batch = make_batch(stock)
     batch["completion_mask"][1, 1:] = 0  # a one-token completion beside the padded ones
     expected_loss, expected_grads = loss_and_grads(stock, batch)

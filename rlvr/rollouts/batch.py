@@ -254,9 +254,9 @@ class Rollouts:
         if engine is not None and trainer_routing is not None:
             device = mask.device
             positions = torch.cat([torch.zeros_like(batch["prompt_ids"]), mask.long()], dim=1)  # (B, P + C)
-            metrics |= routing_flips(
-                self.gather(engine.to(device), -1),
-                self.gather(trainer_routing.to(device), -1),
+            metrics |= routing_flips(  # int32: collective backends do not all gather int16
+                self.gather(engine.to(device=device, dtype=torch.int32), -1),
+                self.gather(trainer_routing.to(device=device, dtype=torch.int32), -1),
                 self.gather(positions, 0),
             )
         return metrics

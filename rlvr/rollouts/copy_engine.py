@@ -31,8 +31,8 @@ from rlvr.moe.adapters import MoELayer, UnknownMoEArchitecture, find_moe_layers
 from rlvr.moe.hooks import RoutingHooks
 from rlvr.moe.replay import rollout_record
 from rlvr.moe.updates import correction_bias
-from rlvr.rollouts.engine_routing import EngineRouting
-from rlvr.rollouts.tree import completion_lengths, left_pad
+from rlvr.rollouts.engine_routing import EngineRouting, engine_routing_record
+from rlvr.rollouts.tree import completion_lengths, left_pad, right_pad
 
 
 class RouterNoise:
@@ -143,12 +143,10 @@ class CopyEngine:
         if self.hooks is not None:
             self.hooks.start_recording()
         try:
+            config = copy.deepcopy(generation_config)
+            config.return_dict_in_generate, config.output_scores = True, True
             output = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=generation_config,
-                return_dict_in_generate=True,
-                output_scores=True,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )
         finally:
             forwards = self.hooks.stop_recording() if self.hooks is not None else None
@@ -169,6 +167,24 @@ class CopyEngine:
                 rows = torch.cat([record.prompt[row, prompt_width - len(prompt) :], record.completion[row, :steps]])
                 routed.append(rows.numpy().astype(np.int32))
         return EngineOutput(completion_ids, token_logprobs, routed)
+
+    def replay_record(
+        self, output: EngineOutput, prompts: list[list[int]], prompt_width: int, completion_width: int
+    ) -> torch.Tensor:
+        """The routed experts of ``output`` (sampled for ``prompts``) over a (B, P + C) training input, through
+        :func:`rlvr.rollouts.engine_routing.engine_routing_record` as vLLM's are: (B, P + C, layers, k)."""
+        if output.routed_experts is None:
+            raise ValueError("a dense policy routes nothing")
+        return engine_routing_record(
+            [EngineRouting(rows) for rows in output.routed_experts],
+            [len(prompt) for prompt in prompts],
+            [len(completion) for completion in output.completion_ids],
+            prompt_width,
+            completion_width,
+            self.hooks.num_experts,
+            self.hooks.layers[0].top_k,
+            list(range(len(self.hooks.layers))),  # one entry per MoE layer, in rlvr's order
+        )
 
     def remove(self) -> None:
         """Detach the engine's hooks (the copy itself is dropped with the engine)."""
@@ -218,3 +234,54 @@ class CopyEngineGeneration:
         """The routed experts of the last :meth:`generate` call, per row (None: a dense policy)."""
         routing, self._routing = self._routing, None
         return None if routing is None else [EngineRouting(rows) for rows in routing]
+
+
+@dataclass
+class TrainerView:
+    """An engine's samples as the trainer sees them (:func:`teacher_forced`)."""
+
+    logprobs: torch.Tensor  # (B, C) float64 log-probs of the completion tokens at the sampling temperature
+    completion_mask: torch.Tensor  # (B, C)
+    experts: torch.Tensor | None  # (B, P + C, layers, k) experts the policy's own routers chose; None if dense
+    prompt_width: int  # P
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_token_id: int,
+    temperature: float = 1.0,
+) -> TrainerView:
+    """The policy's log-probs and live routing of sampled completions, in one forward over the left-padded
+    prompts and right-padded completions (the layout of a training batch), as the trainer's old-policy
+    forward computes them: the reference the mismatch of an engine is measured against."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)  # (B, P)
+    completion_ids, completion_mask = right_pad(completions, pad_token_id)  # (B, C)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    try:
+        hooks = RoutingHooks(model, gate_routers=False, gate_experts=False)
+    except UnknownMoEArchitecture:
+        hooks = None
+    if hooks is not None:
+        hooks.start_recording()
+    try:
+        device = next(model.parameters()).device
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+        ).logits.cpu()  # (B, P + C, V)
+    finally:
+        forwards = hooks.stop_recording() if hooks is not None else None
+        if hooks is not None:
+            hooks.remove()
+    width = prompt_ids.shape[1]
+    scores = torch.log_softmax(logits[:, width - 1 : -1].double() / temperature, dim=-1)  # (B, C, V)
+    logprobs = scores.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, C)
+    experts = None
+    if forwards:
+        experts = forwards[0].cpu().reshape(*input_ids.shape, *forwards[0].shape[1:])
+    return TrainerView(logprobs, completion_mask, experts, width)

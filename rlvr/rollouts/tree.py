@@ -117,6 +117,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) ids and attention mask of right-padded ``rows`` (completions, as a training batch holds them)."""
+    ids, mask = left_pad([row[::-1] for row in rows], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
 def completion_lengths(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """(B,) tokens up to and including the first EOS (the whole row when there is none)."""
     is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device))  # (B, C)

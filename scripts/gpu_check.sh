@@ -1,18 +1,63 @@
 #!/usr/bin/env bash
-# The checks that need CUDA, in bf16: the sparse LM head's gradients against TRL's fused head, the
-# LM-head benchmark, the quickstart, and (where vLLM is installed) routing replay from vLLM's routed
-# experts. CI never runs this; run it on a GPU machine:
+# The checks that need CUDA, as one prepared run that writes one summary file. CI never runs this; on a
+# GPU machine (sized for about 10 minutes on one H100/H200):
 #
-#   bash scripts/gpu_check.sh 2>&1 | tee gpu_check.log
-set -euo pipefail
+#   bash scripts/gpu_check.sh                 # summary in runs/gpu-check/summary.md, each step's log beside it
+#
+# Steps (each one's output goes to its own log and into the summary; a failing step is recorded and the
+# next one still runs; the exit status says whether any failed):
+#   1. the gpu-marked tests (bf16: the sparse LM head's gradients against TRL's fused head)
+#   2. benchmarks/lm_head.py with forking.sparse_lm_head auto, true (the fused-kernel sparse path) and false:
+#      loss step and peak CUDA memory against stock TRL, bf16
+#   3. benchmarks/step_time.py at rho 0.2 and 1.0
+#   4. a bf16 quickstart
+#   5. routing replay from vLLM's routed experts (scripts/vllm_check.py), where vLLM is installed
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-python -m pytest -q -m gpu tests/
-python -m pytest -q tests/test_sparse_head.py
-python benchmarks/lm_head.py --repeats 5 --sparse-head true
-python -m rlvr quickstart grpo.bf16=true output_dir=runs/gpu-quickstart
+OUT=${GPU_CHECK_OUT:-runs/gpu-check}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+FAILED=0
+
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || { echo "no CUDA device"; exit 1; }
+{
+    echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo
+    python -c "import torch, trl, transformers; print(f'- {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}')"
+    git rev-parse --short HEAD 2>/dev/null | sed 's/^/- commit /'
+} > "$SUMMARY"
+
+step() {  # step NAME COMMAND...: run, log, append the log's tail to the summary
+    local name=$1
+    shift
+    local log="$OUT/$name.log"
+    local start=$SECONDS
+    "$@" > "$log" 2>&1
+    local status=$?
+    {
+        echo
+        echo "## $name ($((SECONDS - start)) s, exit $status)"
+        echo
+        echo '```'
+        echo "$ $*"
+        tail -n 40 "$log"
+        echo '```'
+    } >> "$SUMMARY"
+    if [ "$status" -ne 0 ]; then FAILED=1; fi
+}
+
+step gpu_tests python -m pytest -q -m gpu tests/
+for setting in auto true false; do
+    step "lm_head_sparse_$setting" python benchmarks/lm_head.py --repeats 5 --sparse-head "$setting"
+done
+for rho in 0.2 1.0; do
+    step "step_time_rho_$rho" python benchmarks/step_time.py --rho "$rho" --rounds 3 --steps 8
+done
+step quickstart_bf16 python -m rlvr quickstart grpo.bf16=true "output_dir=$OUT/quickstart"
 if python -c "import vllm" 2>/dev/null; then
-    python scripts/vllm_check.py --out runs/gpu-vllm-check
+    step vllm_routing_replay python scripts/vllm_check.py --out "$OUT/vllm-check"
 else
-    echo "vLLM is not installed: the routing-replay-from-vLLM check (scripts/vllm_check.py) did not run"
+    printf '\n## vllm_routing_replay\n\nvLLM is not installed: scripts/vllm_check.py did not run.\n' >> "$SUMMARY"
 fi
+cat "$SUMMARY"
+exit "$FAILED"

@@ -88,8 +88,15 @@ def _unit_ids(mask: torch.Tensor, scope: str, group_ids: torch.Tensor | None) ->
             raise ValueError("scope='group' needs group_ids, a (B,) tensor naming the prompt of each row")
         if group_ids.shape != (B,):
             raise ValueError(f"group_ids must have shape ({B},), got {tuple(group_ids.shape)}")
-        # Re-index to 0..G-1 so that arbitrary ids (e.g. global prompt indices) work.
-        _, dense = torch.unique(group_ids.to(mask.device), return_inverse=True)
+        # Re-index to 0..G-1 so that arbitrary ids (e.g. global prompt indices) work: rank of each row's id
+        # among the distinct ids, from a sort (torch.unique would read its output size on the host).
+        ids = group_ids.to(mask.device)
+        order = torch.sort(ids, stable=True).indices  # (B,)
+        sorted_ids = ids[order]
+        starts = torch.ones_like(sorted_ids, dtype=torch.long)
+        starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+        dense = torch.empty_like(starts)
+        dense[order] = torch.cumsum(starts, 0) - 1
         return dense.unsqueeze(1).expand(B, T)
     raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
 
@@ -149,10 +156,10 @@ def select_forking_tokens(
     if B * T == 0:
         return torch.zeros_like(valid)
 
-    units = _unit_ids(valid, scope, group_ids).reshape(-1)  # (N,)
+    units = _unit_ids(valid, scope, group_ids).reshape(-1)  # (N,) in [0, B)
     priority = _priority(entropies, selection, generator).reshape(-1)  # (N,)
     flat_valid = valid.reshape(-1)  # (N,)
-    num_units = int(units.max().item()) + 1
+    num_units = B  # an upper bound (units are rows or groups of rows): no host read of the largest id
 
     # Order tokens by (unit, valid first, priority descending, flat index ascending). Stable sorts
     # applied from the least to the most significant key give that lexicographic order.
@@ -161,13 +168,18 @@ def select_forking_tokens(
     order = order[torch.sort(units[order], stable=True).indices]
 
     # Rank of each sorted token within its unit = sorted position - first sorted position of the unit.
-    tokens_per_unit = torch.bincount(units, minlength=num_units)  # (U,)
+    # Counts by scatter_add into a fixed-size tensor (bincount reads its output size on the host on CUDA).
+    tokens_per_unit = torch.zeros(num_units, dtype=torch.long, device=units.device).scatter_add_(
+        0, units, torch.ones_like(units)
+    )  # (U,)
     unit_start = torch.cumsum(tokens_per_unit, 0) - tokens_per_unit  # (U,)
     sorted_units = units[order]
     rank_in_unit = torch.arange(order.numel(), device=order.device) - unit_start[sorted_units]
 
-    valid_per_unit = torch.bincount(units, weights=flat_valid.to(torch.float64), minlength=num_units)
-    k_per_unit = count_to_keep(rho, valid_per_unit.round().to(torch.long))  # (U,)
+    valid_per_unit = torch.zeros(num_units, dtype=torch.long, device=units.device).scatter_add_(
+        0, units, flat_valid.long()
+    )  # (U,)
+    k_per_unit = count_to_keep(rho, valid_per_unit)  # (U,)
     keep_sorted = (rank_in_unit < k_per_unit[sorted_units]) & flat_valid[order]
 
     keep = torch.zeros_like(flat_valid)

@@ -1,5 +1,6 @@
 """Forking-token selection against a plain Python reference, on random tensors and edge cases."""
 
+import contextlib
 import math
 
 import pytest
@@ -206,3 +207,57 @@ def test_selection_stats():
     assert stats.entropy_dropped == pytest.approx((0.1 + 0.3 + 0.2) / 3)
     bottom = select_forking_tokens(entropies, mask, 0.5, "bottom")
     assert selection_stats(entropies, mask, bottom, "bottom").threshold == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------------------------------
+# No host reads: on a GPU each is a device sync in the training step
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count the tensor methods that read a device value on the host, called from Python while active."""
+    calls: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, original):
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_host_read_counter_sees_reads():
+    with count_host_reads() as calls:
+        value = torch.ones(2)
+        value.sum().item()
+        bool(value.any())
+    assert calls == ["item", "__bool__"]
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence", "group"])
+@pytest.mark.parametrize("selection", ["top", "bottom", "random"])
+def test_selection_and_loss_weights_make_no_host_reads(scope, selection):
+    """The per-micro-step selection runs on the device end to end (exact k included)."""
+    generator = torch.Generator().manual_seed(0)
+    entropies = torch.rand(6, 9, generator=generator)
+    mask = torch.rand(6, 9, generator=generator) > 0.3
+    group_ids = torch.tensor([7, 7, 3, 3, 11, 11])
+    with count_host_reads() as calls:
+        keep = select_forking_tokens(
+            entropies, mask, 0.2, selection, scope, group_ids=group_ids, generator=torch.Generator().manual_seed(1)
+        )
+        loss_weights(keep, mask, "selected", per_sequence=scope == "sequence")
+        loss_weights(keep, mask, "selected", totals=(mask.sum(), keep.sum()))
+    assert calls == []
+    assert keep.any()

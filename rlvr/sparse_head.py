@@ -195,20 +195,17 @@ class SelectedLogProbs(torch.autograd.Function):
 # TRL's fused head: vocabulary tile width of its ChunkedLogProbFunction calls (trl.trainer.utils)
 FUSED_VOCAB_CHUNK = 32768
 KERNELS = ("auto", "rlvr", "trl")
-
-
-def fused_kernel_devices() -> tuple[str, ...]:
-    """Device types whose sparse head runs through TRL's fused kernel under ``kernel="auto"`` (its Triton
-    kernels run there; elsewhere rlvr's chunks are faster: ``benchmarks/lm_head.py`` on CPU)."""
-    return ("cuda", "xpu")
+# Device types whose sparse head runs through TRL's fused kernel under kernel="auto": its Triton kernels run
+# there; elsewhere rlvr's chunks are faster (benchmarks/lm_head.py on CPU)
+FUSED_KERNEL_DEVICES = ("cuda", "xpu")
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """``auto`` -> ``trl`` on the devices of :func:`fused_kernel_devices`, ``rlvr`` elsewhere."""
+    """``auto`` -> ``trl`` on the devices of :data:`FUSED_KERNEL_DEVICES`, ``rlvr`` elsewhere."""
     if kernel not in KERNELS:
         raise ValueError(f"sparse head kernel must be one of {KERNELS}; got {kernel!r}")
     if kernel == "auto":
-        return "trl" if device.type in fused_kernel_devices() else "rlvr"
+        return "trl" if device.type in FUSED_KERNEL_DEVICES else "rlvr"
     return kernel
 
 

@@ -266,7 +266,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return updates
 
     def _check_rollout(self) -> None:
-        """What ``rollout.mode=forking_tree`` cannot run with yet, as one-line errors."""
+        """What ``rollout.mode=forking_tree`` and ``rollout.engine=copy`` cannot run with, as one-line errors."""
         active = {
             "use_vllm": self.args.use_vllm,  # the setting: the copy engine runs TRL's vLLM path
             "use_transformers_paged": getattr(self, "use_transformers_continuous_batching", False),
@@ -435,7 +435,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
         try:
             with self.rollouts.replay.old_policy_forward(
-                model is self.model and not loss_forward, tuple(input_ids.shape), logits_to_keep
+                model is self.model and not loss_forward, input_ids.size(1) - logits_to_keep, logits_to_keep
             ) as forced:
                 if sparse:
                     logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)

@@ -92,6 +92,10 @@ class EngineOutput:
     logprobs: list[list[float]]  # sampling log-prob of each completion token
     routed_experts: list[np.ndarray] | None  # [P + C - 1, layers, k] int32 per row; None for a dense policy
 
+    def routings(self) -> list[EngineRouting] | None:
+        """The routed experts per row as the engine-agnostic :class:`EngineRouting` (None: a dense policy)."""
+        return None if self.routed_experts is None else [EngineRouting(rows) for rows in self.routed_experts]
+
 
 class CopyEngine:
     """Samples with a copy of the policy in its own dtype, optionally with router noise.
@@ -173,10 +177,11 @@ class CopyEngine:
     ) -> torch.Tensor:
         """The routed experts of ``output`` (sampled for ``prompts``) over a (B, P + C) training input, through
         :func:`rlvr.rollouts.engine_routing.engine_routing_record` as vLLM's are: (B, P + C, layers, k)."""
-        if output.routed_experts is None:
+        routings = output.routings()
+        if routings is None:
             raise ValueError("a dense policy routes nothing")
         return engine_routing_record(
-            [EngineRouting(rows) for rows in output.routed_experts],
+            routings,
             [len(prompt) for prompt in prompts],
             [len(completion) for completion in output.completion_ids],
             prompt_width,
@@ -212,7 +217,7 @@ class CopyEngineGeneration:
         self.engine, self.policy = engine, policy
         self.generation_config, self.pad_token_id, self.eos_token_ids = generation_config, pad_token_id, eos_token_ids
         self.syncs = 0
-        self._routing = None
+        self._routing: list[EngineRouting] | None = None
 
     def sync_weights(self) -> None:
         self.engine.sync(self.policy())
@@ -226,14 +231,14 @@ class CopyEngineGeneration:
             raise ValueError("rollout.engine=copy supports text-only prompts")
         with profiler if profiler is not None else contextlib.nullcontext():
             output = self.engine.generate(prompts, self.generation_config, self.pad_token_id, self.eos_token_ids)
-        self._routing = output.routed_experts
+        self._routing = output.routings()
         logprobs = [[[value] for value in row] for row in output.logprobs]
         return prompts, output.completion_ids, logprobs, None
 
     def take_routing(self) -> list[EngineRouting] | None:
         """The routed experts of the last :meth:`generate` call, per row (None: a dense policy)."""
         routing, self._routing = self._routing, None
-        return None if routing is None else [EngineRouting(rows) for rows in routing]
+        return routing
 
 
 @dataclass

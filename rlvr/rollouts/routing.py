@@ -122,18 +122,18 @@ class ReplayRecorder:
         )
 
     @contextlib.contextmanager
-    def old_policy_forward(self, is_policy: bool, input_shape: tuple[int, int] | None = None, completion_width=0):
+    def old_policy_forward(self, is_policy: bool, prompt_width: int | None = None, completion_width: int = 0):
         """The batch's first policy forward (TRL's old-policy forward; reference log-probs come later, from
         the reference model or with adapters disabled). Records the trainer's routing in it (``old_policy``
-        replay, or measuring), and yields the (B, L, layers, k) experts to replay in it: the engine's under
-        ``rollout`` replay, else None."""
+        replay, or measuring), and yields the (B, P + C, layers, k) experts to replay in it: the engine's under
+        ``rollout`` replay, else None. ``prompt_width`` and ``completion_width``: P and C of the forward's input."""
         first = self._first_forward_pending and is_policy
         if is_policy:
             self._first_forward_pending = False
         record = first and self.hooks is not None and (self.source == "old_policy" or self.measure)
         forced = None
-        if first and self.source == "rollout" and input_shape is not None:
-            forced = self.engine_record(input_shape[1] - completion_width, completion_width)
+        if first and self.source == "rollout" and prompt_width is not None:
+            forced = self.engine_record(prompt_width, completion_width)
         if record:
             self.hooks.start_recording()
         try:

@@ -234,35 +234,49 @@ def loss_weights(
 
 @dataclass
 class SelectionStats:
-    """What a selection kept, for logging. Entropy means are NaN when their set is empty."""
+    """What a selection kept, for logging, as 0-d tensors on the selection's device (no host read).
+    Entropy means and the threshold are NaN when their set is empty."""
 
-    kept_fraction: float  # kept tokens / real completion tokens
-    kept_tokens: int
-    total_tokens: int
-    threshold: float  # entropy at the boundary: lowest kept ("top"), highest kept ("bottom"), NaN ("random")
-    entropy_kept: float
-    entropy_dropped: float
+    kept_fraction: torch.Tensor  # kept tokens / real completion tokens
+    kept_tokens: torch.Tensor  # int64
+    total_tokens: torch.Tensor  # int64
+    threshold: torch.Tensor  # entropy at the boundary: lowest kept ("top"), highest kept ("bottom"), NaN ("random")
+    entropy_kept: torch.Tensor
+    entropy_dropped: torch.Tensor
+
+    def as_metrics(self) -> dict[str, torch.Tensor]:
+        """The ``forking/*`` metrics a trainer logs."""
+        return {
+            "forking/threshold": self.threshold,
+            "forking/kept_fraction": self.kept_fraction,
+            "forking/kept_tokens": self.kept_tokens,
+            "forking/entropy_kept": self.entropy_kept,
+            "forking/entropy_dropped": self.entropy_dropped,
+        }
 
 
 def selection_stats(entropies: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor, selection: str) -> SelectionStats:
-    """Summarise a selection made by :func:`select_forking_tokens` on the same tensors."""
+    """Summarise a selection made by :func:`select_forking_tokens` on the same tensors, on their device
+    (masked sums, no boolean indexing and no host read: a trainer reads them once per logging step)."""
     valid = mask.bool()
     kept = keep.bool() & valid
     dropped = valid & ~kept
-    values = entropies.detach().to(torch.float64)
-    n_valid, n_kept = int(valid.sum()), int(kept.sum())
+    values = entropies.detach().float()
+    n_valid, n_kept = valid.sum(), kept.sum()  # int64
 
-    def mean_of(where: torch.Tensor) -> float:
-        return float(values[where].mean()) if bool(where.any()) else math.nan
+    def mean_of(where: torch.Tensor) -> torch.Tensor:  # 0/0 = NaN for an empty set
+        return torch.where(where, values, 0.0).sum() / where.sum()
 
-    if n_kept == 0 or selection == "random":
-        threshold = math.nan
+    nan = values.new_full((), math.nan)
+    if selection == "random":
+        threshold = nan
     elif selection == "top":
-        threshold = float(values[kept].min())
+        threshold = torch.where(kept, values, math.inf).amin() if values.numel() else nan
     else:
-        threshold = float(values[kept].max())
+        threshold = torch.where(kept, values, -math.inf).amax() if values.numel() else nan
+    threshold = torch.where(n_kept > 0, threshold, nan)
     return SelectionStats(
-        kept_fraction=n_kept / n_valid if n_valid else math.nan,
+        kept_fraction=n_kept / n_valid,  # NaN without real tokens
         kept_tokens=n_kept,
         total_tokens=n_valid,
         threshold=threshold,

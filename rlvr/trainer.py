@@ -43,6 +43,7 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rlvr.configuration import ConfigError
+from rlvr.device_metrics import DeviceMetrics
 from rlvr.forking import (
     ForkingConfig,
     loss_normalization_unit,
@@ -177,7 +178,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     loss_forward: LossForward | None = None  # set only while _compute_loss runs
     forking_log: ForkingTokenLog | None = None
     sparse_head: bool = False
-    gradient_tokens: int = 0  # completion tokens with a non-zero policy-gradient weight, this rank, training
+    step_metrics: dict[str, DeviceMetrics] | None = None  # "train"/"eval": this step's metrics, read when logged
+    _gradient_token_count: torch.Tensor | int = 0
 
     def __init__(
         self,
@@ -231,9 +233,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.rollout_totals = RolloutTotals(self.rollouts)
         self.add_callback(self.rollout_totals)
         self.loss_forward = None
-        self.forking_log = ForkingTokenLog(self.forking.log_examples)
+        vocab_size = max(self.model.config.get_text_config().vocab_size, len(self.processing_class))
+        self.forking_log = ForkingTokenLog(self.forking.log_examples, vocab_size)
         self.sparse_head = self._use_sparse_head()
-        self.gradient_tokens = 0
+        self.step_metrics = {"train": DeviceMetrics(), "eval": DeviceMetrics()}
+        self._gradient_token_count = 0  # becomes a device tensor: read when logged or asked for
 
     def _router_aware_updates(self) -> RouterAwareUpdates | None:
         """Gates, router losses and analytics of an MoE policy; None for a dense one (with default settings)."""
@@ -341,11 +345,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
             logger.info("LM head: backward on the forking tokens only (rlvr.sparse_head)")
         return True
 
+    @property
+    def gradient_tokens(self) -> int:
+        """Completion tokens with a non-zero policy-gradient weight in training so far, this rank (a host read)."""
+        return int(self._gradient_token_count)
+
     def gradient_tokens_all_ranks(self) -> int:
         """Completion tokens that carried policy gradient during training, summed over ranks."""
         if self.accelerator.num_processes == 1:
             return self.gradient_tokens
-        return int(self.accelerator.reduce(torch.tensor(self.gradient_tokens), reduction="sum"))
+        count = torch.as_tensor(self._gradient_token_count, device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, reduction="sum"))
 
     # ---------------------------------------------------------------------------------------------
     # Generation: delegated to rlvr.rollouts (prompt groups of the rows, routing recorded for replay).
@@ -599,8 +609,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         state.router_loss, metrics = self.router_updates.finish(
             attention_mask, _loss_mask(state.inputs), state.selection.keep, analytics=self.moe.analytics
         )
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
+        self.step_metrics[mode].update(metrics)
 
     def training_step(self, *args, **kwargs):
         try:
@@ -658,20 +667,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # Logging
 
     def _record(self, all_entropies, all_mask, all_keep, inputs, loss_mask, keep) -> None:
-        """Selection metrics (over all ranks), gradient-token count (this rank), the forking-token log (rank 0)."""
+        """Selection metrics (over all ranks), gradient-token count (this rank), the forking-token log (rank 0),
+        all kept on the device until the next logging step (no host read here)."""
         mode = "train" if self.model.training else "eval"
         stats = selection_stats(all_entropies, all_mask, all_keep, self.forking.selection)
-        metrics = self._metrics[mode]
-        metrics["forking/threshold"].append(stats.threshold)
-        metrics["forking/kept_fraction"].append(stats.kept_fraction)
-        metrics["forking/kept_tokens"].append(float(stats.kept_tokens))
-        metrics["forking/entropy_kept"].append(stats.entropy_kept)
-        metrics["forking/entropy_dropped"].append(stats.entropy_dropped)
+        self.step_metrics[mode].update(stats.as_metrics())
         if mode != "train":
             return
         if torch.is_grad_enabled():
-            counted = keep & loss_mask if self.forking.policy_tokens == "forking" else loss_mask
-            self.gradient_tokens += int(counted.sum())
+            counted = keep & loss_mask.bool() if self.forking.policy_tokens == "forking" else loss_mask.bool()
+            self._gradient_token_count = self._gradient_token_count + counted.sum()
         if self.accelerator.is_main_process:
             self.forking_log.add(all_entropies, all_mask, inputs["completion_ids"], loss_mask, keep)
 
@@ -680,6 +685,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
             pop_stats = getattr(function, "pop_stats", None)
             if callable(pop_stats) and "loss" in logs:
                 logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
+        if self.step_metrics is not None:  # this logging step's device metrics, one host read; TRL averages them
+            mode = "train" if self.model.training else "eval"
+            for key, values in self.step_metrics[mode].drain().items():
+                self._metrics[mode][key].extend(values)
         super().log(logs, start_time)
         if self.accelerator.is_main_process and self.forking_log is not None:
             loads = self.router_updates.pop_expert_loads() if self.router_updates is not None else None

@@ -1,10 +1,10 @@
 """Forking-token selection against a plain Python reference, on random tensors and edge cases."""
 
-import contextlib
 import math
 
 import pytest
 import torch
+from host_reads import count_host_reads
 
 from rlvr.forking import (
     count_to_keep,
@@ -105,7 +105,8 @@ def test_empty_units_keep_nothing_and_produce_no_nan():
     assert select_forking_tokens(entropies, all_empty, 0.5).sum() == 0
     assert torch.isfinite(loss_weights(all_empty, all_empty)).all()
     stats = selection_stats(entropies, all_empty, all_empty, "top")
-    assert stats.kept_tokens == 0 and math.isnan(stats.kept_fraction)
+    assert int(stats.kept_tokens) == 0 and math.isnan(stats.kept_fraction) and math.isnan(stats.threshold)
+    assert math.isnan(stats.entropy_kept) and math.isnan(stats.entropy_dropped)
 
 
 def test_single_token():
@@ -201,48 +202,29 @@ def test_selection_stats():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     keep = select_forking_tokens(entropies, mask, 0.5)  # k = 3 of 6: 0.9, 0.7, 0.5
     stats = selection_stats(entropies, mask, keep, "top")
-    assert stats.kept_tokens == 3 and stats.total_tokens == 6 and stats.kept_fraction == 0.5
-    assert stats.threshold == pytest.approx(0.5)
-    assert stats.entropy_kept == pytest.approx((0.9 + 0.7 + 0.5) / 3)
-    assert stats.entropy_dropped == pytest.approx((0.1 + 0.3 + 0.2) / 3)
+    assert int(stats.kept_tokens) == 3 and int(stats.total_tokens) == 6 and float(stats.kept_fraction) == 0.5
+    assert float(stats.threshold) == pytest.approx(0.5)
+    assert float(stats.entropy_kept) == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert float(stats.entropy_dropped) == pytest.approx((0.1 + 0.3 + 0.2) / 3)
     bottom = select_forking_tokens(entropies, mask, 0.5, "bottom")
-    assert selection_stats(entropies, mask, bottom, "bottom").threshold == pytest.approx(0.3)
+    assert float(selection_stats(entropies, mask, bottom, "bottom").threshold) == pytest.approx(0.3)
+    assert math.isnan(selection_stats(entropies, mask, keep, "random").threshold)
+    everything = selection_stats(entropies, mask, mask, "top")  # nothing dropped: its mean is NaN
+    assert math.isnan(everything.entropy_dropped) and float(everything.threshold) == pytest.approx(0.1)
 
 
 # --------------------------------------------------------------------------------------------------
 # No host reads: on a GPU each is a device sync in the training step
 
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count the tensor methods that read a device value on the host, called from Python while active."""
-    calls: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name, original):
-        def wrapper(self, *args, **kwargs):
-            calls.append(name)
-            return original(self, *args, **kwargs)
-
-        return wrapper
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(name, original))
-    try:
-        yield calls
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
 
 def test_the_host_read_counter_sees_reads():
-    with count_host_reads() as calls:
+    with count_host_reads() as reads:
         value = torch.ones(2)
         value.sum().item()
         bool(value.any())
-    assert calls == ["item", "__bool__"]
+        value[value > 0]
+    assert [read.kind for read in reads] == ["item", "__bool__", "bool-index"]
+    assert not any(read.in_rlvr for read in reads)
 
 
 @pytest.mark.parametrize("scope", ["micro_batch", "sequence", "group"])
@@ -253,11 +235,12 @@ def test_selection_and_loss_weights_make_no_host_reads(scope, selection):
     entropies = torch.rand(6, 9, generator=generator)
     mask = torch.rand(6, 9, generator=generator) > 0.3
     group_ids = torch.tensor([7, 7, 3, 3, 11, 11])
-    with count_host_reads() as calls:
+    with count_host_reads() as reads:
         keep = select_forking_tokens(
             entropies, mask, 0.2, selection, scope, group_ids=group_ids, generator=torch.Generator().manual_seed(1)
         )
         loss_weights(keep, mask, "selected", per_sequence=scope == "sequence")
         loss_weights(keep, mask, "selected", totals=(mask.sum(), keep.sum()))
-    assert calls == []
+        selection_stats(entropies, mask, keep, selection)
+    assert reads == []
     assert keep.any()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from host_reads import count_host_reads
 from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
@@ -20,6 +21,7 @@ from rlvr.moe import (
     router_z_loss,
     summarize,
 )
+from rlvr.moe.stats import routing_by_layer
 
 SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=32, num_experts=4, top_k=2)
 BATCH, LENGTH = 3, 9
@@ -287,9 +289,12 @@ def test_analytics_on_a_hand_built_routing():
         indices, probabilities, forking, completion, replayed_indices=replayed, live_indices=indices
     )
     assert drifted.drift == pytest.approx(1 / 6)  # token 1 differs; token 6 is not a completion token
-    metrics = summarize([layer, drifted])
+    both = routing_by_layer([indices, indices], [probabilities] * 2, forking, completion, [indices, replayed])
+    metrics = {key: float(value) for key, value in summarize(both).items()}
     assert metrics["moe/specialization_js"] == pytest.approx(expected_js)
-    assert metrics["moe/routing_drift"] == pytest.approx(1 / 6)
+    assert metrics["moe/routing_drift"] == pytest.approx(1 / 12)  # mean of the layers' 0 and 1/6
+    assert metrics["moe/layer1/specialization_js"] == pytest.approx(expected_js)
+    assert "moe/routing_drift" not in summarize(routing_by_layer([indices], [probabilities], forking, completion))
 
 
 def test_analytics_with_no_forking_tokens_give_nan_not_errors():
@@ -386,8 +391,6 @@ def test_rollout_record_matches_the_full_forward_routing(architecture):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_analytics_match_the_per_layer_reference(seed):
-    from rlvr.moe.stats import routing_by_layer
-
     generator = torch.Generator().manual_seed(seed)
     tokens, experts, layers = 50, 6, 3
     probabilities = [torch.softmax(torch.randn(tokens, experts, generator=generator), -1) for _ in range(layers)]
@@ -395,13 +398,35 @@ def test_vectorised_analytics_match_the_per_layer_reference(seed):
     live = [torch.topk(p + 0.3 * torch.rand(tokens, experts, generator=generator), 2).indices for p in probabilities]
     completion = torch.rand(tokens, generator=generator) < 0.7
     forking = completion & (torch.rand(tokens, generator=generator) < 0.3)
-    fast = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
+    with count_host_reads() as reads:
+        routing = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
+        summarize(routing)
+    assert reads == []
     for index in range(layers):
+        fast = routing.layer(index)
         slow = layer_routing(used[index], probabilities[index], forking, completion, used[index], live[index])
         for name in ("specialization", "router_entropy_forking", "router_entropy_other", "imbalance", "drift"):
-            assert getattr(fast[index], name) == pytest.approx(getattr(slow, name), rel=1e-5, abs=1e-6), name
-        assert fast[index].load_forking == pytest.approx(slow.load_forking)
-        assert fast[index].load_other == pytest.approx(slow.load_other)
+            assert getattr(fast, name) == pytest.approx(getattr(slow, name), rel=1e-5, abs=1e-6), name
+        assert fast.load_forking == pytest.approx(slow.load_forking)
+        assert fast.load_other == pytest.approx(slow.load_other)
+
+
+@pytest.mark.parametrize("empty", ["forking", "other", "completion"])
+def test_vectorised_analytics_of_an_empty_token_class_are_nan_like_the_reference(empty):
+    generator = torch.Generator().manual_seed(3)
+    probabilities = [torch.softmax(torch.randn(8, 4, generator=generator), -1) for _ in range(2)]
+    used = [torch.topk(p, 2).indices for p in probabilities]
+    completion = torch.ones(8, dtype=torch.bool) if empty != "completion" else torch.zeros(8, dtype=torch.bool)
+    forking = {"forking": torch.zeros(8, dtype=torch.bool), "other": completion}.get(empty, completion)
+    routing = routing_by_layer(used, probabilities, forking, completion, live_indices=used)
+    for index in range(2):
+        fast, slow = routing.layer(index), layer_routing(used[index], probabilities[index], forking, completion)
+        for name in ("specialization", "router_entropy_forking", "router_entropy_other", "imbalance"):
+            assert math.isnan(getattr(fast, name)) == math.isnan(getattr(slow, name)), name
+    assert math.isnan(routing.layer(0).specialization)
+    metrics = summarize(routing)
+    assert math.isnan(metrics["moe/specialization_js"])
+    assert math.isnan(metrics["moe/routing_drift"]) == (empty == "completion")
 
 
 def test_moe_blocks_become_zero3_leaf_modules():

@@ -301,7 +301,7 @@ def test_load_balancing_loss_is_added_with_its_coefficient(tiny_checkpoint, tmp_
     batch = make_batch(plain)
     loss_plain, _ = loss_and_grads(plain, batch)
     loss_balanced, _ = loss_and_grads(balanced, batch)
-    balance = balanced._metrics["train"]["moe/load_balancing_loss"][-1]
+    balance = balanced.step_metrics["train"].drain()["moe/load_balancing_loss"][-1]
     assert balance > 0
     torch.testing.assert_close(loss_balanced - loss_plain, torch.tensor(0.5 * balance), rtol=1e-5, atol=1e-6)
 
@@ -446,3 +446,78 @@ def test_correction_bias_is_updated_only_when_asked(tiny_checkpoint, tmp_path, u
             torch.testing.assert_close(bias, (0.01 * torch.sign(load.mean() - load)).to(bias.dtype))
         else:
             assert torch.equal(bias, torch.zeros_like(bias))
+
+
+# --------------------------------------------------------------------------------------------------
+# No host reads in the training micro-step
+
+
+@pytest.mark.parametrize("selection", ["top", "random"])
+def test_a_training_micro_step_makes_no_host_reads_in_rlvr(tiny_checkpoint, tmp_path, selection):
+    """What rlvr adds to a micro-step (selection and its statistics, gradient-token count, forking-token log,
+    gates, router losses, routing analytics, replay, correction-bias loads) stays on the device until the
+    logging step reads it. Allowed: the sparse head's two row gathers (a boolean mask's size is the data).
+    Generation is not a micro-step (once per generation batch; TRL reads there too) and is not counted."""
+    from host_reads import count_host_reads
+
+    moe = MoEConfig(
+        router_gate_scope="forking",
+        expert_gate_scope="forking",
+        load_balancing_coef=0.1,
+        load_balancing_scope="forking",
+        z_loss_coef=0.01,
+        z_loss_scope="completion",
+        update_correction_bias=True,
+        routing_replay="old_policy",
+    )
+    trainer = make_trainer(
+        tiny_checkpoint("deepseek_v3"),
+        tmp_path,
+        forking=ForkingConfig(rho=0.2, selection=selection, scope="group"),
+        moe=moe,
+        per_device_train_batch_size=4,
+        steps_per_generation=2,  # each generation batch serves two optimizer steps: routing is replayed
+        logging_steps=2,
+        max_steps=4,
+    )
+    assert trainer.sparse_head
+    reads, steps = [], []
+    step, generate = trainer.training_step, trainer._generate_and_score_completions
+
+    def counted_step(*args, **kwargs):
+        with count_host_reads() as counter:
+            with counter.paused():
+                trainer._generate_and_score_completions = unwatched_generation(counter)
+            try:
+                return step(*args, **kwargs)
+            finally:
+                steps.append(1)
+                reads.extend(counter)
+
+    def unwatched_generation(counter):
+        def generation(*args, **kwargs):
+            with counter.paused():
+                return generate(*args, **kwargs)
+
+        return generation
+
+    trainer.training_step = counted_step
+    trainer.train()
+    assert len(steps) == 4
+    in_rlvr = {(read.kind, read.file.rsplit("/", 1)[-1]) for read in reads if read.in_rlvr}
+    assert in_rlvr <= {("bool-index", "sparse_head.py")}, sorted(in_rlvr)
+    assert any(read.kind == "item" and not read.in_rlvr for read in reads)  # the counter sees TRL's reads
+    # what stayed on the device reached the logs
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for key in ("forking/kept_tokens", "moe/specialization_js", "moe/load_balancing_loss", "moe/z_loss"):
+            assert isinstance(entry[key], float), key
+        assert (entry["forking/threshold"] is None) == (selection == "random")
+    assert "moe/routing_drift" in logs[1]  # the second step of each generation batch replays the first's routing
+    assert trainer.gradient_tokens == round(sum(entry["forking/kept_tokens"] * 2 for entry in logs))
+    records = [json.loads(line) for line in (tmp_path / "forking_tokens.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(record["top_forking_tokens"] and record["examples"] for record in records)
+    histogram = records[0]["entropy_histogram"]["counts"]
+    assert sum(histogram) == round(logs[0]["completions/mean_length"] * 8)  # every token of the generation batch
+    assert json.loads((tmp_path / "routing.jsonl").read_text().splitlines()[0])["expert_load"]["forking"]

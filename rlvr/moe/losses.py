@@ -30,7 +30,7 @@ def load_balancing_loss(
     token_weights: torch.Tensor,
     sum_across_ranks: SumAcrossRanks | None = None,
     world_size: int = 1,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch-style load-balancing loss over the tokens with non-zero ``token_weights``.
 
     Args:
@@ -41,7 +41,8 @@ def load_balancing_loss(
             module docstring); None = this rank's tokens only.
 
     Returns:
-        ``(loss to back-propagate on this rank, value of the loss over the pooled tokens)``.
+        ``(loss to back-propagate on this rank, value of the loss over the pooled tokens)``, the value a
+        detached 0-d tensor (no host read).
     """
     num_experts = probabilities[0].shape[-1]
     weights = token_weights.reshape(-1).to(torch.float32)
@@ -58,10 +59,9 @@ def load_balancing_loss(
         assignments, pooled_probability, rows = pooled[:num_experts], pooled[num_experts:-1], pooled[-1]
     else:
         world_size, pooled_probability = 1, probability_sum.detach()
-    if float(rows) == 0.0:
-        return probability_sum.sum() * 0.0, 0.0  # keeps the graph, no NaN
+    rows = torch.where(rows > 0, rows, 1.0)  # no tokens: every sum is 0, and so is the loss (graph kept, no NaN)
     shares = assignments / rows  # (E,) share of top-k assignments, counts carry no gradient
-    value = float(num_experts * torch.sum(shares * pooled_probability / rows))
+    value = num_experts * torch.sum(shares * pooled_probability / rows)
     # sum over ranks of this rank's probability sums / pooled rows = pooled P; x world_size undoes the mean
     return world_size * num_experts * torch.sum(shares * (probability_sum / rows)), value
 
@@ -71,7 +71,7 @@ def router_z_loss(
     token_weights: torch.Tensor,
     sum_across_ranks: SumAcrossRanks | None = None,
     world_size: int = 1,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over chosen tokens and layers of ``logsumexp(router_logits)^2``.
 
     Returns ``(loss to back-propagate on this rank, value over the pooled tokens)``; pooling as in
@@ -86,6 +86,5 @@ def router_z_loss(
         pooled_sum, total = pooled[0], pooled[1]
     else:
         world_size, pooled_sum = 1, local_sum.detach()
-    if float(total) == 0.0:
-        return local_sum * 0.0, 0.0
-    return world_size * local_sum / total, float(pooled_sum / total)
+    total = torch.where(total > 0, total, 1.0)  # no tokens: the sums are 0, and so is the loss
+    return world_size * local_sum / total, pooled_sum / total

@@ -93,17 +93,43 @@ def layer_routing(
     )
 
 
+@dataclass
+class RoutingByLayer:
+    """:class:`LayerRouting` of every layer as device tensors: loads (layers, E), the rest (layers,)."""
+
+    load_forking: torch.Tensor
+    load_other: torch.Tensor
+    specialization: torch.Tensor
+    router_entropy_forking: torch.Tensor
+    router_entropy_other: torch.Tensor
+    imbalance: torch.Tensor
+    drift: torch.Tensor | None  # None: routing was not replayed
+
+    def layer(self, index: int) -> LayerRouting:
+        """One layer's analytics read to the host."""
+        scalars = [self.specialization, self.router_entropy_forking, self.router_entropy_other, self.imbalance]
+        drift = math.nan if self.drift is None else float(self.drift[index])
+        return LayerRouting(
+            self.load_forking[index].tolist(),
+            self.load_other[index].tolist(),
+            *(float(values[index]) for values in scalars),
+            drift,
+        )
+
+
 def routing_by_layer(
     indices: list[torch.Tensor],
     probabilities: list[torch.Tensor],
     forking: torch.Tensor,
     completion: torch.Tensor,
     live_indices: list[torch.Tensor] | None = None,
-) -> list[LayerRouting]:
-    """:func:`layer_routing` for every layer at once (one pass over stacked tensors, one host copy).
+) -> RoutingByLayer:
+    """:func:`layer_routing` for every layer at once, on the device: masked sums over stacked tensors, no
+    boolean indexing and no host read (a trainer reads the metrics once per logging step).
 
     ``indices`` per layer (N, k) (the experts used), ``probabilities`` per layer (N, E),
     ``forking``/``completion`` (N,) bool, ``live_indices`` per layer (N, k) when routing was replayed.
+    Statistics of an empty token class are NaN.
     """
     forking, completion = forking.bool().reshape(-1), completion.bool().reshape(-1)
     other = completion & ~forking
@@ -113,15 +139,14 @@ def routing_by_layer(
     num_experts = probs.shape[-1]
 
     def loads(tokens: torch.Tensor) -> torch.Tensor:  # (layers, E), rows sum to 1 (NaN if no tokens)
-        chosen = used[:, tokens].reshape(layers, -1)
-        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(
-            1, chosen, torch.ones_like(chosen, dtype=torch.float32)
-        )
+        weights = tokens.to(torch.float32).repeat_interleave(top_k).expand(layers, -1)  # (layers, N * k)
+        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(1, used.reshape(layers, -1), weights)
         return counts / counts.sum(-1, keepdim=True)
 
-    def entropies(tokens: torch.Tensor) -> torch.Tensor:  # (layers,)
-        rows = probs[:, tokens]
-        return -(rows * torch.log(rows.clamp(min=1e-30))).sum(-1).mean(-1)
+    router_entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)  # (layers, N)
+
+    def entropies(tokens: torch.Tensor) -> torch.Tensor:  # (layers,) mean over the tokens
+        return (router_entropy * tokens).sum(-1) / tokens.sum()
 
     load_forking, load_other, load_all = loads(forking), loads(other), loads(completion)
     mixture = 0.5 * (load_forking + load_other)
@@ -130,41 +155,35 @@ def routing_by_layer(
         return torch.where(p > 0, p * torch.log2(p / q.clamp(min=1e-30)), torch.zeros_like(p)).sum(-1)
 
     specialization = 0.5 * kl_bits(load_forking, mixture) + 0.5 * kl_bits(load_other, mixture)
-    drift = torch.full((layers,), math.nan)
-    if live_indices is not None and bool(completion.any()):
-        live = torch.stack(live_indices).long()
+    # kl_bits skips NaN entries (p > 0 is False): an empty class must still give NaN
+    specialization = torch.where(load_forking.isnan().any(-1) | load_other.isnan().any(-1), math.nan, specialization)
+    drift = None
+    if live_indices is not None:
+        live = torch.stack(live_indices).long().to(used.device)
         differs = ~(torch.sort(used, -1).values == torch.sort(live, -1).values).all(-1)  # (layers, N)
-        drift = differs[:, completion].float().mean(-1)
-    host = torch.stack(
-        [
-            specialization,
-            entropies(forking),
-            entropies(other),
-            load_all.max(-1).values * num_experts,
-            drift.to(used.device),
-        ],
-        1,
-    ).tolist()
-    load_forking, load_other = load_forking.tolist(), load_other.tolist()
-    return [LayerRouting(load_forking[i], load_other[i], *host[i]) for i in range(layers)]
+        drift = (differs & completion).sum(-1) / completion.sum()  # NaN without completion tokens
+    return RoutingByLayer(
+        load_forking=load_forking,
+        load_other=load_other,
+        specialization=specialization,
+        router_entropy_forking=entropies(forking),
+        router_entropy_other=entropies(other),
+        imbalance=load_all.amax(-1) * num_experts,
+        drift=drift,
+    )
 
 
-def summarize(layers: list[LayerRouting]) -> dict[str, float]:
-    """Scalar metrics for logging: means over layers (NaN-aware) plus the specialisation of each layer."""
-
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if not math.isnan(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
+def summarize(routing: RoutingByLayer) -> dict[str, torch.Tensor]:
+    """Metrics for logging as 0-d device tensors: means over layers (NaN-aware, NaN when every layer is)
+    plus the specialisation of each layer; ``moe/routing_drift`` only when routing was replayed."""
     metrics = {
-        "moe/specialization_js": mean([layer.specialization for layer in layers]),
-        "moe/router_entropy_forking": mean([layer.router_entropy_forking for layer in layers]),
-        "moe/router_entropy_other": mean([layer.router_entropy_other for layer in layers]),
-        "moe/load_imbalance": mean([layer.imbalance for layer in layers]),
+        "moe/specialization_js": torch.nanmean(routing.specialization),
+        "moe/router_entropy_forking": torch.nanmean(routing.router_entropy_forking),
+        "moe/router_entropy_other": torch.nanmean(routing.router_entropy_other),
+        "moe/load_imbalance": torch.nanmean(routing.imbalance),
     }
-    drift = mean([layer.drift for layer in layers])
-    if not math.isnan(drift):
-        metrics["moe/routing_drift"] = drift
-    for index, layer in enumerate(layers):
-        metrics[f"moe/layer{index}/specialization_js"] = layer.specialization
+    if routing.drift is not None:
+        metrics["moe/routing_drift"] = torch.nanmean(routing.drift)
+    for index, value in enumerate(routing.specialization):
+        metrics[f"moe/layer{index}/specialization_js"] = value
     return metrics

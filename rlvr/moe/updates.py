@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import nn
 
@@ -46,18 +44,17 @@ class RouterAwareUpdates:
             gate_experts=config.expert_gate_scope != "all",
         )
         self.layers = self.hooks.layers
-        # Per-layer expert loads accumulated between logging steps: {"forking"|"other": (layers, E) sums}
-        self._load_sums: dict[str, torch.Tensor] = defaultdict(
-            lambda: torch.zeros(len(self.layers), self.hooks.num_experts, dtype=torch.float64)
-        )
-        self._load_counts: dict[str, int] = defaultdict(int)
+        # Per-layer expert loads accumulated on the device between logging steps: {"forking"|"other":
+        # (layers, E) sums of the forwards that had such tokens, and how many forwards that was}
+        self._load_sums: dict[str, torch.Tensor] = {}
+        self._load_counts: dict[str, torch.Tensor] = {}
         # Aux-loss-free balancing (DeepSeek-V3, Liu et al., 2024, sec. 2.1.2): expert loads of the completion
         # tokens since the last optimizer step, per layer with a correction bias.
         self._biased = [layer for layer in self.layers if correction_bias(layer) is not None]
         self._biased_positions = [layer.index for layer in self._biased]  # their place in a forward's records
         if config.update_correction_bias and not self._biased:
             raise ValueError("moe.update_correction_bias: this model's routers have no correction bias")
-        self._bias_loads = torch.zeros(len(self._biased), self.hooks.num_experts, dtype=torch.float64)
+        self._bias_loads: torch.Tensor | None = None  # (biased layers, E) on the routers' device, float32 counts
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers for p in layer.router.parameters()]
@@ -82,8 +79,9 @@ class RouterAwareUpdates:
         loss_mask: torch.Tensor,
         keep: torch.Tensor,
         analytics: bool,
-    ) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """Set the gates of the recorded forward and return ``(router loss to add, metrics)``.
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Set the gates of the recorded forward and return ``(router loss to add, metrics)``, the metrics as
+        0-d device tensors (nothing here reads a value to the host).
 
         Args:
             attention_mask: (B, L) real (non-padding) positions of the forward's input.
@@ -132,19 +130,23 @@ class RouterAwareUpdates:
                 live_indices=routing.live_indices or None,
             )
             metrics.update(summarize(layers))
-            for name in ("forking", "other"):
-                loads = torch.tensor([getattr(layer, f"load_{name}") for layer in layers], dtype=torch.float64)
-                if not torch.isnan(loads).any():
-                    self._load_sums[name] += loads
-                    self._load_counts[name] += 1
+            for name, loads in (("forking", layers.load_forking), ("other", layers.load_other)):
+                present = ~loads.isnan().any()  # a forward without such tokens adds nothing
+                if name not in self._load_sums:
+                    self._load_sums[name] = torch.zeros_like(loads)
+                    self._load_counts[name] = torch.zeros((), dtype=torch.int64, device=loads.device)
+                self._load_sums[name] += torch.where(present, loads, 0.0)
+                self._load_counts[name] += present
         return loss, metrics
 
     def _count_bias_loads(self, indices: list[torch.Tensor], tokens: torch.Tensor) -> None:
-        """Add the experts chosen for ``tokens`` (N,) bool to each biased layer's load."""
+        """Add the experts chosen for ``tokens`` (N,) bool to each biased layer's load (on the device)."""
         for row, position in enumerate(self._biased_positions):
-            chosen = indices[position][tokens.to(indices[position].device)]  # (n, k)
-            counts = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.hooks.num_experts)
-            self._bias_loads[row] += counts.to(torch.float64)
+            chosen = indices[position]  # (N, k)
+            if self._bias_loads is None:
+                self._bias_loads = torch.zeros(len(self._biased), self.hooks.num_experts, device=chosen.device)
+            weights = tokens.to(chosen.device, torch.float32).repeat_interleave(chosen.shape[-1])  # (N * k,)
+            self._bias_loads[row].scatter_add_(0, chosen.reshape(-1).long(), weights)
 
     @torch.no_grad()
     def update_correction_bias(self) -> None:
@@ -153,21 +155,21 @@ class RouterAwareUpdates:
         if not self.config.update_correction_bias:
             return
         loads = self._bias_loads
+        if loads is None:  # no tokens counted on this rank (its other ranks may have some)
+            loads = torch.zeros(len(self._biased), self.hooks.num_experts, device=self.layers[0].router.weight.device)
         if self._pooling:
-            loads = self._pooling["sum_across_ranks"](loads.to(self.layers[0].router.weight.device)).cpu()
+            loads = self._pooling["sum_across_ranks"](loads.to(self.layers[0].router.weight.device))
         for row, layer in enumerate(self._biased):
-            if loads[row].sum() > 0:
-                bias = correction_bias(layer)
-                step = self.config.correction_bias_rate * torch.sign(loads[row].mean() - loads[row])  # (E,)
-                bias.add_(step.to(bias.device, bias.dtype).view_as(bias))
-        self._bias_loads.zero_()
+            bias = correction_bias(layer)
+            step = self.config.correction_bias_rate * torch.sign(loads[row].mean() - loads[row])  # (E,); 0 if no loads
+            bias.add_(step.to(bias.device, bias.dtype).view_as(bias))
+        self._bias_loads = None
 
     def pop_expert_loads(self) -> dict[str, list[list[float]]]:
         """Mean per-layer expert loads since the last call: {"forking"|"other": [[E floats] per layer]}."""
+        counts = {name: int(count) for name, count in self._load_counts.items()}  # read once per logging step
         loads = {
-            name: (self._load_sums[name] / self._load_counts[name]).tolist()
-            for name in ("forking", "other")
-            if self._load_counts[name]
+            name: (self._load_sums[name] / counts[name]).tolist() for name in ("forking", "other") if counts.get(name)
         }
         self._load_sums.clear()
         self._load_counts.clear()

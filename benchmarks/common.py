@@ -128,3 +128,42 @@ def print_ratios(title: str, baseline: str, candidate: str, results: dict[str, d
     for label, times in results.items():
         base, ours = statistics.median(times[baseline]), statistics.median(times[candidate])
         print(f"{label:12}{base:18.4f}{ours:18.4f}{ours / base:8.3f}   (median of {len(times[candidate])})")
+
+
+def synthetic_batch(vocab: int, rows: int, prompt_length: int, length: int, device) -> dict:
+    """A generation batch as TRL's loss sees it: random prompts and full-length completions, random advantages."""
+    generator = torch.Generator().manual_seed(0)
+    completion_mask = torch.ones(rows, length, dtype=torch.long)
+    batch = {
+        "prompt_ids": torch.randint(4, vocab, (rows, prompt_length), generator=generator),
+        "prompt_mask": torch.ones(rows, prompt_length, dtype=torch.long),
+        "completion_ids": torch.randint(4, vocab, (rows, length), generator=generator),
+        "completion_mask": completion_mask,
+        "advantages": torch.randn(rows, generator=generator),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward while the context is open."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())

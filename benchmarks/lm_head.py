@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import torch
-from common import odd_length_reward, quiet
+from common import SavedBytes, odd_length_reward, quiet, synthetic_batch
 from trl import GRPOConfig, GRPOTrainer
 
 from rlvr.config import load_config
@@ -31,8 +31,6 @@ from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_
 from rlvr.moe.config import MoEConfig
 from rlvr.packaged import QUICKSTART
 from rlvr.trainer import ForkingGRPOTrainer
-
-PROMPT_TOKENS = 16
 
 
 def model_specs() -> dict[str, tuple[TinyMoESpec, int]]:
@@ -86,44 +84,6 @@ def make_trainer(trainer_cls, checkpoint: str, output_dir: str, length: int, row
     return trainer
 
 
-def synthetic_batch(vocab: int, rows: int, length: int, device) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    completion_mask = torch.ones(rows, length, dtype=torch.long)
-    batch = {
-        "prompt_ids": torch.randint(4, vocab, (rows, PROMPT_TOKENS), generator=generator),
-        "prompt_mask": torch.ones(rows, PROMPT_TOKENS, dtype=torch.long),
-        "completion_ids": torch.randint(4, vocab, (rows, length), generator=generator),
-        "completion_mask": completion_mask,
-        "advantages": torch.randn(rows, generator=generator),
-        "num_items_in_batch": completion_mask.sum(),
-    }
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-class SavedBytes:
-    """Bytes of the distinct storages autograd saves for backward while the context is open."""
-
-    def __init__(self):
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def loss_step(trainer, batch) -> tuple[float, int, int]:
     """(seconds, saved-for-backward bytes, CUDA peak bytes or 0) of compute_loss + backward."""
     trainer.model.zero_grad(set_to_none=True)
@@ -161,7 +121,7 @@ def run_case(name: str, spec: TinyMoESpec, vocab: int, length: int, rho: float, 
             moe=MoEConfig(analytics=False),
         ),
     }
-    batch = synthetic_batch(vocab, rows, length, trainers["TRL"].accelerator.device)
+    batch = synthetic_batch(vocab, rows, 16, length, trainers["TRL"].accelerator.device)
     seconds = {key: [] for key in trainers}
     memory = {}
     for key, trainer in trainers.items():  # warm-up, and the memory of one step

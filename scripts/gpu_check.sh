@@ -11,7 +11,10 @@
 #      loss step and peak CUDA memory against stock TRL, bf16
 #   3. benchmarks/step_time.py at rho 0.2 and 1.0
 #   4. a bf16 quickstart
-#   5. routing replay from vLLM's routed experts (scripts/vllm_check.py), where vLLM is installed
+#   5. benchmarks/recipe_memory.py: the Qwen3-30B-A3B and GPT-OSS-20B recipes' geometry at 2 and 4 layers
+#      (random init, one process, ZeRO off): activation peak and loss-step time per layer, and the GPUs
+#      each recipe needs, planned for 80 GiB GPUs
+#   6. routing replay from vLLM's routed experts (scripts/vllm_check.py), where vLLM is installed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${GPU_CHECK_OUT:-runs/gpu-check}
@@ -40,7 +43,7 @@ step() {  # step NAME COMMAND...: run, log, append the log's tail to the summary
         echo
         echo '```'
         echo "$ $*"
-        tail -n 40 "$log"
+        tail -n 50 "$log"
         echo '```'
     } >> "$SUMMARY"
     if [ "$status" -ne 0 ]; then FAILED=1; fi
@@ -54,6 +57,7 @@ for rho in 0.2 1.0; do
     step "step_time_rho_$rho" python benchmarks/step_time.py --rho "$rho" --rounds 3 --steps 8
 done
 step quickstart_bf16 python -m rlvr quickstart grpo.bf16=true "output_dir=$OUT/quickstart"
+step recipe_memory python benchmarks/recipe_memory.py --gpu-gib 80
 if python -c "import vllm" 2>/dev/null; then
     step vllm_routing_replay python scripts/vllm_check.py --out "$OUT/vllm-check"
 else

@@ -1,0 +1,316 @@
+"""Memory and loss-step time of the model recipes' real geometry, measured on a few layers, extrapolated.
+
+The recipes in rlvr/configs/models/ (Qwen3-30B-A3B, GPT-OSS-20B) name a GPU count. This probe computes it.
+It builds each model's real config truncated to a few decoder layers (random init, bf16, one process, ZeRO
+off), runs rlvr's loss step (``compute_loss`` + ``backward``, rho 0.2, gradient checkpointing as the recipe
+sets it) on one micro-batch of the recipe's shape, and fits two depths to
+
+    activation peak = fixed + per_layer x layers          loss-step time = fixed + per_layer x layers
+
+Each gradient is dropped as soon as it is accumulated, so the peak is activations plus one parameter's
+gradient, as under ZeRO, whose gradients leave for their shard as they come. The model states are counted
+exactly from the full config (on the meta device) at the ZeRO paper's 16 bytes per parameter for
+mixed-precision Adam (Rajbhandari et al., 2020: bf16 weights and gradients, fp32 master weights and two
+moments). Per GPU under ZeRO-3 with N GPUs:
+
+    16 x parameters / N  +  activations at full depth  +  the recipe's vLLM share (colocated, unless asleep)
+
+    python benchmarks/recipe_memory.py                          # on a GPU: both recipes at 2 and 4 layers
+    python benchmarks/recipe_memory.py --recipes gpt_oss_20b --gpu-gib 141
+    python benchmarks/recipe_memory.py --shrink 64 --rows 2 --prompt 8 --completion 16   # a CPU smoke run
+
+On a CPU there is no allocator peak: the activations column is then the bytes autograd saves for backward,
+a lower bound, and the GPU counts printed from it are not an answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from common import SavedBytes, odd_length_reward, quiet, synthetic_batch
+from transformers import AutoModelForCausalLM, GptOssConfig, PretrainedConfig, Qwen3MoeConfig
+from trl import GRPOConfig
+
+from rlvr.compare import load_experiment_config
+from rlvr.forking import ForkingConfig
+from rlvr.models import build_char_tokenizer
+from rlvr.packaged import CONFIG_ROOT
+from rlvr.trainer import ForkingGRPOTrainer
+
+GIB = 2**30
+MODEL_STATE_BYTES = 16  # per parameter: mixed-precision Adam under ZeRO (bf16 weight + grad, fp32 master, m, v)
+
+
+def qwen3_30b_a3b(layers: int) -> PretrainedConfig:
+    """Qwen/Qwen3-30B-A3B's config.json: 48 layers, 128 experts top-8, ~30.5 B parameters."""
+    return Qwen3MoeConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+
+
+def gpt_oss_20b(layers: int) -> PretrainedConfig:
+    """openai/gpt-oss-20b's config.json: 24 layers (sliding and full attention alternate), 32 experts top-4."""
+    return GptOssConfig(
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=layers,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        vocab_size=201088,
+        sliding_window=128,
+        layer_types=["sliding_attention" if index % 2 == 0 else "full_attention" for index in range(layers)],
+        tie_word_embeddings=False,
+    )
+
+
+@dataclass
+class Recipe:
+    config: callable  # layers -> the model's config
+    layers: int  # the full model's decoder layers
+
+
+RECIPES = {"qwen3_30b_a3b": Recipe(qwen3_30b_a3b, 48), "gpt_oss_20b": Recipe(gpt_oss_20b, 24)}
+
+
+def shrunk(config: PretrainedConfig, factor: int) -> PretrainedConfig:
+    """Every width (a multiple of 8) and the expert count (not below 2 x top-k) divided by ``factor``: a
+    CPU-sized model."""
+    if factor == 1:
+        return config
+    for name in ("hidden_size", "intermediate_size", "moe_intermediate_size", "head_dim", "vocab_size"):
+        if getattr(config, name, None):
+            setattr(config, name, max(8, getattr(config, name) // factor // 8 * 8))  # grouped_mm: 16-byte strides
+    for name in ("num_experts", "num_local_experts"):
+        if getattr(config, name, None):
+            setattr(config, name, max(2 * config.num_experts_per_tok, getattr(config, name) // factor))
+    return config
+
+
+def parameter_count(config: PretrainedConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+@dataclass
+class Measured:
+    layers: int
+    weight_bytes: int
+    activation_bytes: int  # CUDA: allocator peak above the weights; CPU: saved-for-backward bytes
+    seconds: float
+
+
+def measure(config: PretrainedConfig, grpo: dict, args, device: torch.device) -> Measured:
+    """One truncated model: weights, and the activation peak and median time of rlvr's loss step."""
+    tokenizer = build_char_tokenizer()
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for parameter in model.parameters():  # free each gradient as it arrives (ZeRO hands it to its shard)
+        parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    from datasets import Dataset
+
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = ForkingGRPOTrainer(
+            model=model,
+            reward_funcs=odd_length_reward,
+            args=GRPOConfig(
+                output_dir=scratch,
+                per_device_train_batch_size=args.rows,
+                num_generations=args.rows,
+                max_completion_length=args.completion,
+                gradient_checkpointing=bool(grpo.get("gradient_checkpointing", False)),
+                loss_type=grpo.get("loss_type", "dapo"),
+                beta=0.0,
+                bf16=device.type == "cuda",
+                use_cpu=device.type != "cuda",
+                report_to=[],
+                save_strategy="no",
+                disable_tqdm=True,
+            ),
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="] * args.rows}),
+            processing_class=tokenizer,
+            forking=ForkingConfig(rho=args.rho),
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        batch = synthetic_batch(config.vocab_size, args.rows, args.prompt, args.completion, device)
+        seconds, activations = [], 0
+        for _ in range(1 + args.repeats):  # the first is a warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            with SavedBytes() as saved:
+                loss = trainer.compute_loss(trainer.model, dict(batch))
+            loss.backward()
+            if trainer.router_updates is not None:
+                trainer.router_updates.release()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                activations = torch.cuda.max_memory_allocated() - before
+            else:
+                activations = saved.total
+            seconds.append(time.perf_counter() - start)
+    del trainer, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Measured(config.num_hidden_layers, weight_bytes, activations, statistics.median(seconds[1:]))
+
+
+def fit(measured: list[Measured], value: str) -> tuple[float, float]:
+    """(fixed, per layer) of ``value`` by least squares over the measured depths."""
+    xs = [m.layers for m in measured]
+    ys = [getattr(m, value) for m in measured]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    per_layer = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
+    return mean_y - per_layer * mean_x, per_layer
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= GIB / 10 else f"{nbytes / 2**20:.2f} MiB"
+
+
+@dataclass
+class Plan:
+    """Per-GPU memory of a recipe under ZeRO-3: exact counts from the config, plus measured activations."""
+
+    parameters: int  # the whole model
+    layer_parameters: int  # one decoder layer: ZeRO-3 gathers about two at a time (the one running, the next)
+    activations: float  # bytes at full depth; 0 when not measured
+    vllm: float  # bytes the colocated vLLM engine holds during training (0: not colocated, or asleep)
+    gpu: float  # bytes per GPU
+
+    def per_gpu(self, gpus: int, offload: bool = False) -> float:
+        states = 0.0 if offload else MODEL_STATE_BYTES * self.parameters / gpus
+        return states + 2 * 2 * self.layer_parameters + self.activations + self.vllm
+
+    def fewest_gpus(self) -> int | None:
+        """Fewest GPUs with a share that fits (None: not even the unsharded part fits in one)."""
+        room = self.gpu - self.per_gpu(1, offload=True)
+        return max(1, math.ceil(MODEL_STATE_BYTES * self.parameters / room)) if room > 0 else None
+
+
+def plan(recipe: Recipe, grpo: dict, activations: float, args) -> Plan:
+    colocated = bool(grpo.get("use_vllm")) and grpo.get("vllm_mode", "server") == "colocate"
+    awake = colocated and not grpo.get("vllm_enable_sleep_mode", False)
+    gpu = args.gpu_gib * GIB
+    one, two = (parameter_count(shrunk(recipe.config(layers), args.shrink)) for layers in (1, 2))
+    return Plan(
+        parameters=parameter_count(shrunk(recipe.config(recipe.layers), args.shrink)),
+        layer_parameters=two - one,
+        activations=activations,
+        vllm=float(grpo.get("vllm_gpu_memory_utilization", 0.9)) * gpu if awake else 0.0,
+        gpu=gpu,
+    )
+
+
+def report(name: str, recipe: Recipe, grpo: dict, measured: list[Measured], args, device: torch.device) -> None:
+    activations, step = 0.0, None
+    print(
+        f"\n{name}: {recipe.layers} layers; micro-batch {args.rows} x ({args.prompt} + {args.completion}) tokens, "
+        f"rho {args.rho}, gradient checkpointing {'on' if grpo.get('gradient_checkpointing') else 'off'}"
+    )
+    if measured:
+        kind = "allocator peak" if device.type == "cuda" else "saved for backward (CPU: a lower bound)"
+        print(f"  {'layers':>6} {'weights':>12} {'activations':>12} {'loss step s':>12}   activations: {kind}")
+        for m in measured:
+            print(f"  {m.layers:>6} {size(m.weight_bytes):>12} {size(m.activation_bytes):>12} {m.seconds:>12.3f}")
+        act_fixed, act_layer = fit(measured, "activation_bytes")
+        time_fixed, time_layer = fit(measured, "seconds")
+        activations, step = act_fixed + act_layer * recipe.layers, time_fixed + time_layer * recipe.layers
+        print(
+            f"  per layer: activations {size(act_layer)}, loss step {time_layer:.3f} s; "
+            f"the rest (embeddings, head, logits): {size(act_fixed)}, {time_fixed:.3f} s"
+        )
+    budget = plan(recipe, grpo, activations, args)
+    print(
+        f"  {budget.parameters / 1e9:.2f} B parameters: model states {size(MODEL_STATE_BYTES * budget.parameters)} "
+        f"({MODEL_STATE_BYTES} B each), one layer {size(2 * budget.layer_parameters)} in bf16"
+    )
+    if measured:
+        print(f"  full depth: activations {size(activations)}, loss step {step:.2f} s per micro-batch")
+    else:
+        print("  activations not measured (--states-only): every total below is a lower bound")
+    print(
+        f"  per {args.gpu_gib:g} GiB GPU under ZeRO-3 = states / N + two gathered layers + activations"
+        f" + vLLM ({size(budget.vllm)} held during training):"
+    )
+    for count in (8, 16, 32, 64):
+        total = budget.per_gpu(count)
+        print(f"    {count:>3} GPUs: {size(total):>11} {'fits' if total <= budget.gpu else 'does not fit'}")
+    offloaded = budget.per_gpu(1, offload=True)
+    print(
+        f"    --offload (states in host memory, {size(MODEL_STATE_BYTES * budget.parameters)} over all nodes): "
+        f"{size(offloaded)} per GPU, {'fits' if offloaded <= budget.gpu else 'does not fit'}"
+    )
+    needed = budget.fewest_gpus()
+    print(f"  fewest GPUs without offload: {needed if needed is not None else 'none'}")
+    if budget.vllm:
+        tensor_parallel = int(grpo.get("vllm_tensor_parallel_size", 1))
+        engine = 2 * budget.parameters / tensor_parallel
+        left = budget.vllm - engine
+        verdict = f"leaves {size(left)} of its share for KV cache" if left > 0 else "more than its share"
+        print(f"  vLLM: bf16 weights {size(engine)} per GPU at tensor parallel {tensor_parallel}: {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated: {', '.join(RECIPES)}")
+    parser.add_argument("--layers", default="2,4", help="truncated depths to measure (at least two)")
+    parser.add_argument("--rows", type=int, default=None, help="completions per micro-batch (default: the recipe's)")
+    parser.add_argument("--prompt", type=int, default=256, help="prompt tokens per row (GSM8K with its system prompt)")
+    parser.add_argument("--completion", type=int, default=None, help="completion tokens (default: the recipe's max)")
+    parser.add_argument("--rho", type=float, default=0.2, help="forking fraction")
+    parser.add_argument("--repeats", type=int, default=3, help="timed loss steps per depth (after one warm-up)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="memory of the GPUs to plan for (H100: 80)")
+    parser.add_argument("--shrink", type=int, default=1, help="divide every width by this (a CPU-sized smoke run)")
+    parser.add_argument(
+        "--states-only", action="store_true", help="measure nothing: the exact counts only (runs anywhere, fast)"
+    )
+    args = parser.parse_args()
+    depths = [] if args.states_only else sorted({int(value) for value in args.layers.split(",")})
+    if len(depths) == 1:
+        parser.error("--layers needs at least two depths to fit a per-layer cost")
+    quiet()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"recipe geometry probe on {name}")
+    defaults = (args.rows, args.completion)
+    for recipe_name in args.recipes.split(","):
+        recipe = RECIPES[recipe_name]
+        grpo = load_experiment_config(CONFIG_ROOT / "models" / f"{recipe_name}.yaml").grpo
+        args.rows = defaults[0] or int(grpo["per_device_train_batch_size"])
+        args.completion = defaults[1] or int(grpo["max_completion_length"])
+        measured = [measure(shrunk(recipe.config(layers), args.shrink), grpo, args, device) for layers in depths]
+        report(recipe_name, recipe, grpo, measured, args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""benchmarks/recipe_memory.py: the exact counts behind the recipes' GPU counts, and a CPU-sized run of it."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import recipe_memory  # noqa: E402
+
+
+@pytest.mark.parametrize(("name", "billions"), [("qwen3_30b_a3b", 30.5), ("gpt_oss_20b", 20.9)])
+def test_the_full_configs_have_the_published_parameter_counts(name, billions):
+    recipe = recipe_memory.RECIPES[name]
+    assert recipe_memory.parameter_count(recipe.config(recipe.layers)) / 1e9 == pytest.approx(billions, abs=0.05)
+
+
+def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
+    gib = recipe_memory.GIB
+    budget = recipe_memory.Plan(
+        parameters=10 * gib, layer_parameters=gib // 4, activations=3 * gib, vllm=20 * gib, gpu=80 * gib
+    )
+    assert budget.per_gpu(8) == pytest.approx((16 * 10 / 8 + 2 * 2 / 4 + 3 + 20) * gib)
+    assert budget.per_gpu(8, offload=True) == pytest.approx((1 + 3 + 20) * gib)
+    assert budget.fewest_gpus() == 3  # 160 GiB of states into 80 - 24 = 56 GiB of room each
+    assert budget.per_gpu(2) > budget.gpu >= budget.per_gpu(3)
+    assert recipe_memory.Plan(10, 1, 70 * gib, 20 * gib, 80 * gib).fewest_gpus() is None
+
+
+def test_the_recipes_as_shipped_fit_their_vllm_share():
+    """The exact part of the plan: vLLM's bf16 weights per GPU fit in its colocated share."""
+    for name, recipe in recipe_memory.RECIPES.items():
+        grpo = recipe_memory.load_experiment_config(recipe_memory.CONFIG_ROOT / "models" / f"{name}.yaml").grpo
+        budget = recipe_memory.plan(recipe, grpo, 0.0, Namespace(gpu_gib=80.0, shrink=1))
+        engine = 2 * budget.parameters / int(grpo.get("vllm_tensor_parallel_size", 1))
+        assert engine < 0.75 * budget.vllm, name  # a quarter of the share left for the KV cache at least
+
+
+def test_fit_recovers_a_line():
+    measured = [recipe_memory.Measured(layers, 0, 5 + 2 * layers, 1.0 + 0.5 * layers) for layers in (2, 4, 6)]
+    assert recipe_memory.fit(measured, "activation_bytes") == pytest.approx((5, 2))
+    assert recipe_memory.fit(measured, "seconds") == pytest.approx((1.0, 0.5))
+
+
+def test_a_cpu_sized_run_measures_and_plans(monkeypatch, capsys):
+    argv = ["recipe_memory.py", "--recipes", "gpt_oss_20b", "--shrink", "64", "--rows", "2", "--prompt", "8"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--completion", "16", "--repeats", "1"])
+    recipe_memory.main()
+    out = capsys.readouterr().out
+    assert "saved for backward (CPU: a lower bound)" in out and "full depth: activations" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("2 ", "4 "))]
+    assert [row[0] for row in rows] == ["2", "4"]
+    assert float(rows[1][3]) > float(rows[0][3])  # activations (MiB) grow with depth

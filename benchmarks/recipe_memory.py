@@ -30,10 +30,12 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from common import SavedBytes, odd_length_reward, quiet, synthetic_batch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM, GptOssConfig, PretrainedConfig, Qwen3MoeConfig
 from trl import GRPOConfig
 
@@ -87,7 +89,7 @@ def gpt_oss_20b(layers: int) -> PretrainedConfig:
 
 @dataclass
 class Recipe:
-    config: callable  # layers -> the model's config
+    config: Callable[[int], PretrainedConfig]  # layers -> the model's config
     layers: int  # the full model's decoder layers
 
 
@@ -131,8 +133,6 @@ def measure(config: PretrainedConfig, grpo: dict, args, device: torch.device) ->
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for parameter in model.parameters():  # free each gradient as it arrives (ZeRO hands it to its shard)
         parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    from datasets import Dataset
-
     with tempfile.TemporaryDirectory() as scratch:
         trainer = ForkingGRPOTrainer(
             model=model,
@@ -302,14 +302,18 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"recipe geometry probe on {name}")
-    defaults = (args.rows, args.completion)
     for recipe_name in args.recipes.split(","):
         recipe = RECIPES[recipe_name]
         grpo = load_experiment_config(CONFIG_ROOT / "models" / f"{recipe_name}.yaml").grpo
-        args.rows = defaults[0] or int(grpo["per_device_train_batch_size"])
-        args.completion = defaults[1] or int(grpo["max_completion_length"])
-        measured = [measure(shrunk(recipe.config(layers), args.shrink), grpo, args, device) for layers in depths]
-        report(recipe_name, recipe, grpo, measured, args, device)
+        shape = argparse.Namespace(  # the recipe's micro-batch unless given
+            **{
+                **vars(args),
+                "rows": args.rows or int(grpo["per_device_train_batch_size"]),
+                "completion": args.completion or int(grpo["max_completion_length"]),
+            }
+        )
+        measured = [measure(shrunk(recipe.config(layers), args.shrink), grpo, shape, device) for layers in depths]
+        report(recipe_name, recipe, grpo, measured, shape, device)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.rollout_totals = RolloutTotals(self.rollouts)
         self.add_callback(self.rollout_totals)
         self.loss_forward = None
-        vocab_size = max(self.model.config.get_text_config().vocab_size, len(self.processing_class))
+        vocab_size = max(self.model.config.get_text_config().vocab_size, len(self._tokenizer))  # a processor has no len
         self.forking_log = ForkingTokenLog(self.forking.log_examples, vocab_size)
         self.sparse_head = self._use_sparse_head()
         self.step_metrics = {"train": DeviceMetrics(), "eval": DeviceMetrics()}

@@ -481,28 +481,25 @@ def test_a_training_micro_step_makes_no_host_reads_in_rlvr(tiny_checkpoint, tmp_
         max_steps=4,
     )
     assert trainer.sparse_head
-    reads, steps = [], []
+    steps = []
     step, generate = trainer.training_step, trainer._generate_and_score_completions
+    with count_host_reads() as reads:
 
-    def counted_step(*args, **kwargs):
-        with count_host_reads() as counter:
-            with counter.paused():
-                trainer._generate_and_score_completions = unwatched_generation(counter)
+        def counted_step(*args, **kwargs):  # the only place reads are watched
+            steps.append(1)
+            reads.watching = True
             try:
                 return step(*args, **kwargs)
             finally:
-                steps.append(1)
-                reads.extend(counter)
+                reads.watching = False
 
-    def unwatched_generation(counter):
-        def generation(*args, **kwargs):
-            with counter.paused():
+        def unwatched_generation(*args, **kwargs):
+            with reads.paused():
                 return generate(*args, **kwargs)
 
-        return generation
-
-    trainer.training_step = counted_step
-    trainer.train()
+        trainer.training_step, trainer._generate_and_score_completions = counted_step, unwatched_generation
+        reads.watching = False
+        trainer.train()
     assert len(steps) == 4
     in_rlvr = {(read.kind, read.file.rsplit("/", 1)[-1]) for read in reads if read.in_rlvr}
     assert in_rlvr <= {("bool-index", "sparse_head.py")}, sorted(in_rlvr)

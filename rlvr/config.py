@@ -189,6 +189,12 @@ class RunConfig:
         try:
             self.rollout.check_run(arguments.num_generations, rows, unsupported)
             self.rollout.check_engine(unsupported)
+            correction = arguments.vllm_importance_sampling_correction
+            self.rollout.check_loss(
+                arguments.loss_type,
+                arguments.off_policy_mask_threshold is not None,
+                arguments.vllm_importance_sampling_mode if correction else None,
+            )
         except ValueError as error:
             raise ConfigError(f"rollout.{error}") from None
 

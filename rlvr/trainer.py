@@ -36,12 +36,12 @@ import os
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from rlvr.collectives import Collectives, OneProcess
 from rlvr.configuration import ConfigError
 from rlvr.device_metrics import DeviceMetrics
 from rlvr.forking import (
@@ -53,7 +53,7 @@ from rlvr.forking import (
     selection_stats,
 )
 from rlvr.forking_log import ForkingTokenLog
-from rlvr.models.loading import expose_backbone
+from rlvr.models.loading import expose_backbone, runs_as_reference
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.updates import RouterAwareUpdates
@@ -179,6 +179,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     forking_log: ForkingTokenLog | None = None
     sparse_head: bool = False
     step_metrics: dict[str, DeviceMetrics] | None = None  # "train"/"eval": this step's metrics, read when logged
+    collectives: Collectives = OneProcess()  # issues nothing
     _gradient_token_count: torch.Tensor | int = 0
 
     def __init__(
@@ -213,6 +214,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         # that call on, and our override ignores the quantile.
         self.top_entropy_quantile = 0.0 if self.forking.policy_tokens == "forking" else 1.0
         self.normalization_unit = loss_normalization_unit(self.loss_type)  # an unknown loss type fails here
+        self.collectives = Collectives.of(self.accelerator)  # every collective rlvr issues, on the accelerator
         self.router_updates = self._router_aware_updates()
         self._check_rollout()
         engine_sampling = self.args.use_vllm or self.rollout.engine == "copy"  # numerics other than the trainer's
@@ -225,8 +227,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.rollout,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id,
-            sum_across_ranks=self._sum_across_ranks,
-            gather=self._gather_rows,
+            sum_across_ranks=self.collectives.sum,
+            gather=self.collectives.gather_rows,
         )
         if engine_sampling:
             self._attach_engine()
@@ -243,7 +245,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """Gates, router losses and analytics of an MoE policy; None for a dense one (with default settings)."""
         try:
             updates = RouterAwareUpdates(
-                self.model, self.moe, sum_across_ranks=self._sum_across_ranks, world_size=self.accelerator.num_processes
+                self.model, self.moe, sum_across_ranks=self.collectives.sum, world_size=self.accelerator.num_processes
             )
         except UnknownMoEArchitecture:
             if not self.moe.is_default():
@@ -282,6 +284,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
         try:
             self.rollout.check_run(self.num_generations, rows, [name for name, on in active.items() if on])
             self.rollout.check_engine([name for name, on in {**active, "DeepSpeed ZeRO-3": zero3}.items() if on])
+            correction = self.vllm_importance_sampling_correction
+            self.rollout.check_loss(
+                self.loss_type,
+                self.off_policy_mask_threshold is not None,
+                self.vllm_importance_sampling_mode if correction else None,
+            )
         except ValueError as error:
             raise ValueError(f"rollout.{error}") from None
 
@@ -315,7 +323,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 self.vllm_generation,
                 self.accelerator.process_index,
                 self.accelerator.num_processes,
-                broadcast=lambda objects, source: broadcast_object_list(objects, from_process=source),
+                broadcast=self.collectives.broadcast_objects,
             )
         correction = None
         if self.vllm_importance_sampling_correction:
@@ -352,10 +360,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def gradient_tokens_all_ranks(self) -> int:
         """Completion tokens that carried policy gradient during training, summed over ranks."""
-        if self.accelerator.num_processes == 1:
-            return self.gradient_tokens
-        count = torch.as_tensor(self._gradient_token_count, device=self.accelerator.device)
-        return int(self.accelerator.reduce(count, reduction="sum"))
+        return int(self.collectives.sum(torch.as_tensor(self._gradient_token_count)))
 
     # ---------------------------------------------------------------------------------------------
     # Generation: delegated to rlvr.rollouts (prompt groups of the rows, routing recorded for replay).
@@ -367,6 +372,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
             produce, self._group_size(), self.accelerator.process_index, training
         )
         mode = "train" if training else "eval"
+        if self.rollouts.logged_advantages is not None:  # TRL logged its group advantages; show the ones used
+            logged = self._logs["advantages"]  # a deque: TRL appended this batch's rows last
+            used = self.rollouts.logged_advantages[-len(logged) :] if len(logged) else []
+            for index, value in enumerate(used, start=len(logged) - len(used)):
+                logged[index] = value
         for key, value in metrics.items():
             if key == "rollout/decoded_tokens_total":  # a running total: logged as its latest value
                 self._metrics[mode][key] = [value]
@@ -403,7 +413,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all ranks
         self.rollouts.observe_rewards(
-            rewards_per_func, self.reward_weights, gather_object(completions), self._group_size()
+            rewards_per_func, self.reward_weights, self.collectives.gather_objects(completions), self._group_size()
         )
         return rewards_per_func
 
@@ -444,8 +454,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
         sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
         try:
+            # the policy's own forward outside the loss (TRL's old-policy forward), not the reference forward
+            # TRL runs on the same model with adapters disabled
+            policy = (
+                model is self.model and not loss_forward and not runs_as_reference(self.accelerator.unwrap_model(model))
+            )
             with self.rollouts.replay.old_policy_forward(
-                model is self.model and not loss_forward, input_ids.size(1) - logits_to_keep, logits_to_keep
+                policy, input_ids.size(1) - logits_to_keep, logits_to_keep
             ) as forced:
                 if sparse:
                     logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
@@ -514,12 +529,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         )
         return logps
 
-    def _gather_rows(self, values: torch.Tensor, pad_value: float) -> torch.Tensor:
-        """(B, L, ...) rows of every rank, padded along dim 1 with ``pad_value`` (the identity on one process)."""
-        if self.accelerator.num_processes == 1:
-            return values
-        return self.accelerator.gather(self.accelerator.pad_across_processes(values, dim=1, pad_index=pad_value))
-
     def _sparse_loss_forward(self, model, input_ids, attention_mask, logits_to_keep):
         """The loss forward through :func:`rlvr.sparse_head.sparse_completion_logprobs`: every completion
         token's log-prob and entropy without a graph, the selection, then the LM head with gradient on
@@ -564,13 +573,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         group_ids = inputs.get(GROUP_IDS_KEY)
         if group_ids is None:
             group_ids = torch.arange(mask.size(0), device=mask.device)
-        world = self.accelerator.num_processes
-        if world > 1:  # k is counted over the micro-batch of every rank: gather, select, keep our rows
-            all_entropies = self.accelerator.gather(self.accelerator.pad_across_processes(entropies, dim=1))
-            all_mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))
-            all_group_ids = self.accelerator.gather(group_ids)
-        else:
-            all_entropies, all_mask, all_group_ids = entropies, mask, group_ids
+        # k is counted over the micro-batch of every rank: gather (identities on one process), select, keep ours
+        all_entropies = self.collectives.gather_rows(entropies, 0.0)  # (world * B, T_max)
+        all_mask = self.collectives.gather_rows(mask, False)  # (world * B, T_max) bool on every rank
+        all_group_ids = self.collectives.gather_rows(group_ids)  # (world * B,)
         # One random stream per micro-step, identical on every rank.
         generator = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + self._step)
         all_keep = select_forking_tokens(
@@ -617,9 +623,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         finally:
             if self.router_updates is not None:
                 self.router_updates.release()
-
-    def _sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(values, reduction="sum")
 
     def create_optimizer(self, *args, **kwargs):
         """TRL's optimizer, with the router parameters in their own groups at ``lr x moe.router_lr_multiplier``."""

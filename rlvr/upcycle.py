@@ -37,6 +37,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from rlvr.models import save_weights_on_this_rank
+
 METHODS = ("btx", "sparse")
 ROUTER_INITS = ("random", "zero", "mean_hidden")
 MANIFEST = "upcycle.json"
@@ -264,7 +266,7 @@ def upcycle(
     staging = output_dir.with_name(output_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     moe.generation_config = models[0].generation_config
-    moe.save_pretrained(staging)
+    save_weights_on_this_rank(moe, staging)
     tokenizers[0].save_pretrained(staging)
     manifest = {
         "method": method,

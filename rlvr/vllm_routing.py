@@ -70,8 +70,8 @@ class VLLMRoutedExperts:
     Args:
         generation: TRL's ``VLLMGeneration`` (colocate or server mode).
         process_index, num_processes: this process among the trainer's.
-        broadcast: ``broadcast(list, from_process)`` (accelerate's ``broadcast_object_list``): in server mode
-            the main process alone talks to the server.
+        broadcast: ``broadcast(list, from_process)`` (:meth:`rlvr.collectives.Collectives.broadcast_objects`):
+            in server mode the main process alone talks to the server.
     """
 
     def __init__(self, generation, process_index: int, num_processes: int, broadcast):

@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from rlvr.configuration import ConfigError, option, require
 from rlvr.data import ArithmeticTask, generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
+from rlvr.models import save_weights_on_this_rank
 from rlvr.progress import use_compact_progress
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def run_warm_start(
         "history": stopper.history,
     }
     trainer.model.config.get_text_config().output_router_logits = False  # SFTTrainer turned it on; see load_pretrained
-    trainer.model.save_pretrained(scratch / "model")
+    save_weights_on_this_rank(trainer.model, scratch / "model")
     tokenizer.save_pretrained(scratch / "model")
     (scratch / "model" / DONE_FILE).write_text(json.dumps(info, indent=1))
     publish_directory(scratch / "model", target_dir)

@@ -3,6 +3,7 @@
 # GPU machine (sized for about 10 minutes on one H100/H200):
 #
 #   bash scripts/gpu_check.sh                 # summary in runs/gpu-check/summary.md, each step's log beside it
+#   GPU_CHECK_OUT=DIR GPU_CHECK_STEP_TIMEOUT=SECONDS bash scripts/gpu_check.sh   # elsewhere; each step bounded
 #
 # Steps (each one's output goes to its own log and into the summary; a failing step is recorded and the
 # next one still runs; the exit status says whether any failed):
@@ -18,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${GPU_CHECK_OUT:-runs/gpu-check}
+STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-1800}  # seconds per step: a step that hangs is recorded (exit 124), the rest run
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 FAILED=0
@@ -35,7 +37,7 @@ step() {  # step NAME COMMAND...: run, log, append the log's tail to the summary
     shift
     local log="$OUT/$name.log"
     local start=$SECONDS
-    "$@" > "$log" 2>&1
+    timeout "$STEP_TIMEOUT" "$@" > "$log" 2>&1
     local status=$?
     {
         echo

@@ -8,7 +8,7 @@ AdamW, under DeepSpeed when launched with a ZeRO accelerate config. Each rank ta
 of the rows, as TRL's sampler would give it. Rank 0 writes ``<out>/steps.json``: the logged metrics of
 every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
 
-    python tests/distributed_steps.py MODEL_DIR OUT_DIR
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal]
     accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
         tests/distributed_steps.py MODEL_DIR OUT_DIR
 """
@@ -49,13 +49,45 @@ def fixed_global_batch(vocab: int) -> dict:
 
 
 class FixedBatchTrainer(ForkingGRPOTrainer):
-    """Generation replaced by this rank's rows of :func:`fixed_global_batch`."""
+    """Generation replaced by this rank's rows of :func:`fixed_global_batch` (:func:`unequal_shares` with
+    ``unequal``)."""
+
+    unequal = False
+    generations = 0
 
     def _generate_and_score_completions(self, inputs):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         rows = GLOBAL_ROWS // world
         batch = fixed_global_batch(len(self.processing_class))
-        return {key: value[rank * rows : (rank + 1) * rows] if value.dim() else value for key, value in batch.items()}
+        shares = [
+            {key: value[r * rows : (r + 1) * rows] if value.dim() else value for key, value in batch.items()}
+            for r in range(world)
+        ]
+        if self.unequal:
+            shares = unequal_shares(shares, self.generations)
+        self.generations += 1
+        return shares[rank]
+
+
+def unequal_shares(shares: list[dict], generation: int) -> list[dict]:
+    """The ranks' rows made to differ the way sampling makes them: rank r > 0 has completions 3r tokens
+    narrower, two of its rows score nothing at the first generation, and none of its rows at the second
+    (no selectable token on that rank). ``num_items_in_batch`` stays the global count, as TRL gathers it."""
+    changed = []
+    for rank, share in enumerate(shares):
+        share = dict(share)
+        if rank > 0:
+            width = COMPLETION - 3 * rank
+            share["completion_ids"] = share["completion_ids"][:, :width]
+            mask = share["completion_mask"][:, :width].clone()
+            if generation == 0:
+                mask[:2] = 0  # fewer scored rows than rank 0
+            elif generation == 1:
+                mask[:] = 0  # nothing to select on this rank
+            share["completion_mask"] = mask
+        changed.append(share)
+    total = sum(share["completion_mask"].sum() for share in changed)
+    return [{**share, "num_items_in_batch": total} for share in changed]
 
 
 def parameter_fingerprint(trainer) -> dict[str, list[float]]:
@@ -74,6 +106,7 @@ def parameter_fingerprint(trainer) -> dict[str, list[float]]:
 def main() -> None:
     warnings.filterwarnings("ignore")
     model_dir, out_dir = sys.argv[1], sys.argv[2]
+    FixedBatchTrainer.unequal = sys.argv[3:] == ["unequal"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
         output_dir=os.path.join(out_dir, "trainer"),

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from test_collectives import assert_identical_collectives, traced
 
+SKEW = 5  # rank 1 samples at most max_completion_length - 5 tokens: its completions are narrower than rank 0's
 TINY = [
     "model.tiny.num_layers=1",
     "model.tiny.hidden_size=32",
@@ -47,15 +49,10 @@ def test_two_process_torchrun_on_cpu(tmp_path, rollout):
         "2",
         "--master_port",
         "29533",
-        "-m",
-        "rlvr.cli",
-        "quickstart",
-        *TINY,
-        *rollout,
-        f"output_dir={output}",
+        *traced(tmp_path / "trace", SKEW, ["-m", "rlvr.cli", "quickstart", *TINY, *rollout, f"output_dir={output}"]),
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_identical_collectives(tmp_path / "trace", finished)  # the ranks' completion widths differ
     assert finished.stdout.count("rlvr: finished") == 1  # one summary per launch, from rank 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
@@ -100,18 +97,15 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
         "2",
         "--main_process_port",
         "29541",
-        "-m",
-        "rlvr.cli",
-        "quickstart",
-        "--arm",
-        arm,
-        "moe.routing_replay=rollout",
-        *TINY,
-        *rollout,
-        f"output_dir={output}",
+        *traced(
+            tmp_path / "trace",
+            SKEW,
+            ["-m", "rlvr.cli", "quickstart", "--arm", arm, "moe.routing_replay=rollout", *TINY, *rollout]
+            + [f"output_dir={output}"],
+        ),
     ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_identical_collectives(tmp_path / "trace", finished)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -162,27 +156,23 @@ def test_launch_builds_the_accelerate_command(capsys):
 
 
 @pytest.mark.slow
-def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path):
+def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path, capsys):
+    """The command ``rlvr launch --zero 3 --nproc 2`` runs (taken from its --dry-run), with the ranks' completion
+    widths made unequal and every collective recorded."""
+    import shlex
+
+    from rlvr.cli import main
+
     output = tmp_path / "launched"
     overrides = [o for o in TINY if not o.startswith("eval.")] + ["eval.sampled_completions=1", "data.num_eval=8"]
-    command = [
-        sys.executable,
-        "-m",
-        "rlvr.cli",
-        "launch",
-        "--zero",
-        "3",
-        "--nproc",
-        "2",
-        "--main-port",
-        "29547",
-        "--",
-        "quickstart",
-        *overrides,
-        f"output_dir={output}",
-    ]
+    launch = ["launch", "--zero", "3", "--nproc", "2", "--main-port", "29547", "--dry-run"]
+    assert main([*launch, "--", "quickstart", *overrides, f"output_dir={output}"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
+    module = len(command) - 1 - command[::-1].index("-m")  # "python -m accelerate.commands.launch ... -m rlvr.cli ..."
+    assert command[module : module + 2] == ["-m", "rlvr.cli"]
+    command[module:] = traced(tmp_path / "trace", SKEW, command[module:])
     finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert_identical_collectives(tmp_path / "trace", finished)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["eval_after"]["num_problems"] == 8
 

@@ -64,6 +64,9 @@ def test_tree_batch_has_g_leaves_per_prompt_and_treerl_advantages(tiny_checkpoin
     expected = treerl_advantages(rewards, layout, batch["completion_mask"].sum(1), batch["completion_ids"].size(1))
     assert batch["advantages"].shape == batch["completion_ids"].shape
     torch.testing.assert_close(batch["advantages"], expected.to(batch["advantages"].dtype))
+    # TRL's completions table shows the advantages the loss used: each row's mean over its tokens
+    row_means = expected.sum(1) / batch["completion_mask"].sum(1).clamp(min=1)
+    assert list(trainer._logs["advantages"])[-ROWS:] == pytest.approx(row_means.tolist())
     logged = trainer._metrics["train"]
     decoded = logged["rollout/decoded_tokens"][0]
     assert decoded == sum(len(c) for c in completions) - int(layout.position.sum())  # shared prefixes once
@@ -136,6 +139,11 @@ def test_tree_settings_the_trainer_cannot_run_fail_naming_the_setting(tiny_check
 
     with pytest.raises(ValueError, match="rollout.branches"):
         build(RolloutConfig(mode="forking_tree", branches=2))
+    with pytest.raises(ValueError, match="rollout.advantage: treerl .* loss_type=vespo"):
+        build(TREE, loss_type="vespo")
+    with pytest.raises(ValueError, match="rollout.engine: copy .* VESPO"):
+        build(RolloutConfig(engine="copy"), loss_type="vespo")
+    build(RolloutConfig(engine="copy"), loss_type="vespo", vllm_importance_sampling_mode="token_mask")
     trainer = build(TREE)
     # one process: TRL's own generation-batch check already asks for whole groups; with several processes
     # each rank's share must hold whole groups too (2 ranks x 2 rows of a group of 4 would split a tree)
@@ -151,6 +159,14 @@ def test_tree_settings_the_trainer_cannot_run_fail_naming_the_setting(tiny_check
         (["rollout.advantage=treerl"], "rollout.advantage"),
         (["rollout.mode=forking_tree", "grpo.use_vllm=true"], "rollout.mode"),
         (["rollout.branches=0"], "rollout.branches"),
+        # TreeRL's per-token advantages, where TRL reads one per sequence
+        (["rollout.mode=forking_tree", "rollout.advantage=treerl", "grpo.loss_type=vespo"], "rollout.advantage"),
+        (
+            ["rollout.mode=forking_tree", "rollout.advantage=treerl", "grpo.off_policy_mask_threshold=0.5"],
+            "rollout.advantage",
+        ),
+        # TRL's own VESPO rule for vLLM, which it checks before the copy engine switches use_vllm on
+        (["rollout.engine=copy", "grpo.loss_type=vespo"], "rollout.engine"),
     ],
 )
 def test_rollout_config_errors_name_the_key(overrides, key):

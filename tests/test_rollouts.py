@@ -104,6 +104,29 @@ def test_treerl_advantages_on_a_hand_computed_tree():
     torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-12)
 
 
+def test_treerl_leaves_an_unscorable_leaf_out_of_values_and_weights():
+    """The tree above with B unscorable (NaN): V(prompt) = 2/3 over A, C, D; A's first segment holds {A, C}
+    scored, so its weight is 1/sqrt(2), not 1/sqrt(3); B's own tokens get 0."""
+    layout = TreeLayout(origin=torch.tensor([0, 0, 0, 3]), position=torch.tensor([0, 2, 4, 0]), group_size=4)
+    rewards = torch.tensor([1.0, float("nan"), 1.0, 0.0], dtype=torch.float64)
+    advantages = treerl_advantages(rewards, layout, torch.tensor([6, 5, 6, 3]), width=7)
+    prompt = 2 / 3
+    s0 = ((1 - prompt) * 2) / math.sqrt(2)  # {A, B, C}: value 1 over A and C
+    s1 = ((1 - prompt) + (1 - 1)) / math.sqrt(2)  # {A, C}
+    s2 = c = 1 - prompt
+    d = (0 - prompt) * 2
+    expected = torch.tensor(
+        [
+            [s0, s0, s1, s1, s2, s2, 0],
+            [0, 0, 0, 0, 0, 0, 0],
+            [s0, s0, s1, s1, c, c, 0],
+            [d, d, d, 0, 0, 0, 0],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(advantages, expected, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------
 # The sampler on a tiny float64 MoE
 
@@ -186,6 +209,25 @@ def test_greedy_branches_repeat_their_root_and_every_group_has_g_leaves(float64_
         root = rollout.completion_ids[(index // 8) * 8 + int(rollout.layout.origin[index])]
         assert completion == root, index
     assert rollout.stats.decoded_tokens < rollout.stats.leaf_tokens
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", pytest.param("offloaded", marks=pytest.mark.gpu)])
+def test_branches_reuse_the_roots_cache_when_a_cache_implementation_is_set(float64_policy, cache_implementation):
+    """grpo.cache_implementation reaches the generation config; generate() refuses it beside a given cache,
+    so the branches drop it (the roots' cache is what they continue) and leaves still equal their greedy root."""
+    model, tokenizer = float64_policy
+    settings = RolloutConfig(mode="forking_tree", branches=3, min_prefix=1, min_suffix=1, reuse_cache=True)
+    sampler = ForkingTreeSampler(settings, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=tokenizer.pad_token_id,
+        cache_implementation=cache_implementation,
+    )
+    rollout = sampler.sample(model, _prompts(tokenizer, 8), 8, config)
+    assert rollout.stats.cache_reused and config.cache_implementation == cache_implementation  # the caller's kept
+    for index, completion in enumerate(rollout.completion_ids):
+        assert completion == rollout.completion_ids[(index // 8) * 8 + int(rollout.layout.origin[index])], index
 
 
 def test_sampled_trees_share_prefixes_are_deterministic_and_count_their_tokens(float64_policy):

@@ -7,6 +7,7 @@ from rlvr.models.loading import (
     is_tiny,
     load_pretrained,
     save_tiny_policy,
+    save_weights_on_this_rank,
     tiny_architecture,
 )
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
@@ -24,6 +25,7 @@ __all__ = [
     "is_tiny",
     "load_pretrained",
     "save_tiny_policy",
+    "save_weights_on_this_rank",
     "tiny_architecture",
     "tiny_moe_config",
 ]

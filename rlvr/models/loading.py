@@ -74,8 +74,23 @@ def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.P
     tokenizer.save_pretrained(directory)
     vocabulary = len(AutoTokenizer.from_pretrained(directory))
     model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
-    model.save_pretrained(directory)  # replaces the config written above
+    save_weights_on_this_rank(model, directory)  # replaces the config written above
     return directory
+
+
+def save_weights_on_this_rank(model: PreTrainedModel, directory: str | os.PathLike) -> None:
+    """``model.save_pretrained(directory)`` with the weights written by this process, whatever its rank.
+
+    transformers >= 5.25 writes weights only on global rank 0 once ``torch.distributed`` is initialised.
+    Each rank of a launch builds its own copy of a tiny policy or a warm start in a staging directory and
+    publishes it (:func:`rlvr.warmstart.publish_directory`); without its weights, a rank that published
+    first would leave a directory with a config and no model under the shared name.
+    """
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # instance attribute, this call only
+    try:
+        model.save_pretrained(directory)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def expose_backbone(model: PreTrainedModel) -> PreTrainedModel:
@@ -115,3 +130,19 @@ def load_pretrained(
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def runs_as_reference(model: torch.nn.Module) -> bool:
+    """Whether a PEFT policy's forward now computes TRL's reference log-probs: every adapter disabled
+    (``PeftModel.disable_adapter()``) or the adapter named ``ref`` active (TRL's ``use_adapter``). False for
+    a model without adapters."""
+    if not getattr(model, "peft_config", None):
+        return False
+    if getattr(model, "active_adapter", None) == "ref":
+        return True
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            return bool(module.disable_adapters)  # disable_adapter() switches every tuner layer together
+    return False

@@ -60,9 +60,10 @@ class Rollouts:
             dense policies).
         settings: the ``rollout`` section (how completions are sampled).
         eos_token_ids, pad_token_id: the tokenizer's, for the tree sampler.
-        sum_across_ranks: sums a tensor over ranks (the identity on one process).
-        gather: ``(tensor, pad_value)`` -> the (B_all, ...) rows of every rank, padded along dim 1 with
-            ``pad_value`` (the identity on one process).
+        sum_across_ranks: sums a tensor over ranks (the identity on one process;
+            :meth:`rlvr.collectives.Collectives.sum` in the trainer).
+        gather: ``(tensor, pad_value)`` -> the (B_all, ...) rows of every rank, padded after dim 0 with
+            ``pad_value``, dtype kept (the identity on one process; :meth:`rlvr.collectives.Collectives.gather_rows`).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class Rollouts:
                 raise ValueError("rollout.mode=forking_tree needs the tokenizer's eos and pad token ids")
             self.sampler = ForkingTreeSampler(self.settings, eos_token_ids, pad_token_id)
         self.last_layout = None  # the TreeLayout of the last forking-tree batch (for inspection)
+        self.logged_advantages: list[float] | None = None  # treerl: each row's mean advantage, all ranks
         self.decoded_tokens_total = 0  # training batches, all ranks: the x-axis of "accuracy per decoded token"
         self.generation_seconds_total = 0.0  # training batches, mean over ranks
         self._tree: TreeRollout | None = None
@@ -123,6 +125,7 @@ class Rollouts:
         with ``rollout.advantage=treerl``, TreeRL's (B, C) advantages. Returns the batch and its metrics."""
         self.replay.start_batch()
         self._tree = self._cost = self._rewards = self._distinct_answers = None
+        self.logged_advantages = None
         batch = produce()
         training_logps = None
         if self.engine is not None and "sampling_per_token_logps" in batch:
@@ -141,6 +144,9 @@ class Rollouts:
             width = batch["completion_ids"].size(1)
             advantages = treerl_advantages(local.cpu(), self._tree.layout, lengths.cpu(), width)  # (B, C)
             batch["advantages"] = advantages.to(device=prompt_ids.device, dtype=batch["advantages"].dtype)
+            # what TRL's completions table shows per row: the mean advantage over the completion's tokens
+            row_means = advantages.sum(dim=1) / lengths.cpu().clamp(min=1)  # (B,)
+            self.logged_advantages = self.gather(row_means.to(prompt_ids.device), 0.0).tolist()  # (B_all,)
         metrics = self._metrics(training)
         if training_logps is not None:
             metrics.update(self._mismatch(batch, training_logps, trainer_routing))

@@ -3,8 +3,10 @@
 A forking tree for one prompt: ``M`` roots sampled i.i.d., then ``N`` branches per root, each re-sampled
 from ``root[:position]`` at one of the root's highest-entropy completion positions (the forking tokens:
 *Beyond the 80/20 Rule*, Wang et al., 2025; TreeRL, Hou et al., 2025, arXiv 2506.11902, branches at the
-tokens of highest entropy too). The branch token itself is sampled again, so every leaf is an
-on-policy sample. ``M * (1 + N) = G`` leaves per prompt.
+tokens of highest entropy too). The branch token itself is sampled again, so every token of a leaf is
+drawn from the policy given its prefix; a leaf is still not an i.i.d. sample of pi(y | x): the branch
+position is chosen from the entropies of the whole root, tokens after it included, and the G leaves of a
+group share prefixes (README, "What a leaf is"). ``M * (1 + N) = G`` leaves per prompt.
 
 A leaf is described by two numbers (:class:`TreeLayout`): the index, within its group, of the root it
 grew from (itself for a root) and its branch position (``0`` for a root, and for a branch that found no
@@ -141,7 +143,8 @@ def treerl_advantages(rewards: torch.Tensor, layout: TreeLayout, lengths: torch.
             for k, begin in enumerate(cuts):
                 below = [root] + [row for _, row in branches[k:]]  # the root and the later branches
                 value = values[below].nanmean()
-                score = ((value - prompt_value) + (value - parent_value)) / math.sqrt(len(below))
+                scored = int((~torch.isnan(values[below])).sum())  # the weight counts the leaves in the value
+                score = ((value - prompt_value) + (value - parent_value)) / math.sqrt(max(scored, 1))
                 end = cuts[k + 1] if k + 1 < len(cuts) else width
                 for row in below:  # every leaf below holds this segment's tokens
                     out[row, begin:end] = score

@@ -82,6 +82,32 @@ class RolloutConfig:
         if self.engine == "copy" and unsupported:
             raise ValueError(f"engine: copy stands in for an inference engine; it does not run with {unsupported[0]}")
 
+    def check_loss(self, loss_type: str, off_policy_mask: bool, importance_sampling_mode: str | None) -> None:
+        """TRL loss settings this section cannot run with, as a ValueError naming this section's field.
+
+        Args:
+            loss_type: TRL's ``loss_type``.
+            off_policy_mask: whether TRL's off-policy sequence mask is on (``off_policy_mask_threshold``).
+            importance_sampling_mode: TRL's ``vllm_importance_sampling_mode`` when its correction is on, else None.
+        """
+        if self.advantage == "treerl":
+            # TreeRL's advantages are per token (B, T); these TRL rules read one advantage per sequence
+            for name, on in (("loss_type=vespo", loss_type == "vespo"), ("off_policy_mask_threshold", off_policy_mask)):
+                if on:
+                    raise ValueError(
+                        f"advantage: treerl gives per-token advantages; TRL's {name} needs one per sequence"
+                    )
+        if (
+            self.engine == "copy"
+            and loss_type == "vespo"
+            and importance_sampling_mode not in (None, "token_truncate", "token_mask")
+        ):
+            # TRL checks this in its __init__ for use_vllm, which the copy engine switches on only after it
+            raise ValueError(
+                "engine: copy runs TRL's vLLM path, and TRL's VESPO loss needs vllm_importance_sampling_mode "
+                f"token_truncate or token_mask (got {importance_sampling_mode})"
+            )
+
     def check_run(self, num_generations: int, rows_per_process: int, unsupported: list[str]) -> None:
         """What ``forking_tree`` cannot run with, as a ValueError naming this section's field: any of
         ``unsupported`` (the active features it does not support yet, e.g. ``use_vllm``), a G that

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor
 
 from rlvr.moe.adapters import MoELayer, UnknownMoEArchitecture, find_moe_layers
 from rlvr.moe.hooks import RoutingHooks
@@ -97,6 +97,54 @@ class EngineOutput:
         return None if self.routed_experts is None else [EngineRouting(rows) for rows in self.routed_experts]
 
 
+class SampledTokenLogProbs(LogitsProcessor):
+    """The log-prob of each sampled token under the processed distribution it was drawn from (vLLM's
+    ``processed_logprobs``), kept as (B,) per step: O(B x C) in all, never the (B, C, V) scores that
+    ``output_scores`` would hold.
+
+    It must see the scores after every warper (temperature, top-k, top-p, ...), which transformers applies
+    after user processors: :meth:`last_processor_of` appends it to the list ``generate`` builds. Each call
+    keeps the step's (B, V) log-softmax until the next call, whose ``input_ids`` end with the token sampled
+    from it; :meth:`finish` reads the last step's token.
+    """
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
+        self.steps: list[torch.Tensor] = []  # per step (B,) float32
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)  # (B, V)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.steps.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))  # (B,)
+        self.pending = None
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, C) log-probs, given the (B,) tokens of the last step."""
+        if self.pending is not None:
+            self._take(last_tokens)
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+    @contextlib.contextmanager
+    def last_processor_of(self, model):
+        """While open, ``model.generate`` runs this after every processor and warper it builds."""
+        build = model._get_logits_processor  # transformers' own list (processors, user's, then the warpers)
+
+        def with_recorder(*args, **kwargs):
+            processors = build(*args, **kwargs)
+            processors.append(self)
+            return processors
+
+        model._get_logits_processor = with_recorder
+        try:
+            yield self
+        finally:
+            del model._get_logits_processor  # the class's method again
+
+
 class CopyEngine:
     """Samples with a copy of the policy in its own dtype, optionally with router noise.
 
@@ -146,20 +194,23 @@ class CopyEngine:
         device = next(self.model.parameters()).device
         if self.hooks is not None:
             self.hooks.start_recording()
+        sampled = SampledTokenLogProbs()
         try:
-            config = copy.deepcopy(generation_config)
-            config.return_dict_in_generate, config.output_scores = True, True
-            output = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-            )
+            with sampled.last_processor_of(self.model):
+                output = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=generation_config,
+                )
         finally:
             forwards = self.hooks.stop_recording() if self.hooks is not None else None
+        sequences = getattr(output, "sequences", output)  # (B, P + C); a dict if the config asks for one
         prompt_width = input_ids.shape[1]
-        completions = output.sequences[:, prompt_width:].cpu()  # (B, C)
-        lengths = completion_lengths(completions, eos_token_ids)  # (B,)
+        completions = sequences[:, prompt_width:]  # (B, C)
         # log-prob of each sampled token under the processed distribution it was drawn from
-        scores = torch.stack(output.scores, dim=1).float().cpu()  # (B, C, V)
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        logprobs = sampled.finish(completions[:, -1]).cpu()  # (B, C)
+        completions = completions.cpu()
+        lengths = completion_lengths(completions, eos_token_ids)  # (B,)
         completion_ids = [completions[row, : int(lengths[row])].tolist() for row in range(len(prompt_ids))]
         token_logprobs = [logprobs[row, : int(lengths[row])].tolist() for row in range(len(prompt_ids))]
         routed = None

@@ -22,6 +22,7 @@ prefix once); ``leaf_tokens`` what the leaves hold (what G i.i.d. samples of the
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -228,17 +229,21 @@ class ForkingTreeSampler:
             input_ids, attention_mask, roots, branch_root, branch_position, width
         )
         reuse = settings.reuse_cache and croppable(output.cache)
-        extra = {}
+        extra, branch_config = {}, generation_config
         if reuse:  # the root's cache cut to P + p_i - 1 tokens; otherwise generate re-reads every context
             kept = prompt_width + branch_position - 1
             extra["cache"] = aligned_prefix_cache(output.cache, branch_root, kept, width - 1)
+            # generate() refuses a cache together with a cache_implementation ("dynamic", "offloaded"):
+            # the roots were sampled with it, the branches continue in the cache it made
+            branch_config = copy.deepcopy(generation_config)
+            branch_config.cache_implementation = None
         budget = max_new_tokens - branch_position  # (Nb,)
         context_width = branch_ids.shape[1]
         with _Recording(routing_hooks) as branch_routing:
             branches = model.generate(
                 input_ids=branch_ids.to(device),
                 attention_mask=branch_mask.to(device),
-                generation_config=generation_config,
+                generation_config=branch_config,
                 stopping_criteria=[RowBudget(context_width, budget)],
                 max_new_tokens=int(budget.max()),
                 **extra,

@@ -1,0 +1,201 @@
+"""rlvr.collectives: every collective rlvr issues goes through it, keeps dtypes, agrees shapes, and runs on
+the accelerator's device; ranks holding unequal data issue identical collectives."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from rlvr.collectives import Collectives, OneProcess
+
+RLVR = Path(__file__).resolve().parent.parent / "rlvr"
+TRACER = str(Path(__file__).parent / "collective_trace.py")
+
+# a collective called directly: torch.distributed's, accelerate's helpers, or imported by name
+DIRECT_COLLECTIVE = re.compile(
+    r"(torch\.distributed|\bdist)\.(all_\w+|broadcast\w*|reduce\w*|gather\w*|scatter\w*|barrier)\s*\("
+    r"|accelerator\.(gather\w*|reduce|pad_across_processes)\s*\("
+    r"|\b(gather_object|broadcast_object_list|pad_across_processes)\s*\("
+    r"|from (torch\.distributed|accelerate\.utils)\S* import .*\b(all_|gather|reduce|broadcast|scatter|pad_across)"
+)
+
+
+def test_no_rlvr_module_calls_a_collective_except_the_helper():
+    offenders = []
+    for path in sorted(RLVR.rglob("*.py")):
+        if path.name == "collectives.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if DIRECT_COLLECTIVE.search(line):
+                offenders.append(f"{path.relative_to(RLVR.parent)}:{number}: {line.strip()}")
+    assert offenders == [], "collectives outside rlvr/collectives.py:\n" + "\n".join(offenders)
+
+
+def test_the_source_check_finds_what_the_trainer_used_to_call():
+    before = [  # the trainer's calls before rlvr.collectives
+        "all_mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))",
+        "return self.accelerator.reduce(values, reduction='sum')",
+        "rewards, gather_object(completions), self._group_size()",
+        "from accelerate.utils import broadcast_object_list, gather_object",
+        "torch.distributed.all_reduce(count)",
+    ]
+    assert all(DIRECT_COLLECTIVE.search(line) for line in before)
+    assert not DIRECT_COLLECTIVE.search("torch.distributed.get_rank(group=generation.tp_group)")
+
+
+def test_one_process_issues_nothing():
+    collectives = OneProcess()
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert collectives.gather_rows(mask) is mask and collectives.sum(mask) is mask
+    assert collectives.gather_objects(["a"]) == ["a"] and collectives.broadcast_objects([1], 0) == [1]
+    assert collectives.num_processes == 1
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    collectives = Collectives("cpu")
+    width = 3 + 2 * rank  # rank 0: 3 columns, rank 1: 5
+    mask = torch.ones(2, width, dtype=torch.bool)
+    mask[1, -1] = False
+    routing = torch.full((2, width, 2, 2), 7 + rank, dtype=torch.int16)  # (B, L, layers, k), int16 as vLLM's
+    entropies = torch.arange(2 * width, dtype=torch.float32).reshape(2, width) + 100 * rank
+    vector = torch.tensor([1.0, 2.0 + rank], dtype=torch.float64)
+    results = {
+        "mask": collectives.gather_rows(mask, False),
+        "routing": collectives.gather_rows(routing, -1),
+        "entropies": collectives.gather_rows(entropies, 0.5),
+        "group_ids": collectives.gather_rows(torch.arange(2) + 2 * rank),
+        "sum": collectives.sum(vector),
+        "vector_after": vector,
+        "objects": collectives.gather_objects([f"rank{rank}", rank]),
+        "broadcast": collectives.broadcast_objects([f"from{rank}"], 1),
+    }
+    try:
+        collectives.gather_rows(torch.zeros(1 + rank, 2))
+    except ValueError as error:
+        results["unequal_rows"] = str(error)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_gather_rows_keeps_dtypes_and_pads_every_rank_alike_over_gloo(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    expected_mask = torch.ones(4, 5, dtype=torch.bool)
+    expected_mask[:2, 3:] = False  # rank 0's padding
+    expected_mask[1, 2] = expected_mask[3, 4] = False
+    expected_routing = torch.full((4, 5, 2, 2), -1, dtype=torch.int16)
+    expected_routing[:2, :3], expected_routing[2:] = 7, 8
+    expected_entropies = torch.full((4, 5), 0.5)
+    expected_entropies[:2, :3] = torch.arange(6.0).reshape(2, 3)
+    expected_entropies[2:] = torch.arange(10.0).reshape(2, 5) + 100
+    for rank, results in enumerate(ranks):
+        assert results["mask"].dtype == torch.bool and torch.equal(results["mask"], expected_mask), rank
+        assert results["routing"].dtype == torch.int16 and torch.equal(results["routing"], expected_routing)
+        assert torch.equal(results["entropies"], expected_entropies)
+        assert results["group_ids"].tolist() == [0, 1, 2, 3]
+        assert results["sum"].dtype == torch.float64 and results["sum"].tolist() == [2.0, 5.0]
+        assert results["vector_after"].tolist() == [1.0, 2.0 + rank]  # the caller's tensor is not summed in place
+        assert results["objects"] == ["rank0", 0, "rank1", 1]
+        assert results["broadcast"] == ["from1"]
+        assert "same number of rows on every rank, got [1, 2]" in results["unequal_rows"]  # every rank raised
+
+
+@pytest.mark.gpu
+def test_collectives_move_cpu_tensors_to_the_gpu_for_nccl(tmp_path):
+    """NCCL serves CUDA tensors only: a CPU tensor handed to it raises; through the helper it works, and the
+    result comes back on the CPU (a one-rank NCCL group: every collective still runs through NCCL)."""
+    assert torch.cuda.is_available(), "a gpu test: run it on a CUDA machine (scripts/gpu_check.sh)"
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError):
+            dist.all_reduce(torch.ones(3))  # the defect the helper prevents
+        collectives = Collectives(torch.device("cuda", 0))
+        mask = torch.tensor([[True, False, True]])
+        gathered = collectives.gather_rows(mask, False)
+        assert gathered.device.type == "cpu" and gathered.dtype == torch.bool and torch.equal(gathered, mask)
+        summed = collectives.sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        assert summed.device.type == "cpu" and summed.tolist() == [1.0, 2.0]
+        assert collectives.gather_objects(["a", 1]) == ["a", 1]
+        assert collectives.broadcast_objects(["b"], 0) == ["b"]
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ranks with unequal data issue identical collectives (each run records every collective of each rank).
+
+
+def collective_sequences(trace_dir: Path, world: int = 2) -> list[list[list]]:
+    return [
+        [json.loads(line) for line in (trace_dir / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in range(world)
+    ]
+
+
+def assert_identical_collectives(trace_dir: Path, finished: subprocess.CompletedProcess | None = None) -> None:
+    """Every rank's sequence of (op, dtype, shape) is the same; on failure, the first difference. With
+    ``finished`` (the launch), then that it succeeded: a mismatch is named before the crash it caused."""
+    if finished is not None and not (trace_dir / "rank0.jsonl").exists():
+        raise AssertionError(f"no collective recorded, exit {finished.returncode}:\n{finished.stderr[-3000:]}")
+    first, *others = collective_sequences(trace_dir)
+    assert first, "no collective was recorded"
+    for rank, sequence in enumerate(others, start=1):
+        for index, (ours, theirs) in enumerate(zip(first, sequence, strict=False)):
+            assert ours == theirs, f"collective {index}: rank 0 {ours}, rank {rank} {theirs}"
+        # equal prefixes of unequal length: one rank stopped (a crash elsewhere) or issued more
+        assert len(first) == len(sequence), f"rank 0 issued {len(first)} collectives, rank {rank} {len(sequence)}"
+    if finished is not None:
+        assert finished.returncode == 0, finished.stderr[-3000:]
+
+
+def traced(trace_dir: Path, skew: int, program: list[str]) -> list[str]:
+    """``program`` (a script or ``-m module`` with its arguments) run under the collective tracer."""
+    return [TRACER, str(trace_dir), str(skew), *program]
+
+
+def test_the_tracer_finds_a_mismatch(tmp_path):
+    """The check above fails on the defect it guards against: one rank's bool mask, the other's int64."""
+    for rank, dtype in enumerate(("torch.bool", "torch.int64")):
+        lines = [["all_gather_into_tensor", "torch.int64", [4]], ["all_gather_into_tensor", dtype, [8, 26]]]
+        (tmp_path / f"rank{rank}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(AssertionError, match="collective 1: rank 0"):
+        assert_identical_collectives(tmp_path)
+
+
+@pytest.mark.slow
+def test_ranks_with_unequal_batches_issue_identical_collectives_under_zero3(tmp_path):
+    """Fixed batches that differ per rank as sampling makes them differ (tests/distributed_steps.py unequal):
+    rank 1's completions are narrower, some of its rows score nothing, and at one step it has no selectable
+    token at all; the sparse head, router gates and a load-balancing loss on forking tokens are on."""
+    from test_distributed import _tiny_model_with_spread_entropies, _trl_accelerate_config
+
+    model_dir = _tiny_model_with_spread_entropies(tmp_path / "model")
+    helper = str(Path(__file__).parent / "distributed_steps.py")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        _trl_accelerate_config("zero3.yaml"),
+        "--mixed_precision",
+        "no",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29571",
+        *traced(tmp_path / "trace", 0, [helper, str(model_dir), str(tmp_path / "out"), "unequal"]),
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert_identical_collectives(tmp_path / "trace", finished)
+    steps = json.loads((tmp_path / "out" / "steps.json").read_text())["steps"]
+    assert len(steps) == 3 and all(step["forking/kept_tokens"] > 0 for step in steps)

@@ -166,7 +166,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
       checkpoints load through ``from_pretrained`` (fused MoE experts).
 
     rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
-    TRL's behaviour instead of failing on a missing attribute.
+    TRL's behaviour instead of failing on a missing attribute; every override reads that state only when it
+    has rlvr's type (``_own``), so a ``Mock(spec=ForkingGRPOTrainer)``, TRL's own test idiom, gets TRL's
+    behaviour too.
     """
 
     forking: ForkingConfig = ForkingConfig()
@@ -366,15 +368,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # Generation: delegated to rlvr.rollouts (prompt groups of the rows, routing recorded for replay).
 
     def _generate_and_score_completions(self, inputs):
+        rollouts = _own(self, "rollouts", Rollouts)
+        if rollouts is None:  # not built by __init__: TRL's batch
+            return super()._generate_and_score_completions(inputs)
         training = self.model.training
         produce = functools.partial(super()._generate_and_score_completions, inputs)
-        batch, metrics = self.rollouts.produce_batch(
-            produce, self._group_size(), self.accelerator.process_index, training
-        )
+        batch, metrics = rollouts.produce_batch(produce, self._group_size(), self.accelerator.process_index, training)
         mode = "train" if training else "eval"
-        if self.rollouts.logged_advantages is not None:  # TRL logged its group advantages; show the ones used
+        if rollouts.logged_advantages is not None:  # TRL logged its group advantages; show the ones used
             logged = self._logs["advantages"]  # a deque: TRL appended this batch's rows last
-            used = self.rollouts.logged_advantages[-len(logged) :] if len(logged) else []
+            used = rollouts.logged_advantages[-len(logged) :] if len(logged) else []
             for index, value in enumerate(used, start=len(logged) - len(used)):
                 logged[index] = value
         for key, value in metrics.items():
@@ -385,14 +388,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return batch
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
-        if not self.rollouts.branches(self.model.training):
-            return self.rollouts.generate(
-                super()._generate_single_turn, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
+        rollouts = _own(self, "rollouts", Rollouts)
+        generate = super()._generate_single_turn
+        if rollouts is None:  # not built by __init__: TRL's sampling
+            return generate(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
+        if not rollouts.branches(self.model.training):
+            return rollouts.generate(generate, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
         if images is not None or multimodal_fields:
             raise ValueError("rollout.mode=forking_tree supports text-only prompts")
         with self._generation_model() as model:
-            return self.rollouts.generate_tree(model, prompt_ids, num_generations, self.generation_config)
+            return rollouts.generate_tree(model, prompt_ids, num_generations, self.generation_config)
 
     @contextlib.contextmanager
     def _generation_model(self):
@@ -412,9 +417,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all ranks
-        self.rollouts.observe_rewards(
-            rewards_per_func, self.reward_weights, self.collectives.gather_objects(completions), self._group_size()
-        )
+        rollouts, collectives = _own(self, "rollouts", Rollouts), _own(self, "collectives", Collectives)
+        if rollouts is not None and collectives is not None:
+            completions = collectives.gather_objects(completions)
+            rollouts.observe_rewards(rewards_per_func, self.reward_weights, completions, self._group_size())
         return rewards_per_func
 
     def _group_size(self) -> int:
@@ -425,6 +431,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     # Loss: select after the forward, hand TRL the weights.
 
     def _compute_loss(self, model, inputs):
+        if _own(self, "forking", ForkingConfig) is None:  # not built by __init__: TRL's loss
+            return super()._compute_loss(model, inputs)
         self.loss_forward = LossForward(inputs)
         own_entropy_bonus = (
             self._entropy_bonus_enabled
@@ -448,20 +456,25 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        state = self.loss_forward
+        state = _own(self, "loss_forward", LossForward)
+        updates = _own(self, "router_updates", RouterAwareUpdates)
+        rollouts = _own(self, "rollouts", Rollouts)
         loss_forward = state is not None and torch.is_grad_enabled()
-        if loss_forward and self.router_updates is not None:
-            self.router_updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
-        sparse = loss_forward and self.sparse_head and not args and text_only_loss_forward(input_ids.size(0), kwargs)
+        if loss_forward and updates is not None:
+            updates.begin(*input_ids.shape, forced=state.inputs.get(ROUTING_KEY))
+        sparse = (
+            loss_forward and self.sparse_head is True and not args and text_only_loss_forward(input_ids.size(0), kwargs)
+        )
         try:
-            # the policy's own forward outside the loss (TRL's old-policy forward), not the reference forward
-            # TRL runs on the same model with adapters disabled
-            policy = (
-                model is self.model and not loss_forward and not runs_as_reference(self.accelerator.unwrap_model(model))
-            )
-            with self.rollouts.replay.old_policy_forward(
-                policy, input_ids.size(1) - logits_to_keep, logits_to_keep
-            ) as forced:
+            recording = contextlib.nullcontext()
+            if rollouts is not None:
+                # the policy's own forward outside the loss (TRL's old-policy forward), not the reference
+                # forward TRL runs on the same model with adapters disabled
+                policy = model is self.model and not loss_forward
+                policy = policy and not runs_as_reference(self.accelerator.unwrap_model(model))
+                prompt_width = input_ids.size(1) - logits_to_keep
+                recording = rollouts.replay.old_policy_forward(policy, prompt_width, logits_to_keep)
+            with recording as forced:
                 if sparse:
                     logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
                     aux_loss = None
@@ -474,14 +487,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
                         model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
                     )
         except BaseException:
-            if self.router_updates is not None:
-                self.router_updates.abort()
+            if updates is not None:
+                updates.abort()
             raise
         if state is not None and entropies is not None:  # the loss forward of _compute_loss
             state.entropies = entropies
             if state.selection is None:  # the sparse head selected inside its forward
                 state.selection = self._select(entropies.detach(), state.inputs)
-            if loss_forward and self.router_updates is not None:
+            if loss_forward and updates is not None:
                 self._finish_router_updates(attention_mask, state)
             if self.forking.mask_kl and self.beta != 0.0 and torch.is_grad_enabled():
                 # The policy term already ignores dropped tokens; this also keeps the KL term's gradient
@@ -561,11 +574,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """Inside rlvr's loss forward: the loss weights of the forking tokens (replacing TRL's ``entropy >=
         quantile`` mask). Anywhere else: TRL's own boolean mask for ``threshold``."""
-        if self.loss_forward is None:
+        state = _own(self, "loss_forward", LossForward)
+        if state is None:
             return super().get_high_entropy_mask(entropies, mask, threshold)
-        if self.loss_forward.selection is None:
+        if state.selection is None:
             raise RuntimeError("TRL asked for the entropy mask before rlvr's loss forward selected the forking tokens")
-        return self.loss_forward.selection.weights
+        return state.selection.weights
 
     def _select(self, entropies: torch.Tensor, inputs: dict) -> MicroBatchSelection:
         """Exact-k selection over this micro-batch (all ranks), as this rank's keep mask and loss weights."""
@@ -621,21 +635,23 @@ class ForkingGRPOTrainer(GRPOTrainer):
         try:
             return super().training_step(*args, **kwargs)  # forward, loss, backward
         finally:
-            if self.router_updates is not None:
-                self.router_updates.release()
+            updates = _own(self, "router_updates", RouterAwareUpdates)
+            if updates is not None:
+                updates.release()
 
     def create_optimizer(self, *args, **kwargs):
         """TRL's optimizer, with the router parameters in their own groups at ``lr x moe.router_lr_multiplier``."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.router_updates is None or self.moe.router_lr_multiplier == 1.0:
+        updates, moe = _own(self, "router_updates", RouterAwareUpdates), _own(self, "moe", MoEConfig)
+        if updates is None or moe is None or moe.router_lr_multiplier == 1.0:
             return optimizer
-        router_ids = {id(p) for p in self.router_updates.router_parameters()}
+        router_ids = {id(p) for p in updates.router_parameters()}
         for group in list(optimizer.param_groups):
             routers = [p for p in group["params"] if id(p) in router_ids]
             if not routers:
                 continue
             group["params"] = [p for p in group["params"] if id(p) not in router_ids]
-            optimizer.add_param_group({**group, "params": routers, "lr": group["lr"] * self.moe.router_lr_multiplier})
+            optimizer.add_param_group({**group, "params": routers, "lr": group["lr"] * moe.router_lr_multiplier})
         optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
         return optimizer
 
@@ -646,8 +662,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """TRL's checkpoint, plus the rollout totals (before ``on_save`` marks the checkpoint complete)."""
         super()._save_checkpoint(model, trial)
         directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.rollout_totals is not None and self.args.should_save and os.path.isdir(directory):
-            self.rollout_totals.save(directory)
+        totals = _own(self, "rollout_totals", RolloutTotals)
+        if totals is not None and self.args.should_save and os.path.isdir(directory):
+            totals.save(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume with the weights converted as ``from_pretrained`` converts them.
@@ -684,18 +701,29 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.forking_log.add(all_entropies, all_mask, inputs["completion_ids"], loss_mask, keep)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        step_metrics, forking_log = _own(self, "step_metrics", dict), _own(self, "forking_log", ForkingTokenLog)
+        if step_metrics is None:  # not built by __init__: TRL's log
+            return super().log(logs, start_time)
         for function in self.reward_funcs:  # failure, timeout and parse-failure counts of rlvr's reward functions
             pop_stats = getattr(function, "pop_stats", None)
             if callable(pop_stats) and "loss" in logs:
                 logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
-        if self.step_metrics is not None:  # this logging step's device metrics, one host read; TRL averages them
-            mode = "train" if self.model.training else "eval"
-            for key, values in self.step_metrics[mode].drain().items():
-                self._metrics[mode][key].extend(values)
+        mode = "train" if self.model.training else "eval"
+        for key, values in step_metrics[mode].drain().items():  # one host read; TRL averages them
+            self._metrics[mode][key].extend(values)
         super().log(logs, start_time)
-        if self.accelerator.is_main_process and self.forking_log is not None:
-            loads = self.router_updates.pop_expert_loads() if self.router_updates is not None else None
-            self.forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
+        if self.accelerator.is_main_process and forking_log is not None:
+            updates = _own(self, "router_updates", RouterAwareUpdates)
+            loads = updates.pop_expert_loads() if updates is not None else None
+            forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
+
+
+def _own(trainer, name: str, kind: type):
+    """rlvr's instance state ``name`` when it is a ``kind`` (as ``__init__`` or the class default makes it),
+    else None. A ``Mock(spec=ForkingGRPOTrainer)`` (TRL's own test idiom) answers every attribute with a
+    Mock: reading state through here gives it TRL's behaviour, not rlvr's."""
+    value = getattr(trainer, name, None)
+    return value if isinstance(value, kind) else None
 
 
 def _loss_mask(inputs: dict) -> torch.Tensor:

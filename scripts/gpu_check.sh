@@ -3,7 +3,12 @@
 # GPU machine (sized for about 10 minutes on one H100/H200):
 #
 #   bash scripts/gpu_check.sh                 # summary in runs/gpu-check/summary.md, each step's log beside it
-#   GPU_CHECK_OUT=DIR GPU_CHECK_STEP_TIMEOUT=SECONDS bash scripts/gpu_check.sh   # elsewhere; each step bounded
+#   GPU_CHECK_OUT=DIR GPU_CHECK_BUDGET=420 bash scripts/gpu_check.sh   # elsewhere, ending within 420 s
+#
+# GPU_CHECK_BUDGET (seconds, default 1800) bounds the whole run: each step gets what is left of it (at most
+# GPU_CHECK_STEP_TIMEOUT, default the budget), a step cut short is recorded with exit 124, and once less
+# than 30 s is left the remaining steps are recorded as not run. Give it well under the time the machine is
+# held for: a run killed from outside loses what it had not yet written.
 #
 # Steps (each one's output goes to its own log and into the summary; a failing step is recorded and the
 # next one still runs; the exit status says whether any failed):
@@ -19,7 +24,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${GPU_CHECK_OUT:-runs/gpu-check}
-STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-1800}  # seconds per step: a step that hangs is recorded (exit 124), the rest run
+BUDGET=${GPU_CHECK_BUDGET:-1800}  # seconds for the whole run
+STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-$BUDGET}  # seconds per step at most
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 FAILED=0
@@ -37,7 +43,13 @@ step() {  # step NAME COMMAND...: run, log, append the log's tail to the summary
     shift
     local log="$OUT/$name.log"
     local start=$SECONDS
-    timeout "$STEP_TIMEOUT" "$@" > "$log" 2>&1
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 30 ]; then
+        printf '\n## %s\n\nnot run: the budget of %s s was spent\n' "$name" "$BUDGET" >> "$SUMMARY"
+        FAILED=1
+        return
+    fi
+    timeout "$((left < STEP_TIMEOUT ? left - 10 : STEP_TIMEOUT))" "$@" > "$log" 2>&1
     local status=$?
     {
         echo

@@ -85,3 +85,66 @@ def test_overridden_public_methods_outside_the_loss_forward_match_trls(tiny_chec
     torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=0)
     assert ours.loss_forward is None  # no loss forward was started
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TRL's own test idiom: the method called on Mock(spec=<trainer class>)
+
+
+def _trl_style_mock(trainer_cls):
+    """The trainer double of TRL's tests of ``get_high_entropy_mask`` (tests/test_grpo_trainer.py)."""
+    from unittest.mock import Mock
+
+    accelerator = Mock()
+    accelerator.num_processes = 1
+    trainer = Mock(spec=trainer_cls)
+    trainer.accelerator = accelerator
+    trainer.accelerator.gather = lambda x: x
+    trainer.accelerator.pad_across_processes = lambda x, dim, pad_index: x
+    return trainer
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.8, 1.0])
+def test_get_high_entropy_mask_on_a_mock_of_the_class_is_trls(threshold):
+    for entropies, mask in _entropy_cases():  # padded, ties, one token and all-masked inputs among them
+        expected = GRPOTrainer.get_high_entropy_mask(_trl_style_mock(GRPOTrainer), entropies, mask, threshold)
+        actual = ForkingGRPOTrainer.get_high_entropy_mask(
+            _trl_style_mock(ForkingGRPOTrainer), entropies, mask, threshold
+        )
+        assert isinstance(actual, torch.Tensor) and actual.dtype == torch.bool
+        assert torch.equal(actual, expected)
+
+
+def _outcome(trainer_cls, method: str, args: tuple):
+    """What ``trainer_cls.method`` does to a TRL-style mock: how it ended and the calls it made on the mock."""
+    from unittest.mock import Mock
+
+    trainer = _trl_style_mock(trainer_cls)
+    try:
+        result = getattr(trainer_cls, method)(trainer, *args)
+        ended = ("returned", "Mock" if isinstance(result, Mock) else type(result).__name__)
+    except Exception as error:  # TRL's code on a mock may fail: ours must fail the same way
+        ended = ("raised", type(error).__name__)
+    return ended, [name for name, _, _ in trainer.mock_calls]
+
+
+@pytest.mark.parametrize(
+    "method, args",
+    [
+        ("log", ({"loss": 0.5},)),
+        ("training_step", ("model", {"prompt_ids": torch.zeros(1, 1)})),
+        ("create_optimizer", ()),
+        ("_compute_loss", ("model", {"completion_mask": torch.ones(1, 2)})),
+        ("_get_per_token_logps_and_entropies", ("model", torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), 2)),
+        ("_generate_and_score_completions", ([{"prompt": "1+1="}],)),
+        ("_generate_single_turn", ([[1, 2]], None, None, 2)),
+        ("_calculate_rewards", ([{}], ["p"], ["c"], [[1]])),
+        ("_save_checkpoint", ("model", None)),
+    ],
+)
+def test_every_override_on_a_mock_of_the_class_does_what_trls_does(method, args):
+    """Each override, called as TRL's tests call methods (on ``Mock(spec=cls)``), ends as TRL's method does on
+    ``Mock(spec=GRPOTrainer)`` and makes the same calls on the mock: rlvr's state, which a Mock only fakes,
+    is never taken for real."""
+    assert getattr(ForkingGRPOTrainer, method) is not getattr(GRPOTrainer, method), f"{method} is not overridden"
+    assert _outcome(ForkingGRPOTrainer, method, args) == _outcome(GRPOTrainer, method, args)

@@ -227,3 +227,13 @@ def test_missing_file_and_wrong_split_are_named(tmp_path):
     assert len(read_source(str(folder), "train")) == 1
     with pytest.raises(DataError, match="no split 'validation'"):
         read_source(str(folder), "validation")
+
+
+def test_every_module_is_at_most_400_lines():
+    """The house rule: a module a newcomer can hold in their head. Over it, split the module by job."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "rlvr"
+    lengths = {str(path.relative_to(root.parent)): len(path.read_text().splitlines()) for path in root.rglob("*.py")}
+    too_long = {path: lines for path, lines in sorted(lengths.items()) if lines > 400}
+    assert not too_long, f"modules over 400 lines (split them by job): {too_long}"

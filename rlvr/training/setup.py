@@ -1,0 +1,198 @@
+"""What ``ForkingGRPOTrainer`` builds or decides once: router-aware updates, the rollout checks, the engine
+behind TRL's vLLM interface, the LM-head choice, the routers' learning rate, and full-checkpoint loads.
+
+Each function reads the TRL trainer it is given (its settings as TRL resolved them) and returns what it
+built; none of them is called per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from rlvr.configuration import ConfigError
+from rlvr.moe import UnknownMoEArchitecture
+from rlvr.moe.updates import RouterAwareUpdates
+from rlvr.rollouts import ReplayRecorder, Rollouts
+from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
+from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
+from rlvr.vllm_routing import VLLMRoutedExperts
+
+logger = logging.getLogger(__name__)
+
+
+def entropy_mask_switch(trainer) -> float:
+    """The ``top_entropy_quantile`` to give TRL: it calls ``get_high_entropy_mask`` only when the value is below
+    1, and rlvr's override ignores the quantile (``forking.rho`` replaces it), so 0.0 turns the forking-token
+    weights on and 1.0 leaves every token to the loss. A user's own value below 1 is refused."""
+    if trainer.top_entropy_quantile < 1.0:
+        raise ValueError(
+            "ForkingGRPOTrainer replaces GRPOConfig.top_entropy_quantile with an exact top-k: pass "
+            "forking=ForkingConfig(rho=...) and leave top_entropy_quantile at 1.0"
+        )
+    return 0.0 if trainer.forking.policy_tokens == "forking" else 1.0
+
+
+def router_aware_updates(trainer) -> RouterAwareUpdates | None:
+    """Gates, router losses and analytics of an MoE policy (routers frozen if asked); None for a dense policy
+    with default ``moe`` settings. Refuses the settings the recorded routing cannot run with."""
+    moe, args = trainer.moe, trainer.args
+    try:
+        updates = RouterAwareUpdates(
+            trainer.model, moe, sum_across_ranks=trainer.collectives.sum, world_size=trainer.accelerator.num_processes
+        )
+    except UnknownMoEArchitecture:
+        if not moe.is_default():
+            raise
+        return None  # a dense policy: nothing to route
+    if moe.freeze_router:
+        updates.freeze_routers()
+    reentrant = args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if reentrant and moe.needs_recorded_routing():
+        raise ValueError(
+            "rlvr.moe gates, router losses and routing replay need "
+            "gradient_checkpointing_kwargs.use_reentrant=False "
+            "(TRL's default): reentrant checkpointing re-runs the forward in backward without the recorded routing"
+        )
+    if moe.routing_replay == "rollout" and getattr(trainer, "use_transformers_continuous_batching", False):
+        raise ValueError(
+            "moe.routing_replay='rollout' replays the experts the sampler chose, which paged generation does not "
+            "return; use routing_replay='old_policy' or 'none'"
+        )
+    return updates
+
+
+def rollouts(trainer, measure: bool) -> Rollouts:
+    """The generation side of ``trainer`` (:class:`rlvr.rollouts.Rollouts`): routing recorded for the replay
+    ``moe.routing_replay`` asks for (and for the mismatch metrics when ``measure``: an engine samples)."""
+    updates = trainer.router_updates
+    return Rollouts(
+        ReplayRecorder(
+            updates.hooks if updates is not None else None,
+            trainer.moe.routing_replay if updates is not None else "none",
+            measure=measure,
+        ),
+        trainer.rollout,
+        eos_token_ids=trainer.eos_token_ids,
+        pad_token_id=trainer._tokenizer.pad_token_id,
+        sum_across_ranks=trainer.collectives.sum,
+        gather=trainer.collectives.gather_rows,
+    )
+
+
+def check_rollout(trainer) -> None:
+    """What ``rollout.mode=forking_tree`` and ``rollout.engine=copy`` cannot run with, as one-line errors."""
+    args = trainer.args
+    active = {
+        "use_vllm": args.use_vllm,  # the setting: the copy engine runs TRL's vLLM path
+        "use_transformers_paged": getattr(trainer, "use_transformers_continuous_batching", False),
+        "tools": bool(trainer.tools),
+        "rollout_func": trainer.rollout_func is not None,
+    }
+    rows = args.per_device_train_batch_size * args.steps_per_generation
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    rollout = trainer.rollout
+    try:
+        rollout.check_run(trainer.num_generations, rows, [name for name, on in active.items() if on])
+        rollout.check_engine([name for name, on in {**active, "DeepSpeed ZeRO-3": zero3}.items() if on])
+        correction = trainer.vllm_importance_sampling_correction
+        rollout.check_loss(
+            trainer.loss_type,
+            trainer.off_policy_mask_threshold is not None,
+            trainer.vllm_importance_sampling_mode if correction else None,
+        )
+    except ValueError as error:
+        raise ValueError(f"rollout.{error}") from None
+
+
+def attach_engine(trainer, measure_forward) -> None:
+    """Sampling with numerics of the engine's own: the copy engine (``rollout.engine=copy``) behind TRL's
+    vLLM generator interface, so TRL's vLLM path (weight sync after optimizer steps, sampling log-probs,
+    importance-sampling correction) runs on it unchanged; or TRL's vLLM with its routed experts kept.
+    Either way each batch's mismatch is measured (``mismatch/*``, with ``measure_forward`` when TRL runs no
+    old-policy forward)."""
+    rollout, accelerator = trainer.rollout, trainer.accelerator
+    if rollout.engine == "copy":
+        policy = accelerator.unwrap_model(trainer.model)
+        dtype = next(policy.parameters()).dtype if rollout.dtype == "auto" else getattr(torch, rollout.dtype)
+        seed = int(trainer.args.seed) * 1009 + accelerator.process_index
+        engine = CopyEngine(policy, dtype, rollout.router_noise, seed=seed)
+        trainer.vllm_generation = CopyEngineGeneration(
+            engine,
+            lambda: accelerator.unwrap_model(trainer.model),
+            trainer.generation_config,
+            trainer._tokenizer.pad_token_id,
+            trainer.eos_token_ids,
+        )
+        trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, "colocate", -1  # TRL's vLLM path
+        routed = trainer.vllm_generation
+    else:
+        routed = VLLMRoutedExperts(
+            trainer.vllm_generation,
+            accelerator.process_index,
+            accelerator.num_processes,
+            broadcast=trainer.collectives.broadcast_objects,
+        )
+    correction = None
+    if trainer.vllm_importance_sampling_correction:
+        correction = (
+            trainer.vllm_importance_sampling_mode,
+            trainer.vllm_importance_sampling_clip_min,
+            trainer.vllm_importance_sampling_clip_max,
+        )
+    trainer.rollouts.attach_engine(routed, measure_forward, correction)
+
+
+def sparse_head_transform(trainer) -> HeadTransform | None:
+    """The logit transform when the loss forward projects only the forking tokens through the LM head with
+    gradient (:mod:`rlvr.sparse_head`; the model gets that route), or None: only where that gives TRL's
+    gradient exactly. Logs the reason once."""
+    setting = trainer.forking.sparse_lm_head
+    blockers = sparse_head_blockers(trainer)
+    if setting == "false":
+        blockers = ["forking.sparse_lm_head=false"]
+    elif setting == "true" and blockers:
+        raise ConfigError(f"forking.sparse_lm_head: true, but it would not be exact: {'; '.join(blockers)}")
+    main = trainer.accelerator.is_main_process
+    if blockers:
+        if main:
+            logger.info("LM head: TRL's fused head on every token (%s)", "; ".join(blockers))
+        return None
+    add_sparse_head_route(trainer.model)
+    if main:
+        logger.info("LM head: backward on the forking tokens only (rlvr.sparse_head)")
+    return HeadTransform.of(trainer.model.config, trainer.temperature)
+
+
+def router_groups(optimizer: torch.optim.Optimizer, updates: RouterAwareUpdates, lr_multiplier: float):
+    """``optimizer`` with the router parameters moved to groups of their own at ``lr x lr_multiplier``."""
+    router_ids = {id(p) for p in updates.router_parameters()}
+    for group in list(optimizer.param_groups):
+        routers = [p for p in group["params"] if id(p) in router_ids]
+        if not routers:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in router_ids]
+        optimizer.add_param_group({**group, "params": routers, "lr": group["lr"] * lr_multiplier})
+    optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+    return optimizer
+
+
+def load_full_checkpoint(model, directory: str) -> bool:
+    """Load a full checkpoint through ``from_pretrained`` into ``model``; False when ``directory`` holds no
+    full model (the Trainer's own resume path then applies).
+
+    transformers 5 saves fused MoE experts in the per-expert hub layout and converts them back when loading
+    through ``from_pretrained``; the Trainer's own resume path loads the raw state dict with ``strict=False``
+    and silently leaves every expert at its initial weights.
+    """
+    has_full_model = os.path.isfile(os.path.join(directory, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(directory)
+    )
+    if not has_full_model or not hasattr(type(model), "from_pretrained"):
+        return False
+    loaded = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+    return True

@@ -28,6 +28,7 @@ _EXPORTS = {
     "ForkingConfig": "rlvr.config",
     "MoEConfig": "rlvr.config",
     "RolloutConfig": "rlvr.rollouts",
+    "PromptsConfig": "rlvr.prompts",
     "select_forking_tokens": "rlvr.forking",
     "MathAccuracy": "rlvr.rewards",
     "math_accuracy": "rlvr.rewards",
@@ -49,6 +50,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for linters and IDEs
     "MathAccuracy",
     "MoEConfig",
     "OverlongPenalty",
+    "PromptsConfig",
     "RolloutConfig",
     "TinyMoESpec",
     "__version__",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from rlvr.config import ForkingConfig, MoEConfig
     from rlvr.forking import select_forking_tokens
     from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, save_tiny_policy
+    from rlvr.prompts import PromptsConfig
     from rlvr.rewards import (
         MathAccuracy,
         OverlongPenalty,

@@ -9,6 +9,7 @@ section        what it sets                                defined in
 ``forking``    forking-token selection                     :class:`rlvr.forking.ForkingConfig`
 ``moe``        router-aware updates                        :class:`rlvr.moe.config.MoEConfig`
 ``rollout``    how training completions are sampled        :class:`rlvr.rollouts.config.RolloutConfig`
+``prompts``    which prompts a step spends generation on   :class:`rlvr.prompts.config.PromptsConfig`
 ``warm_start`` supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
 ``eval``       held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
 ``grpo``       TRL ``GRPOConfig`` fields, passed through   TRL
@@ -52,6 +53,7 @@ from rlvr.evaluation import EvalConfig
 from rlvr.forking import ForkingConfig, loss_normalization_unit
 from rlvr.models.loading import ModelConfig
 from rlvr.moe.config import MoEConfig
+from rlvr.prompts.config import PromptsConfig
 from rlvr.rewards.registry import RewardConfig
 from rlvr.rollouts.config import RolloutConfig
 from rlvr.warmstart import WarmStartConfig, WarmStartJob
@@ -101,6 +103,9 @@ class RunConfig:
     forking: ForkingConfig = option(ForkingConfig, "forking-token selection (Wang et al., 2025)")
     moe: MoEConfig = option(MoEConfig, "router-aware updates and routing analytics (MoE policies)")
     rollout: RolloutConfig = option(RolloutConfig, "how training completions are sampled: i.i.d. or forking trees")
+    prompts: PromptsConfig = option(
+        PromptsConfig, "which prompts a step spends generation on: all (TRL's), or dynamic sampling"
+    )
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
     grpo: dict = passthrough(

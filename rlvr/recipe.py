@@ -79,6 +79,7 @@ def train(config: RunConfig) -> RunResult:
         forking=config.forking,
         moe=config.moe,
         rollout=config.rollout,
+        prompts=config.prompts,
         callbacks=callbacks,
     )
     use_compact_progress(trainer)

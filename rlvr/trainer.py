@@ -14,7 +14,6 @@ and :mod:`rlvr.moe` (router-aware updates).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 
@@ -29,11 +28,13 @@ from rlvr.models.loading import expose_backbone, runs_as_reference
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves
+from rlvr.prompts import PromptsConfig
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.sparse_head import HeadTransform, text_only_loss_forward
 from rlvr.training import generation, setup
 from rlvr.training.callbacks import CorrectionBiasUpdate, RolloutTotals
 from rlvr.training.forwards import replayed_forward, sparse_loss_forward
+from rlvr.training.prompt_filter import DynamicSampling
 from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
 from rlvr.trl_loading import zero3_leaves_as_trl_loads
 from rlvr.vllm_routing import routed_experts_returned
@@ -50,8 +51,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         forking: which tokens are forking and how the loss treats them (see :class:`rlvr.forking.ForkingConfig`).
         moe: router-aware updates and routing analytics (see :class:`rlvr.moe.config.MoEConfig`); ignored
             for dense models when left at its defaults.
-        rollout: how training completions are sampled (see :class:`rlvr.rollouts.config.RolloutConfig`):
-            TRL's i.i.d. samples (the default) or forking trees.
+        rollout: how training completions are sampled (:class:`rlvr.rollouts.config.RolloutConfig`).
+        prompts: which prompts a step spends generation on (:class:`rlvr.prompts.config.PromptsConfig`).
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
 
@@ -76,7 +77,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                                                 != 1`` (``training.setup.router_groups``)
     ``_generate_and_score_completions``,        TRL's batch plus group ids, routing records, forking trees,
     ``_generate_single_turn``,                  TreeRL advantages and ``rollout/*`` metrics
-    ``_calculate_rewards``                      (``rollouts.Rollouts``)
+    ``_calculate_rewards``                      (``rollouts.Rollouts``; dynamic sampling: ``DynamicSampling``)
     ``log``                                     reward-function failure counts, the step's device metrics,
                                                 the forking-token log (``forking_log.ForkingTokenLog``)
     ``_save_checkpoint``,                       rollout totals in each checkpoint (``training.callbacks``);
@@ -92,6 +93,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     forking: ForkingConfig = ForkingConfig()
     moe: MoEConfig = MoEConfig()
     rollout: RolloutConfig = RolloutConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    dynamic_sampling: DynamicSampling | None = None  # prompts.filter=dynamic
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
     rollout_totals: RolloutTotals | None = None
@@ -108,12 +111,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
         forking: ForkingConfig | None = None,
         moe: MoEConfig | None = None,
         rollout: RolloutConfig | None = None,
+        prompts: PromptsConfig | None = None,
         **kwargs,
     ):
         self.forking = forking or ForkingConfig()
         self.moe = moe or MoEConfig()
-        self.rollout = rollout or RolloutConfig()
+        self.rollout, self.prompts = rollout or RolloutConfig(), prompts or PromptsConfig()
         self.rollout.validate()
+        self.prompts.validate()
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
@@ -145,6 +150,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.selection = ForkingSelection(
             self.forking, normalization_unit, self.collectives, self.forking_log, int(self.args.seed), rank
         )
+        self.dynamic_sampling = setup.dynamic_sampling(self)
         self.head_transform = setup.sparse_head_transform(self)
         self.sparse_head = self.head_transform is not None
 
@@ -172,11 +178,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         rollouts = _own(self, "rollouts", Rollouts)
         if rollouts is None:  # not built by __init__: TRL's batch
             return super()._generate_and_score_completions(inputs)
-        produce = functools.partial(super()._generate_and_score_completions, inputs)
-        training, rank = self.model.training, self.accelerator.process_index
-        batch, metrics = rollouts.produce_batch(produce, self._group_size(), rank, training)
-        generation.log_batch(rollouts, metrics, self._metrics["train" if training else "eval"], self._logs)
-        return batch
+        sampling = _own(self, "dynamic_sampling", DynamicSampling)
+        return generation.produce_batch(self, rollouts, sampling, super()._generate_and_score_completions, inputs)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         rollouts = _own(self, "rollouts", Rollouts)

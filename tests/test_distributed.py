@@ -37,8 +37,13 @@ COPY_ENGINE = [
 ]
 
 
+DYNAMIC = ["prompts.filter=dynamic", "prompts.max_draws=2"]  # a random policy's groups rarely vary: refills
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", [[], TREE, COPY_ENGINE], ids=["iid", "forking_tree", "copy_engine"])
+@pytest.mark.parametrize(
+    "rollout", [[], TREE, COPY_ENGINE, DYNAMIC], ids=["iid", "forking_tree", "copy_engine", "dynamic_sampling"]
+)
 def test_two_process_torchrun_on_cpu(tmp_path, rollout):
     output = tmp_path / "ddp"
     command = [

@@ -96,6 +96,13 @@ class Rollouts:
         self._rewards: torch.Tensor | None = None  # (B_all,) weighted rewards of the batch, all ranks
         self._distinct_answers: float | None = None
 
+    @property
+    def batch_rewards(self) -> torch.Tensor:
+        """(B_all,) weighted rewards of every rank's rows in the batch being produced (NaN: unscorable)."""
+        if self._rewards is None:
+            raise RuntimeError("the batch's rewards were not observed (TRL's _calculate_rewards did not run)")
+        return self._rewards
+
     def attach_engine(
         self,
         engine,

@@ -1,14 +1,46 @@
-"""The generation side as the trainer hands it over: the policy as TRL samples with it, and what a produced
-batch adds to TRL's logs."""
+"""The generation side as the trainer hands it over: a training or eval batch produced through
+:class:`rlvr.rollouts.Rollouts` (and refilled by :class:`rlvr.training.prompt_filter.DynamicSampling` when
+``prompts.filter`` asks), what it adds to TRL's logs, and the policy as TRL samples with it."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 
 import torch
 from trl.models import unwrap_model_for_generation
 
 from rlvr.rollouts import Rollouts
+from rlvr.training.prompt_filter import DynamicSampling
+
+
+def produce_batch(
+    trainer, rollouts: Rollouts, sampling: DynamicSampling | None, trl_produce: Callable[[list[dict]], dict], inputs
+) -> dict:
+    """TRL's ``_generate_and_score_completions`` (``trl_produce``) on ``inputs`` through ``rollouts``, its metrics
+    into TRL's logs; training batches refilled by ``sampling`` when given."""
+    training, rank = trainer.model.training, trainer.accelerator.process_index
+    metrics_of_mode = trainer._metrics["train" if training else "eval"]
+    group_size = trainer.num_generations if training else trainer.num_generations_eval
+
+    calls: list[dict[str, float]] = []  # each generation call's rollout/* and mismatch/* metrics
+
+    def produce(rows: list[dict]) -> tuple[dict, dict[str, float]]:
+        batch, metrics = rollouts.produce_batch(functools.partial(trl_produce, rows), group_size, rank, training)
+        calls.append(metrics)
+        return batch, metrics
+
+    if sampling is None or not training:
+        batch = produce(inputs)[0]
+    else:
+        batch, _, prompt_metrics = sampling.produce(
+            produce, lambda: rollouts.batch_rewards, inputs, trainer.state.global_step
+        )
+        for key, value in prompt_metrics.items():
+            metrics_of_mode[key].append(value)
+    log_batch(rollouts, merge_calls(calls), metrics_of_mode, trainer._logs)
+    return batch
 
 
 @contextlib.contextmanager
@@ -26,6 +58,24 @@ def generation_model(trainer):
         trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False),
     ):
         yield unwrapped_model
+
+
+SUMMED = ("rollout/decoded_tokens", "rollout/generation_seconds", "rollout/branches", "rollout/fallback_branches")
+
+
+def merge_calls(calls: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of one generation batch made by several generation calls: counts and seconds summed, the
+    running total the last call's, every other value (shares, means, mismatch) the mean over the calls."""
+    merged: dict[str, float] = {}
+    for key in dict.fromkeys(key for metrics in calls for key in metrics):
+        values = [metrics[key] for metrics in calls if key in metrics]
+        if key in SUMMED:
+            merged[key] = sum(values)
+        elif key == "rollout/decoded_tokens_total":
+            merged[key] = values[-1]
+        else:
+            merged[key] = sum(values) / len(values)
+    return merged
 
 
 def log_batch(rollouts: Rollouts, metrics: dict[str, float], trl_metrics: dict, trl_logs: dict) -> None:

@@ -18,6 +18,7 @@ from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.rollouts import ReplayRecorder, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
+from rlvr.training.prompt_filter import DynamicSampling
 from rlvr.vllm_routing import VLLMRoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,30 @@ def rollouts(trainer, measure: bool) -> Rollouts:
         pad_token_id=trainer._tokenizer.pad_token_id,
         sum_across_ranks=trainer.collectives.sum,
         gather=trainer.collectives.gather_rows,
+    )
+
+
+def dynamic_sampling(trainer) -> DynamicSampling | None:
+    """The refill of training batches ``prompts.filter=dynamic`` asks for (None: TRL's batches)."""
+    if trainer.prompts.filter != "dynamic":
+        return None
+    args = trainer.args
+    rows = args.per_device_train_batch_size * args.steps_per_generation
+    if rows % trainer.num_generations:
+        raise ValueError(
+            f"prompts.filter=dynamic keeps whole groups on each process: per_device_train_batch_size x "
+            f"steps_per_generation ({rows}) must be a multiple of num_generations ({trainer.num_generations})"
+        )
+    accelerator = trainer.accelerator
+    return DynamicSampling(
+        trainer.prompts,
+        trainer.collectives,
+        trainer.train_dataset,
+        trainer.num_generations,
+        int(args.seed),
+        accelerator.process_index,
+        accelerator.num_processes,
+        trainer._tokenizer.pad_token_id,
     )
 
 

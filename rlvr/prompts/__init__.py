@@ -1,0 +1,12 @@
+"""Which prompts a training step spends its generation on (selective rollouts).
+
+A GRPO group whose G rewards are all equal has zero advantage: it gives no gradient, yet its G completions
+were decoded in full. :class:`PromptsConfig` (the ``prompts`` section) says what to do about it;
+:mod:`rlvr.prompts.groups` finds the groups without reward variance and :mod:`rlvr.prompts.assembly` builds a
+generation batch from the groups that stay. Plain torch: the trainer wires them into TRL
+(:mod:`rlvr.training.prompt_filter`).
+"""
+
+from rlvr.prompts.config import FILTERS, PromptsConfig
+
+__all__ = ["FILTERS", "PromptsConfig"]

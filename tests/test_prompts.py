@@ -1,0 +1,232 @@
+"""Selective rollouts: groups without reward variance (against a float64 loop), the refill draws, batches built
+from the kept rows of several generation calls, and DAPO's dynamic sampling inside ForkingGRPOTrainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from rlvr.config import load_config
+from rlvr.configuration import ConfigError
+from rlvr.moe.replay import NOT_RECORDED
+from rlvr.prompts import PromptsConfig
+from rlvr.prompts.assembly import assemble_rows
+from rlvr.prompts.groups import draw_prompts, informative_groups
+from rlvr.rewards.text import completion_text
+from rlvr.rollouts import GROUP_IDS_KEY
+from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
+
+
+def _reference_informative(rewards: list[float], group_size: int, tolerance: float) -> list[bool]:
+    out = []
+    for start in range(0, len(rewards), group_size):
+        scored = [r for r in rewards[start : start + group_size] if not math.isnan(r)]
+        if len(scored) < 2:
+            out.append(False)
+            continue
+        mean = sum(scored) / len(scored)
+        out.append(math.sqrt(sum((r - mean) ** 2 for r in scored) / len(scored)) > tolerance)
+    return out
+
+
+def test_informative_groups_match_a_float64_loop_on_random_ties_and_unscorable_rows():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        rewards = torch.randint(0, 3, (24,), generator=generator).float() / 2  # many ties: all-equal groups occur
+        rewards[torch.rand(24, generator=generator) < 0.15] = float("nan")
+        if trial == 0:
+            rewards[:4] = float("nan")  # a group with nothing scorable
+            rewards[4:8] = torch.tensor([1.0, float("nan"), float("nan"), float("nan")])  # one scorable row
+        expected = _reference_informative(rewards.tolist(), 4, 1e-6)
+        assert informative_groups(rewards, 4, 1e-6).tolist() == expected
+    near = torch.tensor([0.5, 0.5 + 1e-9, 0.5, 0.5], dtype=torch.float64)  # below the tolerance: no variance
+    assert informative_groups(near, 4, 1e-6).tolist() == [False]
+    assert informative_groups(near, 4, 0.0).tolist() == [True]
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        informative_groups(torch.zeros(6), 4)
+
+
+def test_refill_draws_are_a_function_of_seed_step_and_draw():
+    first = draw_prompts(50, 8, seed=1, step=3, draw=1)
+    assert first == draw_prompts(50, 8, seed=1, step=3, draw=1)  # every rank, and after a resume
+    assert len(set(first)) == 8 and all(0 <= index < 50 for index in first)
+    assert first != draw_prompts(50, 8, seed=1, step=3, draw=2) != draw_prompts(50, 8, seed=1, step=4, draw=1)
+    assert len(draw_prompts(5, 12, seed=0, step=0, draw=1)) == 12  # more than the dataset: with replacement
+
+
+def _batch(prompts: list[list[int]], completions: list[list[int]], layers: int = 1) -> dict:
+    """A generation batch laid out as TRL lays it out: prompts left-padded, completions right-padded."""
+    P, C = max(map(len, prompts)), max(map(len, completions))
+    rows = len(prompts)
+    prompt_ids = torch.zeros(rows, P, dtype=torch.long)
+    prompt_mask = torch.zeros(rows, P, dtype=torch.long)
+    completion_ids = torch.zeros(rows, C, dtype=torch.long)
+    completion_mask = torch.zeros(rows, C, dtype=torch.long)
+    routing = torch.full((rows, P + C, layers, 2), NOT_RECORDED, dtype=torch.int32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        prompt_ids[row, P - len(prompt) :] = torch.tensor(prompt)
+        prompt_mask[row, P - len(prompt) :] = 1
+        completion_ids[row, : len(completion)] = torch.tensor(completion)
+        completion_mask[row, : len(completion)] = 1
+        routing[row, P - len(prompt) : P + len(completion)] = torch.tensor(prompt + completion).view(-1, 1, 1)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "old_per_token_logps": completion_ids.float() / 10,
+        "advantages": torch.arange(rows, dtype=torch.float32),
+        "routing": routing,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def test_assembled_rows_keep_their_layout_across_generation_calls_of_different_widths():
+    first = _batch([[5, 6], [7]], [[8, 9, 10], [11]])  # P = 2, C = 3
+    second = _batch([[12, 13, 14], [15]], [[16], [17, 18, 19, 20, 21]])  # P = 3, C = 5
+    out = assemble_rows(
+        [first, second],
+        [(1, 0), (0, 0), (1, 1)],
+        pad_token_id=0,
+        routing_key="routing",
+        recomputed=("num_items_in_batch",),
+    )
+    assert "num_items_in_batch" not in out
+    assert out["prompt_ids"].tolist() == [[12, 13, 14], [0, 5, 6], [0, 0, 15]]  # left-padded to P = 3
+    assert out["prompt_mask"].tolist() == [[1, 1, 1], [0, 1, 1], [0, 0, 1]]
+    assert out["completion_ids"].tolist() == [[16, 0, 0, 0, 0], [8, 9, 10, 0, 0], [17, 18, 19, 20, 21]]
+    assert out["completion_mask"].sum(1).tolist() == [1, 3, 5]
+    torch.testing.assert_close(out["old_per_token_logps"], out["completion_ids"].float() / 10)
+    assert out["advantages"].tolist() == [0.0, 0.0, 1.0]
+    for row in range(3):  # the routing record follows its tokens: prompt on the left, completion on the right
+        tokens = torch.cat([out["prompt_ids"][row], out["completion_ids"][row]])
+        mask = torch.cat([out["prompt_mask"][row], out["completion_mask"][row]]).bool()
+        record = out["routing"][row, :, 0, 0]
+        assert record[mask].tolist() == tokens[mask].tolist()
+        assert (record[~mask] == NOT_RECORDED).all()
+
+
+def test_assembly_refuses_what_it_cannot_lay_out_naming_the_key():
+    batch = _batch([[5]], [[6]])
+    recomputed = ("num_items_in_batch",)
+    with pytest.raises(ValueError, match="'pixel_values'"):
+        assemble_rows([{**batch, "pixel_values": torch.zeros(1, 3)}], [(0, 0)], 0, "routing", recomputed)
+    with pytest.raises(ValueError, match="keys"):
+        assemble_rows([batch, {**batch, "tool_mask": batch["completion_mask"]}], [(0, 0)], 0, "routing", recomputed)
+
+
+@pytest.mark.parametrize(
+    "override, key", [("prompts.max_draws=0", "prompts.max_draws"), ("prompts.filter=sometimes", "prompts.filter")]
+)
+def test_prompts_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dynamic sampling in the trainer
+
+
+def even_answers_always_right(completions, answer, **_):
+    """Every completion of a prompt with an even answer scores 1 (a group without variance); the others score
+    by the parity of their length (a group with variance, nearly always)."""
+    return [
+        1.0 if int(gold) % 2 == 0 else float(len(completion_text(c)) % 2)
+        for c, gold in zip(completions, answer, strict=True)
+    ]
+
+
+def _rows(kinds: str) -> list[dict]:
+    """Rows of TRL's generation batch: one group per letter, 'e' a prompt with an even answer, 'o' odd."""
+    dataset = _dataset()
+    even = [row for row in dataset if int(row["answer"]) % 2 == 0]
+    odd = [row for row in dataset if int(row["answer"]) % 2 == 1]
+    chosen = [(even if kind == "e" else odd)[index] for index, kind in enumerate(kinds)]
+    return [row for row in chosen for _ in range(GENERATIONS)]
+
+
+def _trainer(tiny_checkpoint, tmp_path, prompts: PromptsConfig):
+    trainer = make_trainer(tiny_checkpoint(), tmp_path)
+    trainer.reward_funcs = [even_answers_always_right]
+    trainer.reward_func_names = ["even_answers_always_right"]
+    trainer.prompts = prompts
+    from rlvr.training import setup
+
+    trainer.dynamic_sampling = setup.dynamic_sampling(trainer)
+    return trainer
+
+
+def test_dynamic_sampling_trains_only_groups_with_reward_variance(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path, PromptsConfig(filter="dynamic", max_draws=8))
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(_rows("eo"))  # the first group has no variance
+    assert batch["completion_ids"].size(0) == ROWS and batch["prompt_ids"].size(0) == ROWS
+    advantages = batch["advantages"].view(-1, GENERATIONS)
+    assert (advantages.abs().sum(dim=1) > 0).all()  # every trained group carries a gradient
+    assert batch[GROUP_IDS_KEY].tolist() == (torch.arange(ROWS) // GENERATIONS).tolist()
+    assert int(batch["num_items_in_batch"]) == int(batch["completion_mask"].sum())
+    mask = batch["prompt_mask"]
+    assert torch.equal(mask, mask.cummax(dim=1).values)  # still left-padded: [0 .. 0 1 .. 1]
+    logged = trainer._metrics["train"]
+    calls = logged["prompts/generation_calls"][-1]
+    assert calls >= 2 and logged["prompts/trained_zero_variance_share"][-1] == 0.0
+    assert logged["prompts/drawn"][-1] == calls * ROWS / GENERATIONS
+    assert logged["prompts/dropped"][-1] == logged["prompts/drawn"][-1] - ROWS / GENERATIONS
+    # the step's decoded tokens are every call's, dropped groups included: more than the batch trains on
+    decoded = logged["rollout/decoded_tokens"]
+    assert len(decoded) == 1 and decoded[0] == logged["rollout/decoded_tokens_total"][-1]
+    assert decoded[0] > int(batch["completion_mask"].sum())
+
+
+def test_dynamic_sampling_out_of_draws_trains_what_there_is_and_says_so(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path, PromptsConfig(filter="dynamic", max_draws=1))
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(_rows("eo"))
+    assert batch["completion_ids"].size(0) == ROWS
+    logged = trainer._metrics["train"]
+    assert logged["prompts/generation_calls"][-1] == 1 and logged["prompts/short_groups"][-1] == 1
+    assert logged["prompts/trained_zero_variance_share"][-1] == 0.5
+    # the group with variance comes first, then the zero-variance one that fills the batch
+    advantages = batch["advantages"].view(-1, GENERATIONS)
+    assert advantages[0].abs().sum() > 0 and advantages[1].abs().sum() == 0
+
+
+def test_filter_none_is_trls_batch_unchanged(tiny_checkpoint, tmp_path):
+    ours = _trainer(tiny_checkpoint, tmp_path / "ours", PromptsConfig(filter="none"))
+    stock = make_trainer(tiny_checkpoint(), tmp_path / "stock", trainer_cls=GRPOTrainer)
+    stock.reward_funcs, stock.reward_func_names = [even_answers_always_right], ["even_answers_always_right"]
+    batches = []
+    for trainer in (ours, stock):
+        torch.manual_seed(0)
+        batches.append(trainer._generate_and_score_completions(_rows("eo")))
+    for key in ("prompt_ids", "completion_ids", "completion_mask", "advantages", "num_items_in_batch"):
+        assert torch.equal(batches[0][key], batches[1][key]), key
+    assert "prompts/generation_calls" not in ours._metrics["train"]
+
+
+def test_dynamic_sampling_needs_whole_groups_on_each_process(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint(), tmp_path)
+    trainer.prompts = PromptsConfig(filter="dynamic")
+    trainer.args.per_device_train_batch_size, trainer.args.steps_per_generation = 2, 1
+    from rlvr.training import setup
+
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        setup.dynamic_sampling(trainer)
+
+
+def test_a_batch_of_several_generation_calls_sums_its_counts_and_averages_its_shares():
+    from rlvr.training.generation import merge_calls
+
+    calls = [
+        {"rollout/decoded_tokens": 100.0, "rollout/decoded_share": 1.0, "rollout/decoded_tokens_total": 100.0},
+        {"rollout/decoded_tokens": 60.0, "rollout/decoded_share": 0.5, "rollout/decoded_tokens_total": 160.0},
+    ]
+    assert merge_calls(calls) == {
+        "rollout/decoded_tokens": 160.0,
+        "rollout/decoded_share": 0.75,
+        "rollout/decoded_tokens_total": 160.0,
+    }
+    assert merge_calls(calls[:1]) == calls[0]

@@ -32,9 +32,9 @@ from rlvr.prompts import PromptsConfig
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.sparse_head import HeadTransform, text_only_loss_forward
 from rlvr.training import generation, setup
-from rlvr.training.callbacks import CorrectionBiasUpdate, RolloutTotals
+from rlvr.training.callbacks import CheckpointedState, CorrectionBiasUpdate, RolloutTotals
 from rlvr.training.forwards import replayed_forward, sparse_loss_forward
-from rlvr.training.prompt_filter import DynamicSampling
+from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
 from rlvr.trl_loading import zero3_leaves_as_trl_loads
 from rlvr.vllm_routing import routed_experts_returned
@@ -77,7 +77,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                                                 != 1`` (``training.setup.router_groups``)
     ``_generate_and_score_completions``,        TRL's batch plus group ids, routing records, forking trees,
     ``_generate_single_turn``,                  TreeRL advantages and ``rollout/*`` metrics
-    ``_calculate_rewards``                      (``rollouts.Rollouts``; dynamic sampling: ``DynamicSampling``)
+    ``_calculate_rewards``                      (``rollouts.Rollouts``; ``prompts.filter``: ``PromptFilter``)
     ``log``                                     reward-function failure counts, the step's device metrics,
                                                 the forking-token log (``forking_log.ForkingTokenLog``)
     ``_save_checkpoint``,                       rollout totals in each checkpoint (``training.callbacks``);
@@ -94,7 +94,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     moe: MoEConfig = MoEConfig()
     rollout: RolloutConfig = RolloutConfig()
     prompts: PromptsConfig = PromptsConfig()
-    dynamic_sampling: DynamicSampling | None = None  # prompts.filter=dynamic
+    prompt_filter: PromptFilter | None = None  # prompts.filter: dynamic or skip
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
     rollout_totals: RolloutTotals | None = None
@@ -150,7 +150,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.selection = ForkingSelection(
             self.forking, normalization_unit, self.collectives, self.forking_log, int(self.args.seed), rank
         )
-        self.dynamic_sampling = setup.dynamic_sampling(self)
+        self.prompt_filter = setup.prompt_filter(self)
         self.head_transform = setup.sparse_head_transform(self)
         self.sparse_head = self.head_transform is not None
 
@@ -178,7 +178,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         rollouts = _own(self, "rollouts", Rollouts)
         if rollouts is None:  # not built by __init__: TRL's batch
             return super()._generate_and_score_completions(inputs)
-        sampling = _own(self, "dynamic_sampling", DynamicSampling)
+        sampling = _own(self, "prompt_filter", PromptFilter)
         return generation.produce_batch(self, rollouts, sampling, super()._generate_and_score_completions, inputs)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
@@ -359,12 +359,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return setup.router_groups(optimizer, updates, moe.router_lr_multiplier)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """TRL's checkpoint, plus the rollout totals (before ``on_save`` marks the checkpoint complete)."""
+        """TRL's checkpoint, plus rlvr's state (before ``on_save`` marks the checkpoint complete)."""
         super()._save_checkpoint(model, trial)
         directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        totals = _own(self, "rollout_totals", RolloutTotals)
-        if totals is not None and self.args.should_save and os.path.isdir(directory):
-            totals.save(directory)
+        if self.args.should_save and os.path.isdir(directory) and _own(self, "forking", ForkingConfig) is not None:
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, CheckpointedState):  # the rollout totals, the prompt history
+                    callback.save(directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume with the weights converted as ``from_pretrained`` converts them (fused MoE experts:

@@ -155,7 +155,7 @@ def _trainer(tiny_checkpoint, tmp_path, prompts: PromptsConfig):
     trainer.prompts = prompts
     from rlvr.training import setup
 
-    trainer.dynamic_sampling = setup.dynamic_sampling(trainer)
+    trainer.prompt_filter = setup.prompt_filter(trainer)
     return trainer
 
 
@@ -207,14 +207,14 @@ def test_filter_none_is_trls_batch_unchanged(tiny_checkpoint, tmp_path):
     assert "prompts/generation_calls" not in ours._metrics["train"]
 
 
-def test_dynamic_sampling_needs_whole_groups_on_each_process(tiny_checkpoint, tmp_path):
+def test_prompt_filters_need_whole_groups_on_each_process(tiny_checkpoint, tmp_path):
     trainer = make_trainer(tiny_checkpoint(), tmp_path)
     trainer.prompts = PromptsConfig(filter="dynamic")
     trainer.args.per_device_train_batch_size, trainer.args.steps_per_generation = 2, 1
     from rlvr.training import setup
 
     with pytest.raises(ValueError, match="multiple of num_generations"):
-        setup.dynamic_sampling(trainer)
+        setup.prompt_filter(trainer)
 
 
 def test_a_batch_of_several_generation_calls_sums_its_counts_and_averages_its_shares():
@@ -230,3 +230,80 @@ def test_a_batch_of_several_generation_calls_sums_its_counts_and_averages_its_sh
         "rollout/decoded_tokens_total": 160.0,
     }
     assert merge_calls(calls[:1]) == calls[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skipping before sampling: GRESO's history rule
+
+
+def test_skip_probability_follows_gresos_rule_and_resets_on_variance():
+    from rlvr.prompts.history import FLOOR, PromptHistory
+
+    history = PromptHistory(target_zero_variance=0.3, solved_reward=0.5)
+    assert history.skip_probability("new") == 0.0  # nothing known: always sampled
+    for times, expected in ((1, 0.5), (2, 0.75), (3, 0.875)):
+        assert history.observe("easy", informative=False, reward=1.0) == "right"
+        assert history.skip_probability("easy") == pytest.approx(expected)  # 1 - 0.5 ** z
+    for _ in range(20):
+        history.observe("easy", informative=False, reward=1.0)
+    assert history.skip_probability("easy") == pytest.approx(1 - FLOOR)  # never certain: exploration floor
+    assert history.observe("easy", informative=False, reward=0.0) == "wrong"  # the other way: a new run of 1
+    assert history.skip_probability("easy") == pytest.approx(0.5)
+    assert history.observe("easy", informative=True, reward=0.5) is None
+    assert history.skip_probability("easy") == 0.0
+    assert history.observe("nan", informative=False, reward=float("nan")) is None  # unscorable: no evidence
+
+
+def test_exploration_moves_toward_gresos_targets_within_bounds():
+    from rlvr.prompts.history import MAX_P, MIN_P, PromptHistory
+
+    history = PromptHistory(target_zero_variance=0.3)  # targets: 0.1 all-right, 0.2 all-wrong
+    history.adapt(right_share=0.1, wrong_share=0.1)
+    assert history.explore == {"right": pytest.approx(0.49), "wrong": pytest.approx(0.51)}
+    for _ in range(100):
+        history.adapt(right_share=0.5, wrong_share=0.0)
+    assert history.explore == {"right": pytest.approx(MIN_P), "wrong": pytest.approx(MAX_P)}
+
+
+def test_history_state_round_trips_and_prompt_keys_are_stable():
+    from rlvr.prompts.history import PromptHistory, prompt_key
+
+    history = PromptHistory()
+    history.observe("a", informative=False, reward=1.0)
+    history.adapt(0.0, 1.0)
+    restored = PromptHistory()
+    restored.load_state_dict(history.state_dict())
+    assert restored.state_dict() == history.state_dict()
+    assert restored.skip_probability("a") == pytest.approx(1 - 0.51)  # p for all-right moved up: 0.5 -> 0.51
+    chat = {"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}
+    assert prompt_key(chat) == prompt_key({"prompt": [{"content": "1+1=", "role": "user"}], "answer": "3"})
+    assert prompt_key({"prompt": "1+1="}) != prompt_key({"prompt": "1+2="})
+
+
+def test_skip_replaces_a_prompt_predicted_to_give_no_variance_before_sampling(tiny_checkpoint, tmp_path):
+    from rlvr.prompts.history import prompt_key
+
+    trainer = _trainer(tiny_checkpoint, tmp_path, PromptsConfig(filter="skip", max_draws=8))
+    history = trainer.prompt_filter.history
+    rows = _rows("eo")
+    for _ in range(30):  # the even-answer prompt was always right 30 times in a row: skipped with p = 0.99
+        history.observe(prompt_key(rows[0]), informative=False, reward=1.0)
+    sampled = []
+    produce = trainer.prompt_filter.produce
+
+    def spy(produce_call, rewards, inputs, step):
+        def recording(call_rows):
+            sampled.append({prompt_key(row) for row in call_rows})
+            return produce_call(call_rows)
+
+        return produce(recording, rewards, inputs, step)
+
+    trainer.prompt_filter.produce = spy
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    assert prompt_key(rows[0]) not in sampled[0]  # skipped before any completion was decoded
+    assert batch["completion_ids"].size(0) == ROWS
+    logged = trainer._metrics["train"]
+    assert logged["prompts/skipped"][-1] >= 1
+    assert "prompts/explore_right" in logged and "prompts/explore_wrong" in logged
+    assert logged["prompts/trained_zero_variance_share"][-1] == 0.0

@@ -76,9 +76,10 @@ def _metrics(directory):
 
 
 TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=treerl"]
+SKIP = ["prompts.filter=skip", "prompts.max_draws=2"]  # the prompt history is part of the checkpoint
 
 
-@pytest.mark.parametrize("rollout", [[], TREE], ids=["iid", "forking_tree"])
+@pytest.mark.parametrize("rollout", [[], TREE, SKIP], ids=["iid", "forking_tree", "skip"])
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys, rollout):
     """Every logged metric but wall times matches, the running rollout totals included."""
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)

@@ -2,11 +2,12 @@
 
 A GRPO group whose G rewards are all equal has zero advantage: it gives no gradient, yet its G completions
 were decoded in full. :class:`PromptsConfig` (the ``prompts`` section) says what to do about it;
-:mod:`rlvr.prompts.groups` finds the groups without reward variance and :mod:`rlvr.prompts.assembly` builds a
-generation batch from the groups that stay. Plain torch: the trainer wires them into TRL
+:mod:`rlvr.prompts.groups` finds the groups without reward variance, :mod:`rlvr.prompts.history` predicts
+them before sampling (GRESO) and :mod:`rlvr.prompts.assembly` builds a generation batch from the groups that
+stay. Plain torch: the trainer wires them into TRL
 (:mod:`rlvr.training.prompt_filter`).
 """
 
-from rlvr.prompts.config import FILTERS, PromptsConfig
+from rlvr.prompts.config import FILTERS, PREDICTORS, PromptsConfig
 
-__all__ = ["FILTERS", "PromptsConfig"]
+__all__ = ["FILTERS", "PREDICTORS", "PromptsConfig"]

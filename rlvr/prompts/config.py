@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from rlvr.configuration import option, require
 
-FILTERS = ("none", "dynamic")
+FILTERS = ("none", "dynamic", "skip")
+PREDICTORS = ("history",)
 
 
 @dataclass
@@ -16,7 +17,8 @@ class PromptsConfig:
     filter: str = option(
         "none",
         "none: TRL's batches; dynamic: DAPO's dynamic sampling (drop groups without reward variance, sample more "
-        "prompts until the generation batch is full of informative groups)",
+        "prompts until the generation batch is full of informative groups); skip: also skip, before sampling, "
+        "prompts predicted to give no variance (GRESO)",
         FILTERS,
     )
     max_draws: int = option(
@@ -25,10 +27,27 @@ class PromptsConfig:
     variance_tolerance: float = option(
         1e-6, "a group has no reward variance when the std of its weighted rewards is at most this"
     )
+    predictor: str = option(
+        "history",
+        "skip: how a prompt's chance of a zero-variance group is predicted before sampling; history: GRESO's rule "
+        "from the prompt's own past groups",
+        PREDICTORS,
+    )
+    target_zero_variance: float = option(
+        0.25, "skip: share of sampled groups without variance the skip probabilities steer toward (GRESO)"
+    )
+    solved_reward: float = option(
+        0.5, "skip: a group without variance whose reward is above this is all-right (else all-wrong)"
+    )
+    candidate_rounds: int = option(
+        4, "skip: extra draws of candidate prompts per generation call to replace the skipped ones"
+    )
 
     def validate(self) -> None:
         require(self.max_draws >= 1, "max_draws", "must be >= 1 (the first generation call)")
         require(self.variance_tolerance >= 0.0, "variance_tolerance", "must be >= 0")
+        require(0.0 < self.target_zero_variance < 1.0, "target_zero_variance", "must be in (0, 1)")
+        require(self.candidate_rounds >= 0, "candidate_rounds", "must be >= 0")
 
     @property
     def drops_groups(self) -> bool:

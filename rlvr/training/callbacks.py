@@ -1,4 +1,5 @@
-"""The Trainer callbacks ``ForkingGRPOTrainer`` adds: correction-bias updates and the rollout totals."""
+"""The Trainer callbacks ``ForkingGRPOTrainer`` adds: correction-bias updates, and rlvr's state kept in each
+checkpoint (the rollout totals, the prompt history of ``prompts.filter=skip``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from transformers import TrainerCallback
 
 from rlvr.moe.updates import RouterAwareUpdates
+from rlvr.prompts.history import PromptHistory
 from rlvr.rollouts import Rollouts
 
 
@@ -21,27 +23,60 @@ class CorrectionBiasUpdate(TrainerCallback):
         self.updates.update_correction_bias()
 
 
-class RolloutTotals(TrainerCallback):
-    """Reads the rollout totals (decoded tokens, generation seconds) back when a run resumes from a
-    checkpoint; ``ForkingGRPOTrainer._save_checkpoint`` writes them into it."""
+class CheckpointedState(TrainerCallback):
+    """State of rlvr's that a resumed run must continue from: ``ForkingGRPOTrainer._save_checkpoint`` writes
+    :meth:`state` into each checkpoint as ``FILE``; when a run resumes from that checkpoint, :meth:`load`
+    reads it back before the first step. The same on every rank, so every rank reads the same file."""
+
+    FILE = ""
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+    def load(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, self.FILE), "w") as handle:
+            json.dump(self.state(), handle)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
+        if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
+            with open(saved) as handle:
+                self.load(json.load(handle))
+
+
+class RolloutTotals(CheckpointedState):
+    """The rollout totals (decoded tokens, generation seconds) across a resume."""
 
     FILE = "rlvr_rollouts.json"
 
     def __init__(self, rollouts: Rollouts):
         self.rollouts = rollouts
 
-    def save(self, directory: str) -> None:
-        totals = {
+    def state(self) -> dict:
+        return {
             "decoded_tokens_total": self.rollouts.decoded_tokens_total,
             "generation_seconds_total": self.rollouts.generation_seconds_total,
         }
-        with open(os.path.join(directory, self.FILE), "w") as handle:
-            json.dump(totals, handle)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
-        if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
-            with open(saved) as handle:
-                totals = json.load(handle)
-            self.rollouts.decoded_tokens_total = int(totals["decoded_tokens_total"])
-            self.rollouts.generation_seconds_total = float(totals["generation_seconds_total"])
+    def load(self, state: dict) -> None:
+        self.rollouts.decoded_tokens_total = int(state["decoded_tokens_total"])
+        self.rollouts.generation_seconds_total = float(state["generation_seconds_total"])
+
+
+class PromptHistoryState(CheckpointedState):
+    """Each prompt's run of zero-variance groups and the exploration probabilities (``prompts.filter=skip``),
+    so that a resumed run skips what the uninterrupted one would."""
+
+    FILE = "rlvr_prompt_history.json"
+
+    def __init__(self, history: PromptHistory):
+        self.history = history
+
+    def state(self) -> dict:
+        return self.history.state_dict()
+
+    def load(self, state: dict) -> None:
+        self.history.load_state_dict(state)

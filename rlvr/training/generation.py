@@ -1,5 +1,5 @@
 """The generation side as the trainer hands it over: a training or eval batch produced through
-:class:`rlvr.rollouts.Rollouts` (and refilled by :class:`rlvr.training.prompt_filter.DynamicSampling` when
+:class:`rlvr.rollouts.Rollouts` (and refilled by :class:`rlvr.training.prompt_filter.PromptFilter` when
 ``prompts.filter`` asks), what it adds to TRL's logs, and the policy as TRL samples with it."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 from trl.models import unwrap_model_for_generation
 
 from rlvr.rollouts import Rollouts
-from rlvr.training.prompt_filter import DynamicSampling
+from rlvr.training.prompt_filter import PromptFilter
 
 
 def produce_batch(
-    trainer, rollouts: Rollouts, sampling: DynamicSampling | None, trl_produce: Callable[[list[dict]], dict], inputs
+    trainer, rollouts: Rollouts, sampling: PromptFilter | None, trl_produce: Callable[[list[dict]], dict], inputs
 ) -> dict:
     """TRL's ``_generate_and_score_completions`` (``trl_produce``) on ``inputs`` through ``rollouts``, its metrics
-    into TRL's logs; training batches refilled by ``sampling`` when given."""
+    into TRL's logs; training batches chosen and refilled by ``sampling`` (``prompts.filter``) when given."""
     training, rank = trainer.model.training, trainer.accelerator.process_index
     metrics_of_mode = trainer._metrics["train" if training else "eval"]
     group_size = trainer.num_generations if training else trainer.num_generations_eval
@@ -34,7 +34,7 @@ def produce_batch(
     if sampling is None or not training:
         batch = produce(inputs)[0]
     else:
-        batch, _, prompt_metrics = sampling.produce(
+        batch, prompt_metrics = sampling.produce(
             produce, lambda: rollouts.batch_rewards, inputs, trainer.state.global_step
         )
         for key, value in prompt_metrics.items():

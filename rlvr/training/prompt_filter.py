@@ -1,16 +1,18 @@
-"""DAPO's dynamic sampling behind TRL's ``_generate_and_score_completions`` (``prompts.filter: dynamic``).
+"""Selective rollouts behind TRL's ``_generate_and_score_completions``: ``prompts.filter`` dynamic and skip.
 
-DAPO (Yu et al., 2025, arXiv 2503.14476, section 3.2): a group whose G rewards are all equal has zero
-advantage and gives no policy gradient. Dynamic sampling drops such groups and samples more prompts until the
-batch is full of groups with reward variance. As verl ships it (``algorithm.filter_groups``), each extra
-generation call samples a whole generation batch of new prompts, and after ``max_num_gen_batches`` calls the
-step trains on what there is.
+* ``dynamic``: DAPO's dynamic sampling (Yu et al., 2025, arXiv 2503.14476, section 3.2). A group whose G
+  rewards are all equal has zero advantage and gives no policy gradient; such groups are dropped and more
+  prompts sampled until the batch is full of groups with reward variance. As verl ships it
+  (``algorithm.filter_groups``), each extra generation call samples a whole generation batch of new prompts,
+  and after ``max_num_gen_batches`` calls the step trains on what there is.
+* ``skip``: before each call, every prompt is skipped with GRESO's probability (:mod:`rlvr.prompts.history`)
+  and replaced by further candidates; after it, groups still without variance are dropped as above.
 
-Here every rank keeps whole groups of its own rows (so the rule "a group stays on one rank" holds) and every
-rank makes the same number of generation calls (each call issues TRL's collectives): a rank that is full
-still samples while another is short. The batch handed to TRL has the size TRL asked for, so gradient
-accumulation, ``steps_per_generation`` and the loss normalisation see a full batch; when the calls run out,
-the missing groups are filled with zero-variance ones (logged as ``prompts/short_groups``).
+Every rank keeps whole groups of its own rows (so a group stays on one rank) and every rank makes the same
+number of generation calls (each call issues TRL's collectives): a rank that is full still samples while
+another is short. The batch handed to TRL has the size TRL asked for, so gradient accumulation,
+``steps_per_generation`` and the loss normalisation see a full batch; when the calls run out, the missing
+groups are filled with zero-variance ones (``prompts/short_groups``).
 """
 
 from __future__ import annotations
@@ -23,20 +25,23 @@ from rlvr.collectives import Collectives
 from rlvr.prompts.assembly import assemble_rows
 from rlvr.prompts.config import PromptsConfig
 from rlvr.prompts.groups import draw_prompts, informative_groups
+from rlvr.prompts.history import RIGHT, WRONG, PromptHistory, prompt_key
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY
 from rlvr.rollouts.batch import group_ids
 from rlvr.training.selection import loss_mask
 
+CANDIDATE_DRAWS = 10_000  # draw ids of skip's candidates start here (refill calls use 1, 2, ...)
 
-class DynamicSampling:
-    """Refills a training generation batch with groups that have reward variance.
+
+class PromptFilter:
+    """Chooses the prompts of a training generation batch and keeps the groups with reward variance.
 
     Args:
         settings: the ``prompts`` section.
         collectives: the cross-rank collectives.
         dataset: the training prompts (rows as TRL's dataloader yields them).
         group_size: G, completions per prompt.
-        seed: the run's seed (the refill draws are a function of it, the step and the draw).
+        seed: the run's seed (draws and skip decisions are a function of it, the step and the call).
         rank, world: this process among the ranks.
         pad_token_id: the tokenizer's pad token.
     """
@@ -55,6 +60,8 @@ class DynamicSampling:
         self.settings, self.collectives, self.dataset = settings, collectives, dataset
         self.group_size, self.seed, self.rank, self.world = group_size, seed, rank, world
         self.pad_token_id = pad_token_id
+        skip = settings.filter == "skip"
+        self.history = PromptHistory(settings.target_zero_variance, settings.solved_reward) if skip else None
 
     def produce(
         self,
@@ -62,64 +69,121 @@ class DynamicSampling:
         rewards: Callable[[], torch.Tensor],
         inputs: list[dict],
         step: int,
-    ) -> tuple[dict, list[dict[str, float]], dict[str, float]]:
+    ) -> tuple[dict, dict[str, float]]:
         """A generation batch of ``len(inputs)`` rows, informative groups first.
 
         Args:
             produce: rows -> (batch, metrics): TRL's generation and scoring with rlvr's keys (one call).
             rewards: the (B_all,) weighted rewards of every rank's rows in the call just made.
             inputs: this rank's rows of the generation batch (whole groups).
-            step: the optimizer step (refill draws depend on it).
+            step: the optimizer step (draws and skip decisions depend on it).
 
-        Returns the batch, the metrics of each generation call, and the ``prompts/*`` metrics (all ranks).
+        Returns the batch and the ``prompts/*`` metrics (all ranks).
         """
         G = self.group_size
         if len(inputs) % G:
             raise ValueError(
-                f"prompts.filter=dynamic keeps whole groups on each process: its {len(inputs)} rows per "
-                "generation batch (per_device_train_batch_size x steps_per_generation) must be a multiple of "
-                f"num_generations ({G})"
+                f"prompts.filter keeps whole groups on each process: its {len(inputs)} rows per generation batch "
+                f"(per_device_train_batch_size x steps_per_generation) must be a multiple of num_generations ({G})"
             )
         needed = len(inputs) // G  # groups of this rank
-        batches, call_metrics, kept, spare = [], [], [], []
-        rows = inputs
+        prompts = [inputs[group * G] for group in range(needed)]
+        batches, kept, spare = [], [], []
+        counts = torch.zeros(9, dtype=torch.float64)  # see _metrics
         while True:
-            batch, metrics = produce(rows)
-            call_metrics.append(metrics)
+            call = len(batches)
+            if self.history is not None:
+                prompts, predicted, skipped = self._choose(prompts, step, call)
+                counts[3] += skipped
+            batch, _ = produce([row for row in prompts for _ in range(G)])
             informative = informative_groups(rewards(), G, self.settings.variance_tolerance)  # (groups, all ranks)
             mine = informative[self.rank * needed : (self.rank + 1) * needed].tolist()
             for group, has_variance in enumerate(mine):
-                (kept if has_variance else spare).append((len(batches), group))
+                (kept if has_variance else spare).append((call, group))
+            if self.history is not None:
+                counts += self._observe(prompts, predicted, informative, rewards(), needed)
             batches.append(batch)
             device = batch["completion_mask"].device
             short = torch.tensor(float(max(needed - len(kept), 0)), device=device)
             if float(self.collectives.sum(short)) == 0.0 or len(batches) >= self.settings.max_draws:
                 break
             drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, len(batches))
-            rows = [
-                self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed] for _ in range(G)
-            ]
+            prompts = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
         picks = kept[:needed] + spare[: max(needed - len(kept), 0)]
         out = assemble_rows(
             batches,
-            [(draw, group * G + row) for draw, group in picks for row in range(G)],
+            [(call, group * G + row) for call, group in picks for row in range(G)],
             self.pad_token_id,
             routing_key=ROUTING_KEY,
             recomputed=(GROUP_IDS_KEY, "num_items_in_batch"),
         )
         out[GROUP_IDS_KEY] = group_ids(len(inputs), G, self.rank, device)
         out["num_items_in_batch"] = self.collectives.sum(loss_mask(out).sum())  # TRL's: global, this batch's
-        generated = len(batches) * needed
-        counts = torch.tensor(
-            [generated, generated - needed, max(needed - len(kept), 0)], dtype=torch.float64, device=device
-        )
-        drawn_groups, dropped, short_groups = self.collectives.sum(counts).tolist()
+        counts[:3] = torch.tensor([len(batches) * needed, (len(batches) - 1) * needed, max(needed - len(kept), 0)])
+        return out, self._metrics(self.collectives.sum(counts.to(device)).tolist(), len(batches), needed)
+
+    def _choose(self, candidates: list[dict], step: int, call: int) -> tuple[list[dict], list[bool], int]:
+        """This rank's prompts for one call: each candidate skipped with its GRESO probability, replaced by
+        candidates drawn afresh (``prompts.candidate_rounds`` draws at most), the batch topped up with the
+        least likely skipped ones. Returns the prompts, whether each was predicted to give no variance
+        (skip probability >= 0.5), and how many were skipped."""
+        needed = len(candidates)
+        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + call) * 131 + self.rank)
+        chosen, passed, queue, rounds = [], [], list(candidates), 0
+        while len(chosen) < needed:
+            if not queue:
+                if rounds >= self.settings.candidate_rounds:
+                    break
+                rounds += 1
+                draw = CANDIDATE_DRAWS + call * 100 + rounds
+                drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, draw)
+                queue = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
+            row = queue.pop(0)
+            probability = self.history.skip_probability(prompt_key(row))
+            if float(torch.rand((), generator=generator)) < probability:
+                passed.append((probability, len(passed), row))
+            else:
+                chosen.append((probability, row))
+        top_up = sorted(passed)[: needed - len(chosen)]
+        chosen += [(probability, row) for probability, _, row in top_up]
+        return [row for _, row in chosen], [probability >= 0.5 for probability, _ in chosen], len(passed) - len(top_up)
+
+    def _observe(self, prompts, predicted, informative, rewards, needed) -> torch.Tensor:
+        """Every rank's groups of a call into the history (the same on every rank), and this rank's counts:
+        [.., .., .., .., all-right groups, all-wrong groups, predicted and without variance, predicted with
+        variance, not predicted and without variance]."""
+        keys = self.collectives.gather_objects([prompt_key(row) for row in prompts])  # (groups, all ranks)
+        means = torch.nanmean(rewards.detach().double().view(len(keys), -1), dim=1).tolist()
+        kinds = [self.history.observe(k, bool(i), m) for k, i, m in zip(keys, informative.tolist(), means, strict=True)]
+        mine = slice(self.rank * needed, (self.rank + 1) * needed)
+        zero = [not value for value in informative[mine].tolist()]
+        counts = torch.zeros(9, dtype=torch.float64)
+        counts[4] = sum(kind == RIGHT for kind in kinds[mine])
+        counts[5] = sum(kind == WRONG for kind in kinds[mine])
+        counts[6] = sum(p and z for p, z in zip(predicted, zero, strict=True))
+        counts[7] = sum(p and not z for p, z in zip(predicted, zero, strict=True))
+        counts[8] = sum(z and not p for p, z in zip(predicted, zero, strict=True))
+        return counts
+
+    def _metrics(self, counts: list[float], calls: int, needed: int) -> dict[str, float]:
+        generated, dropped, short, skipped, right, wrong, true_pos, false_pos, false_neg = counts
         trained = self.world * needed
-        prompt_metrics = {
-            "prompts/generation_calls": float(len(batches)),
-            "prompts/drawn": drawn_groups,
+        metrics = {
+            "prompts/generation_calls": float(calls),
+            "prompts/drawn": generated,
             "prompts/dropped": dropped,
-            "prompts/short_groups": short_groups,
-            "prompts/trained_zero_variance_share": short_groups / trained,
+            "prompts/short_groups": short,
+            "prompts/trained_zero_variance_share": short / trained,
         }
-        return out, call_metrics, prompt_metrics
+        if self.history is not None:
+            self.history.adapt(right / generated, wrong / generated)  # GRESO's step, the same on every rank
+            metrics |= {
+                "prompts/skipped": skipped,
+                "prompts/explore_right": self.history.explore[RIGHT],
+                "prompts/explore_wrong": self.history.explore[WRONG],
+            }
+            if true_pos + false_pos:
+                metrics["prompts/predictor_precision"] = true_pos / (true_pos + false_pos)
+            if true_pos + false_neg:
+                metrics["prompts/predictor_recall"] = true_pos / (true_pos + false_neg)
+        return metrics

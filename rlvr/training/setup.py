@@ -18,7 +18,8 @@ from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.rollouts import ReplayRecorder, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
-from rlvr.training.prompt_filter import DynamicSampling
+from rlvr.training.callbacks import PromptHistoryState
+from rlvr.training.prompt_filter import PromptFilter
 from rlvr.vllm_routing import VLLMRoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -83,19 +84,19 @@ def rollouts(trainer, measure: bool) -> Rollouts:
     )
 
 
-def dynamic_sampling(trainer) -> DynamicSampling | None:
-    """The refill of training batches ``prompts.filter=dynamic`` asks for (None: TRL's batches)."""
-    if trainer.prompts.filter != "dynamic":
+def prompt_filter(trainer) -> PromptFilter | None:
+    """The prompt choice ``prompts.filter`` asks for (None: TRL's batches)."""
+    if trainer.prompts.filter == "none":
         return None
     args = trainer.args
     rows = args.per_device_train_batch_size * args.steps_per_generation
     if rows % trainer.num_generations:
         raise ValueError(
-            f"prompts.filter=dynamic keeps whole groups on each process: per_device_train_batch_size x "
+            f"prompts.filter keeps whole groups on each process: per_device_train_batch_size x "
             f"steps_per_generation ({rows}) must be a multiple of num_generations ({trainer.num_generations})"
         )
     accelerator = trainer.accelerator
-    return DynamicSampling(
+    chooser = PromptFilter(
         trainer.prompts,
         trainer.collectives,
         trainer.train_dataset,
@@ -105,6 +106,9 @@ def dynamic_sampling(trainer) -> DynamicSampling | None:
         accelerator.num_processes,
         trainer._tokenizer.pad_token_id,
     )
+    if chooser.history is not None:  # kept in checkpoints: a resumed run skips what the uninterrupted one would
+        trainer.add_callback(PromptHistoryState(chooser.history))
+    return chooser
 
 
 def check_rollout(trainer) -> None:

@@ -307,3 +307,38 @@ def test_skip_replaces_a_prompt_predicted_to_give_no_variance_before_sampling(ti
     assert logged["prompts/skipped"][-1] >= 1
     assert "prompts/explore_right" in logged and "prompts/explore_wrong" in logged
     assert logged["prompts/trained_zero_variance_share"][-1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "rollout, moe",
+    [
+        ({"mode": "forking_tree", "branches": 1, "min_prefix": 1, "min_suffix": 1, "advantage": "treerl"}, {}),
+        ({"engine": "copy", "dtype": "bfloat16"}, {"routing_replay": "rollout"}),
+    ],
+    ids=["forking_tree_treerl", "copy_engine_replay"],
+)
+def test_dynamic_sampling_with_trees_and_an_engine_keeps_every_key_aligned(tiny_checkpoint, tmp_path, rollout, moe):
+    """TreeRL's (B, C) advantages, the engine's sampling log-probs and its routing record, assembled from several
+    generation calls, still describe their own rows: the trained batch's loss runs and routing records cover
+    exactly the real tokens."""
+    from rlvr.config import MoEConfig
+    from rlvr.rollouts import ROUTING_KEY, RolloutConfig
+    from rlvr.training import setup
+
+    trainer = make_trainer(tiny_checkpoint(), tmp_path, rollout=RolloutConfig(**rollout), moe=MoEConfig(**moe))
+    trainer.reward_funcs, trainer.reward_func_names = [even_answers_always_right], ["even_answers_always_right"]
+    trainer.prompts = PromptsConfig(filter="dynamic", max_draws=8)
+    trainer.prompt_filter = setup.prompt_filter(trainer)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(_rows("eo"))
+    assert trainer._metrics["train"]["prompts/generation_calls"][-1] >= 2
+    completion_mask = batch["completion_mask"]
+    if batch["advantages"].dim() == 2:  # TreeRL: nothing beyond a completion's end
+        assert (batch["advantages"][completion_mask == 0] == 0).all()
+    if ROUTING_KEY in batch:  # recorded exactly where prompt and completion tokens are (the last step excepted)
+        mask = torch.cat([batch["prompt_mask"], completion_mask], dim=1).bool()
+        recorded = batch[ROUTING_KEY][..., 0, 0] != NOT_RECORDED
+        assert not (recorded & ~mask).any()
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()

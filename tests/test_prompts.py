@@ -342,3 +342,62 @@ def test_dynamic_sampling_with_trees_and_an_engine_keeps_every_key_aligned(tiny_
     loss = trainer.compute_loss(trainer.model, batch)
     assert torch.isfinite(loss)
     loss.backward()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skipping before sampling: the pass-rate probe
+
+
+def test_zero_variance_probability_matches_the_binomial_ends():
+    from rlvr.prompts.probe import zero_variance_probability
+
+    pass_rates = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    for group_size in (1, 2, 8):
+        expected = [math.comb(group_size, 0) * (1 - p) ** group_size + p**group_size for p in pass_rates.tolist()]
+        torch.testing.assert_close(
+            zero_variance_probability(pass_rates, group_size), torch.tensor(expected, dtype=torch.float64)
+        )
+
+
+def test_the_probe_learns_a_pass_rate_from_features_and_round_trips():
+    from rlvr.prompts.probe import PassRateProbe
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(300, 8, generator=generator) * 5 + 3  # unstandardised, as hidden states are
+    true_weight = torch.randn(8, generator=generator)
+    pass_rates = torch.sigmoid(((features - 3) / 5) @ true_weight)
+    probe = PassRateProbe(8, min_groups=16)
+    probe.observe(features[:10], pass_rates[:10])
+    assert probe.predict(features) is None  # too few groups seen
+    probe.observe(features[10:200], pass_rates[10:200])
+    predicted = probe.predict(features[200:])  # prompts it never saw
+    assert (predicted - pass_rates[200:]).abs().mean() < 0.01  # measured: 0.001
+    restored = PassRateProbe(8, min_groups=16)
+    restored.load_state_dict(probe.state_dict())
+    torch.testing.assert_close(restored.predict(features[200:]), predicted, rtol=0, atol=0)
+
+
+def test_prompt_features_are_the_policys_view_of_each_prompt(tiny_checkpoint, tmp_path):
+    from rlvr.training.setup import prompt_features
+
+    trainer = make_trainer(tiny_checkpoint(), tmp_path)
+    rows = _rows("eoe")[::GENERATIONS]  # three prompts
+    features = prompt_features(trainer, rows + rows[:1])
+    hidden = trainer.model.config.get_text_config().hidden_size
+    assert features.shape == (4, hidden) and torch.isfinite(features).all()
+    torch.testing.assert_close(features[3], features[0])  # the same prompt, padded differently in its batch
+    assert not torch.allclose(features[0], features[1])
+
+
+def test_skip_with_both_predictors_fits_the_probe_on_every_sampled_group(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path, PromptsConfig(filter="skip", predictor="both", max_draws=4))
+    chooser = trainer.prompt_filter
+    assert chooser.history is not None and chooser.probe is not None
+    torch.manual_seed(0)
+    for step in range(3):
+        trainer.state.global_step = step
+        trainer._generate_and_score_completions(_rows("eo"))
+    drawn = sum(trainer._metrics["train"]["prompts/drawn"])
+    assert len(chooser.probe.pass_rates) == drawn  # one observation per sampled group
+    assert chooser.probe.features.shape == (drawn, trainer.model.config.get_text_config().hidden_size)
+    assert ((chooser.probe.pass_rates >= 0) & (chooser.probe.pass_rates <= 1)).all()

@@ -76,7 +76,7 @@ def _metrics(directory):
 
 
 TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=treerl"]
-SKIP = ["prompts.filter=skip", "prompts.max_draws=2"]  # the prompt history is part of the checkpoint
+SKIP = ["prompts.filter=skip", "prompts.predictor=both", "prompts.max_draws=2"]  # history and probe: in checkpoints
 
 
 @pytest.mark.parametrize("rollout", [[], TREE, SKIP], ids=["iid", "forking_tree", "skip"])

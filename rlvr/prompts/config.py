@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from rlvr.configuration import option, require
 
 FILTERS = ("none", "dynamic", "skip")
-PREDICTORS = ("history",)
+PREDICTORS = ("history", "probe", "both")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class PromptsConfig:
     predictor: str = option(
         "history",
         "skip: how a prompt's chance of a zero-variance group is predicted before sampling; history: GRESO's rule "
-        "from the prompt's own past groups",
+        "from the prompt's own past groups; probe: a pass-rate probe on the policy's representation of the prompt "
+        "(no history needed); both: skip with the larger of the two probabilities",
         PREDICTORS,
     )
     target_zero_variance: float = option(

@@ -1,15 +1,17 @@
 """The Trainer callbacks ``ForkingGRPOTrainer`` adds: correction-bias updates, and rlvr's state kept in each
-checkpoint (the rollout totals, the prompt history of ``prompts.filter=skip``)."""
+checkpoint (the rollout totals, the prompt history and the pass-rate probe of ``prompts.filter=skip``)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import torch
 from transformers import TrainerCallback
 
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.prompts.history import PromptHistory
+from rlvr.prompts.probe import PassRateProbe
 from rlvr.rollouts import Rollouts
 
 
@@ -80,3 +82,21 @@ class PromptHistoryState(CheckpointedState):
 
     def load(self, state: dict) -> None:
         self.history.load_state_dict(state)
+
+
+class PromptProbeState(CheckpointedState):
+    """The pass-rate probe of ``prompts.predictor=probe|both``: its fitted weights and the observed groups it
+    is refitted on (saved with torch, as their features are the policy's hidden size wide)."""
+
+    FILE = "rlvr_prompt_probe.pt"
+
+    def __init__(self, probe: PassRateProbe):
+        self.probe = probe
+
+    def save(self, directory: str) -> None:
+        torch.save(self.probe.state_dict(), os.path.join(directory, self.FILE))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
+        if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
+            self.probe.load_state_dict(torch.load(saved, weights_only=True))

@@ -25,7 +25,8 @@ from rlvr.collectives import Collectives
 from rlvr.prompts.assembly import assemble_rows
 from rlvr.prompts.config import PromptsConfig
 from rlvr.prompts.groups import draw_prompts, informative_groups
-from rlvr.prompts.history import RIGHT, WRONG, PromptHistory, prompt_key
+from rlvr.prompts.history import FLOOR, RIGHT, WRONG, PromptHistory, prompt_key
+from rlvr.prompts.probe import PassRateProbe, zero_variance_probability
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY
 from rlvr.rollouts.batch import group_ids
 from rlvr.training.selection import loss_mask
@@ -56,12 +57,18 @@ class PromptFilter:
         rank: int,
         world: int,
         pad_token_id: int,
+        featurize: Callable[[list[dict]], torch.Tensor] | None = None,
+        hidden_size: int = 0,
     ):
         self.settings, self.collectives, self.dataset = settings, collectives, dataset
         self.group_size, self.seed, self.rank, self.world = group_size, seed, rank, world
-        self.pad_token_id = pad_token_id
-        skip = settings.filter == "skip"
-        self.history = PromptHistory(settings.target_zero_variance, settings.solved_reward) if skip else None
+        self.pad_token_id, self.featurize = pad_token_id, featurize
+        skip, predictor = settings.filter == "skip", settings.predictor
+        self.history = None
+        if skip and predictor in ("history", "both"):
+            self.history = PromptHistory(settings.target_zero_variance, settings.solved_reward)
+        self.probe = PassRateProbe(hidden_size) if skip and predictor in ("probe", "both") else None
+        self.skips = skip
 
     def produce(
         self,
@@ -92,16 +99,16 @@ class PromptFilter:
         counts = torch.zeros(9, dtype=torch.float64)  # see _metrics
         while True:
             call = len(batches)
-            if self.history is not None:
-                prompts, predicted, skipped = self._choose(prompts, step, call)
+            if self.skips:
+                prompts, predicted, features, skipped = self._choose(prompts, step, call)
                 counts[3] += skipped
             batch, _ = produce([row for row in prompts for _ in range(G)])
             informative = informative_groups(rewards(), G, self.settings.variance_tolerance)  # (groups, all ranks)
             mine = informative[self.rank * needed : (self.rank + 1) * needed].tolist()
             for group, has_variance in enumerate(mine):
                 (kept if has_variance else spare).append((call, group))
-            if self.history is not None:
-                counts += self._observe(prompts, predicted, informative, rewards(), needed)
+            if self.skips:
+                counts += self._observe(prompts, predicted, features, informative, rewards(), needed)
             batches.append(batch)
             device = batch["completion_mask"].device
             short = torch.tensor(float(max(needed - len(kept), 0)), device=device)
@@ -122,40 +129,70 @@ class PromptFilter:
         counts[:3] = torch.tensor([len(batches) * needed, (len(batches) - 1) * needed, max(needed - len(kept), 0)])
         return out, self._metrics(self.collectives.sum(counts.to(device)).tolist(), len(batches), needed)
 
-    def _choose(self, candidates: list[dict], step: int, call: int) -> tuple[list[dict], list[bool], int]:
-        """This rank's prompts for one call: each candidate skipped with its GRESO probability, replaced by
+    def _choose(
+        self, candidates: list[dict], step: int, call: int
+    ) -> tuple[list[dict], list[bool], torch.Tensor | None, int]:
+        """This rank's prompts for one call: each candidate skipped with its predicted probability, replaced by
         candidates drawn afresh (``prompts.candidate_rounds`` draws at most), the batch topped up with the
-        least likely skipped ones. Returns the prompts, whether each was predicted to give no variance
-        (skip probability >= 0.5), and how many were skipped."""
+        least likely skipped ones. Returns the prompts, whether each was predicted to give no variance (skip
+        probability >= 0.5), their (N, D) features (the probe's; else None) and how many were skipped."""
         needed = len(candidates)
         generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + call) * 131 + self.rank)
-        chosen, passed, queue, rounds = [], [], list(candidates), 0
+        chosen, passed, queue, rounds = [], [], [], 0
+        fresh = list(candidates)
         while len(chosen) < needed:
             if not queue:
-                if rounds >= self.settings.candidate_rounds:
-                    break
-                rounds += 1
-                draw = CANDIDATE_DRAWS + call * 100 + rounds
-                drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, draw)
-                queue = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
-            row = queue.pop(0)
-            probability = self.history.skip_probability(prompt_key(row))
+                if not fresh:
+                    if rounds >= self.settings.candidate_rounds:
+                        break
+                    rounds += 1
+                    draw = CANDIDATE_DRAWS + call * 100 + rounds
+                    drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, draw)
+                    fresh = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
+                queue = list(zip(fresh, *self._skip_probabilities(fresh), strict=True))
+                fresh = []
+            row, probability, feature = queue.pop(0)
             if float(torch.rand((), generator=generator)) < probability:
-                passed.append((probability, len(passed), row))
+                passed.append((probability, len(passed), row, feature))
             else:
-                chosen.append((probability, row))
-        top_up = sorted(passed)[: needed - len(chosen)]
-        chosen += [(probability, row) for probability, _, row in top_up]
-        return [row for _, row in chosen], [probability >= 0.5 for probability, _ in chosen], len(passed) - len(top_up)
+                chosen.append((probability, row, feature))
+        top_up = sorted(passed, key=lambda item: item[:2])[: needed - len(chosen)]
+        chosen += [(probability, row, feature) for probability, _, row, feature in top_up]
+        features = torch.stack([feature for _, _, feature in chosen]) if self.probe is not None else None
+        predicted = [probability >= 0.5 for probability, _, _ in chosen]
+        return [row for _, row, _ in chosen], predicted, features, len(passed) - len(top_up)
 
-    def _observe(self, prompts, predicted, informative, rewards, needed) -> torch.Tensor:
+    def _skip_probabilities(self, rows: list[dict]) -> tuple[list[float], list]:
+        """Each row's skip probability (the larger of the history's and the probe's where both predict) and
+        its features (None without a probe)."""
+        history = [self.history.skip_probability(prompt_key(row)) if self.history else 0.0 for row in rows]
+        if self.probe is None:
+            return history, [None] * len(rows)
+        features = self.featurize(rows).float().cpu()  # (N, D)
+        pass_rates = self.probe.predict(features)
+        if pass_rates is None:  # too few groups seen to predict
+            return history, list(features)
+        probe = zero_variance_probability(pass_rates.double(), self.group_size).clamp(max=1 - FLOOR).tolist()
+        return [max(h, p) for h, p in zip(history, probe, strict=True)], list(features)
+
+    def _observe(self, prompts, predicted, features, informative, rewards, needed) -> torch.Tensor:
         """Every rank's groups of a call into the history (the same on every rank), and this rank's counts:
         [.., .., .., .., all-right groups, all-wrong groups, predicted and without variance, predicted with
         variance, not predicted and without variance]."""
-        keys = self.collectives.gather_objects([prompt_key(row) for row in prompts])  # (groups, all ranks)
-        means = torch.nanmean(rewards.detach().double().view(len(keys), -1), dim=1).tolist()
-        kinds = [self.history.observe(k, bool(i), m) for k, i, m in zip(keys, informative.tolist(), means, strict=True)]
+        grouped = rewards.detach().double().view(len(informative), -1)  # (groups, G), all ranks
         mine = slice(self.rank * needed, (self.rank + 1) * needed)
+        kinds = [None] * len(informative)
+        if self.history is not None:
+            keys = self.collectives.gather_objects([prompt_key(row) for row in prompts])  # (groups, all ranks)
+            means = torch.nanmean(grouped, dim=1).tolist()
+            kinds = [
+                self.history.observe(k, bool(i), m) for k, i, m in zip(keys, informative.tolist(), means, strict=True)
+            ]
+        if self.probe is not None:  # every rank fits the same probe on every rank's groups
+            all_features = self.collectives.gather_rows(features.to(rewards.device), 0.0)  # (groups, D)
+            scored = ~torch.isnan(grouped)
+            passes = ((grouped > self.settings.solved_reward) & scored).sum(1) / scored.sum(1).clamp(min=1)
+            self.probe.observe(all_features, passes)
         zero = [not value for value in informative[mine].tolist()]
         counts = torch.zeros(9, dtype=torch.float64)
         counts[4] = sum(kind == RIGHT for kind in kinds[mine])
@@ -177,11 +214,10 @@ class PromptFilter:
         }
         if self.history is not None:
             self.history.adapt(right / generated, wrong / generated)  # GRESO's step, the same on every rank
-            metrics |= {
-                "prompts/skipped": skipped,
-                "prompts/explore_right": self.history.explore[RIGHT],
-                "prompts/explore_wrong": self.history.explore[WRONG],
-            }
+            metrics["prompts/explore_right"] = self.history.explore[RIGHT]
+            metrics["prompts/explore_wrong"] = self.history.explore[WRONG]
+        if self.skips:
+            metrics["prompts/skipped"] = skipped
             if true_pos + false_pos:
                 metrics["prompts/predictor_precision"] = true_pos / (true_pos + false_pos)
             if true_pos + false_neg:

@@ -17,8 +17,9 @@ from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.rollouts import ReplayRecorder, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
+from rlvr.rollouts.tree import left_pad
 from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
-from rlvr.training.callbacks import PromptHistoryState
+from rlvr.training.callbacks import PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.vllm_routing import VLLMRoutedExperts
 
@@ -105,10 +106,29 @@ def prompt_filter(trainer) -> PromptFilter | None:
         accelerator.process_index,
         accelerator.num_processes,
         trainer._tokenizer.pad_token_id,
+        featurize=lambda rows: prompt_features(trainer, rows),
+        hidden_size=trainer.model.config.get_text_config().hidden_size,
     )
-    if chooser.history is not None:  # kept in checkpoints: a resumed run skips what the uninterrupted one would
+    # kept in checkpoints: a resumed run skips what the uninterrupted one would
+    if chooser.history is not None:
         trainer.add_callback(PromptHistoryState(chooser.history))
+    if chooser.probe is not None:
+        trainer.add_callback(PromptProbeState(chooser.probe))
     return chooser
+
+
+@torch.no_grad()
+def prompt_features(trainer, rows: list[dict]) -> torch.Tensor:
+    """(N, H) mean of the policy's last hidden states over each row's prompt tokens, tokenized as TRL tokenizes
+    prompts for generation: the probe's view of a prompt (one forward of the prompt, no completion)."""
+    prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in rows])
+    input_ids, mask = left_pad(prompt_ids, trainer._tokenizer.pad_token_id)  # (N, P)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    backbone = getattr(policy, "get_base_model", lambda: policy)().base_model  # PEFT: adapters stay active
+    device = trainer.accelerator.device
+    hidden = backbone(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # (N, P, H)
+    weights = mask.to(device=device, dtype=hidden.dtype).unsqueeze(-1)  # (N, P, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def check_rollout(trainer) -> None:

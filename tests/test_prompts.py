@@ -401,3 +401,22 @@ def test_skip_with_both_predictors_fits_the_probe_on_every_sampled_group(tiny_ch
     assert len(chooser.probe.pass_rates) == drawn  # one observation per sampled group
     assert chooser.probe.features.shape == (drawn, trainer.model.config.get_text_config().hidden_size)
     assert ((chooser.probe.pass_rates >= 0) & (chooser.probe.pass_rates <= 1)).all()
+
+
+@pytest.mark.parametrize("arm", ["dynamic", "skip_history", "skip_probe", "skip_both"])
+def test_the_selective_arms_train_from_their_packaged_overlays(tmp_path, arm):
+    import json
+
+    from rlvr.cli import main
+    from tests.test_cli import TINY
+
+    output = tmp_path / arm
+    code = main(
+        ["train", "--config", "quickstart", "--arm", arm, *TINY, f"output_dir={output}", "eval.enabled=false"]
+        + ["warm_start.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged = {key for record in records for key in record}
+    assert "prompts/generation_calls" in logged and ("prompts/skipped" in logged) == arm.startswith("skip")
+    assert f"filter: {'dynamic' if arm == 'dynamic' else 'skip'}" in (output / "config.yaml").read_text()

@@ -135,7 +135,7 @@ class RunConfig:
             model_name=self.model.name_or_path,
             tiny=dataclasses.asdict(self.model.tiny),
             task=self.data.task,
-            num_train=self.data.num_train,
+            num_train=self.warm_start.num_train or self.data.num_train,
             chat=self.data.chat,
             system_prompt=self.data.system_prompt,
             seed=self.warm_start_seed(),

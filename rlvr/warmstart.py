@@ -52,11 +52,15 @@ class WarmStartConfig:
     num_dev: int = option(100, "dev problems used to pick the checkpoint (disjoint from the eval set)")
     cache_dir: str = option("~/.cache/rlvr/warm_start", "where warm-started checkpoints are cached, keyed by config")
     seed: int | None = option(None, "seed of the tiny model's init and its warm start (default: the run seed)")
+    num_train: int | None = option(
+        None, "worked problems the warm start trains on (default: data.num_train; set it when RL uses a small set)"
+    )
 
     def validate(self) -> None:
         require(0.0 < self.target_accuracy <= 1.0, "target_accuracy", "must be in (0, 1]")
         for name in ("max_steps", "eval_every", "batch_size", "num_dev"):
             require(getattr(self, name) >= 1, name, "must be >= 1")
+        require(self.num_train is None or self.num_train >= 1, "num_train", "must be >= 1 (or unset)")
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def cache_key(job: WarmStartJob) -> str:
     warm = asdict(job.settings)
     warm.pop("cache_dir")
     warm.pop("enabled")
+    warm.pop("num_train")  # the number the job trains on is below, whichever section set it
     identity = {
         "model": job.model_name,
         "checkpoint": _checkpoint_fingerprint(job.model_name),
@@ -106,6 +111,7 @@ def cache_key(job: WarmStartJob) -> str:
         "warm_start": warm,
         "seed": job.seed,
         "data_seed": job.data_seed,
+        "num_train": job.num_train,
         "format": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -136,3 +136,18 @@ def test_help_lists_every_key_with_its_help():
     ):
         assert key in text
     assert "[top|bottom|random]" in text
+
+
+def test_the_warm_start_trains_on_its_own_number_of_problems_and_keys_its_cache_by_it():
+    """A small RL set (data.num_train) can keep a warm start trained on many worked problems; a warm start
+    trained on a different number of problems is a different warm start, cached under another key."""
+    from rlvr.warmstart import cache_key
+
+    small = load_config(None, ["data.num_train=96"])
+    kept = load_config(None, ["data.num_train=96", "warm_start.num_train=1000"])
+    assert small.warm_start_job().num_train == 96 and kept.warm_start_job().num_train == 1000
+    assert cache_key(small.warm_start_job()) != cache_key(kept.warm_start_job())
+    same = load_config(None, ["data.num_train=1000"])
+    assert cache_key(same.warm_start_job()) == cache_key(kept.warm_start_job())
+    with pytest.raises(ConfigError, match=r"warm_start\.num_train"):
+        load_config(None, ["warm_start.num_train=0"])

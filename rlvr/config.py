@@ -144,6 +144,7 @@ class RunConfig:
             configured_completion_length=self.grpo.get("max_completion_length"),
             eval_batch_size=self.eval.batch_size,
             use_cpu=bool(self.grpo_kwargs().get("use_cpu", False)),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),  # set by torchrun / accelerate launch
         )
 
     def grpo_kwargs(self) -> dict[str, Any]:

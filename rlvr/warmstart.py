@@ -72,7 +72,7 @@ class WarmStartJob:
     model_name: str  # ``model.name_or_path`` as configured (``tiny:<arch>`` or a checkpoint)
     tiny: dict  # ``model.tiny`` (the embedded model's shape), part of the cache key
     task: ArithmeticTask  # ``data.task``: the problems and worked solutions it trains on
-    num_train: int  # ``data.num_train``
+    num_train: int  # ``warm_start.num_train`` or ``data.num_train``
     chat: bool  # ``data.chat``
     system_prompt: str | None  # ``data.system_prompt``
     seed: int  # the tiny model's init and its supervised training
@@ -81,6 +81,7 @@ class WarmStartJob:
     configured_completion_length: int | None  # ``grpo.max_completion_length`` as set (None: TRL's), in the key
     eval_batch_size: int  # ``eval.batch_size``
     use_cpu: bool  # train on CPU even where an accelerator is visible (the run's ``use_cpu``)
+    world_size: int = 1  # processes of the launch: under DDP each step sees world_size batches, in the key
 
 
 @dataclass
@@ -112,6 +113,7 @@ def cache_key(job: WarmStartJob) -> str:
         "seed": job.seed,
         "data_seed": job.data_seed,
         "num_train": job.num_train,
+        "world_size": job.world_size,
         "format": 1,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

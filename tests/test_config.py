@@ -151,3 +151,15 @@ def test_the_warm_start_trains_on_its_own_number_of_problems_and_keys_its_cache_
     assert cache_key(same.warm_start_job()) == cache_key(kept.warm_start_job())
     with pytest.raises(ConfigError, match=r"warm_start\.num_train"):
         load_config(None, ["warm_start.num_train=0"])
+
+
+def test_a_warm_start_made_by_a_multi_process_launch_is_cached_apart(monkeypatch):
+    """Under DDP each supervised step sees every rank's batch: another warm start than one process makes."""
+    from rlvr.warmstart import cache_key
+
+    config = load_config(None, [])
+    single = config.warm_start_job()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun and accelerate launch set it on every rank
+    launched = config.warm_start_job()
+    assert single.world_size == 1 and launched.world_size == 2
+    assert cache_key(launched) != cache_key(single)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model
-from trl import GRPOConfig
 
 from rlvr.config import MoEConfig
 from rlvr.models import load_pretrained
 from rlvr.models.loading import runs_as_reference
-from rlvr.trainer import ForkingGRPOTrainer
-from tests.test_trainer import GENERATIONS, ROWS, _dataset, odd_length_reward
+from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 
@@ -31,26 +29,14 @@ def test_the_reference_forward_of_an_adapter_policy_is_not_the_old_policy_forwar
     """With beta != 0 and an adapter policy, TRL computes reference log-probs with the policy itself, adapters
     disabled. With one optimizer step per batch it runs no old-policy forward, so that reference forward is the
     batch's first forward of ``self.model``: it must not be recorded as the policy's routing."""
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=ROWS,
-        num_generations=GENERATIONS,
-        max_completion_length=8,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        beta=0.04,
-        max_steps=1,
-        disable_tqdm=True,
-        router_aux_loss_coef=0.0,
-    )
-    trainer = ForkingGRPOTrainer(
-        model=tiny_checkpoint(),
-        reward_funcs=odd_length_reward,
-        args=args,
-        train_dataset=_dataset(),
-        peft_config=LoraConfig(**LORA),
+    trainer = make_trainer(
+        tiny_checkpoint(),
+        tmp_path,
         moe=MoEConfig(routing_replay="old_policy"),
+        peft_config=LoraConfig(**LORA),
+        beta=0.04,
+        max_completion_length=8,
+        max_steps=1,
     )
     replay = trainer.rollouts.replay
     forwards = []  # (told it is the policy's forward, adapters off)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -177,24 +176,12 @@ def test_ranks_with_unequal_batches_issue_identical_collectives_under_zero3(tmp_
     """Fixed batches that differ per rank as sampling makes them differ (tests/distributed_steps.py unequal):
     rank 1's completions are narrower, some of its rows score nothing, and at one step it has no selectable
     token at all; the sparse head, router gates and a load-balancing loss on forking tokens are on."""
-    from test_distributed import _tiny_model_with_spread_entropies, _trl_accelerate_config
+    from test_distributed import _tiny_model_with_spread_entropies, trl_zero_launch
 
     model_dir = _tiny_model_with_spread_entropies(tmp_path / "model")
     helper = str(Path(__file__).parent / "distributed_steps.py")
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        _trl_accelerate_config("zero3.yaml"),
-        "--mixed_precision",
-        "no",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29571",
-        *traced(tmp_path / "trace", 0, [helper, str(model_dir), str(tmp_path / "out"), "unequal"]),
-    ]
+    program = [helper, str(model_dir), str(tmp_path / "out"), "unequal"]
+    command = [*trl_zero_launch("zero3", 29573), *traced(tmp_path / "trace", 0, program)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert_identical_collectives(tmp_path / "trace", finished)
     steps = json.loads((tmp_path / "out" / "steps.json").read_text())["steps"]

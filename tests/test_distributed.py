@@ -84,6 +84,23 @@ def _trl_accelerate_config(name: str) -> str:
     return os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", name)
 
 
+def trl_zero_launch(stage: str, port: int) -> list[str]:
+    """``accelerate launch`` with TRL's own ``<stage>.yaml`` (float32, 2 processes), up to the program."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        _trl_accelerate_config(f"{stage}.yaml"),
+        "--mixed_precision",
+        "no",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "stage, arm, rollout", [("zero2", "forking", []), ("zero3", "forking_router", TREE)], ids=["zero2", "zero3-tree"]
@@ -219,20 +236,7 @@ def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
     helper = str(Path(__file__).parent / "distributed_steps.py")
     runs = {"one": [sys.executable, helper]}
     for port, stage in enumerate(("zero2", "zero3")):
-        runs[stage] = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            _trl_accelerate_config(f"{stage}.yaml"),
-            "--mixed_precision",
-            "no",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(29563 + port),
-            helper,
-        ]
+        runs[stage] = [*trl_zero_launch(stage, 29563 + port), helper]
     results = {}
     for name, command in runs.items():
         (tmp_path / name).mkdir()

@@ -112,23 +112,10 @@ def test_top_entropy_quantile_is_refused_with_the_replacement(tiny_checkpoint, t
 def test_model_given_as_a_path_under_zero3_registers_leaves_on_policy_and_reference(tiny_checkpoint, tmp_path):
     """TRL loads both models inside __init__ and wraps the reference model in DeepSpeed there: every MoE
     block must be a ZeRO-3 leaf by then, or ranks routing differently can hang on per-expert gathers."""
-    import os
+    from test_distributed import trl_zero_launch
 
-    import trl
-
-    config = os.path.join(os.path.dirname(trl.__file__), "accelerate_configs", "zero3.yaml")
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        config,
-        "--mixed_precision",
-        "no",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29571",
+        *trl_zero_launch("zero3", 29571),
         str(ROOT / "tests" / "library_steps.py"),
         tiny_checkpoint("qwen3_moe"),
         str(tmp_path),

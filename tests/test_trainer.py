@@ -30,7 +30,15 @@ def _dataset():
 
 
 def make_trainer(
-    checkpoint, tmp_path, trainer_cls=ForkingGRPOTrainer, forking=None, moe=None, dtype="float32", rollout=None, **grpo
+    checkpoint,
+    tmp_path,
+    trainer_cls=ForkingGRPOTrainer,
+    forking=None,
+    moe=None,
+    dtype="float32",
+    rollout=None,
+    peft_config=None,
+    **grpo,
 ):
     model, tokenizer = load_pretrained(checkpoint, dtype)
     if dtype == "float64" and hasattr(model, "set_experts_implementation"):
@@ -65,6 +73,7 @@ def make_trainer(
         args=GRPOConfig(**settings),
         train_dataset=_dataset(),
         processing_class=tokenizer,
+        peft_config=peft_config,
         **extra,
     )
     trainer.model.train()

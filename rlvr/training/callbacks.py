@@ -3,6 +3,7 @@ checkpoint (the rollout totals, the prompt history and the pass-rate probe of ``
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 
@@ -25,28 +26,35 @@ class CorrectionBiasUpdate(TrainerCallback):
         self.updates.update_correction_bias()
 
 
-class CheckpointedState(TrainerCallback):
+class CheckpointedState(TrainerCallback, abc.ABC):
     """State of rlvr's that a resumed run must continue from: ``ForkingGRPOTrainer._save_checkpoint`` writes
-    :meth:`state` into each checkpoint as ``FILE``; when a run resumes from that checkpoint, :meth:`load`
-    reads it back before the first step. The same on every rank, so every rank reads the same file."""
+    :meth:`state` into each checkpoint as ``FILE`` (JSON; :meth:`write` / :meth:`read` say otherwise); when a
+    run resumes from that checkpoint, :meth:`load` reads it back before the first step. The same on every
+    rank, so every rank reads the same file."""
 
     FILE = ""
 
-    def state(self) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state(self) -> dict: ...
 
-    def load(self, state: dict) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self, state: dict) -> None: ...
+
+    def write(self, path: str, state: dict) -> None:
+        with open(path, "w") as handle:
+            json.dump(state, handle)
+
+    def read(self, path: str) -> dict:
+        with open(path) as handle:
+            return json.load(handle)
 
     def save(self, directory: str) -> None:
-        with open(os.path.join(directory, self.FILE), "w") as handle:
-            json.dump(self.state(), handle)
+        self.write(os.path.join(directory, self.FILE), self.state())
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
         if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
-            with open(saved) as handle:
-                self.load(json.load(handle))
+            self.load(self.read(saved))
 
 
 class RolloutTotals(CheckpointedState):
@@ -93,10 +101,14 @@ class PromptProbeState(CheckpointedState):
     def __init__(self, probe: PassRateProbe):
         self.probe = probe
 
-    def save(self, directory: str) -> None:
-        torch.save(self.probe.state_dict(), os.path.join(directory, self.FILE))
+    def state(self) -> dict:
+        return self.probe.state_dict()
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.FILE)
-        if state.global_step > 0 and os.path.isfile(saved):  # resumed from that checkpoint
-            self.probe.load_state_dict(torch.load(saved, weights_only=True))
+    def load(self, state: dict) -> None:
+        self.probe.load_state_dict(state)
+
+    def write(self, path: str, state: dict) -> None:
+        torch.save(state, path)
+
+    def read(self, path: str) -> dict:
+        return torch.load(path, weights_only=True)

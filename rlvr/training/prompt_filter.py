@@ -88,12 +88,7 @@ class PromptFilter:
         Returns the batch and the ``prompts/*`` metrics (all ranks).
         """
         G = self.group_size
-        if len(inputs) % G:
-            raise ValueError(
-                f"prompts.filter keeps whole groups on each process: its {len(inputs)} rows per generation batch "
-                f"(per_device_train_batch_size x steps_per_generation) must be a multiple of num_generations ({G})"
-            )
-        needed = len(inputs) // G  # groups of this rank
+        needed = len(inputs) // G  # groups of this rank (whole groups: checked when the filter is built)
         prompts = [inputs[group * G] for group in range(needed)]
         batches, kept, spare = [], [], []
         counts = torch.zeros(9, dtype=torch.float64)  # see _metrics
@@ -103,19 +98,19 @@ class PromptFilter:
                 prompts, predicted, features, skipped = self._choose(prompts, step, call)
                 counts[3] += skipped
             batch, _ = produce([row for row in prompts for _ in range(G)])
-            informative = informative_groups(rewards(), G, self.settings.variance_tolerance)  # (groups, all ranks)
+            call_rewards = rewards()  # (B_all,)
+            informative = informative_groups(call_rewards, G, self.settings.variance_tolerance)  # (groups, all ranks)
             mine = informative[self.rank * needed : (self.rank + 1) * needed].tolist()
             for group, has_variance in enumerate(mine):
                 (kept if has_variance else spare).append((call, group))
             if self.skips:
-                counts += self._observe(prompts, predicted, features, informative, rewards(), needed)
+                counts += self._observe(prompts, predicted, features, informative, call_rewards, needed)
             batches.append(batch)
             device = batch["completion_mask"].device
             short = torch.tensor(float(max(needed - len(kept), 0)), device=device)
             if float(self.collectives.sum(short)) == 0.0 or len(batches) >= self.settings.max_draws:
                 break
-            drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, len(batches))
-            prompts = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
+            prompts = self._draw(needed, step, len(batches))
         picks = kept[:needed] + spare[: max(needed - len(kept), 0)]
         out = assemble_rows(
             batches,
@@ -128,6 +123,11 @@ class PromptFilter:
         out["num_items_in_batch"] = self.collectives.sum(loss_mask(out).sum())  # TRL's: global, this batch's
         counts[:3] = torch.tensor([len(batches) * needed, (len(batches) - 1) * needed, max(needed - len(kept), 0)])
         return out, self._metrics(self.collectives.sum(counts.to(device)).tolist(), len(batches), needed)
+
+    def _draw(self, count: int, step: int, draw: int) -> list[dict]:
+        """This rank's ``count`` rows of draw ``draw``: ranks take consecutive slices of one global draw."""
+        drawn = draw_prompts(len(self.dataset), self.world * count, self.seed, step, draw)
+        return [self.dataset[index] for index in drawn[self.rank * count : (self.rank + 1) * count]]
 
     def _choose(
         self, candidates: list[dict], step: int, call: int
@@ -146,9 +146,7 @@ class PromptFilter:
                     if rounds >= self.settings.candidate_rounds:
                         break
                     rounds += 1
-                    draw = CANDIDATE_DRAWS + call * 100 + rounds
-                    drawn = draw_prompts(len(self.dataset), self.world * needed, self.seed, step, draw)
-                    fresh = [self.dataset[index] for index in drawn[self.rank * needed : (self.rank + 1) * needed]]
+                    fresh = self._draw(needed, step, CANDIDATE_DRAWS + call * 100 + rounds)
                 queue = list(zip(fresh, *self._skip_probabilities(fresh), strict=True))
                 fresh = []
             row, probability, feature = queue.pop(0)

@@ -1,19 +1,20 @@
 """The run config: one YAML file of sections, each defined next to the code it configures.
 
-=============  ==========================================  =======================================
-section        what it sets                                defined in
-=============  ==========================================  =======================================
-``model``      the policy                                  :class:`rlvr.models.loading.ModelConfig`
-``data``       prompts and gold answers                    :class:`rlvr.data.loader.DataConfig`
-``reward``     verifiable rewards                          :class:`rlvr.rewards.registry.RewardConfig`
-``forking``    forking-token selection                     :class:`rlvr.forking.ForkingConfig`
-``moe``        router-aware updates                        :class:`rlvr.moe.config.MoEConfig`
-``rollout``    how training completions are sampled        :class:`rlvr.rollouts.config.RolloutConfig`
-``prompts``    which prompts a step spends generation on   :class:`rlvr.prompts.config.PromptsConfig`
-``warm_start`` supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
-``eval``       held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
-``grpo``       TRL ``GRPOConfig`` fields, passed through   TRL
-=============  ==========================================  =======================================
+===============  ==========================================  =======================================
+section          what it sets                                defined in
+===============  ==========================================  =======================================
+``model``        the policy                                  :class:`rlvr.models.loading.ModelConfig`
+``data``         prompts and gold answers                    :class:`rlvr.data.loader.DataConfig`
+``reward``       verifiable rewards                          :class:`rlvr.rewards.registry.RewardConfig`
+``forking``      forking-token selection                     :class:`rlvr.forking.ForkingConfig`
+``moe``          router-aware updates                        :class:`rlvr.moe.config.MoEConfig`
+``rollout``      how training completions are sampled        :class:`rlvr.rollouts.config.RolloutConfig`
+``prompts``      which prompts a step spends generation on   :class:`rlvr.prompts.config.PromptsConfig`
+``token_rules``  an entropy intervention in the loss         :class:`rlvr.token_rules.TokenRulesConfig`
+``warm_start``   supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
+``eval``         held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
+``grpo``         TRL ``GRPOConfig`` fields, passed through   TRL
+===============  ==========================================  =======================================
 
 Reading, coercion, overrides and help are :mod:`rlvr.configuration`'s (it knows no section). Each
 section validates its own fields; :meth:`RunConfig.validate` holds the rules that tie two sections
@@ -56,6 +57,8 @@ from rlvr.moe.config import MoEConfig
 from rlvr.prompts.config import PromptsConfig
 from rlvr.rewards.registry import RewardConfig
 from rlvr.rollouts.config import RolloutConfig
+from rlvr.token_rules import TokenRulesConfig
+from rlvr.training.token_rule_step import check_token_rules
 from rlvr.warmstart import WarmStartConfig, WarmStartJob
 
 __all__ = [
@@ -105,6 +108,9 @@ class RunConfig:
     rollout: RolloutConfig = option(RolloutConfig, "how training completions are sampled: i.i.d. or forking trees")
     prompts: PromptsConfig = option(
         PromptsConfig, "which prompts a step spends generation on: all (TRL's), or dynamic sampling"
+    )
+    token_rules: TokenRulesConfig = option(
+        TokenRulesConfig, "an entropy intervention in the loss: Clip-Cov, KL-Cov or entropy advantage shaping"
     )
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
@@ -176,6 +182,8 @@ class RunConfig:
                 "moe.routing_replay: 'rollout' replays the experts the sampler chose, which paged generation "
                 "(grpo.use_transformers_paged) does not return; use routing_replay=old_policy (or none) with it"
             )
+        if self.token_rules.rule != "none":
+            check_token_rules(self.token_rules, self.forking, arguments)
         if self.forking.mask_entropy_bonus is False and grpo.get("use_adaptive_entropy"):
             raise ConfigError("forking.mask_entropy_bonus: false is not supported with grpo.use_adaptive_entropy")
         max_completion_length = self.max_completion_length()

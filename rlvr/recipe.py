@@ -80,6 +80,7 @@ def train(config: RunConfig) -> RunResult:
         moe=config.moe,
         rollout=config.rollout,
         prompts=config.prompts,
+        token_rules=config.token_rules,
         callbacks=callbacks,
     )
     use_compact_progress(trainer)

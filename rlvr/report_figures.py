@@ -6,7 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
-from rlvr.runs import Run, decoded_tokens_curve, mean_curve
+from rlvr.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, cost_curve, mean_curve
 
 
 def _pyplot():
@@ -84,23 +84,46 @@ def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], pat
     return True
 
 
-def plot_accuracy_per_decoded_token(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Greedy eval accuracy against the training tokens decoded by each eval (mean over seeds, ±1 std band)."""
-    curves = {arm: decoded_tokens_curve(runs, "eval/greedy_accuracy") for arm, runs in groups.items()}
+def plot_accuracy_against_cost(
+    groups: dict[str, list[Run]], path: Path, total: str = DECODED_TOTAL, x_label: str = "", title: str = ""
+) -> bool:
+    """Greedy eval accuracy against what training spent by each eval, a logged running ``total`` (mean over
+    seeds, ±1 std band): decoded completion tokens or generation seconds."""
+    curves = {arm: cost_curve(runs, "eval/greedy_accuracy", total) for arm, runs in groups.items()}
     curves = {arm: curve for arm, curve in curves.items() if len(curve[0]) > 1}
     if not curves or all(max(curve[0]) == 0 for curve in curves.values()):
         return False
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for arm, (tokens, means, stds) in curves.items():
-        _line_with_band(axis, tokens, means, stds, f"{arm} (n={len(groups[arm])})")
-    axis.set_xlabel("completion tokens decoded for training (cumulative)")
+    for arm, (spent, means, stds) in curves.items():
+        _line_with_band(axis, spent, means, stds, f"{arm} (n={len(groups[arm])})")
+    axis.set_xlabel(x_label)
     axis.set_ylabel("greedy accuracy")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.suptitle("Eval accuracy against decoded tokens")
+    figure.suptitle(title)
     _save_figure(plt, figure, path)
     return True
+
+
+def plot_accuracy_per_decoded_token(groups: dict[str, list[Run]], path: Path) -> bool:
+    return plot_accuracy_against_cost(
+        groups,
+        path,
+        DECODED_TOTAL,
+        "completion tokens decoded for training (cumulative)",
+        "Eval accuracy against decoded tokens",
+    )
+
+
+def plot_accuracy_per_generation_second(groups: dict[str, list[Run]], path: Path) -> bool:
+    return plot_accuracy_against_cost(
+        groups,
+        path,
+        GENERATION_SECONDS_TOTAL,
+        "seconds spent generating training completions (cumulative, mean over ranks)",
+        "Eval accuracy against generation seconds",
+    )
 
 
 def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
@@ -299,6 +322,7 @@ def _curves(name: str):
 FIGURES = [
     ("accuracy.png", "Eval accuracy", _curves("accuracy.png")),
     ("accuracy_tokens.png", "Eval accuracy against decoded tokens", plot_accuracy_per_decoded_token),
+    ("accuracy_seconds.png", "Eval accuracy against generation seconds", plot_accuracy_per_generation_second),
     ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
     ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
     ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),

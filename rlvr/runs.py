@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 DECODED_TOTAL = "rollout/decoded_tokens_total"  # the logged running total of decoded training tokens
+GENERATION_SECONDS_TOTAL = "rollout/generation_seconds_total"  # ... and of seconds spent generating them
 MANIFEST = "compare.json"  # a compare's directory: its arms, seeds and run directories (written by rlvr.compare)
 
 
@@ -32,6 +33,7 @@ class Run:
     routing: list[dict] = field(default_factory=list)
     domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
     construction: int | None = None  # upcycling compares: the seed the starting policy was built with
+    config: dict = field(default_factory=dict)  # the run's config.yaml
 
     @property
     def replicate(self) -> tuple[int, int]:
@@ -53,11 +55,15 @@ class Run:
         return steps, [points[step] for step in steps]
 
     def decoded_tokens_at(self, step: int) -> float:
-        """Completion tokens decoded for training up to ``step`` (``rollout/decoded_tokens_total`` logged at
-        or before it; 0 at step 0; NaN for runs that did not log it)."""
+        """Completion tokens decoded for training up to ``step`` (see :meth:`total_at`)."""
+        return self.total_at(DECODED_TOTAL, step)
+
+    def total_at(self, key: str, step: int) -> float:
+        """A logged running total (``rollout/*_total``) up to ``step``: its value logged at or before it; 0 at
+        step 0; NaN for runs that did not log it."""
         if step <= 0:
             return 0.0
-        steps, totals = self.series(DECODED_TOTAL)
+        steps, totals = self.series(key)
         if not steps:
             return math.nan
         before = [total for logged, total in zip(steps, totals, strict=True) if logged <= step]
@@ -86,6 +92,7 @@ def load_run(directory: Path) -> Run:
         seed=int(config.get("seed", 0)),
         construction=(config.get("upcycle") or {}).get("construction_seed"),
         summary=summary,
+        config=config,
         metrics=_read_jsonl(directory / "metrics.jsonl"),
         forking=_read_jsonl(directory / "forking_tokens.jsonl"),
         routing=_read_jsonl(directory / "routing.jsonl"),
@@ -146,11 +153,12 @@ def mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float], list[
     return steps, means, stds
 
 
-def decoded_tokens_curve(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
-    """A metric against decoded tokens: at each step of :func:`mean_curve`, the mean over runs of the
-    tokens decoded by then, and the metric's mean and std. Empty when a run did not log its tokens."""
+def cost_curve(runs: list[Run], key: str, total: str = DECODED_TOTAL) -> tuple[list[float], list[float], list[float]]:
+    """A metric against what training spent: at each step of :func:`mean_curve`, the mean over runs of the
+    running ``total`` by then (decoded tokens, generation seconds), and the metric's mean and std. Empty when a
+    run did not log the total."""
     steps, means, stds = mean_curve(runs, key)
-    tokens = [mean_std([run.decoded_tokens_at(step) for run in runs]) for step in steps]
+    tokens = [mean_std([run.total_at(total, step) for run in runs]) for step in steps]
     if any(math.isnan(mean) for mean, _ in tokens):
         return [], [], []
     return [mean for mean, _ in tokens], means, stds

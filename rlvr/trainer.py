@@ -31,11 +31,13 @@ from rlvr.moe.zero3 import register_zero3_leaves
 from rlvr.prompts import PromptsConfig
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.sparse_head import HeadTransform, text_only_loss_forward
+from rlvr.token_rules import TokenRulesConfig
 from rlvr.training import generation, setup
 from rlvr.training.callbacks import CheckpointedState, CorrectionBiasUpdate, RolloutTotals
-from rlvr.training.forwards import replayed_forward, sparse_loss_forward
+from rlvr.training.forwards import measure_forward, replayed_forward, sparse_forward
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
+from rlvr.training.token_rule_step import TokenRuleStep
 from rlvr.trl_loading import zero3_leaves_as_trl_loads
 from rlvr.vllm_routing import routed_experts_returned
 
@@ -53,6 +55,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for dense models when left at its defaults.
         rollout: how training completions are sampled (:class:`rlvr.rollouts.config.RolloutConfig`).
         prompts: which prompts a step spends generation on (:class:`rlvr.prompts.config.PromptsConfig`).
+        token_rules: an entropy intervention in the loss forward (:class:`rlvr.token_rules.TokenRulesConfig`).
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
 
@@ -65,11 +68,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     ==========================================  ============================================================
     ``_compute_loss``                           the loss forward's state; router losses; the entropy bonus
                                                 over all tokens with ``forking.mask_entropy_bonus=false``
-                                                (``training.selection.LossForward``)
+                                                (``training.selection.LossForward``); KL-Cov's penalty
     ``_get_per_token_logps_and_entropies``      in the loss forward: the selection (``ForkingSelection``),
                                                 MoE gates (``moe.RouterAwareUpdates``), the sparse LM head
-                                                (``training.forwards``); elsewhere TRL's values, routing
-                                                recorded or replayed (``rollouts.ReplayRecorder``)
+                                                (``training.forwards``), ``token_rules``
+                                                (``training.token_rule_step``); elsewhere TRL's values,
+                                                routing recorded or replayed (``rollouts.ReplayRecorder``)
     ``get_high_entropy_mask``                   in the loss forward: the forking tokens' loss weights;
                                                 elsewhere TRL's boolean mask
     ``training_step``                           TRL's, then the step's MoE gates released
@@ -95,6 +99,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     rollout: RolloutConfig = RolloutConfig()
     prompts: PromptsConfig = PromptsConfig()
     prompt_filter: PromptFilter | None = None  # prompts.filter: dynamic or skip
+    token_rules: TokenRulesConfig = TokenRulesConfig()
+    token_rule_step: TokenRuleStep | None = None  # token_rules.rule other than none
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
     rollout_totals: RolloutTotals | None = None
@@ -112,6 +118,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         moe: MoEConfig | None = None,
         rollout: RolloutConfig | None = None,
         prompts: PromptsConfig | None = None,
+        token_rules: TokenRulesConfig | None = None,
         **kwargs,
     ):
         self.forking = forking or ForkingConfig()
@@ -119,6 +126,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.rollout, self.prompts = rollout or RolloutConfig(), prompts or PromptsConfig()
         self.rollout.validate()
         self.prompts.validate()
+        self.token_rules = token_rules or TokenRulesConfig()
+        self.token_rules.validate()
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
@@ -140,7 +149,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         engine_sampling = self.args.use_vllm or self.rollout.engine == "copy"  # numerics other than the trainer's
         self.rollouts = setup.rollouts(self, measure=engine_sampling)
         if engine_sampling:
-            setup.attach_engine(self, self._measure_forward)
+            setup.attach_engine(self, lambda batch: measure_forward(self, batch))
         self.rollout_totals = RolloutTotals(self.rollouts)
         self.add_callback(self.rollout_totals)
         self.loss_forward = None
@@ -151,6 +160,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self.forking, normalization_unit, self.collectives, self.forking_log, int(self.args.seed), rank
         )
         self.prompt_filter = setup.prompt_filter(self)
+        self.token_rule_step = setup.token_rule_step(self)
         self.head_transform = setup.sparse_head_transform(self)
         self.sparse_head = self.head_transform is not None
 
@@ -224,6 +234,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         finally:
             if own_entropy_bonus:
                 self._entropy_bonus_enabled = True
+            if self.loss_forward is not None and self.loss_forward.original_advantages is not None:
+                inputs["advantages"] = self.loss_forward.original_advantages  # entropy_advantage replaced them
             self.loss_forward = None
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0  # as TRL scales
         if own_entropy_bonus:  # mean entropy over all completion tokens
@@ -232,6 +244,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
             loss = loss - self.entropy_coef * bonus
         if state.router_loss is not None:
             loss = loss + state.router_loss / accumulation
+        rule_step = _own(self, "token_rule_step", TokenRuleStep)
+        if rule_step is not None and state.penalty is not None:  # KL-Cov (token_rules)
+            loss = loss + rule_step.penalty_loss(state, accumulation)
         return loss
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -255,7 +270,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 recording = rollouts.replay.old_policy_forward(policy, prompt_width, logits_to_keep)
             with recording as forced:
                 if sparse:
-                    logps, entropies = self._sparse_loss_forward(model, input_ids, attention_mask, logits_to_keep)
+                    logps, entropies = sparse_forward(self, model, input_ids, attention_mask, logits_to_keep)
                     aux_loss = None
                 elif forced is not None:  # the old-policy forward of an engine's batch, with its experts replayed
                     logps, entropies, aux_loss = replayed_forward(
@@ -281,6 +296,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
             state.entropies = entropies
             if state.selection is None:  # the sparse head selected inside its forward
                 state.selection = self._select(entropies.detach(), state.inputs)
+            rule_step = _own(self, "token_rule_step", TokenRuleStep)
+            if rule_step is not None and loss_forward:  # Clip-Cov, KL-Cov, entropy advantage (token_rules)
+                metrics = self.selection.step_metrics["train" if self.model.training else "eval"]
+                metrics.update(rule_step.apply(state, logps, self._step))
             if loss_forward and updates is not None:  # gates, router losses and analytics of the forward
                 mode = "train" if self.model.training else "eval"
                 state.router_loss, metrics = updates.finish(
@@ -292,38 +311,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 # off them. The KL value that TRL logs still covers every token.
                 logps = mask_gradient(logps, state.selection.keep)
         return logps, entropies, aux_loss
-
-    def _sparse_loss_forward(self, model, input_ids, attention_mask, logits_to_keep):
-        """The loss forward with the LM head's gradient on the forking tokens only (:mod:`rlvr.sparse_head`)."""
-        state = self.loss_forward
-
-        def select(entropies: torch.Tensor) -> torch.Tensor:
-            state.selection = self._select(entropies, state.inputs)
-            return state.selection.keep
-
-        return sparse_loss_forward(
-            model,
-            input_ids,
-            attention_mask,
-            logits_to_keep,
-            select,
-            self.head_transform,
-            self.forking.sparse_head_kernel,
-            self.args.cast_lm_head_to_fp32,
-            self.accelerator.autocast,
-        )
-
-    @torch.no_grad()
-    def _measure_forward(self, batch: dict) -> torch.Tensor:
-        """The policy's (B, C) log-probs of an engine-sampled batch, for its mismatch metrics, when TRL ran
-        no old-policy forward on it (no importance-sampling correction, one optimizer step per batch)."""
-        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P + C)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P + C)
-        completion_width, rows = batch["completion_ids"].size(1), self.args.per_device_train_batch_size
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, completion_width, batch_size=rows
-        )
-        return logps
 
     def _select(self, entropies: torch.Tensor, inputs: dict) -> MicroBatchSelection:
         """Exact-k selection over this micro-batch (all ranks), as this rank's keep mask and loss weights."""

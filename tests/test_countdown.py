@@ -114,3 +114,22 @@ def test_reward_reads_the_last_box_of_plain_and_chat_completions():
     assert shaped(["\\boxed{5+3+8}"], answer=[ANSWER]) == [0.2]
     with pytest.raises(ValueError, match="partial_credit"):
         resolve_reward("countdown_exact", partial_credit=1.5)
+
+
+def test_a_spread_of_difficulty_mixes_problem_sizes_and_keeps_fixed_size_problems_unchanged():
+    """countdown_min_numbers draws each problem's size; unset, the problem list is the same as before."""
+    mixed = ArithmeticTask(domains=["countdown"], eval_fraction=0.2, countdown_min_numbers=2, countdown_min_paths=3)
+    sizes = [len(parse_gold(problem.answer)[1]) for problem in generate_problems(mixed, "train", 200, seed=0)]
+    assert set(sizes) == {2, 3} and 0.3 < sizes.count(2) / len(sizes) < 0.7
+    for problem in generate_problems(mixed, "train", 200, seed=0):
+        target, numbers = parse_gold(problem.answer)
+        assert check_countdown(last_boxed(problem.solution), problem.answer) == 1.0
+        assert len(solution_paths(tuple(numbers))[target]) >= (2 if len(numbers) == 2 else 3)
+    same_size = ArithmeticTask(domains=["countdown"], eval_fraction=0.2, countdown_min_numbers=3)
+    assert generate_problems(same_size, "train", 50, seed=0) == generate_problems(TASK, "train", 50, seed=0)
+
+
+@pytest.mark.parametrize("value", [1, 4])
+def test_countdown_min_numbers_out_of_range_names_the_key(value):
+    with pytest.raises(ValueError, match="countdown_min_numbers"):
+        ArithmeticTask(domains=["countdown"], countdown_min_numbers=value).validate()

@@ -119,11 +119,18 @@ def test_assembly_refuses_what_it_cannot_lay_out_naming_the_key():
 
 
 @pytest.mark.parametrize(
-    "override, key", [("prompts.max_draws=0", "prompts.max_draws"), ("prompts.filter=sometimes", "prompts.filter")]
+    "overrides, key",
+    [
+        (["prompts.max_draws=0"], "prompts.max_draws"),
+        (["prompts.filter=sometimes"], "prompts.filter"),
+        (["prompts.filter=skip", "prompts.predictor=oracle"], "prompts.predictor"),
+        (["prompts.predictor=probe"], "prompts.predictor"),  # a predictor without skip
+        (["prompts.filter=dynamic", "prompts.refill=false"], "prompts.refill"),
+    ],
 )
-def test_prompts_config_errors_name_the_key(override, key):
+def test_prompts_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +196,7 @@ def test_dynamic_sampling_out_of_draws_trains_what_there_is_and_says_so(tiny_che
     logged = trainer._metrics["train"]
     assert logged["prompts/generation_calls"][-1] == 1 and logged["prompts/short_groups"][-1] == 1
     assert logged["prompts/trained_zero_variance_share"][-1] == 0.5
+    assert logged["rollout/all_right_groups"][-1] == 0.5 and logged["rollout/all_wrong_groups"][-1] == 0.0
     # the group with variance comes first, then the zero-variance one that fills the batch
     advantages = batch["advantages"].view(-1, GENERATIONS)
     assert advantages[0].abs().sum() > 0 and advantages[1].abs().sum() == 0
@@ -215,6 +223,30 @@ def test_prompt_filters_need_whole_groups_on_each_process(tiny_checkpoint, tmp_p
 
     with pytest.raises(ValueError, match="multiple of num_generations"):
         setup.prompt_filter(trainer)
+
+
+def test_a_training_set_smaller_than_one_batch_of_groups_is_refused_before_training(tiny_checkpoint, tmp_path):
+    from rlvr.training import setup
+
+    trainer = make_trainer(tiny_checkpoint(), tmp_path)
+    trainer.prompts = PromptsConfig(filter="dynamic")
+    trainer.train_dataset = trainer.train_dataset.select(range(1))  # one prompt; a batch holds two groups
+    with pytest.raises(ValueError, match="training set has 1 prompts, fewer than the 2 groups"):
+        setup.prompt_filter(trainer)
+
+
+def test_a_group_no_reward_function_scored_stops_the_filter_naming_it(tiny_checkpoint, tmp_path):
+    """Every reward function returned None for a whole group: neither informative nor not; the filter says so
+    instead of dropping it silently."""
+    trainer = _trainer(tiny_checkpoint, tmp_path, PromptsConfig(filter="dynamic"))
+
+    def none_for_even_answers(completions, answer, **_):
+        return [None if int(gold) % 2 == 0 else 1.0 for gold in answer]
+
+    trainer.reward_funcs, trainer.reward_func_names = [none_for_even_answers], ["none_for_even_answers"]
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="returned None for all 4 completions of a group .group 1 of process 0"):
+        trainer._generate_and_score_completions(_rows("oe"))
 
 
 def test_a_batch_of_several_generation_calls_sums_its_counts_and_averages_its_shares():
@@ -307,6 +339,33 @@ def test_skip_replaces_a_prompt_predicted_to_give_no_variance_before_sampling(ti
     assert logged["prompts/skipped"][-1] >= 1
     assert "prompts/explore_right" in logged and "prompts/explore_wrong" in logged
     assert logged["prompts/trained_zero_variance_share"][-1] == 0.0
+
+
+def test_skip_without_refill_decodes_nothing_for_a_skipped_prompt(tiny_checkpoint, tmp_path):
+    """refill=false: the skipped prompt is not replaced; its place holds rows without loss tokens, the sampled
+    group is trained on as TRL would, and the decoded tokens are the sampled group's alone."""
+    from rlvr.prompts.history import prompt_key
+
+    settings = PromptsConfig(filter="skip", refill=False, max_draws=8)
+    trainer = _trainer(tiny_checkpoint, tmp_path, settings)
+    rows = _rows("oe")
+    for _ in range(30):  # the even-answer prompt was always right 30 times in a row: skipped with p = 0.99
+        trainer.prompt_filter.history.observe(prompt_key(rows[GENERATIONS]), informative=False, reward=1.0)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["completion_ids"].size(0) == ROWS  # the size TRL asked for
+    empty = slice(GENERATIONS, ROWS)
+    assert batch["completion_mask"][empty].sum() == 0 and (batch["advantages"][empty] == 0).all()
+    assert batch["completion_mask"][:GENERATIONS].sum() > 0
+    assert int(batch["num_items_in_batch"]) == int(batch["completion_mask"].sum())
+    logged = trainer._metrics["train"]
+    assert logged["prompts/generation_calls"][-1] == 1 and logged["prompts/drawn"][-1] == 1
+    assert logged["prompts/skipped"][-1] == 1 and logged["prompts/empty_groups"][-1] == 1
+    assert logged["prompts/dropped"][-1] == 0
+    assert logged["rollout/decoded_tokens"][-1] == int(batch["completion_mask"][:GENERATIONS].sum())
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
 
 
 @pytest.mark.parametrize(
@@ -403,7 +462,7 @@ def test_skip_with_both_predictors_fits_the_probe_on_every_sampled_group(tiny_ch
     assert ((chooser.probe.pass_rates >= 0) & (chooser.probe.pass_rates <= 1)).all()
 
 
-@pytest.mark.parametrize("arm", ["dynamic", "skip_history", "skip_probe", "skip_both"])
+@pytest.mark.parametrize("arm", ["dynamic", "skip_history", "skip_probe", "skip_both", "prune_both"])
 def test_the_selective_arms_train_from_their_packaged_overlays(tmp_path, arm):
     import json
 
@@ -418,5 +477,31 @@ def test_the_selective_arms_train_from_their_packaged_overlays(tmp_path, arm):
     assert code == 0
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     logged = {key for record in records for key in record}
-    assert "prompts/generation_calls" in logged and ("prompts/skipped" in logged) == arm.startswith("skip")
+    assert "prompts/generation_calls" in logged and ("prompts/skipped" in logged) == (arm != "dynamic")
     assert f"filter: {'dynamic' if arm == 'dynamic' else 'skip'}" in (output / "config.yaml").read_text()
+
+
+def test_settled_group_shares_match_a_loop_by_kind():
+    """All-right / all-wrong shares of the groups without reward variance, against a plain loop; NaN rows (not
+    scorable) are left out, a group with none scorable is neither."""
+    from rlvr.rollouts.batch import settled_groups
+
+    generator = torch.Generator().manual_seed(0)
+    G = 4
+    rewards = torch.randint(0, 2, (40 * G,), generator=generator).double()
+    rewards[: 6 * G] = 1.0  # settled right
+    rewards[6 * G : 9 * G] = 0.0  # settled wrong
+    rewards[9 * G] = float("nan")  # a settled-right group with one unscorable row
+    rewards[9 * G + 1 : 10 * G] = 1.0
+    rewards[10 * G : 11 * G] = float("nan")  # nothing scorable
+    rewards[11 * G : 12 * G] = 0.5  # settled at exactly the threshold: wrong (not above it)
+    right = wrong = 0
+    for group in rewards.view(-1, G).tolist():
+        scored = [value for value in group if not math.isnan(value)]
+        if scored and max(scored) == min(scored):
+            right += scored[0] > 0.5
+            wrong += scored[0] <= 0.5
+    shares = settled_groups(rewards, G, solved_reward=0.5)
+    assert shares == pytest.approx((right / 40, wrong / 40), abs=0)
+    assert right >= 7 and wrong >= 4
+    assert settled_groups(torch.tensor([1.0]), 1, 0.5) == (1.0, 0.0)  # one row: settled by itself

@@ -38,6 +38,7 @@ def make_trainer(
     dtype="float32",
     rollout=None,
     peft_config=None,
+    token_rules=None,
     **grpo,
 ):
     model, tokenizer = load_pretrained(checkpoint, dtype)
@@ -63,7 +64,7 @@ def make_trainer(
         | grpo
     )
     extra = (
-        {"forking": forking or ForkingConfig(), "moe": moe, "rollout": rollout}
+        {"forking": forking or ForkingConfig(), "moe": moe, "rollout": rollout, "token_rules": token_rules}
         if trainer_cls is ForkingGRPOTrainer
         else {}
     )

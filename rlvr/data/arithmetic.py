@@ -50,6 +50,11 @@ class ArithmeticTask:
     )
     max_factor: int = option(9, "multiplication: factors are drawn from 2..max_factor")
     countdown_numbers: int = option(3, "countdown: numbers to combine, each used once")
+    countdown_min_numbers: int = option(
+        0,
+        "countdown: a spread of difficulty: each problem combines countdown_min_numbers..countdown_numbers "
+        "numbers, drawn uniformly (0: always countdown_numbers; two numbers need min(countdown_min_paths, 2) paths)",
+    )
     countdown_max: int = option(9, "countdown: numbers are drawn from 1..countdown_max")
     countdown_min_paths: int = option(2, "countdown: only targets reachable by at least this many expressions")
     reverse_alphabet: int = option(10, "reverse: words use the first this many lowercase letters (2..26)")
@@ -75,6 +80,11 @@ class ArithmeticTask:
             raise ValueError(f"max_factor must be >= 2, got {self.max_factor}")
         if not 2 <= self.countdown_numbers <= 5:
             raise ValueError(f"countdown_numbers must be in 2..5, got {self.countdown_numbers}")
+        if self.countdown_min_numbers and not 2 <= self.countdown_min_numbers <= self.countdown_numbers:
+            raise ValueError(
+                f"countdown_min_numbers must be 0 (off) or in 2..countdown_numbers ({self.countdown_numbers}), "
+                f"got {self.countdown_min_numbers}"
+            )
         if not 2 <= self.reverse_alphabet <= len(LETTERS):
             raise ValueError(f"reverse_alphabet must be in 2..{len(LETTERS)}, got {self.reverse_alphabet}")
         if not 1 <= self.reverse_min_length <= self.reverse_max_length:
@@ -132,9 +142,14 @@ def _random_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
 
 
 def _countdown_problem(task: ArithmeticTask, rng: random.Random) -> Problem:
+    count, min_paths = task.countdown_numbers, task.countdown_min_paths
+    if task.countdown_min_numbers and task.countdown_min_numbers < count:  # else the draws of a fixed count
+        count = rng.randint(task.countdown_min_numbers, count)
+    if count == 2:  # two numbers reach a target in at most two ways (a+b and b+a; a*b and b*a)
+        min_paths = min(min_paths, 2)
     drawn = None
-    while drawn is None:  # numbers that reach no target in countdown_min_paths ways are drawn again
-        drawn = random_countdown(rng, task.countdown_numbers, task.countdown_max, task.countdown_min_paths)
+    while drawn is None:  # numbers that reach no target in min_paths ways are drawn again
+        drawn = random_countdown(rng, count, task.countdown_max, min_paths)
     numbers, target, solution = drawn
     listed = ", ".join(map(str, numbers))
     return Problem(

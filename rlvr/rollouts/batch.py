@@ -52,6 +52,20 @@ def distinct_answers(completions: list, group_size: int) -> float:
     return sum(len(set(group)) for group in groups) / max(len(groups), 1)
 
 
+def settled_groups(rewards: torch.Tensor, group_size: int, solved_reward: float) -> tuple[float, float]:
+    """Shares of the groups (``group_size`` consecutive rows of the (B,) weighted ``rewards``, NaN unscorable)
+    whose scorable rewards are all equal and above ``solved_reward`` (all right) or not above it (all wrong):
+    the groups that give no policy gradient, by kind. A group with no scorable row counts as neither."""
+    grouped = rewards.detach().double().view(-1, group_size)  # (N, G)
+    scored = ~torch.isnan(grouped)
+    low = grouped.nan_to_num(float("inf")).min(dim=1).values  # (N,)
+    high = grouped.nan_to_num(float("-inf")).max(dim=1).values
+    settled = scored.any(dim=1) & (high - low <= 1e-6)
+    right = settled & (low > solved_reward)
+    groups = max(grouped.size(0), 1)
+    return float(right.sum()) / groups, float((settled & ~right).sum()) / groups
+
+
 class Rollouts:
     """The generation side of ``ForkingGRPOTrainer``.
 
@@ -95,6 +109,8 @@ class Rollouts:
         self._cost: GenerationCost | None = None
         self._rewards: torch.Tensor | None = None  # (B_all,) weighted rewards of the batch, all ranks
         self._distinct_answers: float | None = None
+        self._settled: tuple[float, float] | None = None  # shares of all-right and all-wrong groups
+        self.solved_reward = 0.5  # a settled group above this reward is all-right (``prompts.solved_reward``)
 
     @property
     def batch_rewards(self) -> torch.Tensor:
@@ -131,7 +147,7 @@ class Rollouts:
         the routing record (:data:`ROUTING_KEY`), each row's prompt group (:data:`GROUP_IDS_KEY`) and,
         with ``rollout.advantage=treerl``, TreeRL's (B, C) advantages. Returns the batch and its metrics."""
         self.replay.start_batch()
-        self._tree = self._cost = self._rewards = self._distinct_answers = None
+        self._tree = self._cost = self._rewards = self._distinct_answers = self._settled = None
         self.logged_advantages = None
         batch = produce()
         training_logps = None
@@ -205,6 +221,8 @@ class Rollouts:
         rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
         self._rewards = rewards.masked_fill(unscorable, float("nan"))
         self._distinct_answers = distinct_answers(completions, group_size)
+        if self._rewards.numel() % group_size == 0:
+            self._settled = settled_groups(self._rewards, group_size, self.solved_reward)
 
     def _metrics(self, training: bool) -> dict[str, float]:
         """``rollout/*`` metrics of the batch just produced, summed or averaged over ranks."""
@@ -237,6 +255,8 @@ class Rollouts:
         }
         if self._distinct_answers is not None:
             metrics["rollout/distinct_answers"] = self._distinct_answers
+        if self._settled is not None:
+            metrics["rollout/all_right_groups"], metrics["rollout/all_wrong_groups"] = self._settled
         if self._tree is not None:
             metrics["rollout/branches"] = branched
             metrics["rollout/fallback_branches"] = fallback
@@ -247,6 +267,7 @@ class Rollouts:
             self.decoded_tokens_total += int(decoded)
             self.generation_seconds_total += seconds / ranks
             metrics["rollout/decoded_tokens_total"] = float(self.decoded_tokens_total)
+            metrics["rollout/generation_seconds_total"] = self.generation_seconds_total
         return metrics
 
     def _mismatch(self, batch: dict, training_logps: torch.Tensor, trainer_routing: torch.Tensor | None) -> dict:

@@ -95,3 +95,38 @@ def replayed_forward(
     entropies = None if entropies[0] is None else torch.cat(entropies)
     aux_loss = None if aux_losses[0] is None else torch.stack(aux_losses).mean()  # as TRL averages chunks
     return torch.cat(logps), entropies, aux_loss
+
+
+@torch.no_grad()
+def measure_forward(trainer, batch: dict) -> torch.Tensor:
+    """The policy's (B, C) log-probs of an engine-sampled batch, for its mismatch metrics, when TRL ran no
+    old-policy forward on it (no importance-sampling correction, one optimizer step per batch)."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P + C)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P + C)
+    completion_width, rows = batch["completion_ids"].size(1), trainer.args.per_device_train_batch_size
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, completion_width, batch_size=rows
+    )
+    return logps
+
+
+def sparse_forward(trainer, model, input_ids, attention_mask, logits_to_keep):
+    """The loss forward of ``trainer`` with the LM head's gradient on the forking tokens only
+    (:mod:`rlvr.sparse_head`): the forking selection runs inside the forward, on the entropies."""
+    state = trainer.loss_forward
+
+    def select(entropies: torch.Tensor) -> torch.Tensor:
+        state.selection = trainer._select(entropies, state.inputs)
+        return state.selection.keep
+
+    return sparse_loss_forward(
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        select,
+        trainer.head_transform,
+        trainer.forking.sparse_head_kernel,
+        trainer.args.cast_lm_head_to_fp32,
+        trainer.accelerator.autocast,
+    )

@@ -61,6 +61,7 @@ def generation_model(trainer):
 
 
 SUMMED = ("rollout/decoded_tokens", "rollout/generation_seconds", "rollout/branches", "rollout/fallback_branches")
+RUNNING_TOTALS = ("rollout/decoded_tokens_total", "rollout/generation_seconds_total")  # logged as the latest value
 
 
 def merge_calls(calls: list[dict[str, float]]) -> dict[str, float]:
@@ -71,7 +72,7 @@ def merge_calls(calls: list[dict[str, float]]) -> dict[str, float]:
         values = [metrics[key] for metrics in calls if key in metrics]
         if key in SUMMED:
             merged[key] = sum(values)
-        elif key == "rollout/decoded_tokens_total":
+        elif key in RUNNING_TOTALS:
             merged[key] = values[-1]
         else:
             merged[key] = sum(values) / len(values)
@@ -88,7 +89,7 @@ def log_batch(rollouts: Rollouts, metrics: dict[str, float], trl_metrics: dict, 
         for index, value in enumerate(used, start=len(logged) - len(used)):
             logged[index] = value
     for key, value in metrics.items():
-        if key == "rollout/decoded_tokens_total":  # a running total: logged as its latest value
+        if key in RUNNING_TOTALS:  # logged as its latest value
             trl_metrics[key] = [value]
         else:
             trl_metrics[key].append(value)

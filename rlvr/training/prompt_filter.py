@@ -7,6 +7,12 @@
   and after ``max_num_gen_batches`` calls the step trains on what there is.
 * ``skip``: before each call, every prompt is skipped with GRESO's probability (:mod:`rlvr.prompts.history`)
   and replaced by further candidates; after it, groups still without variance are dropped as above.
+* ``skip`` with ``refill=false``: one call on the prompts not skipped; nothing replaces the skipped ones, whose
+  places in the batch are rows without loss tokens (copies of a sampled row with an empty completion mask and
+  zero advantage), and every sampled group is trained on as TRL would. With beta = 0 a zero-variance group has
+  zero policy gradient, so this is TRL's step minus the skipped prompts' decoding (the loss normaliser of token
+  -counting loss types loses their tokens). Every rank decodes the same number of groups per call (the most any
+  rank kept; the others take back their least likely skipped prompts).
 
 Every rank keeps whole groups of its own rows (so a group stays on one rank) and every rank makes the same
 number of generation calls (each call issues TRL's collectives): a rank that is full still samples while
@@ -63,12 +69,12 @@ class PromptFilter:
         self.settings, self.collectives, self.dataset = settings, collectives, dataset
         self.group_size, self.seed, self.rank, self.world = group_size, seed, rank, world
         self.pad_token_id, self.featurize = pad_token_id, featurize
-        skip, predictor = settings.filter == "skip", settings.predictor
+        predictor = settings.skip_predictor
         self.history = None
-        if skip and predictor in ("history", "both"):
+        if predictor in ("history", "both"):
             self.history = PromptHistory(settings.target_zero_variance, settings.solved_reward)
-        self.probe = PassRateProbe(hidden_size) if skip and predictor in ("probe", "both") else None
-        self.skips = skip
+        self.probe = PassRateProbe(hidden_size) if predictor in ("probe", "both") else None
+        self.skips, self.refill = predictor is not None, settings.refill
 
     def produce(
         self,
@@ -91,27 +97,45 @@ class PromptFilter:
         needed = len(inputs) // G  # groups of this rank (whole groups: checked when the filter is built)
         prompts = [inputs[group * G] for group in range(needed)]
         batches, kept, spare = [], [], []
-        counts = torch.zeros(9, dtype=torch.float64)  # see _metrics
+        counts = torch.zeros(10, dtype=torch.float64)  # see _metrics
         while True:
             call = len(batches)
             if self.skips:
                 prompts, predicted, features, skipped = self._choose(prompts, step, call)
                 counts[3] += skipped
+            sampled = len(prompts)  # the same on every rank
             batch, _ = produce([row for row in prompts for _ in range(G)])
             call_rewards = rewards()  # (B_all,)
+            unscored = torch.isnan(call_rewards.view(-1, G)).all(dim=1).nonzero()  # (groups,) all ranks: agreed
+            if len(unscored):
+                group = int(unscored[0])
+                rank, index = divmod(group, sampled)
+                raise ValueError(
+                    f"prompts.filter: every reward function returned None for all {G} completions of a group "
+                    f"(group {index} of process {rank} in generation call {call + 1} of step {step}): it cannot "
+                    "be told informative or not; return a number for at least one completion of every prompt"
+                )
             informative = informative_groups(call_rewards, G, self.settings.variance_tolerance)  # (groups, all ranks)
-            mine = informative[self.rank * needed : (self.rank + 1) * needed].tolist()
-            for group, has_variance in enumerate(mine):
-                (kept if has_variance else spare).append((call, group))
+            mine = informative[self.rank * sampled : (self.rank + 1) * sampled].tolist()
+            for group, has_variance in enumerate(mine):  # without refill every sampled group is trained on
+                (kept if has_variance or not self.refill else spare).append((call, group))
             if self.skips:
-                counts += self._observe(prompts, predicted, features, informative, call_rewards, needed)
+                counts += self._observe(prompts, predicted, features, informative, call_rewards, sampled)
+            counts[0] += sampled
             batches.append(batch)
             device = batch["completion_mask"].device
-            short = torch.tensor(float(max(needed - len(kept), 0)), device=device)
-            if float(self.collectives.sum(short)) == 0.0 or len(batches) >= self.settings.max_draws:
+            if not self.refill or len(batches) >= self.settings.max_draws:
+                break
+            missing = torch.tensor(float(max(needed - len(kept), 0)), device=device)
+            if float(self.collectives.sum(missing)) == 0.0:
                 break
             prompts = self._draw(needed, step, len(batches))
-        picks = kept[:needed] + spare[: max(needed - len(kept), 0)]
+        if self.refill:  # the informative groups first, then zero-variance ones where the draws ran out
+            short, empty = max(needed - len(kept), 0), 0
+            picks = kept[:needed] + spare[:short]
+        else:  # every sampled group; the skipped places hold a sampled row, emptied below
+            short, empty = mine.count(False), needed - len(kept)
+            picks = kept + [(0, 0)] * empty
         out = assemble_rows(
             batches,
             [(call, group * G + row) for call, group in picks for row in range(G)],
@@ -119,9 +143,13 @@ class PromptFilter:
             routing_key=ROUTING_KEY,
             recomputed=(GROUP_IDS_KEY, "num_items_in_batch"),
         )
+        if empty:
+            out["completion_mask"][-empty * G :] = 0
+            out["advantages"][-empty * G :] = 0
         out[GROUP_IDS_KEY] = group_ids(len(inputs), G, self.rank, device)
         out["num_items_in_batch"] = self.collectives.sum(loss_mask(out).sum())  # TRL's: global, this batch's
-        counts[:3] = torch.tensor([len(batches) * needed, (len(batches) - 1) * needed, max(needed - len(kept), 0)])
+        counts[1], counts[2] = float(counts[0]) - (needed - empty), float(short)
+        counts[9] = empty
         return out, self._metrics(self.collectives.sum(counts.to(device)).tolist(), len(batches), needed)
 
     def _draw(self, count: int, step: int, draw: int) -> list[dict]:
@@ -134,8 +162,10 @@ class PromptFilter:
     ) -> tuple[list[dict], list[bool], torch.Tensor | None, int]:
         """This rank's prompts for one call: each candidate skipped with its predicted probability, replaced by
         candidates drawn afresh (``prompts.candidate_rounds`` draws at most), the batch topped up with the
-        least likely skipped ones. Returns the prompts, whether each was predicted to give no variance (skip
-        probability >= 0.5), their (N, D) features (the probe's; else None) and how many were skipped."""
+        least likely skipped ones. Without refill: no further candidates, and the batch is topped up only to the
+        number of prompts the rank keeping the most kept (at least one), so every rank decodes as many. Returns
+        the prompts, whether each was predicted to give no variance (skip probability >= 0.5), their (N, D)
+        features (the probe's; else None) and how many were skipped."""
         needed = len(candidates)
         generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + call) * 131 + self.rank)
         chosen, passed, queue, rounds = [], [], [], 0
@@ -143,7 +173,7 @@ class PromptFilter:
         while len(chosen) < needed:
             if not queue:
                 if not fresh:
-                    if rounds >= self.settings.candidate_rounds:
+                    if rounds >= self.settings.candidate_rounds or not self.refill:
                         break
                     rounds += 1
                     fresh = self._draw(needed, step, CANDIDATE_DRAWS + call * 100 + rounds)
@@ -154,7 +184,11 @@ class PromptFilter:
                 passed.append((probability, len(passed), row, feature))
             else:
                 chosen.append((probability, row, feature))
-        top_up = sorted(passed, key=lambda item: item[:2])[: needed - len(chosen)]
+        wanted = needed
+        if not self.refill:  # the most any rank kept
+            kept = torch.tensor([float(max(len(chosen), 1))], device=self.collectives.device)
+            wanted = int(self.collectives.gather_rows(kept.view(1, 1)).max())
+        top_up = sorted(passed, key=lambda item: item[:2])[: wanted - len(chosen)]
         chosen += [(probability, row, feature) for probability, _, row, feature in top_up]
         features = torch.stack([feature for _, _, feature in chosen]) if self.probe is not None else None
         predicted = [probability >= 0.5 for probability, _, _ in chosen]
@@ -173,12 +207,12 @@ class PromptFilter:
         probe = zero_variance_probability(pass_rates.double(), self.group_size).clamp(max=1 - FLOOR).tolist()
         return [max(h, p) for h, p in zip(history, probe, strict=True)], list(features)
 
-    def _observe(self, prompts, predicted, features, informative, rewards, needed) -> torch.Tensor:
+    def _observe(self, prompts, predicted, features, informative, rewards, sampled) -> torch.Tensor:
         """Every rank's groups of a call into the history (the same on every rank), and this rank's counts:
         [.., .., .., .., all-right groups, all-wrong groups, predicted and without variance, predicted with
-        variance, not predicted and without variance]."""
+        variance, not predicted and without variance, ..] (the rest is counted by ``produce``)."""
         grouped = rewards.detach().double().view(len(informative), -1)  # (groups, G), all ranks
-        mine = slice(self.rank * needed, (self.rank + 1) * needed)
+        mine = slice(self.rank * sampled, (self.rank + 1) * sampled)
         kinds = [None] * len(informative)
         if self.history is not None:
             keys = self.collectives.gather_objects([prompt_key(row) for row in prompts])  # (groups, all ranks)
@@ -192,7 +226,7 @@ class PromptFilter:
             passes = ((grouped > self.settings.solved_reward) & scored).sum(1) / scored.sum(1).clamp(min=1)
             self.probe.observe(all_features, passes)
         zero = [not value for value in informative[mine].tolist()]
-        counts = torch.zeros(9, dtype=torch.float64)
+        counts = torch.zeros(10, dtype=torch.float64)
         counts[4] = sum(kind == RIGHT for kind in kinds[mine])
         counts[5] = sum(kind == WRONG for kind in kinds[mine])
         counts[6] = sum(p and z for p, z in zip(predicted, zero, strict=True))
@@ -201,8 +235,8 @@ class PromptFilter:
         return counts
 
     def _metrics(self, counts: list[float], calls: int, needed: int) -> dict[str, float]:
-        generated, dropped, short, skipped, right, wrong, true_pos, false_pos, false_neg = counts
-        trained = self.world * needed
+        generated, dropped, short, skipped, right, wrong, true_pos, false_pos, false_neg, empty = counts
+        trained = self.world * needed - empty  # sampled groups in the batch (skipped places without refill aside)
         metrics = {
             "prompts/generation_calls": float(calls),
             "prompts/drawn": generated,
@@ -220,4 +254,6 @@ class PromptFilter:
                 metrics["prompts/predictor_precision"] = true_pos / (true_pos + false_pos)
             if true_pos + false_neg:
                 metrics["prompts/predictor_recall"] = true_pos / (true_pos + false_neg)
+        if not self.refill:
+            metrics["prompts/empty_groups"] = empty
         return metrics

@@ -38,6 +38,9 @@ class LossForward:
     selection: MicroBatchSelection | None = None
     entropies: torch.Tensor | None = None  # (B, T) with gradient: for an entropy bonus on all tokens
     router_loss: torch.Tensor | None = None  # scoped load-balancing / z-loss of the forward
+    log_probs: torch.Tensor | None = None  # (B, T) with gradient: for KL-Cov's penalty (token_rules)
+    penalty: torch.Tensor | None = None  # (B, T) bool: KL-Cov's penalised tokens
+    original_advantages: torch.Tensor | None = None  # the batch's advantages while entropy_advantage replaces them
 
 
 def loss_mask(inputs: dict) -> torch.Tensor:

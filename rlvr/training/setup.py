@@ -21,6 +21,7 @@ from rlvr.rollouts.tree import left_pad
 from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
 from rlvr.training.callbacks import PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
+from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
 from rlvr.vllm_routing import VLLMRoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def entropy_mask_switch(trainer) -> float:
             "ForkingGRPOTrainer replaces GRPOConfig.top_entropy_quantile with an exact top-k: pass "
             "forking=ForkingConfig(rho=...) and leave top_entropy_quantile at 1.0"
         )
-    return 0.0 if trainer.forking.policy_tokens == "forking" else 1.0
+    weighted = trainer.forking.policy_tokens == "forking" or trainer.token_rules.rule == "clip_cov"  # per-token
+    return 0.0 if weighted else 1.0
 
 
 def router_aware_updates(trainer) -> RouterAwareUpdates | None:
@@ -71,7 +73,7 @@ def rollouts(trainer, measure: bool) -> Rollouts:
     """The generation side of ``trainer`` (:class:`rlvr.rollouts.Rollouts`): routing recorded for the replay
     ``moe.routing_replay`` asks for (and for the mismatch metrics when ``measure``: an engine samples)."""
     updates = trainer.router_updates
-    return Rollouts(
+    sampler = Rollouts(
         ReplayRecorder(
             updates.hooks if updates is not None else None,
             trainer.moe.routing_replay if updates is not None else "none",
@@ -82,6 +84,21 @@ def rollouts(trainer, measure: bool) -> Rollouts:
         pad_token_id=trainer._tokenizer.pad_token_id,
         sum_across_ranks=trainer.collectives.sum,
         gather=trainer.collectives.gather_rows,
+    )
+    sampler.solved_reward = trainer.prompts.solved_reward
+    return sampler
+
+
+def token_rule_step(trainer) -> TokenRuleStep | None:
+    """The entropy intervention ``token_rules.rule`` asks for (None: ``none``), after refusing what it cannot
+    run with."""
+    if trainer.token_rules.rule == "none":
+        return None
+    check_token_rules(trainer.token_rules, trainer.forking, trainer.args)
+    rank = trainer.accelerator.process_index
+    epsilons = (trainer.epsilon_low, trainer.epsilon_high)
+    return TokenRuleStep(
+        trainer.token_rules, trainer.forking, trainer.collectives, int(trainer.args.seed), rank, epsilons
     )
 
 
@@ -97,6 +114,18 @@ def prompt_filter(trainer) -> PromptFilter | None:
             f"steps_per_generation ({rows}) must be a multiple of num_generations ({trainer.num_generations})"
         )
     accelerator = trainer.accelerator
+    dataset, groups = trainer.train_dataset, rows // trainer.num_generations * accelerator.num_processes
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ValueError(
+            f"prompts.filter={trainer.prompts.filter} draws prompts by index: the training set must be a map-style "
+            f"dataset (got {type(dataset).__name__})"
+        )
+    if len(dataset) < groups:
+        raise ValueError(
+            f"prompts.filter={trainer.prompts.filter}: the training set has {len(dataset)} prompts, fewer than the "
+            f"{groups} groups of one generation batch, so no batch of distinct informative groups can be filled: "
+            "use more prompts (data.num_train) or fewer per batch (per_device_train_batch_size)"
+        )
     chooser = PromptFilter(
         trainer.prompts,
         trainer.collectives,

@@ -1,0 +1,172 @@
+"""Entropy interventions as token rules: which completion tokens get how much policy gradient.
+
+Each rule reads the tokens of one selection unit (a micro-batch, gathered across ranks as the forking
+selection gathers it) and says, per token, one of three things the loss forward can apply:
+
+* ``clip_cov``  -- Clip-Cov (Cui et al., 2025, *The Entropy Mechanism of Reinforcement Learning for Reasoning
+  Language Models*, arXiv 2505.22617, and its code in verl's ``core_algos.py``): per token
+  ``cov = (A - mean A) * (log p - mean log p)`` over the unit's tokens; the gradient of a random
+  ``max(int(r * N), 1)`` of the tokens with ``lb < cov < ub`` is stopped (paper: r = 2e-4, lb = 1, ub = 5),
+  tokens PPO's ratio clip already clips left out as verl leaves them out. Returns a keep mask.
+* ``kl_cov``    -- KL-Cov (same paper): the top ``max(int(k * N), 1)`` tokens by ``cov`` get the penalty
+  ``coef * |log p - log p_old|`` added to their per-token loss (paper: k = 2e-3 for 7B, 2e-4 for 32B,
+  coef = 1). Returns a penalty mask. Under fully on-policy training ``log p = log p_old`` in value and the
+  gradient of ``|x|`` at 0 is 0, so the penalty does nothing: the trainer refuses it there.
+* ``entropy_advantage`` -- entropy-based advantage shaping (Cheng et al., 2025, *Reasoning with Exploration:
+  An Entropy Perspective*, arXiv 2506.14758): ``A' = A + min(alpha * H.detach(), |A| / kappa)``, per token.
+  A zero advantage stays zero. Returns the (B, T) advantages.
+
+Ties in ``cov`` are broken toward the earlier token (row-major), so a selection is a function of its inputs.
+``N`` counts the unit's real completion tokens (``mask``); padding never enters a mean or a selection.
+Shapes: ``B`` rows, ``T`` completion positions. Plain PyTorch, no TRL import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlvr.configuration import option, require
+
+RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage")
+
+
+@dataclass
+class TokenRulesConfig:
+    """The ``token_rules`` config section: one entropy intervention applied in the loss forward."""
+
+    rule: str = option(
+        "none",
+        "none; clip_cov: stop the gradient of a random share of high-covariance tokens; kl_cov: penalise "
+        "|log p - log p_old| on the highest-covariance tokens; entropy_advantage: A + min(alpha H, |A| / kappa)",
+        RULES,
+    )
+    clip_cov_ratio: float = option(2e-4, "clip_cov: share r of the unit's tokens whose gradient is stopped")
+    clip_cov_lb: float = option(1.0, "clip_cov: only tokens with covariance above this are candidates")
+    clip_cov_ub: float = option(5.0, "clip_cov: only tokens with covariance below this are candidates")
+    kl_cov_ratio: float = option(2e-3, "kl_cov: share k of the unit's tokens, the highest by covariance, penalised")
+    kl_cov_coef: float = option(1.0, "kl_cov: weight of |log p - log p_old| on the penalised tokens")
+    alpha: float = option(0.4, "entropy_advantage: weight of the detached token entropy added to the advantage")
+    kappa: float = option(2.0, "entropy_advantage: the entropy term is at most |A| / kappa")
+
+    def validate(self) -> None:
+        require(0.0 < self.clip_cov_ratio <= 1.0, "clip_cov_ratio", f"must be in (0, 1]; got {self.clip_cov_ratio}")
+        require(
+            self.clip_cov_lb < self.clip_cov_ub,
+            "clip_cov_lb",
+            f"must be below clip_cov_ub ({self.clip_cov_ub}); got {self.clip_cov_lb}",
+        )
+        require(0.0 < self.kl_cov_ratio <= 1.0, "kl_cov_ratio", f"must be in (0, 1]; got {self.kl_cov_ratio}")
+        require(self.kl_cov_coef >= 0.0, "kl_cov_coef", f"must be >= 0; got {self.kl_cov_coef}")
+        require(self.alpha >= 0.0, "alpha", f"must be >= 0; got {self.alpha}")
+        require(self.kappa > 0.0, "kappa", f"must be > 0; got {self.kappa}")
+
+
+@dataclass
+class TokenRuleInputs:
+    """What a rule reads: one selection unit's tokens, every tensor (B, T), detached."""
+
+    advantages: torch.Tensor  # per-token advantages (a sequence advantage repeated along T)
+    log_probs: torch.Tensor  # log p of the sampled tokens under the policy being trained
+    entropies: torch.Tensor  # the policy's token entropies
+    mask: torch.Tensor  # bool: real completion tokens (and, combined with forking, the selected ones)
+    generator: torch.Generator | None = None  # clip_cov's random draw (the same stream on every rank)
+    clipped: torch.Tensor | None = None  # bool: tokens PPO's ratio clip already clips (not clip_cov candidates)
+
+
+@dataclass
+class TokenRuleEffect:
+    """What the loss forward applies: any of a keep mask (gradient stopped where False), a penalty mask (the
+    KL-Cov term added where True) and replacement (B, T) advantages. ``touched`` is the (B, T) bool of tokens
+    the rule changed (for the share logged)."""
+
+    touched: torch.Tensor
+    keep: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+
+TokenRule = Callable[[TokenRuleInputs, TokenRulesConfig], TokenRuleEffect]
+TOKEN_RULES: dict[str, TokenRule] = {}
+
+
+def register_token_rule(name: str) -> Callable[[TokenRule], TokenRule]:
+    def register(rule: TokenRule) -> TokenRule:
+        TOKEN_RULES[name] = rule
+        return rule
+
+    return register
+
+
+def token_covariance(advantages: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) ``(A - mean A) * (log p - mean log p)`` with the means over the real tokens (``mask``), in float64;
+    0 where ``mask`` is False (and everywhere when it is empty)."""
+    mask = mask.bool()
+    count = mask.sum().clamp(min=1)
+    advantages, log_probs = advantages.detach().double(), log_probs.detach().double()
+    centred_advantages = advantages - (advantages * mask).sum() / count
+    centred_log_probs = log_probs - (log_probs * mask).sum() / count
+    return (centred_advantages * centred_log_probs).masked_fill(~mask, 0.0)
+
+
+def _count(ratio: float, tokens: int) -> int:
+    """verl's ``max(int(ratio * N), 1)``, 0 for an empty unit."""
+    return max(int(ratio * tokens), 1) if tokens else 0
+
+
+@register_token_rule("clip_cov")
+def clip_cov(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """Clip-Cov: the gradient of a random ``max(int(r * N), 1)`` of the tokens with ``lb < cov < ub`` stopped
+    (all of them when fewer qualify)."""
+    mask = inputs.mask.bool()
+    cov = token_covariance(inputs.advantages, inputs.log_probs, mask)  # (B, T)
+    candidates = mask & (cov > settings.clip_cov_lb) & (cov < settings.clip_cov_ub)
+    if inputs.clipped is not None:
+        candidates &= ~inputs.clipped.bool()
+    candidates = candidates.flatten().nonzero().squeeze(1)  # (C,) row-major positions
+    chosen = candidates[torch.randperm(len(candidates), generator=inputs.generator)][
+        : _count(settings.clip_cov_ratio, int(mask.sum()))
+    ]
+    stopped = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    stopped[chosen] = True
+    stopped = stopped.view_as(mask)
+    return TokenRuleEffect(touched=stopped, keep=~stopped)
+
+
+@register_token_rule("kl_cov")
+def kl_cov(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """KL-Cov: the top ``max(int(k * N), 1)`` real tokens by ``cov`` (ties toward the earlier token) penalised."""
+    mask = inputs.mask.bool()
+    cov = token_covariance(inputs.advantages, inputs.log_probs, mask).flatten()
+    real = mask.flatten().nonzero().squeeze(1)  # (N,) positions, row-major
+    order = torch.sort(cov[real], descending=True, stable=True).indices  # stable: ties keep row-major order
+    chosen = real[order[: _count(settings.kl_cov_ratio, len(real))]]
+    penalised = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    penalised[chosen] = True
+    penalised = penalised.view_as(mask)
+    return TokenRuleEffect(touched=penalised, penalty=penalised)
+
+
+@register_token_rule("entropy_advantage")
+def entropy_advantage(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """``A + min(alpha * H.detach(), |A| / kappa)`` on real tokens; padding keeps its advantage."""
+    mask = inputs.mask.bool()
+    advantages = inputs.advantages
+    bonus = torch.minimum(settings.alpha * inputs.entropies.detach(), advantages.abs() / settings.kappa)
+    bonus = bonus.masked_fill(~mask, 0.0)
+    return TokenRuleEffect(touched=mask & (bonus != 0), advantages=advantages + bonus)
+
+
+def kl_cov_penalty(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, penalty: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """(B, T) per-token term KL-Cov adds to the policy loss: ``coef * |log p - log p_old|`` on the penalised
+    tokens, 0 elsewhere (gradient through ``log_probs``)."""
+    return coef * (log_probs - old_log_probs).abs() * penalty.to(log_probs.dtype)
+
+
+def apply_rule(name: str, inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect | None:
+    """The effect of the rule ``name`` (None for ``none``)."""
+    return None if name == "none" else TOKEN_RULES[name](inputs, settings)

@@ -38,11 +38,14 @@ COPY_ENGINE = [
 
 
 DYNAMIC = ["prompts.filter=dynamic", "prompts.max_draws=2"]  # a random policy's groups rarely vary: refills
+PRUNE = ["prompts.filter=skip", "prompts.predictor=both", "prompts.refill=false"]  # ranks agree on the groups
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "rollout", [[], TREE, COPY_ENGINE, DYNAMIC], ids=["iid", "forking_tree", "copy_engine", "dynamic_sampling"]
+    "rollout",
+    [[], TREE, COPY_ENGINE, DYNAMIC, PRUNE],
+    ids=["iid", "forking_tree", "copy_engine", "dynamic_sampling", "skip_without_refill"],
 )
 def test_two_process_torchrun_on_cpu(tmp_path, rollout):
     output = tmp_path / "ddp"

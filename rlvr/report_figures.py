@@ -126,6 +126,33 @@ def plot_accuracy_per_generation_second(groups: dict[str, list[Run]], path: Path
     )
 
 
+def plot_accuracy_against_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
+    """Each run's final greedy accuracy against its mean token entropy over the last quarter of training (one
+    point per run, coloured by arm): does keeping entropy keep accuracy?"""
+    points = {}
+    for arm, runs in groups.items():
+        for run in runs:
+            steps, entropies = run.series("entropy")
+            accuracy = (run.summary or {}).get("eval_after", {}).get("greedy_accuracy")
+            if len(steps) < 2 or accuracy is None:
+                continue
+            late = [value for step, value in zip(steps, entropies, strict=True) if step > 0.75 * steps[-1]]
+            points.setdefault(arm, []).append((sum(late) / len(late), float(accuracy)))
+    if sum(len(values) for values in points.values()) < 2:
+        return False
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    for arm, values in points.items():
+        axis.scatter([x for x, _ in values], [y for _, y in values], label=f"{arm} (n={len(values)})")
+    axis.set_xlabel("mean token entropy, last quarter of training (nats)")
+    axis.set_ylabel("greedy accuracy after RL")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.suptitle("Accuracy against entropy, one point per run")
+    _save_figure(plt, figure, path)
+    return True
+
+
 def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
     """Log-scale histogram of completion-token entropy, early vs late, forking threshold marked."""
     plt = _pyplot()
@@ -301,6 +328,18 @@ CURVE_PANELS = [
         [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
     ),
     (
+        "entropy_dynamics.png",
+        "Entropy dynamics: the policy's token entropy, on forking and other tokens, and what the rules touched",
+        [
+            ("entropy", "mean token entropy (nats)"),
+            ("forking/entropy_kept", "entropy of forking tokens"),
+            ("forking/entropy_dropped", "entropy of other tokens"),
+            ("moe/router_entropy_forking", "router entropy, forking tokens"),
+            ("moe/router_entropy_other", "router entropy, other tokens"),
+            ("token_rules/touched_share", "share of tokens a token rule touched"),
+        ],
+    ),
+    (
         "mismatch.png",
         "Training-inference mismatch of the sampled batches",
         [
@@ -327,6 +366,8 @@ FIGURES = [
     ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
     ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
     ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
+    ("entropy_dynamics.png", "Entropy dynamics per arm", _curves("entropy_dynamics.png")),
+    ("accuracy_entropy.png", "Accuracy against entropy", plot_accuracy_against_entropy),
     ("mismatch.png", "Training-inference mismatch over training", _curves("mismatch.png")),
     ("domain_routing.png", "Expert load per layer of each domain's tokens, after RL", plot_domain_routing),
 ]

@@ -252,3 +252,30 @@ def test_mismatch_table_averages_each_runs_metrics_and_counts_collapsed_runs(tmp
         for member in runs:
             member.metrics = [r for r in member.metrics if "mismatch/router_flips" not in r]
     assert mismatch_lines(groups) == []
+
+
+def test_entropy_figures_draw_per_arm_and_skip_runs_without_entropy(tmp_path):
+    """The entropy-dynamics panels and accuracy against late entropy (one point per run); nothing is drawn
+    from runs that logged no entropy."""
+    from rlvr.report_figures import FIGURES, plot_accuracy_against_entropy
+    from rlvr.runs import Run
+
+    def run(arm, seed, entropy_end, accuracy):
+        metrics = [
+            {"step": step, "entropy": 0.2 - (0.2 - entropy_end) * step / 40, "forking/entropy_kept": 0.8}
+            for step in (10, 20, 30, 40)
+        ]
+        return Run(tmp_path / f"{arm}{seed}", arm, seed, {"eval_after": {"greedy_accuracy": accuracy}}, metrics=metrics)
+
+    groups = {
+        "full": [run("full", s, 0.10, 0.4) for s in (0, 1)],
+        "clip_cov": [run("clip_cov", s, 0.18, 0.45) for s in (0, 1)],
+    }
+    assert plot_accuracy_against_entropy(groups, tmp_path / "accuracy_entropy.png")
+    assert (tmp_path / "accuracy_entropy.png").stat().st_size > 5000
+    draw = dict((name, draw) for name, _, draw in FIGURES)["entropy_dynamics.png"]
+    assert draw(groups, tmp_path / "dynamics.png")
+    for runs in groups.values():
+        for member in runs:
+            member.metrics = []
+    assert not plot_accuracy_against_entropy(groups, tmp_path / "none.png")

@@ -107,22 +107,14 @@ def plot_accuracy_against_cost(
 
 
 def plot_accuracy_per_decoded_token(groups: dict[str, list[Run]], path: Path) -> bool:
-    return plot_accuracy_against_cost(
-        groups,
-        path,
-        DECODED_TOTAL,
-        "completion tokens decoded for training (cumulative)",
-        "Eval accuracy against decoded tokens",
-    )
+    label, title = "completion tokens decoded for training (cumulative)", "Eval accuracy against decoded tokens"
+    return plot_accuracy_against_cost(groups, path, DECODED_TOTAL, label, title)
 
 
 def plot_accuracy_per_generation_second(groups: dict[str, list[Run]], path: Path) -> bool:
+    label = "seconds spent generating training completions (cumulative, mean over ranks)"
     return plot_accuracy_against_cost(
-        groups,
-        path,
-        GENERATION_SECONDS_TOTAL,
-        "seconds spent generating training completions (cumulative, mean over ranks)",
-        "Eval accuracy against generation seconds",
+        groups, path, GENERATION_SECONDS_TOTAL, label, "Eval accuracy against generation seconds"
     )
 
 

@@ -86,6 +86,7 @@ class TokenRuleEffect:
     keep: torch.Tensor | None = None
     penalty: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    covariance: torch.Tensor | None = None  # (B, T) float64 cov the rule selected by (clip_cov, kl_cov)
 
 
 TokenRule = Callable[[TokenRuleInputs, TokenRulesConfig], TokenRuleEffect]
@@ -132,21 +133,22 @@ def clip_cov(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEf
     stopped = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
     stopped[chosen] = True
     stopped = stopped.view_as(mask)
-    return TokenRuleEffect(touched=stopped, keep=~stopped)
+    return TokenRuleEffect(touched=stopped, keep=~stopped, covariance=cov)
 
 
 @register_token_rule("kl_cov")
 def kl_cov(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
     """KL-Cov: the top ``max(int(k * N), 1)`` real tokens by ``cov`` (ties toward the earlier token) penalised."""
     mask = inputs.mask.bool()
-    cov = token_covariance(inputs.advantages, inputs.log_probs, mask).flatten()
+    covariance = token_covariance(inputs.advantages, inputs.log_probs, mask)  # (B, T)
+    cov = covariance.flatten()
     real = mask.flatten().nonzero().squeeze(1)  # (N,) positions, row-major
     order = torch.sort(cov[real], descending=True, stable=True).indices  # stable: ties keep row-major order
     chosen = real[order[: _count(settings.kl_cov_ratio, len(real))]]
     penalised = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
     penalised[chosen] = True
     penalised = penalised.view_as(mask)
-    return TokenRuleEffect(touched=penalised, penalty=penalised)
+    return TokenRuleEffect(touched=penalised, penalty=penalised, covariance=covariance)
 
 
 @register_token_rule("entropy_advantage")

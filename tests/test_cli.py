@@ -1,6 +1,7 @@
 """The command line: help, validation errors before any model is built, and a tiny end-to-end run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,19 @@ def test_a_bf16_run_after_the_fp32_warm_start_in_one_process(tmp_path):
 def test_console_line_shows_the_watched_metrics():
     line = format_log_line(10, {"loss": 0.01, "reward": 0.5, "forking/kept_fraction": 0.2, "step_time": 0.6, "x": 1})
     assert line == "step 10 | loss 0.01 | reward 0.500 | kept 0.200 | s/step 0.60"
+
+
+def train_arm(tmp_path, arm: str) -> tuple[set[str], Path]:
+    """``rlvr train --config quickstart --arm ARM`` on the TINY model (no warm start, no eval): the metric keys
+    the run logged and its output directory."""
+    output = tmp_path / arm
+    code = main(
+        ["train", "--config", "quickstart", "--arm", arm, *TINY, f"output_dir={output}", "eval.enabled=false"]
+        + ["warm_start.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {key for record in records for key in record}, output
 
 
 ARMS = ["full", "forking", "forking_router", "hybrid", "random", "bottom"]

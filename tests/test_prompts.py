@@ -464,19 +464,9 @@ def test_skip_with_both_predictors_fits_the_probe_on_every_sampled_group(tiny_ch
 
 @pytest.mark.parametrize("arm", ["dynamic", "skip_history", "skip_probe", "skip_both", "prune_both"])
 def test_the_selective_arms_train_from_their_packaged_overlays(tmp_path, arm):
-    import json
+    from tests.test_cli import train_arm
 
-    from rlvr.cli import main
-    from tests.test_cli import TINY
-
-    output = tmp_path / arm
-    code = main(
-        ["train", "--config", "quickstart", "--arm", arm, *TINY, f"output_dir={output}", "eval.enabled=false"]
-        + ["warm_start.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
-    )
-    assert code == 0
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    logged = {key for record in records for key in record}
+    logged, output = train_arm(tmp_path, arm)
     assert "prompts/generation_calls" in logged and ("prompts/skipped" in logged) == (arm != "dynamic")
     assert f"filter: {'dynamic' if arm == 'dynamic' else 'skip'}" in (output / "config.yaml").read_text()
 

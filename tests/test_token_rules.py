@@ -355,17 +355,7 @@ def test_clip_cov_among_forking_tokens_draws_from_the_selected_ones(tiny_checkpo
 
 @pytest.mark.parametrize("arm", ["clip_higher", "adaptive_entropy", "clip_cov", "kl_cov", "entropy_advantage"])
 def test_the_entropy_arms_train_from_their_packaged_overlays(tmp_path, arm):
-    import json
+    from tests.test_cli import train_arm
 
-    from rlvr.cli import main
-    from tests.test_cli import TINY
-
-    output = tmp_path / arm
-    code = main(
-        ["train", "--config", "quickstart", "--arm", arm, *TINY, f"output_dir={output}", "eval.enabled=false"]
-        + ["warm_start.enabled=false", "save_model=false", f"warm_start.cache_dir={tmp_path / 'cache'}"]
-    )
-    assert code == 0
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    logged = {key for record in records for key in record}
+    logged, _ = train_arm(tmp_path, arm)
     assert ("token_rules/touched_share" in logged) == (arm in ("clip_cov", "kl_cov", "entropy_advantage"))

@@ -22,7 +22,7 @@ import torch
 from rlvr.collectives import Collectives
 from rlvr.configuration import ConfigError
 from rlvr.forking import ForkingConfig
-from rlvr.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty, token_covariance
+from rlvr.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
 from rlvr.training.selection import LossForward, loss_mask
 
 
@@ -106,9 +106,8 @@ class TokenRuleStep:
             inputs["advantages"] = effect.advantages[mine].to(inputs["advantages"].dtype)
         tokens = unit.mask.sum().clamp(min=1)
         metrics = {"token_rules/touched_share": effect.touched.sum() / tokens}
-        if self.settings.rule in ("clip_cov", "kl_cov"):
-            covariance = token_covariance(unit.advantages, unit.log_probs, unit.mask)
-            metrics["token_rules/mean_covariance"] = covariance.sum() / tokens
+        if effect.covariance is not None:
+            metrics["token_rules/mean_covariance"] = effect.covariance.sum() / tokens
         return metrics
 
     def penalty_loss(self, state: LossForward, accumulation: float) -> torch.Tensor | None:

@@ -11,13 +11,17 @@ Each gradient is dropped as soon as it is accumulated, so the peak is activation
 gradient, as under ZeRO, whose gradients leave for their shard as they come. The model states are counted
 exactly from the full config (on the meta device) at the ZeRO paper's 16 bytes per parameter for
 mixed-precision Adam (Rajbhandari et al., 2020: bf16 weights and gradients, fp32 master weights and two
-moments). Per GPU under ZeRO-3 with N GPUs:
+moments). A recipe with adapters (``peft.method`` lora or svf) keeps the base weights frozen in bf16 (2 bytes
+each, plus SVF's frozen singular-value factors) and pays the 16 bytes for its trainable parameters only
+(adapters, and routers when they train), counted from the same config by rlvr.tuning's own target
+resolution. Per GPU under ZeRO-3 with N GPUs:
 
-    16 x parameters / N  +  activations at full depth  +  the recipe's vLLM share (colocated, unless asleep)
+    model states / N  +  two gathered layers  +  activations at full depth  +  the recipe's vLLM share
 
     python benchmarks/recipe_memory.py                          # on a GPU: both recipes at 2 and 4 layers
     python benchmarks/recipe_memory.py --recipes gpt_oss_20b --gpu-gib 141
     python benchmarks/recipe_memory.py --shrink 64 --rows 2 --prompt 8 --completion 16   # a CPU smoke run
+    python benchmarks/recipe_memory.py --states-only --recipes qwen3_30b_a3b,qwen3_30b_a3b_lora,qwen3_30b_a3b_svf
 
 On a CPU there is no allocator peak: the activations column is then the bytes autograd saves for backward,
 a lower bound, and the GPU counts printed from it are not an answer.
@@ -44,9 +48,14 @@ from rlvr.forking import ForkingConfig
 from rlvr.models import build_char_tokenizer
 from rlvr.packaged import CONFIG_ROOT
 from rlvr.trainer import ForkingGRPOTrainer
+from rlvr.tuning import AdapterConfig
+from rlvr.tuning.lora import lora_parameter_count
+from rlvr.tuning.svf import svf_parameter_count
+from rlvr.tuning.targets import resolve_targets
 
 GIB = 2**30
 MODEL_STATE_BYTES = 16  # per parameter: mixed-precision Adam under ZeRO (bf16 weight + grad, fp32 master, m, v)
+FROZEN_BYTES = 2  # per frozen parameter: its bf16 weight
 
 
 def qwen3_30b_a3b(layers: int) -> PretrainedConfig:
@@ -93,7 +102,23 @@ class Recipe:
     layers: int  # the full model's decoder layers
 
 
-RECIPES = {"qwen3_30b_a3b": Recipe(qwen3_30b_a3b, 48), "gpt_oss_20b": Recipe(gpt_oss_20b, 24)}
+RECIPES = {
+    "qwen3_30b_a3b": Recipe(qwen3_30b_a3b, 48),
+    "gpt_oss_20b": Recipe(gpt_oss_20b, 24),
+    "qwen3_30b_a3b_lora": Recipe(qwen3_30b_a3b, 48),
+    "gpt_oss_20b_lora": Recipe(gpt_oss_20b, 24),
+    "qwen3_30b_a3b_svf": Recipe(qwen3_30b_a3b, 48),  # the lora recipe with peft.method=svf
+}
+
+
+def recipe_settings(name: str):
+    """The recipe's config (rlvr/configs/models/<name>.yaml); ``<model>_svf`` is ``<model>_lora`` with
+    ``peft.method=svf``."""
+    if name.endswith("_svf"):
+        return load_experiment_config(
+            CONFIG_ROOT / "models" / f"{name.removesuffix('_svf')}_lora.yaml", ["peft.method=svf"]
+        )
+    return load_experiment_config(CONFIG_ROOT / "models" / f"{name}.yaml")
 
 
 def shrunk(config: PretrainedConfig, factor: int) -> PretrainedConfig:
@@ -113,6 +138,38 @@ def shrunk(config: PretrainedConfig, factor: int) -> PretrainedConfig:
 def parameter_count(config: PretrainedConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+@dataclass
+class Counted:
+    """The parameters of a recipe's model as its ``peft`` section trains them."""
+
+    parameters: int  # the base model's
+    trainable: int  # what the optimizer updates: everything (full fine-tuning), or adapters and routers
+    frozen_extra: int = 0  # frozen parameters an adapter adds (SVF's U, s, V^T)
+
+    trainable_base: int = 0  # base parameters among the trainable ones (all of them, or the routers)
+
+    @property
+    def state_bytes(self) -> int:
+        frozen = self.parameters - self.trainable_base + self.frozen_extra
+        return FROZEN_BYTES * frozen + MODEL_STATE_BYTES * self.trainable
+
+
+def counted(config: PretrainedConfig, adapter: AdapterConfig) -> Counted:
+    """Exact counts from the config on the meta device, with the targets rlvr.tuning resolves for ``adapter``."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    parameters = sum(p.numel() for p in model.parameters())
+    if not adapter.enabled:
+        return Counted(parameters, parameters, 0, parameters)
+    targets = resolve_targets(model, list(adapter.target_modules), adapter.experts)
+    routers = sum(p.numel() for path in targets.routers for p in model.get_submodule(path).parameters())
+    routers = routers if adapter.routers == "train" else 0
+    if adapter.method == "lora":
+        return Counted(parameters, lora_parameter_count(targets, model, adapter.rank) + routers, 0, routers)
+    vectors, factors = svf_parameter_count(model, targets)
+    return Counted(parameters, vectors + routers, factors, routers)
 
 
 @dataclass
@@ -202,36 +259,43 @@ class Plan:
     """Per-GPU memory of a recipe under ZeRO-3: exact counts from the config, plus measured activations."""
 
     parameters: int  # the whole model
+    state_bytes: float  # model states of the whole model (full fine-tuning: 16 B per parameter)
+    trainable: int  # parameters the optimizer updates
     layer_parameters: int  # one decoder layer: ZeRO-3 gathers about two at a time (the one running, the next)
     activations: float  # bytes at full depth; 0 when not measured
     vllm: float  # bytes the colocated vLLM engine holds during training (0: not colocated, or asleep)
     gpu: float  # bytes per GPU
 
     def per_gpu(self, gpus: int, offload: bool = False) -> float:
-        states = 0.0 if offload else MODEL_STATE_BYTES * self.parameters / gpus
+        states = 0.0 if offload else self.state_bytes / gpus
         return states + 2 * 2 * self.layer_parameters + self.activations + self.vllm
 
     def fewest_gpus(self) -> int | None:
         """Fewest GPUs with a share that fits (None: not even the unsharded part fits in one)."""
         room = self.gpu - self.per_gpu(1, offload=True)
-        return max(1, math.ceil(MODEL_STATE_BYTES * self.parameters / room)) if room > 0 else None
+        return max(1, math.ceil(self.state_bytes / room)) if room > 0 else None
 
 
-def plan(recipe: Recipe, grpo: dict, activations: float, args) -> Plan:
+def plan(recipe: Recipe, grpo: dict, adapter: AdapterConfig, activations: float, args) -> Plan:
     colocated = bool(grpo.get("use_vllm")) and grpo.get("vllm_mode", "server") == "colocate"
     awake = colocated and not grpo.get("vllm_enable_sleep_mode", False)
     gpu = args.gpu_gib * GIB
     one, two = (parameter_count(shrunk(recipe.config(layers), args.shrink)) for layers in (1, 2))
+    count = counted(shrunk(recipe.config(recipe.layers), args.shrink), adapter)
     return Plan(
-        parameters=parameter_count(shrunk(recipe.config(recipe.layers), args.shrink)),
-        layer_parameters=two - one,
+        parameters=count.parameters,
+        state_bytes=count.state_bytes,
+        trainable=count.trainable,
+        layer_parameters=round((two - one) * (1 + count.frozen_extra / count.parameters)),  # SVF's factors too
         activations=activations,
         vllm=float(grpo.get("vllm_gpu_memory_utilization", 0.9)) * gpu if awake else 0.0,
         gpu=gpu,
     )
 
 
-def report(name: str, recipe: Recipe, grpo: dict, measured: list[Measured], args, device: torch.device) -> None:
+def report(
+    name: str, recipe: Recipe, grpo: dict, adapter: AdapterConfig, measured: list[Measured], args, device
+) -> None:
     activations, step = 0.0, None
     print(
         f"\n{name}: {recipe.layers} layers; micro-batch {args.rows} x ({args.prompt} + {args.completion}) tokens, "
@@ -249,10 +313,12 @@ def report(name: str, recipe: Recipe, grpo: dict, measured: list[Measured], args
             f"  per layer: activations {size(act_layer)}, loss step {time_layer:.3f} s; "
             f"the rest (embeddings, head, logits): {size(act_fixed)}, {time_fixed:.3f} s"
         )
-    budget = plan(recipe, grpo, activations, args)
+    budget = plan(recipe, grpo, adapter, activations, args)
+    trained = "all" if budget.trainable == budget.parameters else f"{budget.trainable / 1e6:.1f} M ({adapter.method})"
     print(
-        f"  {budget.parameters / 1e9:.2f} B parameters: model states {size(MODEL_STATE_BYTES * budget.parameters)} "
-        f"({MODEL_STATE_BYTES} B each), one layer {size(2 * budget.layer_parameters)} in bf16"
+        f"  {budget.parameters / 1e9:.2f} B parameters, trainable: {trained}; model states {size(budget.state_bytes)}"
+        f" ({MODEL_STATE_BYTES} B per trainable parameter, {FROZEN_BYTES} B per frozen one), one layer "
+        f"{size(2 * budget.layer_parameters)} in bf16"
     )
     if measured:
         print(f"  full depth: activations {size(activations)}, loss step {step:.2f} s per micro-batch")
@@ -267,11 +333,15 @@ def report(name: str, recipe: Recipe, grpo: dict, measured: list[Measured], args
         print(f"    {count:>3} GPUs: {size(total):>11} {'fits' if total <= budget.gpu else 'does not fit'}")
     offloaded = budget.per_gpu(1, offload=True)
     print(
-        f"    --offload (states in host memory, {size(MODEL_STATE_BYTES * budget.parameters)} over all nodes): "
+        f"    --offload (states in host memory, {size(budget.state_bytes)} over all nodes): "
         f"{size(offloaded)} per GPU, {'fits' if offloaded <= budget.gpu else 'does not fit'}"
     )
     needed = budget.fewest_gpus()
-    print(f"  fewest GPUs without offload: {needed if needed is not None else 'none'}")
+    tensor_parallel = int(grpo.get("vllm_tensor_parallel_size", 1)) if budget.vllm else 1
+    if needed is not None and needed < tensor_parallel:
+        print(f"  fewest GPUs without offload: {tensor_parallel} (vLLM's tensor parallel; {needed} by memory alone)")
+    else:
+        print(f"  fewest GPUs without offload: {needed if needed is not None else 'none'}")
     if budget.vllm:
         tensor_parallel = int(grpo.get("vllm_tensor_parallel_size", 1))
         engine = 2 * budget.parameters / tensor_parallel
@@ -304,7 +374,8 @@ def main() -> None:
     print(f"recipe geometry probe on {name}")
     for recipe_name in args.recipes.split(","):
         recipe = RECIPES[recipe_name]
-        grpo = load_experiment_config(CONFIG_ROOT / "models" / f"{recipe_name}.yaml").grpo
+        settings = recipe_settings(recipe_name)
+        grpo, adapter = settings.grpo, settings.peft
         shape = argparse.Namespace(  # the recipe's micro-batch unless given
             **{
                 **vars(args),
@@ -313,7 +384,7 @@ def main() -> None:
             }
         )
         measured = [measure(shrunk(recipe.config(layers), args.shrink), grpo, shape, device) for layers in depths]
-        report(recipe_name, recipe, grpo, measured, shape, device)
+        report(recipe_name, recipe, grpo, adapter, measured, shape, device)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ section          what it sets                                defined in
 ``rollout``      how training completions are sampled        :class:`rlvr.rollouts.config.RolloutConfig`
 ``prompts``      which prompts a step spends generation on   :class:`rlvr.prompts.config.PromptsConfig`
 ``token_rules``  an entropy intervention in the loss         :class:`rlvr.token_rules.TokenRulesConfig`
+``peft``         adapters: LoRA or singular-value vectors    :class:`rlvr.tuning.config.AdapterConfig`
 ``warm_start``   supervised warm start of tiny policies      :class:`rlvr.warmstart.WarmStartConfig`
 ``eval``         held-out accuracy                           :class:`rlvr.evaluation.EvalConfig`
 ``grpo``         TRL ``GRPOConfig`` fields, passed through   TRL
@@ -59,6 +60,7 @@ from rlvr.rewards.registry import RewardConfig
 from rlvr.rollouts.config import RolloutConfig
 from rlvr.token_rules import TokenRulesConfig
 from rlvr.training.token_rule_step import check_token_rules
+from rlvr.tuning.config import AdapterConfig
 from rlvr.warmstart import WarmStartConfig, WarmStartJob
 
 __all__ = [
@@ -111,6 +113,9 @@ class RunConfig:
     )
     token_rules: TokenRulesConfig = option(
         TokenRulesConfig, "an entropy intervention in the loss: Clip-Cov, KL-Cov or entropy advantage shaping"
+    )
+    peft: AdapterConfig = option(
+        AdapterConfig, "adapters instead of full fine-tuning: LoRA (experts included) or SVF (Transformer²)"
     )
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
@@ -192,6 +197,8 @@ class RunConfig:
             "reward.overlong_buffer",
             f"must be <= grpo.max_completion_length ({max_completion_length})",
         )
+        if self.peft.enabled and self.moe.freeze_router and self.peft.routers == "train":
+            raise ConfigError("moe.freeze_router: true, but peft.routers is 'train'; set peft.routers=freeze")
         if self.warm_start.enabled == "true":
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
 

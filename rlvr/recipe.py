@@ -34,6 +34,7 @@ from rlvr.moe.domains import routing_by_domain
 from rlvr.progress import use_compact_progress
 from rlvr.run_dir import RunDirectory, RunResult, is_main_process, summary_table
 from rlvr.trainer import ForkingGRPOTrainer
+from rlvr.tuning import adapter_config
 from rlvr.warmstart import publish_directory, run_warm_start
 
 __all__ = ["RunResult", "is_main_process", "summary_table", "train"]
@@ -81,6 +82,7 @@ def train(config: RunConfig) -> RunResult:
         rollout=config.rollout,
         prompts=config.prompts,
         token_rules=config.token_rules,
+        peft_config=adapter_config(config.peft, model),
         callbacks=callbacks,
     )
     use_compact_progress(trainer)
@@ -106,9 +108,27 @@ def train(config: RunConfig) -> RunResult:
         world_size=trainer.accelerator.num_processes,
         decoded_tokens=trainer.rollouts.decoded_tokens_total,
         generation_seconds=trainer.rollouts.generation_seconds_total,
+        trainable_parameters=trainable_parameter_count(trainer.model),
+        optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer),
     )
     run.write_summary(config, result)
     return result
+
+
+def trainable_parameter_count(model) -> int:
+    """Parameters the optimizer updates, counted at full size under ZeRO-3 (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state`` on this process (Adam: two moments per trainable parameter)."""
+    state = getattr(getattr(optimizer, "optimizer", optimizer), "state", {})  # accelerate wraps the optimizer
+    return sum(
+        value.numel() * value.element_size()
+        for per_parameter in state.values()
+        for value in per_parameter.values()
+        if hasattr(value, "numel")
+    )
 
 
 @dataclass

@@ -58,6 +58,8 @@ class RunResult:
     world_size: int = 1
     decoded_tokens: int = 0  # completion tokens sampled for training (a forking tree's shared prefix once)
     generation_seconds: float = 0.0  # wall time spent sampling training completions
+    trainable_parameters: int = 0  # parameters the optimizer updated (adapters: the adapters and routers)
+    optimizer_state_bytes: int = 0  # bytes of the optimizer's state on the main process after training
 
 
 @dataclass
@@ -163,6 +165,9 @@ class RunDirectory:
             "gradient_tokens": result.gradient_tokens,
             "decoded_tokens": result.decoded_tokens,
             "generation_seconds": result.generation_seconds,
+            "peft": vars(config.peft),
+            "trainable_parameters": result.trainable_parameters,
+            "optimizer_state_bytes": result.optimizer_state_bytes,
             "rollout": vars(config.rollout),
             "world_size": result.world_size,
             "eval_before": result.before.as_dict() if result.before else None,

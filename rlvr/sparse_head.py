@@ -296,7 +296,8 @@ def add_sparse_head_route(model) -> None:
         labels = kwargs.pop("labels")
         kwargs.pop("fused_lm_head", None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (B, L-1, H)
+        backbone = getattr(self, "get_base_model", lambda: self)().base_model  # PEFT: inside the wrapper
+        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]  # (B, L-1, H)
         lm_head = self.get_output_embeddings()
         return sparse_head(hidden.to(lm_head.weight.device), labels[:, 1:].to(lm_head.weight.device), lm_head)
 
@@ -335,8 +336,8 @@ def sparse_head_blockers(trainer) -> list[str]:
         blockers.append("sequence-level importance sampling puts every token's log-prob in the ratio")
     if trainer.aux_loss_enabled:
         blockers.append("TRL's router aux loss (grpo.router_aux_loss_coef) comes from its fused forward")
-    if is_peft_model(trainer.model):
-        blockers.append("PEFT models keep TRL's fused head")
+    if is_peft_model(trainer.model) and hasattr(trainer.model.get_output_embeddings(), "base_layer"):
+        blockers.append("the LM head carries a PEFT adapter")
     if setting == "auto" and not blockers and trainer.forking.rho >= SPARSE_HEAD_MAX_RHO:
         blockers.append(f"rho >= {SPARSE_HEAD_MAX_RHO}: the selected tokens are most of the work")
     if setting == "auto" and not blockers and trainer.accelerator.device.type == "cuda":

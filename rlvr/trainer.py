@@ -56,6 +56,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         rollout: how training completions are sampled (:class:`rlvr.rollouts.config.RolloutConfig`).
         prompts: which prompts a step spends generation on (:class:`rlvr.prompts.config.PromptsConfig`).
         token_rules: an entropy intervention in the loss forward (:class:`rlvr.token_rules.TokenRulesConfig`).
+        peft_config: a PEFT config, passed to TRL, or :class:`rlvr.tuning.SVFConfig` (applied by rlvr).
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.
 
@@ -84,8 +85,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     ``_calculate_rewards``                      (``rollouts.Rollouts``; ``prompts.filter``: ``PromptFilter``)
     ``log``                                     reward-function failure counts, the step's device metrics,
                                                 the forking-token log (``forking_log.ForkingTokenLog``)
-    ``_save_checkpoint``,                       rollout totals in each checkpoint (``training.callbacks``);
-    ``_load_from_checkpoint``                   full checkpoints through ``from_pretrained``
+    ``_save_checkpoint``, ``_save``,            rollout totals in each checkpoint (``training.callbacks``);
+    ``_load_from_checkpoint``                   full checkpoints through ``from_pretrained``; SVF vectors
     ==========================================  ============================================================
 
     rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
@@ -129,6 +130,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.token_rules = token_rules or TokenRulesConfig()
         self.token_rules.validate()
         model = kwargs.get("model", args[0] if args else None)
+        kwargs["peft_config"] = setup.adapters(model, kwargs.get("peft_config"))  # SVF is applied here, LoRA by TRL
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
         training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
@@ -163,6 +165,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.token_rule_step = setup.token_rule_step(self)
         self.head_transform = setup.sparse_head_transform(self)
         self.sparse_head = self.head_transform is not None
+        setup.sync_merged_weights(self)  # SVF: an inference engine receives plain weights
 
     def _check_rollout(self) -> None:
         setup.check_rollout(self)  # what the rollout section cannot run with, as one-line errors
@@ -354,9 +357,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 if isinstance(callback, CheckpointedState):  # the rollout totals, the prompt history
                     callback.save(directory)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """TRL's save; an SVF policy saves its vectors (and trained routers) alone (:mod:`rlvr.tuning.svf`)."""
+        if not setup.save_svf_policy(self, output_dir or self.args.output_dir, state_dict):
+            super()._save(output_dir, state_dict)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume with the weights converted as ``from_pretrained`` converts them (fused MoE experts:
-        :func:`rlvr.training.setup.load_full_checkpoint`); TRL's path under DeepSpeed or without a full model."""
+        :func:`rlvr.training.setup.load_full_checkpoint`) or SVF vectors; TRL's path under DeepSpeed, for PEFT
+        adapters, or without a full model."""
         model = model if model is not None else self.model
         if self.is_deepspeed_enabled or not setup.load_full_checkpoint(model, resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)

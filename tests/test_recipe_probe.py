@@ -22,22 +22,67 @@ def test_the_full_configs_have_the_published_parameter_counts(name, billions):
 def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
     gib = recipe_memory.GIB
     budget = recipe_memory.Plan(
-        parameters=10 * gib, layer_parameters=gib // 4, activations=3 * gib, vllm=20 * gib, gpu=80 * gib
+        parameters=10 * gib,
+        state_bytes=16 * 10 * gib,
+        trainable=10 * gib,
+        layer_parameters=gib // 4,
+        activations=3 * gib,
+        vllm=20 * gib,
+        gpu=80 * gib,
     )
     assert budget.per_gpu(8) == pytest.approx((16 * 10 / 8 + 2 * 2 / 4 + 3 + 20) * gib)
     assert budget.per_gpu(8, offload=True) == pytest.approx((1 + 3 + 20) * gib)
     assert budget.fewest_gpus() == 3  # 160 GiB of states into 80 - 24 = 56 GiB of room each
     assert budget.per_gpu(2) > budget.gpu >= budget.per_gpu(3)
-    assert recipe_memory.Plan(10, 1, 70 * gib, 20 * gib, 80 * gib).fewest_gpus() is None
+    assert recipe_memory.Plan(10, 160, 10, 1, 70 * gib, 20 * gib, 80 * gib).fewest_gpus() is None
 
 
 def test_the_recipes_as_shipped_fit_their_vllm_share():
     """The exact part of the plan: vLLM's bf16 weights per GPU fit in its colocated share."""
     for name, recipe in recipe_memory.RECIPES.items():
-        grpo = recipe_memory.load_experiment_config(recipe_memory.CONFIG_ROOT / "models" / f"{name}.yaml").grpo
-        budget = recipe_memory.plan(recipe, grpo, 0.0, Namespace(gpu_gib=80.0, shrink=1))
+        settings = recipe_memory.recipe_settings(name)
+        budget = recipe_memory.plan(recipe, settings.grpo, settings.peft, 0.0, Namespace(gpu_gib=80.0, shrink=1))
+        grpo = settings.grpo
         engine = 2 * budget.parameters / int(grpo.get("vllm_tensor_parallel_size", 1))
         assert engine < 0.75 * budget.vllm, name  # a quarter of the share left for the KV cache at least
+
+
+def test_with_adapters_qwen3_30b_fits_one_node_of_8_x_80_gib_without_offload():
+    """The count the adapter recipes rest on: base weights frozen in bf16 and states for the adapters only
+    fit 8 x 80 GiB before activations, where full fine-tuning does not (README, "How many GPUs")."""
+    budgets = {}
+    for name in ("qwen3_30b_a3b", "qwen3_30b_a3b_lora", "qwen3_30b_a3b_svf"):
+        settings = recipe_memory.recipe_settings(name)
+        recipe = recipe_memory.RECIPES[name]
+        budgets[name] = recipe_memory.plan(recipe, settings.grpo, settings.peft, 0.0, Namespace(gpu_gib=80.0, shrink=1))
+    gib = recipe_memory.GIB
+    assert budgets["qwen3_30b_a3b"].per_gpu(8) > 80 * gib
+    assert budgets["qwen3_30b_a3b_lora"].per_gpu(8) < 40 * gib and budgets["qwen3_30b_a3b_svf"].per_gpu(8) < 50 * gib
+    lora = budgets["qwen3_30b_a3b_lora"]
+    assert 2 * lora.parameters < lora.state_bytes < 2 * lora.parameters + 16 * 1e9  # frozen bf16 + ~0.7 B trained
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_the_adapter_counts_equal_the_parameters_of_a_built_adapter(method, tmp_path):
+    """On a CPU-sized Qwen3-30B geometry: the count from shapes equals the trainable (and SVF's frozen
+    factor) parameters of the adapter rlvr builds."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlvr.tuning import SVFConfig, apply_svf
+    from rlvr.tuning.lora import lora_config
+
+    adapter = recipe_memory.recipe_settings(f"qwen3_30b_a3b_{method}").peft
+    config = recipe_memory.shrunk(recipe_memory.qwen3_30b_a3b(2), 32)
+    count = recipe_memory.counted(config, adapter)
+    model = AutoModelForCausalLM.from_config(config)
+    if method == "lora":
+        model = get_peft_model(model, lora_config(adapter, model))
+    else:
+        apply_svf(model, SVFConfig(adapter.target_modules, adapter.experts, adapter.routers, str(tmp_path)))
+    assert count.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = sum(p.numel() for n, p in model.named_parameters() if "_svf_" in n and not n.endswith("_dz"))
+    assert count.frozen_extra == extra
 
 
 def test_fit_recovers_a_line():

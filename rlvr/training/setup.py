@@ -1,5 +1,5 @@
-"""What ``ForkingGRPOTrainer`` builds or decides once: router-aware updates, the rollout checks, the engine
-behind TRL's vLLM interface, the LM-head choice, the routers' learning rate, and full-checkpoint loads.
+"""What ``ForkingGRPOTrainer`` builds or decides once: adapters, router-aware updates, the rollout checks, the
+engine behind TRL's vLLM interface, the LM-head choice, the routers' learning rate, and checkpoint loads.
 
 Each function reads the TRL trainer it is given (its settings as TRL resolved them) and returns what it
 built; none of them is called per step.
@@ -22,6 +22,9 @@ from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_b
 from rlvr.training.callbacks import PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
+from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf
+from rlvr.tuning.loading import is_adapter_directory
+from rlvr.tuning.svf import is_svf_directory
 from rlvr.vllm_routing import VLLMRoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,45 @@ def entropy_mask_switch(trainer) -> float:
         )
     weighted = trainer.forking.policy_tokens == "forking" or trainer.token_rules.rule == "clip_cov"  # per-token
     return 0.0 if weighted else 1.0
+
+
+def adapters(model, peft_config):
+    """What TRL gets as ``peft_config``: a PEFT config unchanged (TRL wraps the policy), None for SVF, which is
+    applied to the policy here (:func:`rlvr.tuning.apply_svf`)."""
+    if not isinstance(peft_config, SVFConfig):
+        return peft_config
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("peft_config=SVFConfig(...) needs the policy as a model instance, not a model id")
+    apply_svf(model, peft_config)
+    return None
+
+
+def sync_merged_weights(trainer) -> None:
+    """An SVF policy sends its merged weights (``W + U diag(s dz) V^T``, under the base model's names) wherever
+    TRL syncs weights to an inference engine (vLLM, or rlvr's copy engine behind the same interface)."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    generation = getattr(trainer, "vllm_generation", None)
+    if getattr(policy, "svf_config", None) is None or generation is None:
+        return
+    sync = generation.sync_weights
+
+    def sync_weights(*args, **kwargs):
+        with merged(trainer.accelerator.unwrap_model(trainer.model)):
+            return sync(*args, **kwargs)
+
+    generation.sync_weights = sync_weights
+
+
+def save_svf_policy(trainer, output_dir: str, state_dict: dict | None) -> bool:
+    """Save an SVF policy as its vectors (and trained routers) with the tokenizer; False for any other policy."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(policy, "svf_config", None) is None:
+        return False
+    if trainer.args.should_save:
+        save_svf(policy, output_dir, state_dict)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+    return True
 
 
 def router_aware_updates(trainer) -> RouterAwareUpdates | None:
@@ -196,7 +238,8 @@ def attach_engine(trainer, measure_forward) -> None:
         policy = accelerator.unwrap_model(trainer.model)
         dtype = next(policy.parameters()).dtype if rollout.dtype == "auto" else getattr(torch, rollout.dtype)
         seed = int(trainer.args.seed) * 1009 + accelerator.process_index
-        engine = CopyEngine(policy, dtype, rollout.router_noise, seed=seed)
+        with merged(policy):  # an SVF policy is copied as plain weights
+            engine = CopyEngine(policy, dtype, rollout.router_noise, seed=seed)
         trainer.vllm_generation = CopyEngineGeneration(
             engine,
             lambda: accelerator.unwrap_model(trainer.model),
@@ -258,13 +301,18 @@ def router_groups(optimizer: torch.optim.Optimizer, updates: RouterAwareUpdates,
 
 
 def load_full_checkpoint(model, directory: str) -> bool:
-    """Load a full checkpoint through ``from_pretrained`` into ``model``; False when ``directory`` holds no
-    full model (the Trainer's own resume path then applies).
+    """Load a full checkpoint through ``from_pretrained`` into ``model`` (or SVF vectors into an SVF policy);
+    False when ``directory`` holds no full model (the Trainer's own resume path then applies: PEFT adapters).
 
     transformers 5 saves fused MoE experts in the per-expert hub layout and converts them back when loading
     through ``from_pretrained``; the Trainer's own resume path loads the raw state dict with ``strict=False``
     and silently leaves every expert at its initial weights.
     """
+    if is_svf_directory(directory):
+        load_svf(model, directory)
+        return True
+    if is_adapter_directory(directory):
+        return False  # PEFT's adapter: the Trainer's own resume path loads it
     has_full_model = os.path.isfile(os.path.join(directory, "config.json")) and any(
         name.endswith(".safetensors") for name in os.listdir(directory)
     )

@@ -1,0 +1,348 @@
+"""Adapters (``peft`` section): LoRA on experts through PEFT, SVF (Transformer²), against plain references."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.configuration import ConfigError
+from rlvr.models import ARCHITECTURES, TinyMoESpec, build_tiny_moe, load_pretrained
+from rlvr.moe import find_moe_layers
+from rlvr.tuning import AdapterConfig, SVFConfig, apply_svf, load_svf, merged, save_svf
+from rlvr.tuning.lora import lora_config, lora_parameter_count
+from rlvr.tuning.svf import decompose, svf_parameter_count, svf_parameters
+from rlvr.tuning.targets import resolve_targets
+from tests.test_sparse_head import close
+from tests.test_trainer import loss_and_grads, make_batch, make_trainer
+
+SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=16, num_experts=4)
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"]
+
+
+def tiny(architecture: str, dtype=torch.float64):
+    model = build_tiny_moe(architecture, SPEC, vocab_size=50, pad_token_id=0, eos_token_id=1)
+    model.set_experts_implementation("eager")  # grouped_mm rejects float64
+    return model.to(dtype)
+
+
+def input_ids(batch: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(2, 50, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def perturb(parameters, scale: float = 0.3) -> None:
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# SVF on plain tensors and modules
+
+
+def test_decompose_reconstructs_2d_and_3d_weights_in_float64():
+    for shape in [(6, 4), (4, 6), (3, 5, 2)]:
+        weight = torch.randn(shape, dtype=torch.float64)
+        u, s, vh = decompose(weight, "w")
+        torch.testing.assert_close((u * s.unsqueeze(-2)) @ vh, weight, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("architecture", FAMILIES + ["llama4", "qwen2_moe"])
+def test_svf_forward_equals_the_policy_at_init_and_transformer2s_weights_after(architecture, tmp_path):
+    """At init the adapted policy is the policy, bit for bit; with moved vectors it is the policy whose every
+    targeted matrix is U diag(s (1 + dz)) V^T (Transformer²'s W', written here from torch.linalg.svd)."""
+    model = tiny(architecture)
+    reference = tiny(architecture)
+    ids = input_ids()
+    expected = model(ids).logits
+    targets = apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+    assert targets.linear and len(targets.experts) == 2 * SPEC.num_layers
+    assert torch.equal(model(ids).logits, expected)
+
+    perturb(svf_parameters(model).values())
+    state = reference.state_dict()
+    for name, dz in svf_parameters(model).items():
+        key = name.removesuffix("_svf_dz")
+        u, s, vh = torch.linalg.svd(state[key], full_matrices=False)
+        state[key] = (u * (s * (1 + dz.detach().double())).unsqueeze(-2)) @ vh
+    reference.load_state_dict(state)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-10)
+
+
+def test_svf_gradients_reach_the_vectors_and_routers_only_and_match_autograd_on_the_formula(tmp_path):
+    model, reference = tiny("qwen3_moe"), tiny("qwen3_moe")
+    apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+    perturb(svf_parameters(model).values(), 0.1)
+    ids = input_ids()
+    model(ids).logits.square().mean().backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    routers = {f"{path}.weight" for path in model.svf_targets.routers}
+    assert set(grads) == set(svf_parameters(model)) | routers
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in grads)
+
+    # the reference: the same loss through W + U diag(s dz) V^T built by hand, dz leaves of autograd
+    dzs = {n.removesuffix("_svf_dz"): p.detach().clone().requires_grad_(True) for n, p in svf_parameters(model).items()}
+    weights = dict(reference.named_parameters())
+    replaced = {}
+    for key, dz in dzs.items():
+        u, s, vh = decompose(weights[key], key)
+        replaced[key] = weights[key].detach() + (u * (s * dz).unsqueeze(-2)) @ vh
+    logits = torch.func.functional_call(reference, replaced, (ids,)).logits
+    logits.square().mean().backward()
+    for key, dz in dzs.items():
+        torch.testing.assert_close(grads[f"{key}_svf_dz"], dz.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_frozen_routers_get_no_gradient(tmp_path):
+    model = tiny("mixtral")
+    apply_svf(model, SVFConfig(routers="freeze", cache_dir=str(tmp_path)))
+    model(input_ids()).logits.sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(svf_parameters(model))
+
+
+def test_merged_gives_plain_weights_under_the_base_names_and_restores_exactly(tmp_path):
+    model, plain = tiny("gpt_oss"), tiny("gpt_oss")
+    apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+    perturb(svf_parameters(model).values())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = input_ids()
+    adapted = model(ids).logits
+    with merged(model):
+        assert model.state_dict().keys() == plain.state_dict().keys()
+        plain.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=1e-10)
+    torch.testing.assert_close(plain(ids).logits, adapted, rtol=0, atol=1e-10)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(model(ids).logits, adapted)
+
+
+def test_decompositions_are_cached_and_reused(tmp_path):
+    apply_svf(tiny("qwen3_moe"), SVFConfig(cache_dir=str(tmp_path)))
+    cached = list(tmp_path.glob("factors-*.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    model = tiny("qwen3_moe")
+    apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+    assert cached[0].stat().st_mtime_ns == stamp and len(list(tmp_path.glob("factors-*"))) == 1
+    ids = input_ids()
+    assert torch.equal(model(ids).logits, tiny("qwen3_moe")(ids).logits)
+
+
+def test_svf_vectors_save_and_load_onto_a_fresh_policy(tmp_path):
+    model = tiny("deepseek_v3")
+    apply_svf(model, SVFConfig(cache_dir=str(tmp_path / "cache")))
+    perturb([*svf_parameters(model).values(), *(p for p in model.parameters() if p.requires_grad)])
+    save_svf(model, tmp_path / "vectors")
+    fresh = load_svf(tiny("deepseek_v3"), tmp_path / "vectors")
+    ids = input_ids()
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_parameter_counts_per_family_match_the_policy(architecture, tmp_path):
+    """A vector of min(rows, columns) per matrix (per expert matrix); LoRA r (in + out) per matrix."""
+    model = tiny(architecture, torch.float32)
+    targets = resolve_targets(model, ["self_attn"], experts=True)
+    trainable, frozen = svf_parameter_count(model, targets)
+    lora = lora_parameter_count(targets, model, rank=4)
+    apply_svf(model, SVFConfig(routers="freeze", cache_dir=str(tmp_path)))
+    vectors = svf_parameters(model)
+    assert trainable == sum(p.numel() for p in vectors.values())
+    factors = sum(p.numel() for n, p in model.named_parameters() if "_svf_" in n and not n.endswith("_dz"))
+    assert frozen == factors
+    peft_model = get_peft_model(
+        tiny(architecture, torch.float32), lora_config(AdapterConfig("lora", 4, routers="freeze"), model)
+    )
+    assert lora == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA through PEFT on every family, the routed experts included
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_lora_reaches_the_routed_experts_of_every_family(architecture):
+    model = tiny(architecture, torch.float32)
+    ids = input_ids()
+    expected = model(ids).logits
+    config = lora_config(AdapterConfig(method="lora", rank=2), model)
+    assert len(config.target_parameters) == 2 * SPEC.num_layers
+    peft_model = get_peft_model(model, config)
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=0, atol=0)  # B = 0 at init
+    peft_model(input_ids=ids).logits.square().mean().backward()
+    trained = {n for n, p in peft_model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("experts" in n and "lora_A" in n for n in trained) or any(
+        "experts" in n and "lora_B" in n for n in trained
+    )
+    assert any("modules_to_save" in n for n in trained)  # the routers' trainable copies
+    layers = find_moe_layers(peft_model)
+    assert len(layers) == SPEC.num_layers and layers[0].num_experts == SPEC.num_experts
+
+
+# --------------------------------------------------------------------------------------------------
+# In the trainer
+
+
+def lora(checkpoint, **settings):
+    model, _ = load_pretrained(checkpoint)
+    return lora_config(AdapterConfig(method="lora", rank=4, **settings), model)
+
+
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_router_aware_updates_act_inside_a_peft_wrapper(tiny_checkpoint, tmp_path, architecture):
+    """LoRA is the identity at init, so the routers' gradient in the PEFT-wrapped policy (their trainable
+    copies) equals the full policy's with the same gates and routing replay; and the gates change it."""
+    checkpoint = tiny_checkpoint(architecture)
+    gated = MoEConfig(router_gate_scope="forking", expert_gate_scope="forking", routing_replay="old_policy")
+    grads = {}
+    for name, moe, peft_config in [
+        ("plain", gated, None),
+        ("lora", gated, lora(checkpoint)),
+        ("lora_ungated", MoEConfig(routing_replay="old_policy"), lora(checkpoint)),
+    ]:
+        trainer = make_trainer(checkpoint, tmp_path / name, moe=moe, peft_config=peft_config, num_iterations=2)
+        assert trainer.router_updates is not None and len(trainer.router_updates.layers) == len(
+            find_moe_layers(trainer.model)
+        )
+        loss_and_grads(trainer, make_batch(trainer))
+        grads[name] = {layer.index: layer.router.weight.grad.clone() for layer in trainer.router_updates.layers}
+    for index, expected in grads["plain"].items():
+        torch.testing.assert_close(grads["lora"][index], expected, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(grads["lora_ungated"][i], grads["lora"][i]) for i in grads["lora"])
+
+
+def test_routing_analytics_and_the_forking_log_on_a_peft_policy(tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint("mixtral"), tmp_path, peft_config=lora(tiny_checkpoint("mixtral")))
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    for key in (
+        "forking/kept_fraction",
+        "moe/router_entropy_forking",
+        "moe/router_entropy_other",
+        "moe/layer1/specialization_js",
+    ):
+        assert key in logged, key
+    examples = [json.loads(line) for line in (tmp_path / "forking_tokens.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in examples] == [1, 2] and examples[-1]["top_forking_tokens"]
+    loads = [json.loads(line) for line in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    assert loads and loads[-1]["step"] == 2
+
+
+def test_the_sparse_lm_head_gives_trls_gradients_under_lora(tiny_checkpoint, tmp_path):
+    """The LM head is frozen under LoRA: projecting the forking rows alone back through it gives TRL's
+    gradients for every adapter (float64 policy; TRL's fused head accumulates in float32, which bounds the
+    agreement, as in tests/test_sparse_head.py)."""
+    checkpoint = tiny_checkpoint()
+    made = {}
+    for setting in ("true", "false"):
+        made[setting] = make_trainer(
+            checkpoint,
+            tmp_path / setting,
+            forking=ForkingConfig(rho=0.2, sparse_lm_head=setting),
+            peft_config=lora(checkpoint),
+            dtype="float64",
+        )
+    assert made["true"].sparse_head and not made["false"].sparse_head
+    for trainer in made.values():  # move LoRA off the identity (B = 0 at init), the same way in both
+        perturb([p for n, p in trainer.model.named_parameters() if "lora_B" in n], 0.05)
+    batch = make_batch(made["false"])
+    expected_loss, expected = loss_and_grads(made["false"], batch)
+    loss, grads = loss_and_grads(made["true"], batch)
+    assert grads.keys() == expected.keys() and any("lora" in n for n in grads)
+    close(loss.double(), expected_loss.double(), rtol=1e-5)  # TRL's fused kernel accumulates in float32
+    for name in expected:
+        close(grads[name], expected[name], rtol=1e-5)
+
+
+LOGPROBS_SCRIPT = """
+import sys, torch
+from rlvr.tuning import load_adapted
+model, _ = load_adapted(sys.argv[1], base=sys.argv[2])
+ids = torch.load(sys.argv[3])
+torch.save(torch.log_softmax(model(input_ids=ids).logits.double(), -1), sys.argv[4])
+"""
+
+
+def logprobs_in_a_fresh_process(directory, base, ids, tmp_path) -> torch.Tensor:
+    torch.save(ids, tmp_path / "ids.pt")
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOGPROBS_SCRIPT,
+            str(directory),
+            base,
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "lp.pt"),
+        ],
+        check=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    return torch.load(tmp_path / "lp.pt")
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_a_trained_adapter_loads_into_a_fresh_process_with_identical_log_probs(tiny_checkpoint, tmp_path, method):
+    checkpoint = tiny_checkpoint()
+    peft_config = lora(checkpoint) if method == "lora" else SVFConfig(cache_dir=str(tmp_path / "cache"))
+    trainer = make_trainer(checkpoint, tmp_path / "run", peft_config=peft_config, learning_rate=0.05)
+    trainer.train()
+    policy = trainer.model
+    moved = [p for n, p in policy.named_parameters() if p.requires_grad and ("lora_B" in n or n.endswith("_svf_dz"))]
+    assert moved and any(p.abs().max() > 0 for p in moved)  # training moved the adapter off the identity
+    trainer.save_model(str(tmp_path / "adapter"))
+    ids = input_ids()
+    policy.eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(policy(input_ids=ids).logits.double(), -1)
+    assert torch.equal(logprobs_in_a_fresh_process(tmp_path / "adapter", checkpoint, ids, tmp_path), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line naming the key
+
+
+def test_bad_settings_fail_naming_the_key(tiny_checkpoint, monkeypatch):
+    from rlvr.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^peft.method: must be one of none, lora, svf; got 'qlora'"):
+        load_config(overrides=["peft.method=qlora"])
+    with pytest.raises(ConfigError, match=r"^peft.rank: must be >= 1; got 0"):
+        load_config(overrides=["peft.method=lora", "peft.rank=0"])
+    with pytest.raises(ConfigError, match=r"^peft.dropout: must be 0 with peft.experts=true"):
+        load_config(overrides=["peft.method=lora", "peft.dropout=0.1"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^peft.method: lora needs the PEFT library; install it with pip install"):
+        load_config(overrides=["peft.method=lora"])
+    load_config(overrides=["peft.method=svf"])  # SVF is rlvr's own: no PEFT needed
+
+
+def test_targets_that_match_nothing_name_the_policys_layers():
+    model = tiny("deepseek_v3", torch.float32)
+    with pytest.raises(
+        ConfigError,
+        match=r"^peft.target_modules: 'k_proj' matches no linear layer .*kv_a_proj_with_mqa.*DeepseekV3Attention",
+    ):
+        resolve_targets(model, ["q_proj", "k_proj"], experts=True)
+    resolved = resolve_targets(model, ["self_attn"], experts=False)
+    assert {p.rsplit(".", 1)[-1] for p in resolved.linear} == {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    assert not any(".mlp." in p for p in resolved.linear)
+
+
+def test_svf_refuses_a_matrix_it_cannot_decompose():
+    with pytest.raises(ConfigError, match=r"^peft.method: svf cannot decompose w: its dtype is torch.int8"):
+        decompose(torch.zeros(3, 3, dtype=torch.int8), "w")
+    with pytest.raises(ConfigError, match=r"^peft.method: svf cannot decompose w: it holds inf or nan"):
+        decompose(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "w")
+    with pytest.raises(ConfigError, match=r"^peft.method: svf cannot decompose w: it has 1 dimensions"):
+        decompose(torch.ones(3), "w")

@@ -135,6 +135,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
         training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         vllm_replay = bool(getattr(training_args, "use_vllm", False)) and self.moe.routing_replay == "rollout"
+        asked_reentrant = (getattr(training_args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant")
         # a model id: TRL loads the policy and the reference model itself; with vLLM it builds the engine
         with zero3_leaves_as_trl_loads(), routed_experts_returned(vllm_replay):
             super().__init__(*args, **kwargs)
@@ -144,6 +145,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.top_entropy_quantile = setup.entropy_mask_switch(self)  # turns get_high_entropy_mask on or off
         normalization_unit = loss_normalization_unit(self.loss_type)  # an unknown loss type fails here
         self.collectives = Collectives.of(self.accelerator)  # every collective rlvr issues, on the accelerator
+        setup.undo_forced_reentrant(self, asked_reentrant)  # PEFT under ZeRO-3, where DeepSpeed no longer needs it
         self.router_updates = setup.router_aware_updates(self)
         if self.router_updates is not None and self.moe.update_correction_bias:  # aux-loss-free balancing
             self.add_callback(CorrectionBiasUpdate(self.router_updates))

@@ -5,10 +5,11 @@ own random stream and pads its own prompts), so generation is replaced by one fi
 completions and advantages; everything after generation is the real thing: TRL's training loop, the
 forking-token loss, rlvr's router gates and load-balancing loss, the backward, gradient clipping and
 AdamW, under DeepSpeed when launched with a ZeRO accelerate config. Each rank takes its consecutive share
-of the rows, as TRL's sampler would give it. Rank 0 writes ``<out>/steps.json``: the logged metrics of
+of the rows, as TRL's sampler would give it. ``lora`` / ``svf`` train adapters instead of the whole policy
+(``peft.method``, routers trained, experts included). Rank 0 writes ``<out>/steps.json``: the logged metrics of
 every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
 
-    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal]
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal | lora | svf]
     accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
         tests/distributed_steps.py MODEL_DIR OUT_DIR
 """
@@ -27,6 +28,7 @@ from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import load_pretrained
 from rlvr.shutdown import end_distributed, exit_process
 from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
+from rlvr.tuning import AdapterConfig, adapter_config
 
 GLOBAL_ROWS, GENERATIONS, PROMPT, COMPLETION, STEPS = 16, 4, 6, 12, 3
 LOGGED = ("loss", "grad_norm", "entropy", "forking/threshold", "forking/kept_tokens", "moe/load_balancing_loss")
@@ -107,6 +109,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     FixedBatchTrainer.unequal = sys.argv[3:] == ["unequal"]
+    method = sys.argv[3] if sys.argv[3:] and sys.argv[3] in ("lora", "svf") else "none"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
         output_dir=os.path.join(out_dir, "trainer"),
@@ -128,7 +131,9 @@ def main() -> None:
         disable_tqdm=True,
     )
     model, tokenizer = load_pretrained(model_dir)
+    adapter = AdapterConfig(method=method, rank=4, svf_cache_dir=os.path.join(out_dir, "svf"))
     trainer = FixedBatchTrainer(
+        peft_config=adapter_config(adapter, model),
         model=model,
         reward_funcs=lambda completions, **_: [0.0] * len(completions),
         args=args,

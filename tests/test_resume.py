@@ -79,9 +79,16 @@ TREE = ["rollout.mode=forking_tree", "rollout.branches=1", "rollout.advantage=tr
 SKIP = ["prompts.filter=skip", "prompts.predictor=both", "prompts.max_draws=2"]  # history and probe: in checkpoints
 
 
-@pytest.mark.parametrize("rollout", [[], TREE, SKIP], ids=["iid", "forking_tree", "skip"])
+LORA, SVF = (
+    ["peft.method=lora", "peft.rank=4", "grpo.learning_rate=5e-2"],
+    ["peft.method=svf", "grpo.learning_rate=5e-2"],
+)
+
+
+@pytest.mark.parametrize("rollout", [[], TREE, SKIP, LORA, SVF], ids=["iid", "forking_tree", "skip", "lora", "svf"])
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys, rollout):
-    """Every logged metric but wall times matches, the running rollout totals included."""
+    """Every logged metric but wall times matches, the running rollout totals included. With adapters the
+    checkpoint holds the adapter (PEFT's files) or the SVF vectors alone, and the optimizer's state."""
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
     run = [*RUN, *rollout]
     monkeypatch.syspath_prepend(str(tmp_path))

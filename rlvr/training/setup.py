@@ -11,6 +11,7 @@ import logging
 import os
 
 import torch
+from accelerate.utils import is_peft_model
 
 from rlvr.configuration import ConfigError
 from rlvr.moe import UnknownMoEArchitecture
@@ -61,6 +62,11 @@ def sync_merged_weights(trainer) -> None:
     generation = getattr(trainer, "vllm_generation", None)
     if getattr(policy, "svf_config", None) is None or generation is None:
         return
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError(
+            "peft.method=svf: syncing merged weights to vLLM under DeepSpeed ZeRO-3 is not supported (the merge "
+            "needs every targeted matrix whole); use ZeRO-2, or peft.method=lora (TRL merges its adapters)"
+        )
     sync = generation.sync_weights
 
     def sync_weights(*args, **kwargs):
@@ -80,6 +86,25 @@ def save_svf_policy(trainer, output_dir: str, state_dict: dict | None) -> bool:
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
     return True
+
+
+def undo_forced_reentrant(trainer, asked: bool | None) -> None:
+    """TRL forces reentrant activation checkpointing for PEFT policies under ZeRO-3 (trl#6356): DeepSpeed used to
+    partition frozen parameters during a non-reentrant recompute (deepspeedai/DeepSpeed#4332). DeepSpeed releases
+    with the fix (#8148: frozen parameters kept whole through a recompute) do not need it, and rlvr's recorded
+    routing needs the non-reentrant kind; there it is restored unless the user asked for reentrant."""
+    args = trainer.args
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    if asked is not None or not (args.gradient_checkpointing and kwargs.get("use_reentrant")):
+        return
+    if not (trainer.is_deepspeed_enabled and is_peft_model(trainer.model)):
+        return
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    if hasattr(partitioned_param_coordinator, "update_recompute_parameters"):  # DeepSpeed's fix is installed
+        for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):  # transformers' alias
+            if hasattr(args, name):
+                setattr(args, name, {**(getattr(args, name) or {}), "use_reentrant": False})
 
 
 def router_aware_updates(trainer) -> RouterAwareUpdates | None:

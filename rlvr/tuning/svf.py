@@ -15,10 +15,11 @@ matrix gets its own vector: min(rows, columns) numbers per expert matrix.
 How the forward sees ``W'`` (no module is replaced; parameter names stay the policy's own):
 
 * ``nn.Linear`` layers: a forward hook adds ``((x V) * s dz) U^T`` to the output (never forms ``W'``).
-* fused routed-expert parameters (E, rows, columns): a pre-forward hook on the experts module puts
-  ``W + U diag(s dz) V^T`` (E, rows, columns) in place of the parameter for the experts' forward, and a
-  forward hook puts the parameter back. (Under ZeRO-3 the sparse blocks are leaf modules: their parameters,
-  these included, are gathered before the experts' hooks run.)
+* fused routed-expert parameters (E, rows, columns): a pre-forward hook on the experts module computes
+  ``W + U diag(s dz) V^T`` (E, rows, columns) once per forward, and the experts module (its class swapped for
+  a subclass of the same name) reads that where its forward reads the parameter; the parameter itself stays
+  registered where it was, as DeepSpeed ZeRO-3 traces it. (Under ZeRO-3 the sparse blocks are leaf modules:
+  their parameters, these included, are gathered before the experts' hooks run.)
 
 The factors ``U (.., rows, r)``, ``s (.., r)``, ``V^T (.., r, columns)`` (r = min(rows, columns)) are frozen
 parameters of the module that owns the matrix, named ``<matrix>_svf_u`` / ``_svf_s`` / ``_svf_vh``, and ``z``
@@ -75,7 +76,7 @@ def decompose(weight: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tenso
     if not torch.isfinite(work).all():
         raise ConfigError(f"peft.method: svf cannot decompose {key}: it holds inf or nan")
     u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    return u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype)
+    return tuple(t.to(weight.dtype).contiguous() for t in (u, s, vh))  # DeepSpeed broadcasts contiguous storage
 
 
 def _delta(module: nn.Module, name: str) -> torch.Tensor:
@@ -99,34 +100,58 @@ def _linear_hook(module: nn.Linear, args, output):
 def _experts_pre_hook(module: nn.Module, args):
     if module._svf_merged:
         return
-    for name, weight in module._svf_originals.items():
-        module._parameters.pop(name, None)
-        module.__dict__[name] = weight + _delta(module, name).to(weight.dtype)  # (E, m, n), differentiable in z
+    for name in module._svf_names:
+        weight = module._parameters[name]
+        module._svf_values[name] = weight + _delta(module, name).to(weight.dtype)  # (E, m, n), differentiable in dz
 
 
 def _experts_hook(module: nn.Module, args, output):
-    for name, weight in module._svf_originals.items():
-        module.__dict__.pop(name, None)
-        module._parameters[name] = weight
+    module._svf_values.clear()
     return output
+
+
+def _adapted_parameter(name: str) -> property:
+    """What the experts' forward reads as ``self.<name>``: ``W + U diag(s dz) V^T`` while it runs, else ``W``."""
+
+    def read(module: nn.Module):
+        values = module.__dict__.get("_svf_values", {})
+        return values[name] if name in values else module._parameters[name]
+
+    return property(read)
 
 
 def _attach(module: nn.Module, name: str, factors) -> None:
     weight = module._parameters[name]
     for part, tensor in zip(FACTORS, factors, strict=True):
         module.register_parameter(_suffix(name, part), nn.Parameter(tensor.to(weight.device), requires_grad=False))
-    r = factors[1].shape[-1]
-    module.register_parameter(
-        _suffix(name, "dz"), nn.Parameter(torch.zeros(*weight.shape[:-2], r, device=weight.device, dtype=torch.float32))
-    )
-    if not hasattr(module, "_svf_originals"):
-        module._svf_originals, module._svf_merged = {}, False
+    s = factors[1]  # (.., r): one vector entry per singular value
+    module.register_parameter(_suffix(name, "dz"), nn.Parameter(torch.zeros(s.shape, device=weight.device)))
+    if not hasattr(module, "_svf_names"):
+        module._svf_names, module._svf_merged, module._svf_values = [], False, {}
         if isinstance(module, nn.Linear):
             module.register_forward_hook(_linear_hook)
         else:
             module.register_forward_pre_hook(_experts_pre_hook)
             module.register_forward_hook(_experts_hook)
-    module._svf_originals[name] = weight
+    if not isinstance(module, nn.Linear):
+        # The parameter stays registered where it is (DeepSpeed ZeRO-3 traces which parameters each module
+        # fetches); a subclass of the module's own class, of the same name, reads the adapted value in its place.
+        own = type(module)
+        if not getattr(own, "_svf_subclass", False):
+            own = type(own.__name__, (own,), {"_svf_subclass": True, "__module__": own.__module__})
+        setattr(own, name, _adapted_parameter(name))
+        module.__class__ = own
+    module._svf_names.append(name)
+
+
+def gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
+    """The full ``parameters`` within the block when DeepSpeed ZeRO-3 has partitioned them (writes from
+    ``modifier_rank`` kept); a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
 def _matrices(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module, str]]:
@@ -143,7 +168,8 @@ def apply_svf(model: nn.Module, config: SVFConfig) -> Targets:
         raise ValueError("the policy already has SVF vectors")
     targets = resolve_targets(model, list(config.target_modules), config.experts)
     matrices = _matrices(model, targets)
-    factors = _cached_factors(model, matrices, config.cache_dir)
+    with gathered([module._parameters[name] for _, module, name in matrices]):  # ZeRO-3: partitioned at load
+        factors = _cached_factors(model, matrices, config.cache_dir)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for key, module, name in matrices:
@@ -231,7 +257,7 @@ def merged(model: nn.Module):
     saved = []
     with torch.no_grad():
         for _, module, name in _matrices(model, targets):
-            weight = module._svf_originals[name]
+            weight = module._parameters[name]
             original = weight.data.clone()
             work = torch.promote_types(weight.dtype, torch.float32)  # float64 weights merge in float64
             weight.data.copy_((weight.to(work) + _delta(module, name).to(work)).to(weight.dtype))
@@ -243,7 +269,7 @@ def merged(model: nn.Module):
     finally:
         with torch.no_grad():
             for module, name, original, extra in saved:
-                module._svf_originals[name].data.copy_(original)
+                module._parameters[name].data.copy_(original)
                 for part, parameter in extra.items():
                     module._parameters[_suffix(name, part)] = parameter
                 module._svf_merged = False
@@ -258,13 +284,19 @@ def save_svf(model: nn.Module, directory: str | Path, state_dict: dict | None = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: SVFConfig = model.svf_config
-    state = state_dict if state_dict is not None else model.state_dict()
-    vectors = {name: t.detach().cpu().float().contiguous() for name, t in state.items() if name.endswith("_svf_dz")}
+    routers = tuple(f"{path}." for path in model.svf_targets.routers) if config.routers == "train" else ()
+
+    def wanted(name: str) -> bool:
+        return name.endswith("_svf_dz") or name.startswith(routers)
+
+    if state_dict is None:
+        with gathered([p for n, p in model.named_parameters() if wanted(n)]):
+            state_dict = {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if wanted(n)}
+    vectors = {n: t.detach().cpu().float().contiguous() for n, t in state_dict.items() if n.endswith("_svf_dz")}
     save_file(vectors, str(directory / VECTORS_FILE))
-    if config.routers == "train":
-        prefixes = tuple(f"{path}." for path in model.svf_targets.routers)
-        routers = {name: t.detach().cpu().contiguous() for name, t in state.items() if name.startswith(prefixes)}
-        save_file(routers, str(directory / ROUTERS_FILE))
+    if routers:
+        router_state = {n: t.detach().cpu().contiguous() for n, t in state_dict.items() if n.startswith(routers)}
+        save_file(router_state, str(directory / ROUTERS_FILE))
     base = getattr(getattr(model, "config", None), "_name_or_path", "")
     meta = {"method": "svf", "base_model_name_or_path": base, **asdict(config)}
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -291,7 +323,7 @@ def load_svf(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ValueError(
             f"{directory}: SVF vectors do not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    with torch.no_grad():
+    with torch.no_grad(), gathered(list(own.values()), modifier_rank=0):
         for name, tensor in vectors.items():
             own[name].copy_(tensor)
     if (directory / ROUTERS_FILE).is_file():  # router weights and buffers (DeepSeek-V3's correction bias)

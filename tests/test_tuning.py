@@ -346,3 +346,80 @@ def test_svf_refuses_a_matrix_it_cannot_decompose():
         decompose(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "w")
     with pytest.raises(ConfigError, match=r"^peft.method: svf cannot decompose w: it has 1 dimensions"):
         decompose(torch.ones(3), "w")
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight sync to an inference engine: TRL's own code (LoRA: merge, sync, unmerge) and rlvr's (SVF)
+
+
+def _weights_trl_syncs(model):
+    """What TRL's vLLM weight sync would send, by name (``VLLMGeneration._iter_named_params``, vLLM not needed)."""
+    from accelerate import Accelerator
+    from trl.distributed import DistributedBackend
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    generation = object.__new__(VLLMGeneration)
+    generation.model, generation._dist = model, DistributedBackend(Accelerator(cpu=True))
+    return {name: tensor.detach().clone() for name, tensor in generation._iter_named_params()}
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_the_engine_receives_merged_weights_under_the_base_models_names(method, tmp_path):
+    """TRL's vLLM sync of a LoRA policy (experts included) and rlvr's of an SVF policy send the base model's
+    parameter names with the adapter folded in: a plain policy loading them computes the adapted logits. The
+    trained policy is left as it was: exactly under SVF (rlvr restores a copy of the weights), to rounding under
+    LoRA (PEFT's unmerge subtracts the update again: W + d - d is W only up to float error)."""
+    from types import SimpleNamespace
+
+    from rlvr.training.setup import sync_merged_weights
+
+    model, plain = tiny("qwen3_moe", torch.float32), tiny("qwen3_moe", torch.float32)
+    ids = input_ids()
+    if method == "lora":
+        model = get_peft_model(model, lora_config(AdapterConfig(method="lora", rank=2), model))
+        perturb([p for n, p in model.named_parameters() if "lora_B" in n or "modules_to_save" in n], 0.1)
+        adapted = model(input_ids=ids).logits.detach()
+        sent = _weights_trl_syncs(model)
+    else:
+        apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+        perturb([p for p in model.parameters() if p.requires_grad], 0.1)
+        adapted = model(input_ids=ids).logits.detach()
+        received = {}
+        engine = SimpleNamespace(sync_weights=lambda: received.update(_weights_trl_syncs(model)))
+        trainer = SimpleNamespace(
+            model=model,
+            vllm_generation=engine,
+            is_deepspeed_enabled=False,
+            accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        )
+        sync_merged_weights(trainer)
+        engine.sync_weights()
+        sent = received
+    assert sent.keys() == dict(plain.named_parameters()).keys()
+    plain.load_state_dict(sent, strict=False)
+    torch.testing.assert_close(plain(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    after = model(input_ids=ids).logits.detach()
+    if method == "svf":
+        assert torch.equal(after, adapted)
+    else:
+        torch.testing.assert_close(after, adapted, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_the_copy_engine_samples_with_the_adapters_folded_in(method, tmp_path):
+    """rlvr's copy engine (TRL's vLLM interface, rollout.engine=copy) copies an adapted policy as plain weights
+    and re-syncs it after the adapters move."""
+    from rlvr.rollouts.copy_engine import CopyEngine
+
+    model = tiny("mixtral", torch.float32)
+    if method == "lora":
+        model = get_peft_model(model, lora_config(AdapterConfig(method="lora", rank=2), model))
+    else:
+        apply_svf(model, SVFConfig(cache_dir=str(tmp_path)))
+    ids = input_ids()
+    engine = CopyEngine(model, torch.float32)
+    assert not any("lora_" in n or "_svf_" in n for n in engine.model.state_dict())
+    torch.testing.assert_close(engine.model(ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    perturb([p for n, p in model.named_parameters() if p.requires_grad], 0.1)
+    engine.sync(model)
+    torch.testing.assert_close(engine.model(ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,6 @@ exactly as vLLM's (``rollout.engine: copy``).
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +32,7 @@ from rlvr.moe.replay import rollout_record
 from rlvr.moe.updates import correction_bias
 from rlvr.rollouts.engine_routing import EngineRouting, engine_routing_record
 from rlvr.rollouts.tree import completion_lengths, left_pad, right_pad
+from rlvr.tuning.plain import plain_copy, plain_state
 
 
 class RouterNoise:
@@ -73,8 +73,9 @@ class RouterNoise:
 def _plain_copy(policy: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``policy`` as an engine loads it: the class's own forwards, no hooks. A trainer patches
     its policy's forward (TRL's fused LM head, rlvr's sparse head) with closures over the policy itself and
-    hooks its routers; a copy that kept them would run the policy's forward and the trainer's hooks."""
-    model = copy.deepcopy(policy)
+    hooks its routers; a copy that kept them would run the policy's forward and the trainer's hooks. Adapters
+    (LoRA, SVF) are folded into the copy's weights (:func:`rlvr.tuning.plain.plain_copy`)."""
+    model = plain_copy(policy)
     for module in model.modules():
         module.__dict__.pop("forward", None)
         module._forward_hooks.clear()
@@ -171,15 +172,16 @@ class CopyEngine:
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module, step: int | None = None) -> None:
-        """Copy the policy's current weights and buffers into the engine (cast to its dtype)."""
+        """Copy the policy's current weights and buffers into the engine (cast to its dtype), adapters folded in
+        as TRL's vLLM weight sync folds them (:func:`rlvr.tuning.plain.plain_state`)."""
         engine_state = self.model.state_dict()
-        policy_state = policy.state_dict()
-        if engine_state.keys() != policy_state.keys():
-            missing = sorted(engine_state.keys() ^ policy_state.keys())[:3]
-            raise ValueError(f"the engine copy and the policy have different weights (e.g. {missing})")
-        for name, tensor in engine_state.items():
-            source = policy_state[name].detach()
-            tensor.copy_(source.to(tensor.dtype) if tensor.is_floating_point() else source)
+        with plain_state(policy) as policy_state:
+            if engine_state.keys() != policy_state.keys():
+                missing = sorted(engine_state.keys() ^ policy_state.keys())[:3]
+                raise ValueError(f"the engine copy and the policy have different weights (e.g. {missing})")
+            for name, tensor in engine_state.items():
+                source = policy_state[name].detach()
+                tensor.copy_(source.to(tensor.dtype) if tensor.is_floating_point() else source)
         self.synced_step = step
 
     @torch.no_grad()

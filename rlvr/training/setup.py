@@ -62,6 +62,8 @@ def sync_merged_weights(trainer) -> None:
     generation = getattr(trainer, "vllm_generation", None)
     if getattr(policy, "svf_config", None) is None or generation is None:
         return
+    if isinstance(generation, CopyEngineGeneration):
+        return  # the copy engine folds adapters in itself
     if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise ValueError(
             "peft.method=svf: syncing merged weights to vLLM under DeepSpeed ZeRO-3 is not supported (the merge "
@@ -263,8 +265,7 @@ def attach_engine(trainer, measure_forward) -> None:
         policy = accelerator.unwrap_model(trainer.model)
         dtype = next(policy.parameters()).dtype if rollout.dtype == "auto" else getattr(torch, rollout.dtype)
         seed = int(trainer.args.seed) * 1009 + accelerator.process_index
-        with merged(policy):  # an SVF policy is copied as plain weights
-            engine = CopyEngine(policy, dtype, rollout.router_noise, seed=seed)
+        engine = CopyEngine(policy, dtype, rollout.router_noise, seed=seed)
         trainer.vllm_generation = CopyEngineGeneration(
             engine,
             lambda: accelerator.unwrap_model(trainer.model),

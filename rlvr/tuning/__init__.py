@@ -5,6 +5,7 @@
 * :mod:`rlvr.tuning.lora`    -- LoRA through PEFT, the fused routed experts included (``target_parameters``)
 * :mod:`rlvr.tuning.svf`     -- singular-value fine-tuning (Transformer²), rlvr's own
 * :mod:`rlvr.tuning.loading` -- the PEFT or SVF config of a run, a trained adapter loaded onto its base policy
+* :mod:`rlvr.tuning.plain`   -- the adapted policy as plain weights under the base model's names (inference engines)
 """
 
 from rlvr.tuning.config import AdapterConfig

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
+from rlvr.report_adapters import adapter_lines
 from rlvr.report_cells import baseline_of, construction_clusters, fmt, interval_cell
 from rlvr.report_figures import CURVE_PANELS, FIGURES, own_share_figures, split_panels
 from rlvr.report_prompts import selective_lines
@@ -257,6 +258,7 @@ def write_report(paths: list[Path], out_dir: Path | None = None, records: Compar
         if draw(groups, out_dir / name):
             figures.append((title, name))
     lines += selective_lines(groups)
+    lines += adapter_lines(groups)
     lines += mismatch_lines(groups)
     lines += domain_sections(groups, records.starting_policies)
     figures += own_share_figures(groups, out_dir)

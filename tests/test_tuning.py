@@ -423,3 +423,40 @@ def test_the_copy_engine_samples_with_the_adapters_folded_in(method, tmp_path):
     perturb([p for n, p in model.named_parameters() if p.requires_grad], 0.1)
     engine.sync(model)
     torch.testing.assert_close(engine.model(ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_rlvr_train_with_an_adapter_saves_what_loads_back(tmp_path, monkeypatch, method):
+    """``rlvr train --config quickstart peft.method=...`` on the tiny MoE: the run's model/ holds the adapter
+    alone (PEFT's files, or the SVF vectors), trained off the identity, and a fresh process loading it onto the
+    base policy computes the same log-probs as this one; the summary counts what trained."""
+    from rlvr.cli import main
+    from rlvr.tuning import load_adapted
+    from tests.test_cli import TINY
+
+    (tmp_path / "length_reward.py").write_text(  # a random policy gets rewards with variance, so a gradient
+        "def odd_length(completions, **_):\n    return [float(len(str(c)) % 2) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    output = tmp_path / method
+    arguments = [*TINY, f"output_dir={output}", "eval.enabled=false", "warm_start.enabled=false"]
+    arguments += ["reward.functions=[length_reward:odd_length]"]
+    arguments += [f"warm_start.cache_dir={tmp_path / 'cache'}", f"peft.method={method}", "grpo.learning_rate=0.05"]
+    assert main(["train", "--config", "quickstart", *arguments]) == 0
+    directory = output / "model"
+    files = {path.name for path in directory.iterdir()}
+    assert ("adapter_model.safetensors" in files) if method == "lora" else ("svf_vectors.safetensors" in files)
+    assert "model.safetensors" not in files
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["peft"]["method"] == method and 0 < summary["trainable_parameters"]
+    moments = 8 * summary["trainable_parameters"]  # AdamW: two float32 moments, and a step count per tensor
+    assert moments <= summary["optimizer_state_bytes"] < moments + 1024
+    policy, _ = load_adapted(directory)
+    moved = [p for n, p in policy.named_parameters() if "lora_B" in n or n.endswith("_svf_dz")]
+    assert moved and any(p.abs().max() > 0 for p in moved)
+    ids = input_ids()
+    with torch.no_grad():
+        expected = torch.log_softmax(policy(input_ids=ids).logits.double(), -1)
+    meta = directory / ("adapter_config.json" if method == "lora" else "svf_config.json")
+    base = json.loads(meta.read_text())["base_model_name_or_path"]
+    assert torch.equal(logprobs_in_a_fresh_process(directory, base, ids, tmp_path), expected)

@@ -29,6 +29,9 @@ _EXPORTS = {
     "MoEConfig": "rlvr.config",
     "RolloutConfig": "rlvr.rollouts",
     "PromptsConfig": "rlvr.prompts",
+    "TokenRulesConfig": "rlvr.token_rules",
+    "SVFConfig": "rlvr.tuning",
+    "load_adapted": "rlvr.tuning",
     "select_forking_tokens": "rlvr.forking",
     "MathAccuracy": "rlvr.rewards",
     "math_accuracy": "rlvr.rewards",
@@ -52,12 +55,15 @@ __all__ = [  # the names of _EXPORTS, spelled out for linters and IDEs
     "OverlongPenalty",
     "PromptsConfig",
     "RolloutConfig",
+    "SVFConfig",
     "TinyMoESpec",
+    "TokenRulesConfig",
     "__version__",
     "arithmetic_exact",
     "boxed_format",
     "build_char_tokenizer",
     "build_tiny_moe",
+    "load_adapted",
     "math_accuracy",
     "save_tiny_policy",
     "select_forking_tokens",
@@ -79,7 +85,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
         think_answer_format,
     )
     from rlvr.rollouts import RolloutConfig
+    from rlvr.token_rules import TokenRulesConfig
     from rlvr.trainer import ForkingGRPOTrainer
+    from rlvr.tuning import SVFConfig, load_adapted
     from rlvr.upcycle import upcycle as upcycle_moe
 
 

@@ -49,9 +49,16 @@ def split_panels(groups: dict[str, list[Run]], panels: list[tuple[str, str]]) ->
     return present, flat
 
 
-def _line_with_band(axis, xs: list[float], means: list[float], stds: list[float], label: str) -> None:
+def arm_colour(groups: dict[str, list[Run]], arm: str) -> str:
+    """The arm's colour, the same in every panel and figure of a report (its place among the arms)."""
+    return f"C{list(groups).index(arm) % 10}"
+
+
+def _line_with_band(
+    axis, xs: list[float], means: list[float], stds: list[float], label: str, colour: str | None = None
+) -> None:
     """A mean curve with its ±1 std band over seeds."""
-    (line,) = axis.plot(xs, means, marker="o" if len(xs) < 15 else None, label=label)
+    (line,) = axis.plot(xs, means, marker="o" if len(xs) < 15 else None, label=label, color=colour)
     lows = [m - s for m, s in zip(means, stds, strict=True)]
     highs = [m + s for m, s in zip(means, stds, strict=True)]
     axis.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.2)
@@ -71,7 +78,7 @@ def plot_curves(groups: dict[str, list[Run]], panels: list[tuple[str, str]], pat
             steps, means, stds = mean_curve(runs, key)
             if not steps:
                 continue
-            _line_with_band(axis, steps, means, stds, f"{arm} (n={len(runs)})")
+            _line_with_band(axis, steps, means, stds, f"{arm} (n={len(runs)})", arm_colour(groups, arm))
         axis.set_xlabel("training step")
         axis.set_ylabel(label)
         axis.set_title(label)
@@ -96,7 +103,7 @@ def plot_accuracy_against_cost(
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for arm, (spent, means, stds) in curves.items():
-        _line_with_band(axis, spent, means, stds, f"{arm} (n={len(groups[arm])})")
+        _line_with_band(axis, spent, means, stds, f"{arm} (n={len(groups[arm])})", arm_colour(groups, arm))
     axis.set_xlabel(x_label)
     axis.set_ylabel("greedy accuracy")
     axis.grid(alpha=0.3)
@@ -135,7 +142,8 @@ def plot_accuracy_against_entropy(groups: dict[str, list[Run]], path: Path) -> b
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.2))
     for arm, values in points.items():
-        axis.scatter([x for x, _ in values], [y for _, y in values], label=f"{arm} (n={len(values)})")
+        xs, ys = [x for x, _ in values], [y for _, y in values]
+        axis.scatter(xs, ys, label=f"{arm} (n={len(values)})", color=arm_colour(groups, arm))
     axis.set_xlabel("mean token entropy, last quarter of training (nats)")
     axis.set_ylabel("greedy accuracy after RL")
     axis.grid(alpha=0.3)

@@ -279,3 +279,32 @@ def test_entropy_figures_draw_per_arm_and_skip_runs_without_entropy(tmp_path):
         for member in runs:
             member.metrics = []
     assert not plot_accuracy_against_entropy(groups, tmp_path / "none.png")
+
+
+def test_an_arm_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    """A panel where the first arm logged nothing (a token rule's share) still draws the second arm in the
+    second arm's colour."""
+    from rlvr import report_figures
+    from rlvr.runs import Run
+
+    def run(arm, metrics):
+        return Run(tmp_path / arm, arm, 0, {"eval_after": {"greedy_accuracy": 0.5}}, metrics=metrics)
+
+    groups = {
+        "full": [run("full", [{"step": s, "entropy": 0.2 - s / 100} for s in (10, 20)])],
+        "clip_cov": [
+            run(
+                "clip_cov",
+                [{"step": s, "entropy": 0.3 - s / 100, "token_rules/touched_share": s / 1e3} for s in (10, 20)],
+            )
+        ],
+    }
+    figures = []
+    monkeypatch.setattr(report_figures, "_save_figure", lambda plt, figure, path: figures.append(figure))
+    panels = [("entropy", "entropy"), ("token_rules/touched_share", "touched")]
+    assert report_figures.plot_curves(groups, panels, tmp_path / "x.png", "x")
+    colours = {
+        line.get_label().split(" ")[0]: line.get_color() for axis in figures[0].axes for line in axis.get_lines()
+    }
+    by_panel = [[line.get_color() for line in axis.get_lines()] for axis in figures[0].axes[:2]]
+    assert colours == {"full": "C0", "clip_cov": "C1"} and by_panel == [["C0", "C1"], ["C1"]]

@@ -42,7 +42,8 @@ def test_arm_overlays_change_only_the_forking_section():
     """Arms change which tokens and routers learn (forking, moe) or how completions are sampled (rollout);
     full_g6, the equal-decoded-tokens i.i.d. control, also samples fewer completions per prompt; the
     importance-sampling arms of the mismatch compare set TRL's correction and nothing else of grpo; the entropy
-    arms that are TRL features set those features (and kl_cov the second pass over a batch it needs)."""
+    arms that are TRL features set those features (and kl_cov the second pass over a batch it needs); the adapter
+    arms set their method's learning rate (swept per method)."""
     sample_size = {"num_generations", "per_device_train_batch_size"}
     correction = {"vllm_importance_sampling_correction", "vllm_importance_sampling_mode"}
     grpo_changes = {"full_g6": sample_size, "tis": correction, "mis": correction, "replay_mis": correction}
@@ -50,6 +51,9 @@ def test_arm_overlays_change_only_the_forking_section():
         "clip_higher": {"epsilon", "epsilon_high"},
         "adaptive_entropy": {"use_adaptive_entropy", "entropy_coef", "entropy_coef_delta", "entropy_target"},
         "kl_cov": {"num_iterations"},
+        "lora": {"learning_rate"},
+        "lora_attention": {"learning_rate"},
+        "svf": {"learning_rate"},
     }
     for arm in (CONFIGS / "arms").glob("*.yaml"):
         base_path = CONFIGS / ("countdown.yaml" if arm.stem == "full_g6" else "quickstart.yaml")  # 8 prompts x 8

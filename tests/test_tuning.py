@@ -235,27 +235,29 @@ def test_routing_analytics_and_the_forking_log_on_a_peft_policy(tiny_checkpoint,
     assert loads and loads[-1]["step"] == 2
 
 
-def test_the_sparse_lm_head_gives_trls_gradients_under_lora(tiny_checkpoint, tmp_path):
-    """The LM head is frozen under LoRA: projecting the forking rows alone back through it gives TRL's
+@pytest.mark.parametrize("method", ["lora", "svf"])
+def test_the_sparse_lm_head_gives_trls_gradients_under_adapters(tiny_checkpoint, tmp_path, method):
+    """The LM head is frozen under adapters: projecting the forking rows alone back through it gives TRL's
     gradients for every adapter (float64 policy; TRL's fused head accumulates in float32, which bounds the
     agreement, as in tests/test_sparse_head.py)."""
     checkpoint = tiny_checkpoint()
     made = {}
     for setting in ("true", "false"):
+        adapter = lora(checkpoint) if method == "lora" else SVFConfig(cache_dir=str(tmp_path / "cache"))
         made[setting] = make_trainer(
             checkpoint,
             tmp_path / setting,
             forking=ForkingConfig(rho=0.2, sparse_lm_head=setting),
-            peft_config=lora(checkpoint),
+            peft_config=adapter,
             dtype="float64",
         )
     assert made["true"].sparse_head and not made["false"].sparse_head
-    for trainer in made.values():  # move LoRA off the identity (B = 0 at init), the same way in both
-        perturb([p for n, p in trainer.model.named_parameters() if "lora_B" in n], 0.05)
+    for trainer in made.values():  # move the adapters off the identity, the same way in both
+        perturb([p for n, p in trainer.model.named_parameters() if "lora_B" in n or n.endswith("_svf_dz")], 0.05)
     batch = make_batch(made["false"])
     expected_loss, expected = loss_and_grads(made["false"], batch)
     loss, grads = loss_and_grads(made["true"], batch)
-    assert grads.keys() == expected.keys() and any("lora" in n for n in grads)
+    assert grads.keys() == expected.keys() and any("lora" in n or "_svf_dz" in n for n in grads)
     close(loss.double(), expected_loss.double(), rtol=1e-5)  # TRL's fused kernel accumulates in float32
     for name in expected:
         close(grads[name], expected[name], rtol=1e-5)
@@ -325,6 +327,9 @@ def test_bad_settings_fail_naming_the_key(tiny_checkpoint, monkeypatch):
     with pytest.raises(ConfigError, match=r"^peft.method: lora needs the PEFT library; install it with pip install"):
         load_config(overrides=["peft.method=lora"])
     load_config(overrides=["peft.method=svf"])  # SVF is rlvr's own: no PEFT needed
+    from rlvr.tuning import adapter_config
+
+    assert adapter_config(load_config().peft, tiny("qwen3_moe", torch.float32)) is None  # none: TRL's path as before
 
 
 def test_targets_that_match_nothing_name_the_policys_layers():

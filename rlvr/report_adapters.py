@@ -39,31 +39,30 @@ def _late_mean(run: Run, key: str, share: float = 0.2) -> float:
     return sum(tail) / len(tail) if tail else math.nan
 
 
+def _mean(values: list[float]) -> float:
+    """The mean over runs of the values a run has (NaN where none has one)."""
+    return mean_std([value for value in values if not math.isnan(value)])[0]
+
+
 def adapter_rows(groups: dict[str, list[Run]]) -> list[dict]:
     rows = []
     for arm, runs in groups.items():
         finished = [run for run in runs if run.summary]
         if not finished:
             continue
-
-        def mean(values: list[float]) -> float:
-            return mean_std([value for value in values if not math.isnan(value)])[0]
-
-        def summary_mean(key: str) -> float:
-            return mean([float(run.summary.get(key, math.nan)) for run in finished])
-
+        summaries = [run.summary for run in finished]
         rows.append(
             {
                 "arm": arm,
                 "method": _method(finished[0]),
                 "runs": len(finished),
-                "greedy": mean([run.summary["eval_after"]["greedy_accuracy"] for run in finished]),
-                "trainable": summary_mean("trainable_parameters"),
-                "optimizer_bytes": summary_mean("optimizer_state_bytes"),
-                "shift_forking": mean([routing_shift(run, "forking") for run in finished]),
-                "shift_other": mean([routing_shift(run, "other") for run in finished]),
-                "entropy_forking": mean([_late_mean(run, ROUTER_ENTROPY[0]) for run in finished]),
-                "entropy_other": mean([_late_mean(run, ROUTER_ENTROPY[1]) for run in finished]),
+                "greedy": _mean([summary["eval_after"]["greedy_accuracy"] for summary in summaries]),
+                "trainable": _mean([float(s.get("trainable_parameters", math.nan)) for s in summaries]),
+                "optimizer_bytes": _mean([float(s.get("optimizer_state_bytes", math.nan)) for s in summaries]),
+                "shift_forking": _mean([routing_shift(run, "forking") for run in finished]),
+                "shift_other": _mean([routing_shift(run, "other") for run in finished]),
+                "entropy_forking": _mean([_late_mean(run, ROUTER_ENTROPY[0]) for run in finished]),
+                "entropy_other": _mean([_late_mean(run, ROUTER_ENTROPY[1]) for run in finished]),
             }
         )
     return rows

@@ -9,7 +9,7 @@ of the rows, as TRL's sampler would give it. ``lora`` / ``svf`` train adapters i
 (``peft.method``, routers trained, experts included). Rank 0 writes ``<out>/steps.json``: the logged metrics of
 every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
 
-    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal | lora | svf]
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal] [lora | svf]
     accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
         tests/distributed_steps.py MODEL_DIR OUT_DIR
 """
@@ -108,8 +108,9 @@ def parameter_fingerprint(trainer) -> dict[str, list[float]]:
 def main() -> None:
     warnings.filterwarnings("ignore")
     model_dir, out_dir = sys.argv[1], sys.argv[2]
-    FixedBatchTrainer.unequal = sys.argv[3:] == ["unequal"]
-    method = sys.argv[3] if sys.argv[3:] and sys.argv[3] in ("lora", "svf") else "none"
+    flags = set(sys.argv[3:])
+    FixedBatchTrainer.unequal = "unequal" in flags
+    method = next((name for name in ("lora", "svf") if name in flags), "none")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
         output_dir=os.path.join(out_dir, "trainer"),

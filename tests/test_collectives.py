@@ -172,15 +172,17 @@ def test_the_tracer_finds_a_mismatch(tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_with_unequal_batches_issue_identical_collectives_under_zero3(tmp_path):
+@pytest.mark.parametrize("adapter", [[], ["lora"], ["svf"]], ids=["full", "lora", "svf"])
+def test_ranks_with_unequal_batches_issue_identical_collectives_under_zero3(tmp_path, adapter):
     """Fixed batches that differ per rank as sampling makes them differ (tests/distributed_steps.py unequal):
     rank 1's completions are narrower, some of its rows score nothing, and at one step it has no selectable
-    token at all; the sparse head, router gates and a load-balancing loss on forking tokens are on."""
+    token at all; the sparse head, router gates and a load-balancing loss on forking tokens are on; the whole
+    policy trains, or LoRA / SVF adapters (SVF gathers its partitioned weights to decompose them)."""
     from test_distributed import _tiny_model_with_spread_entropies, trl_zero_launch
 
     model_dir = _tiny_model_with_spread_entropies(tmp_path / "model")
     helper = str(Path(__file__).parent / "distributed_steps.py")
-    program = [helper, str(model_dir), str(tmp_path / "out"), "unequal"]
+    program = [helper, str(model_dir), str(tmp_path / "out"), "unequal", *adapter]
     command = [*trl_zero_launch("zero3", 29573), *traced(tmp_path / "trace", 0, program)]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert_identical_collectives(tmp_path / "trace", finished)

@@ -240,25 +240,37 @@ def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
     runs = {"one": [sys.executable, helper]}
     for port, stage in enumerate(("zero2", "zero3")):
         runs[stage] = [*trl_zero_launch(stage, 29563 + port), helper]
-    results = {}
-    for name, command in runs.items():
-        (tmp_path / name).mkdir()
-        finished = subprocess.run(
-            [*command, str(model_dir), str(tmp_path / name)], capture_output=True, text=True, timeout=600
-        )
-        assert finished.returncode == 0, finished.stderr[-3000:]
-        results[name] = json.loads((tmp_path / name / "steps.json").read_text())
+    results = _run_distributed_steps(runs, model_dir, tmp_path)
     one = results.pop("one")
     assert one["world"] == 1 and not one["deepspeed"] and len(one["steps"]) == 3 and one["sparse_head"]
     for stage, run in results.items():
         assert run["world"] == 2 and run["deepspeed"] and run["sparse_head"], stage
-        for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"], strict=True), start=1):
+        for theirs, ours in zip(run["steps"], one["steps"], strict=True):
             assert theirs.keys() == ours.keys() and "moe/load_balancing_loss" in ours
-            for key, value in ours.items():
-                assert theirs[key] == pytest.approx(value, rel=1e-5), f"{stage} step {step} {key}"
-        assert run["parameters"].keys() == one["parameters"].keys()
-        for name, moments in one["parameters"].items():
-            assert run["parameters"][name] == pytest.approx(moments, rel=1e-5, abs=1e-6), f"{stage} {name}"
+        _assert_same_training(run, one, stage)
+
+
+def _run_distributed_steps(runs: dict[str, list[str]], model_dir, tmp_path, *extra: str) -> dict[str, dict]:
+    """Each launch command of ``runs`` on tests/distributed_steps.py: the ``steps.json`` its rank 0 wrote."""
+    results = {}
+    for name, command in runs.items():
+        (tmp_path / name).mkdir()
+        finished = subprocess.run(
+            [*command, str(model_dir), str(tmp_path / name), *extra], capture_output=True, text=True, timeout=600
+        )
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "steps.json").read_text())
+    return results
+
+
+def _assert_same_training(run: dict, one: dict, label: str) -> None:
+    """Every logged value of every step, and every parameter's moments, to 1e-5 (see the test above)."""
+    for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"], strict=True), start=1):
+        for key, value in ours.items():
+            assert theirs[key] == pytest.approx(value, rel=1e-5), f"{label} step {step} {key}"
+    assert run["parameters"].keys() == one["parameters"].keys()
+    for name, moments in one["parameters"].items():
+        assert run["parameters"][name] == pytest.approx(moments, rel=1e-5, abs=1e-6), f"{label} {name}"
 
 
 @pytest.mark.slow
@@ -278,22 +290,10 @@ def test_adapters_train_the_same_under_ddp_and_zero_2_3_as_in_one_process(tmp_pa
     runs = {"one": [sys.executable, helper], "ddp": [*torchrun, helper]}
     for port, stage in enumerate(("zero2", "zero3")):
         runs[stage] = [*trl_zero_launch(stage, 29573 + port), helper]
-    results = {}
-    for name, command in runs.items():
-        (tmp_path / name).mkdir()
-        finished = subprocess.run(
-            [*command, str(model_dir), str(tmp_path / name), method], capture_output=True, text=True, timeout=600
-        )
-        assert finished.returncode == 0, finished.stderr[-3000:]
-        results[name] = json.loads((tmp_path / name / "steps.json").read_text())
+    results = _run_distributed_steps(runs, model_dir, tmp_path, method)
     one = results.pop("one")
     trained = [name for name in one["parameters"] if ("lora_" in name or "_svf_dz" in name)]
     assert trained and len(one["steps"]) == 3
     for launch, run in results.items():
         assert run["world"] == 2 and run["deepspeed"] == (launch != "ddp"), launch
-        for step, (theirs, ours) in enumerate(zip(run["steps"], one["steps"], strict=True), start=1):
-            for key, value in ours.items():
-                assert theirs[key] == pytest.approx(value, rel=1e-5), f"{launch} step {step} {key}"
-        assert run["parameters"].keys() == one["parameters"].keys()
-        for name, moments in one["parameters"].items():
-            assert run["parameters"][name] == pytest.approx(moments, rel=1e-5, abs=1e-6), f"{launch} {name}"
+        _assert_same_training(run, one, launch)

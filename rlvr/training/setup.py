@@ -25,7 +25,7 @@ from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
 from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf
 from rlvr.tuning.loading import is_adapter_directory
-from rlvr.tuning.svf import is_svf_directory
+from rlvr.tuning.svf import has_svf, is_svf_directory
 from rlvr.vllm_routing import VLLMRoutedExperts
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,11 @@ def entropy_mask_switch(trainer) -> float:
     return 0.0 if weighted else 1.0
 
 
+def zero3(trainer) -> bool:
+    """Whether the trainer runs under DeepSpeed ZeRO-3 (parameters partitioned across ranks)."""
+    return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 def adapters(model, peft_config):
     """What TRL gets as ``peft_config``: a PEFT config unchanged (TRL wraps the policy), None for SVF, which is
     applied to the policy here (:func:`rlvr.tuning.apply_svf`)."""
@@ -60,11 +65,11 @@ def sync_merged_weights(trainer) -> None:
     TRL syncs weights to an inference engine (vLLM, or rlvr's copy engine behind the same interface)."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
     generation = getattr(trainer, "vllm_generation", None)
-    if getattr(policy, "svf_config", None) is None or generation is None:
+    if not has_svf(policy) or generation is None:
         return
     if isinstance(generation, CopyEngineGeneration):
         return  # the copy engine folds adapters in itself
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+    if zero3(trainer):
         raise ValueError(
             "peft.method=svf: syncing merged weights to vLLM under DeepSpeed ZeRO-3 is not supported (the merge "
             "needs every targeted matrix whole); use ZeRO-2, or peft.method=lora (TRL merges its adapters)"
@@ -81,7 +86,7 @@ def sync_merged_weights(trainer) -> None:
 def save_svf_policy(trainer, output_dir: str, state_dict: dict | None) -> bool:
     """Save an SVF policy as its vectors (and trained routers) with the tokenizer; False for any other policy."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    if getattr(policy, "svf_config", None) is None:
+    if not has_svf(policy):
         return False
     if trainer.args.should_save:
         save_svf(policy, output_dir, state_dict)
@@ -239,11 +244,10 @@ def check_rollout(trainer) -> None:
         "rollout_func": trainer.rollout_func is not None,
     }
     rows = args.per_device_train_batch_size * args.steps_per_generation
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     rollout = trainer.rollout
     try:
         rollout.check_run(trainer.num_generations, rows, [name for name, on in active.items() if on])
-        rollout.check_engine([name for name, on in {**active, "DeepSpeed ZeRO-3": zero3}.items() if on])
+        rollout.check_engine([name for name, on in {**active, "DeepSpeed ZeRO-3": zero3(trainer)}.items() if on])
         correction = trainer.vllm_importance_sampling_correction
         rollout.check_loss(
             trainer.loss_type,

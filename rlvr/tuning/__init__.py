@@ -9,7 +9,7 @@
 """
 
 from rlvr.tuning.config import AdapterConfig
-from rlvr.tuning.loading import adapter_config, load_adapted, trainable_summary
+from rlvr.tuning.loading import adapter_config, load_adapted
 from rlvr.tuning.svf import SVFConfig, apply_svf, load_svf, merged, save_svf
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "load_svf",
     "merged",
     "save_svf",
-    "trainable_summary",
 ]

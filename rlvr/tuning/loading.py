@@ -10,6 +10,7 @@ from torch import nn
 from rlvr.models.loading import load_pretrained
 from rlvr.tuning.config import AdapterConfig
 from rlvr.tuning.lora import lora_config
+from rlvr.tuning.svf import CONFIG_FILE as SVF_CONFIG_FILE
 from rlvr.tuning.svf import SVFConfig, is_svf_directory, load_svf
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -35,20 +36,13 @@ def load_adapted(directory: str | Path, dtype: str = "float32", base: str | None
     path the adapter recorded), with the adapter applied: PEFT's ``PeftModel.from_pretrained`` for LoRA,
     :func:`rlvr.tuning.svf.load_svf` for SVF vectors."""
     directory = Path(directory)
-    if is_svf_directory(directory):
-        recorded = json.loads((directory / "svf_config.json").read_text())["base_model_name_or_path"]
-        model, tokenizer = load_pretrained(base or recorded, dtype)
+    if not is_adapter_directory(directory):
+        raise ValueError(f"{directory} holds no adapter ({PEFT_CONFIG_FILE} or {SVF_CONFIG_FILE})")
+    svf = is_svf_directory(directory)
+    record = json.loads((directory / (SVF_CONFIG_FILE if svf else PEFT_CONFIG_FILE)).read_text())
+    model, tokenizer = load_pretrained(base or record["base_model_name_or_path"], dtype)
+    if svf:
         return load_svf(model, directory), tokenizer
-    if (directory / PEFT_CONFIG_FILE).is_file():
-        from peft import PeftModel
+    from peft import PeftModel
 
-        recorded = json.loads((directory / PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"]
-        model, tokenizer = load_pretrained(base or recorded, dtype)
-        return PeftModel.from_pretrained(model, str(directory)), tokenizer
-    raise ValueError(f"{directory} holds no adapter ({PEFT_CONFIG_FILE} or svf_config.json)")
-
-
-def trainable_summary(model: nn.Module) -> dict[str, int]:
-    """Parameter counts of a policy as trained: ``trainable``, ``total`` (adapters and factors included)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
+    return PeftModel.from_pretrained(model, str(directory)), tokenizer

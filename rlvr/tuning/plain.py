@@ -10,13 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 
+from accelerate.utils import is_peft_model
 from torch import nn
 
 from rlvr.tuning.svf import merged
-
-
-def is_peft_policy(policy: nn.Module) -> bool:
-    return hasattr(policy, "peft_config") and hasattr(policy, "merge_adapter")
 
 
 def _base_name(name: str) -> str | None:
@@ -29,7 +26,7 @@ def _base_name(name: str) -> str | None:
 @contextlib.contextmanager
 def plain_state(policy: nn.Module):
     """Within the block: the policy's weights and buffers by the base model's names, adapters folded in."""
-    if is_peft_policy(policy):
+    if is_peft_model(policy):
         policy.merge_adapter()
         try:
             state = policy.get_base_model().state_dict()
@@ -43,7 +40,7 @@ def plain_state(policy: nn.Module):
 
 def plain_copy(policy: nn.Module) -> nn.Module:
     """A deep copy of the policy as a plain model, adapters folded in (forwards and hooks are the caller's)."""
-    if is_peft_policy(policy):
+    if is_peft_model(policy):
         return copy.deepcopy(policy).merge_and_unload()
     with merged(policy):
         return copy.deepcopy(policy)

@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -61,6 +61,11 @@ class SVFConfig:
     cache_dir: str = ""  # where decompositions are cached ('' = beside the policy when writable)
 
 
+def has_svf(model: nn.Module) -> bool:
+    """Whether :func:`apply_svf` has given ``model`` its vectors."""
+    return getattr(model, "svf_config", None) is not None
+
+
 def _suffix(name: str, part: str) -> str:
     return f"{name}_svf_{part}"
 
@@ -79,22 +84,26 @@ def decompose(weight: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tenso
     return tuple(t.to(weight.dtype).contiguous() for t in (u, s, vh))  # DeepSpeed broadcasts contiguous storage
 
 
+def _factors(module: nn.Module, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U (.., m, r)``, ``s dz (.., r)`` and ``V^T (.., r, n)`` of one matrix in ``dtype`` (``s dz`` formed in at
+    least float32)."""
+    u, s, vh, dz = (getattr(module, _suffix(name, part)) for part in (*FACTORS, "dz"))
+    work = torch.promote_types(dtype, torch.float32)
+    return u.to(dtype), (s.to(work) * dz.to(work)).to(dtype), vh.to(dtype)
+
+
 def _delta(module: nn.Module, name: str) -> torch.Tensor:
     """``U diag(s dz) V^T`` of one matrix: (m, n) or (E, m, n), in the factors' dtype."""
-    u, s, vh, dz = (getattr(module, _suffix(name, part)) for part in (*FACTORS, "dz"))
-    work = torch.promote_types(u.dtype, torch.float32)
-    scale = (s.to(work) * dz.to(work)).to(u.dtype)  # (.., r)
+    u, scale, vh = _factors(module, name, module._parameters[_suffix(name, "u")].dtype)
     return (u * scale.unsqueeze(-2)) @ vh
 
 
 def _linear_hook(module: nn.Linear, args, output):
     if module._svf_merged:
         return output
-    u, s, vh, dz = (getattr(module, _suffix("weight", part)) for part in (*FACTORS, "dz"))
     x = args[0]  # (.., in)
-    work = torch.promote_types(x.dtype, torch.float32)
-    scale = (s.to(work) * dz.to(work)).to(x.dtype)  # (r,)
-    return output + ((x @ vh.to(x.dtype).T) * scale) @ u.to(x.dtype).T  # (.., out)
+    u, scale, vh = _factors(module, "weight", x.dtype)  # (out, r), (r,), (r, in)
+    return output + ((x @ vh.T) * scale) @ u.T  # (.., out)
 
 
 def _experts_pre_hook(module: nn.Module, args):
@@ -164,7 +173,7 @@ def _matrices(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module, 
 def apply_svf(model: nn.Module, config: SVFConfig) -> Targets:
     """Freeze ``model`` and give each targeted matrix its trainable singular-value vector (routers train as full
     parameters with ``routers="train"``). Returns the targets. In place; the forward is unchanged at init."""
-    if getattr(model, "svf_config", None) is not None:
+    if has_svf(model):
         raise ValueError("the policy already has SVF vectors")
     targets = resolve_targets(model, list(config.target_modules), config.experts)
     matrices = _matrices(model, targets)
@@ -191,7 +200,7 @@ def _fingerprint(matrices) -> str:
     return digest.hexdigest()[:20]
 
 
-def _cache_directory(model: nn.Module, cache_dir: str) -> Path | None:
+def _cache_directory(model: nn.Module, cache_dir: str) -> Path:
     if cache_dir:
         return Path(os.path.expanduser(cache_dir))
     source = getattr(getattr(model, "config", None), "_name_or_path", "")
@@ -205,24 +214,23 @@ def _cached_factors(model: nn.Module, matrices, cache_dir: str) -> dict[str, tup
     from safetensors.torch import load_file, save_file
 
     directory = _cache_directory(model, cache_dir)
-    path = directory / f"factors-{_fingerprint(matrices)}.safetensors" if directory is not None else None
-    if path is not None and path.is_file():
+    path = directory / f"factors-{_fingerprint(matrices)}.safetensors"
+    if path.is_file():
         stored = load_file(str(path))
         return {key: tuple(stored[f"{key}.{part}"] for part in FACTORS) for key, _, _ in matrices}
     factors = {key: decompose(module._parameters[name], key) for key, module, name in matrices}
-    if path is not None:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(f".tmp-{os.getpid()}")
-            flat = {
-                f"{key}.{part}": t.detach().cpu().contiguous()
-                for key, fs in factors.items()
-                for part, t in zip(FACTORS, fs, strict=True)
-            }
-            save_file(flat, str(staging))
-            os.replace(staging, path)  # a reader never sees half a file
-        except OSError as error:  # a read-only place: decompose again next time
-            logger.warning("SVF factors not cached at %s: %s", path, error)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".tmp-{os.getpid()}")
+        flat = {
+            f"{key}.{part}": t.detach().cpu().contiguous()
+            for key, fs in factors.items()
+            for part, t in zip(FACTORS, fs, strict=True)
+        }
+        save_file(flat, str(staging))
+        os.replace(staging, path)  # a reader never sees half a file
+    except OSError as error:  # a read-only place: decompose again next time
+        logger.warning("SVF factors not cached at %s: %s", path, error)
     return factors
 
 
@@ -250,10 +258,10 @@ def merged(model: nn.Module):
     """Within the block, ``model`` is a plain policy: every targeted weight holds ``W'`` and the SVF parameters
     are gone from its modules (``named_parameters`` and ``state_dict`` are the base model's). The weights and
     vectors are restored exactly after. For export and for weight sync to an inference engine."""
-    targets = getattr(model, "svf_targets", None)
-    if targets is None:
+    if not has_svf(model):
         yield model
         return
+    targets = model.svf_targets
     saved = []
     with torch.no_grad():
         for _, module, name in _matrices(model, targets):
@@ -313,8 +321,8 @@ def load_svf(model: nn.Module, directory: str | Path) -> nn.Module:
 
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_FILE).read_text())
-    config = SVFConfig(**{key: meta[key] for key in ("target_modules", "experts", "routers", "cache_dir")})
-    if getattr(model, "svf_config", None) is None:
+    config = SVFConfig(**{field.name: meta[field.name] for field in fields(SVFConfig)})
+    if not has_svf(model):
         apply_svf(model, config)
     own = svf_parameters(model)
     vectors = load_file(str(directory / VECTORS_FILE))

@@ -28,7 +28,14 @@ from rlvr.config import RunConfig
 from rlvr.configuration import ConfigError
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
 from rlvr.evaluation import EvalResult, evaluate_accuracy, gathered_parameters, render_prompts
-from rlvr.models import is_tiny, load_pretrained, save_tiny_policy, tiny_architecture
+from rlvr.models import (
+    is_tiny,
+    load_pretrained,
+    remove_stale_staging,
+    save_tiny_policy,
+    staging_name,
+    tiny_architecture,
+)
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.domains import routing_by_domain
 from rlvr.progress import use_compact_progress
@@ -195,8 +202,9 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
         cache = Path(os.path.expanduser(config.warm_start.cache_dir))
         spec_key = json.dumps([name, vars(config.model.tiny), config.warm_start_seed()], sort_keys=True)
         base = cache / f"base-{hashlib.sha256(spec_key.encode()).hexdigest()[:16]}"
+        remove_stale_staging(cache)  # what a crashed launch left
         if not base.exists():  # built beside its final name: never a config without weights under it
-            staging = cache / f"{base.name}.tmp-{os.getpid()}"
+            staging = staging_name(base)
             save_tiny_policy(tiny_architecture(name), config.model.tiny, staging, seed=config.warm_start_seed())
             publish_directory(staging, base)
         name = str(base)

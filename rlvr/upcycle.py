@@ -37,7 +37,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from rlvr.models import save_weights_on_this_rank
+from rlvr.models import built_whole, remove_stale_staging, save_weights_on_this_rank, staging_name
 
 METHODS = ("btx", "sparse")
 ROUTER_INITS = ("random", "zero", "mean_hidden")
@@ -213,7 +213,8 @@ def upcycle(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise UpcycleError(f"{output_dir} exists and is not empty (pass overwrite to replace it)")
 
-    loaded = [_load_dense(path) for path in paths]
+    with built_whole():  # under a ZeRO-3 launch too: the dense models and the MoE whole on this rank
+        loaded = [_load_dense(path) for path in paths]
     configs, models = [config for config, _ in loaded], [model for _, model in loaded]
     states = [{name: tensor.detach() for name, tensor in model.state_dict().items()} for model in models]
     tokenizers = [AutoTokenizer.from_pretrained(path) for path in paths]
@@ -222,7 +223,8 @@ def upcycle(
     moe_config = moe_config_from_dense(configs[0], num_experts, top_k)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        moe = AutoModelForCausalLM.from_config(moe_config, dtype=torch.float32)
+        with built_whole():
+            moe = AutoModelForCausalLM.from_config(moe_config, dtype=torch.float32)
     moe_state = moe.state_dict()
     sources = states if method == "btx" else states * num_experts  # (E,) dense state feeding each expert
     merged = {}
@@ -263,8 +265,8 @@ def upcycle(
         raise UpcycleError(f"parameters of the MoE not filled: {sorted(missing)[:5]}")
     moe.load_state_dict(merged, strict=True)
 
-    staging = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_name(output_dir)
+    remove_stale_staging(output_dir.parent)
     moe.generation_config = models[0].generation_config
     save_weights_on_this_rank(moe, staging)
     tokenizers[0].save_pretrained(staging)

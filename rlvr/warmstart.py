@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from rlvr.configuration import ConfigError, option, require
 from rlvr.data import ArithmeticTask, generate_problems, make_prompt, problems_to_dataset
 from rlvr.evaluation import evaluate_accuracy
-from rlvr.models import save_weights_on_this_rank
+from rlvr.models import remove_stale_staging, save_weights_on_this_rank, staging_name
 from rlvr.progress import use_compact_progress
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ def run_warm_start(
     dataset = problems_to_dataset(train_problems, job.system_prompt, with_solutions=True, chat=job.chat)
     model = AutoModelForCausalLM.from_pretrained(base_path)
     stopper = _StopAtAccuracy(dev_accuracy, warm.eval_every, warm.target_accuracy)
-    scratch = cache_dir / f"tmp-{target_dir.name}-{os.getpid()}"
+    remove_stale_staging(cache_dir)  # what a crashed launch left
+    scratch = staging_name(target_dir)
     args = SFTConfig(
         output_dir=str(scratch),
         max_steps=warm.max_steps,

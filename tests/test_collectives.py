@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlvr.collectives import Collectives, OneProcess
+from tests.launching import fresh_cache_env
 
 RLVR = Path(__file__).resolve().parent.parent / "rlvr"
 TRACER = str(Path(__file__).parent / "collective_trace.py")
@@ -150,7 +151,8 @@ def assert_identical_collectives(trace_dir: Path, finished: subprocess.Completed
     assert first, "no collective was recorded"
     for rank, sequence in enumerate(others, start=1):
         for index, (ours, theirs) in enumerate(zip(first, sequence, strict=False)):
-            assert ours == theirs, f"collective {index}: rank 0 {ours}, rank {rank} {theirs}"
+            where = next((f" in arm {line[1]}" for line in reversed(first[:index]) if line[0] == "arm"), "")
+            assert ours == theirs, f"collective {index}{where}: rank 0 {ours}, rank {rank} {theirs}"
         # equal prefixes of unequal length: one rank stopped (a crash elsewhere) or issued more
         assert len(first) == len(sequence), f"rank 0 issued {len(first)} collectives, rank {rank} {len(sequence)}"
     if finished is not None:
@@ -184,7 +186,61 @@ def test_ranks_with_unequal_batches_issue_identical_collectives_under_zero3(tmp_
     helper = str(Path(__file__).parent / "distributed_steps.py")
     program = [helper, str(model_dir), str(tmp_path / "out"), "unequal", *adapter]
     command = [*trl_zero_launch("zero3", 29573), *traced(tmp_path / "trace", 0, program)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_cache_env(tmp_path))
     assert_identical_collectives(tmp_path / "trace", finished)
     steps = json.loads((tmp_path / "out" / "steps.json").read_text())["steps"]
     assert len(steps) == 3 and all(step["forking/kept_tokens"] > 0 for step in steps)
+
+
+@pytest.mark.slow
+def test_every_capability_under_rlvr_launch_zero3_from_an_empty_cache(tmp_path, capsys):
+    """One arm per capability (tests/arm_matrix.py: forking, forking_router, tree, replay, dynamic, skip_both with
+    refill, prune_both, each token rule, lora, svf) trains under the command ``rlvr launch --zero 3 --nproc 2``
+    prints (ZeRO-3 with zero3_init_flag), one arm after another in one launch, on a new home: the first arm builds
+    the tiny policy and a warm start under ZeRO-3 and saves the final model. Rank 1 samples narrower completions
+    (SKEW); every collective of both ranks is recorded, DeepSpeed's parameter gathers included, and must be
+    identical. Fails on a save of a partitioned policy (``save_tiny_policy`` before ``built_whole``) and on skip
+    choices whose probe forwards ran as often as a rank's own skip draws asked (``PromptFilter._choose``)."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+
+    from rlvr.cli import main
+    from rlvr.tuning import load_adapted
+    from tests.arm_matrix import ARMS, STEPS
+
+    assert main(["launch", "--zero", "3", "--nproc", "2", "--main-port", "29581", "--dry-run", "--", "train"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
+    assert (
+        command[-3:] == ["-m", "rlvr.cli", "train"]
+        and "zero3.json" in command[command.index("--deepspeed_config_file") + 1]
+    )
+    program = [
+        str(Path(__file__).parent / "arm_matrix.py"),
+        str(tmp_path / "trace"),
+        str(tmp_path / "out"),
+        ",".join(ARMS),
+    ]
+    environment = fresh_cache_env(tmp_path, PYTHONPATH=str(Path(__file__).parent))
+    command[-3:] = traced(tmp_path / "trace", 5, program)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+    assert_identical_collectives(tmp_path / "trace", finished)
+    trace = collective_sequences(tmp_path / "trace")[0]
+    assert [line[1] for line in trace if line[0] == "arm"] == list(ARMS)
+    assert sum(line[0] == "all_gather_into_tensor" for line in trace) > 1000  # ZeRO-3's parameter gathers
+    for name, (_, overrides) in ARMS.items():
+        summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+        steps = next((int(o.split("=")[1]) for o in overrides if o.startswith("grpo.max_steps=")), STEPS)
+        assert summary["world_size"] == 2 and summary["steps"] == steps, name
+    skipped = [
+        json.loads(line).get("prompts/skipped", 0) for line in (tmp_path / "out" / "skip_both" / "metrics.jsonl").open()
+    ]
+    assert sum(skipped) > 0  # skip draws differed per rank, and the ranks agreed on the candidate rounds
+    cache = tmp_path / "home" / ".cache" / "rlvr" / "warm_start"
+    assert {path.name.split("-")[0] for path in cache.iterdir()} == {"base", "warm"}  # built here; no staging left
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "forking" / "model")
+    assert all(tensor.numel() > 0 for tensor in saved.state_dict().values())
+    for method in ("lora", "svf"):
+        policy, _ = load_adapted(tmp_path / "out" / method / "model")
+        moved = [p for n, p in policy.named_parameters() if "lora_B" in n or n.endswith("_svf_dz")]
+        assert moved and any(p.abs().max() > 0 for p in moved), method

@@ -9,6 +9,8 @@ import sys
 import pytest
 from test_collectives import assert_identical_collectives, traced
 
+from tests.launching import fresh_cache_env
+
 SKEW = 5  # rank 1 samples at most max_completion_length - 5 tokens: its completions are narrower than rank 0's
 TINY = [
     "model.tiny.num_layers=1",
@@ -59,7 +61,7 @@ def test_two_process_torchrun_on_cpu(tmp_path, rollout):
         "29533",
         *traced(tmp_path / "trace", SKEW, ["-m", "rlvr.cli", "quickstart", *TINY, *rollout, f"output_dir={output}"]),
     ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_cache_env(tmp_path))
     assert_identical_collectives(tmp_path / "trace", finished)  # the ranks' completion widths differ
     assert finished.stdout.count("rlvr: finished") == 1  # one summary per launch, from rank 0
     summary = json.loads((output / "summary.json").read_text())
@@ -129,7 +131,7 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
             + [f"output_dir={output}"],
         ),
     ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=fresh_cache_env(tmp_path))
     assert_identical_collectives(tmp_path / "trace", finished)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
@@ -196,7 +198,7 @@ def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path, capsys):
     module = len(command) - 1 - command[::-1].index("-m")  # "python -m accelerate.commands.launch ... -m rlvr.cli ..."
     assert command[module : module + 2] == ["-m", "rlvr.cli"]
     command[module:] = traced(tmp_path / "trace", SKEW, command[module:])
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=fresh_cache_env(tmp_path))
     assert_identical_collectives(tmp_path / "trace", finished)
     summary = json.loads((output / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["eval_after"]["num_problems"] == 8
@@ -256,7 +258,11 @@ def _run_distributed_steps(runs: dict[str, list[str]], model_dir, tmp_path, *ext
     for name, command in runs.items():
         (tmp_path / name).mkdir()
         finished = subprocess.run(
-            [*command, str(model_dir), str(tmp_path / name), *extra], capture_output=True, text=True, timeout=600
+            [*command, str(model_dir), str(tmp_path / name), *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=fresh_cache_env(tmp_path / name),
         )
         assert finished.returncode == 0, finished.stderr[-3000:]
         results[name] = json.loads((tmp_path / name / "steps.json").read_text())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launching import fresh_cache_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,7 +122,7 @@ def test_model_given_as_a_path_under_zero3_registers_leaves_on_policy_and_refere
         tiny_checkpoint("qwen3_moe"),
         str(tmp_path),
     ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_cache_env(tmp_path))
     assert finished.returncode == 0, finished.stderr[-3000:]
     result = json.loads((tmp_path / "library.json").read_text())
     assert result["deepspeed"] and result["steps"] == 2

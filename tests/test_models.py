@@ -1,5 +1,7 @@
 """Tiny MoE policies: every architecture builds, saves and re-loads through from_pretrained."""
 
+import os
+
 import pytest
 import torch
 
@@ -58,3 +60,56 @@ def test_seed_controls_initialisation():
 def test_unknown_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model.dtype"):
         load_pretrained(str(tmp_path), dtype="int8")
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+    """A crashed launch leaves ``<name>.tmp-<host>-<pid>`` folders in the cache; the next run removes those of
+    this host whose process is gone, and keeps live processes' and other hosts'."""
+    import socket
+    import subprocess
+    import sys
+
+    from rlvr.models import remove_stale_staging, staging_name
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    dead = tmp_path / f"base-0123.tmp-{host}-{ended.pid}"
+    mine = staging_name(tmp_path / "base-4567")  # this process: alive
+    elsewhere = tmp_path / f"warm-89ab.tmp-another-host-{ended.pid}"
+    published = tmp_path / "warm-cdef"
+    for folder in (dead, mine, elsewhere, published):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("partial")
+    assert mine.name == f"base-4567.tmp-{host}-{os.getpid()}"
+    assert remove_stale_staging(tmp_path) == [dead]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(p.name for p in (mine, elsewhere, published))
+    assert remove_stale_staging(tmp_path / "missing") == []
+
+
+def test_built_whole_switches_transformers_zero3_off_and_back(monkeypatch):
+    """Inside ``built_whole`` transformers sees no ZeRO-3 config (a model built there is not partitioned); the
+    config it held is back afterwards, also when the block raises."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from rlvr.models import built_whole
+
+    class Zero3:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    held = Zero3()
+    hf_deepspeed.set_hf_deepspeed_config(held)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with built_whole():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(RuntimeError), built_whole():
+            raise RuntimeError("while building")
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()

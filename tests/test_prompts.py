@@ -495,3 +495,51 @@ def test_settled_group_shares_match_a_loop_by_kind():
     assert shares == pytest.approx((right / 40, wrong / 40), abs=0)
     assert right >= 7 and wrong >= 4
     assert settled_groups(torch.tensor([1.0]), 1, 0.5) == (1.0, 0.0)  # one row: settled by itself
+
+
+# --------------------------------------------------------------------------------------------------
+# Under ZeRO-3 the probe's features are a forward, a collective: every rank must featurize as often.
+
+
+def _count_featurize_calls(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank's skip choices over 30 (step, call) pairs with a fitted probe whose skip probabilities are near
+    1/2, so the ranks' own skip draws need different numbers of candidate rounds; records featurize calls."""
+    import os
+
+    import torch.distributed as dist
+
+    from rlvr.collectives import Collectives
+    from rlvr.training.prompt_filter import PromptFilter
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dataset = [{"prompt": f"prompt {index}", "index": index} for index in range(64)]
+    calls = []
+
+    def featurize(rows):
+        calls[-1] += 1
+        return torch.stack([torch.tensor([float(row["index"] % 8), float(row["index"] // 8)]) for row in rows])
+
+    settings = PromptsConfig(filter="skip", predictor="probe", candidate_rounds=3)
+    chooser = PromptFilter(settings, Collectives("cpu"), dataset, 4, 0, rank, world, 0, featurize, hidden_size=2)
+    calls.append(0)
+    fitted = torch.stack([torch.tensor([float(i % 8), float(i // 8)]) for i in range(64)])
+    chooser.probe.observe(fitted, torch.full((64,), 0.16))  # p^4 + (1 - p)^4 ~ 1/2 for p = 0.16
+    counts = []
+    for step in range(10):
+        for call in range(3):
+            calls[-1] = 0
+            chooser._choose(chooser._draw(4, step, call + 1), step, call)
+            counts.append(calls[-1])
+    torch.save(counts, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_every_rank_featurizes_candidates_as_often_with_the_probe(tmp_path):
+    """Which candidates a rank skips is its own draw, so ranks need different numbers of candidate rounds; the
+    probe's forward must still run as often on each (ZeRO-3 gathers parameters in every forward)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_count_featurize_calls, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
+    assert max(first) > 1  # skipped candidates were replaced by further rounds
+    assert first == second

@@ -15,6 +15,7 @@ import pytest
 
 from rlvr.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
 from rlvr.cli import main
+from tests.launching import fresh_cache_env
 
 SLOW_REWARD = """
 import time
@@ -144,7 +145,7 @@ def test_zero3_two_process_resume_after_sigkill_matches_the_uninterrupted_run(tm
     weights and optimizer states, one RNG state per rank), with the router-aware arm and forking trees. The launcher and
     both ranks are killed together, as a scheduler kills a job."""
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
-    environment = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    environment = fresh_cache_env(tmp_path, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = [o for o in RUN if not o.startswith("grpo.max_steps")] + [
         "grpo.max_steps=6",
         "--arm",

@@ -10,6 +10,7 @@ from rlvr.models.loading import (
     save_weights_on_this_rank,
     tiny_architecture,
 )
+from rlvr.models.partitioned import built_whole, gathered_whole, remove_stale_staging, staging_name
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
 
@@ -21,11 +22,15 @@ __all__ = [
     "TINY_PREFIX",
     "TinyMoESpec",
     "build_char_tokenizer",
+    "built_whole",
+    "gathered_whole",
     "build_tiny_moe",
     "is_tiny",
     "load_pretrained",
+    "remove_stale_staging",
     "save_tiny_policy",
     "save_weights_on_this_rank",
+    "staging_name",
     "tiny_architecture",
     "tiny_moe_config",
 ]

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.configuration import option, require
+from rlvr.models.partitioned import built_whole, gathered_whole
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
 
@@ -62,7 +63,8 @@ def tiny_architecture(name_or_path: str) -> str:
 
 
 def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a random tiny MoE with the offline tokenizer and save both to ``directory``."""
+    """Build a random tiny MoE with the offline tokenizer and save both to ``directory``. Under a ZeRO-3 launch
+    it is built whole (:func:`rlvr.models.partitioned.built_whole`): the same policy a one-process run builds."""
     directory = Path(directory)
     tokenizer = build_char_tokenizer()
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ def save_tiny_policy(architecture: str, spec: TinyMoESpec, directory: str | os.P
     )
     tokenizer.save_pretrained(directory)
     vocabulary = len(AutoTokenizer.from_pretrained(directory))
-    model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    with built_whole():
+        model = build_tiny_moe(architecture, spec, vocabulary, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
     save_weights_on_this_rank(model, directory)  # replaces the config written above
     return directory
 
@@ -84,11 +87,13 @@ def save_weights_on_this_rank(model: PreTrainedModel, directory: str | os.PathLi
     transformers >= 5.25 writes weights only on global rank 0 once ``torch.distributed`` is initialised.
     Each rank of a launch builds its own copy of a tiny policy or a warm start in a staging directory and
     publishes it (:func:`rlvr.warmstart.publish_directory`); without its weights, a rank that published
-    first would leave a directory with a config and no model under the shared name.
+    first would leave a directory with a config and no model under the shared name. A model partitioned by
+    ZeRO-3 is gathered first: then every rank must call this, as every rank of a launch does.
     """
     model.should_save_on_this_rank = lambda is_main_process: is_main_process  # instance attribute, this call only
     try:
-        model.save_pretrained(directory)
+        with gathered_whole(model):
+            model.save_pretrained(directory)
     finally:
         del model.should_save_on_this_rank
 

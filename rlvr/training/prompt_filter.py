@@ -165,25 +165,27 @@ class PromptFilter:
         least likely skipped ones. Without refill: no further candidates, and the batch is topped up only to the
         number of prompts the rank keeping the most kept (at least one), so every rank decodes as many. Returns
         the prompts, whether each was predicted to give no variance (skip probability >= 0.5), their (N, D)
-        features (the probe's; else None) and how many were skipped."""
+        features (the probe's; else None) and how many were skipped.
+
+        The probe's features are a forward of the policy, a collective under ZeRO-3, and how many rounds a rank
+        needs depends on its own skip draws: the ranks agree on each further round, and every rank draws and
+        featurizes it (a rank already full discards it)."""
         needed = len(candidates)
         generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + call) * 131 + self.rank)
-        chosen, passed, queue, rounds = [], [], [], 0
-        fresh = list(candidates)
-        while len(chosen) < needed:
-            if not queue:
-                if not fresh:
-                    if rounds >= self.settings.candidate_rounds or not self.refill:
-                        break
-                    rounds += 1
-                    fresh = self._draw(needed, step, CANDIDATE_DRAWS + call * 100 + rounds)
-                queue = list(zip(fresh, *self._skip_probabilities(fresh), strict=True))
-                fresh = []
-            row, probability, feature = queue.pop(0)
-            if float(torch.rand((), generator=generator)) < probability:
-                passed.append((probability, len(passed), row, feature))
-            else:
-                chosen.append((probability, row, feature))
+        chosen, passed, rounds = [], [], 0
+        batch = list(candidates)
+        while True:
+            for row, probability, feature in zip(batch, *self._skip_probabilities(batch), strict=True):
+                if len(chosen) >= needed:
+                    break
+                if float(torch.rand((), generator=generator)) < probability:
+                    passed.append((probability, len(passed), row, feature))
+                else:
+                    chosen.append((probability, row, feature))
+            if not self.refill or rounds >= self.settings.candidate_rounds or not self._any_rank_short(chosen, needed):
+                break
+            rounds += 1
+            batch = self._draw(needed, step, CANDIDATE_DRAWS + call * 100 + rounds)
         wanted = needed
         if not self.refill:  # the most any rank kept
             kept = torch.tensor([float(max(len(chosen), 1))], device=self.collectives.device)
@@ -193,6 +195,14 @@ class PromptFilter:
         features = torch.stack([feature for _, _, feature in chosen]) if self.probe is not None else None
         predicted = [probability >= 0.5 for probability, _, _ in chosen]
         return [row for _, row, _ in chosen], predicted, features, len(passed) - len(top_up)
+
+    def _any_rank_short(self, chosen: list, needed: int) -> bool:
+        """Whether any rank chose fewer than ``needed`` prompts (the same answer on every rank). Only the probe
+        runs forwards, so without one each rank decides alone."""
+        short = len(chosen) < needed
+        if self.probe is None:
+            return short
+        return float(self.collectives.sum(torch.tensor(float(short), device=self.collectives.device))) > 0
 
     def _skip_probabilities(self, rows: list[dict]) -> tuple[list[float], list]:
         """Each row's skip probability (the larger of the history's and the probe's where both predict) and

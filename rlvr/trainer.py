@@ -85,8 +85,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
     ``_calculate_rewards``                      (``rollouts.Rollouts``; ``prompts.filter``: ``PromptFilter``)
     ``log``                                     reward-function failure counts, the step's device metrics,
                                                 the forking-token log (``forking_log.ForkingTokenLog``)
-    ``_save_checkpoint``, ``_save``,            rollout totals in each checkpoint (``training.callbacks``);
-    ``_load_from_checkpoint``                   full checkpoints through ``from_pretrained``; SVF vectors
+    ``_save_checkpoint``, ``save_model``,       rollout totals in each checkpoint (``training.callbacks``);
+    ``_save``, ``_load_from_checkpoint``        full checkpoints through ``from_pretrained``; SVF vectors
+                                                (gathered on every rank under ZeRO-3)
     ==========================================  ============================================================
 
     rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
@@ -358,6 +359,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, CheckpointedState):  # the rollout totals, the prompt history
                     callback.save(directory)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """TRL's save on every rank; an SVF policy under ZeRO-3 gathers its vectors on every rank first and saves
+        them whatever the 16-bit gathering setting (:func:`rlvr.training.setup.gathered_svf_state`)."""
+        state = setup.gathered_svf_state(self)
+        if state is None:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir, state_dict=state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """TRL's save; an SVF policy saves its vectors (and trained routers) alone (:mod:`rlvr.tuning.svf`)."""

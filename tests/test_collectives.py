@@ -201,29 +201,12 @@ def test_every_capability_under_rlvr_launch_zero3_from_an_empty_cache(tmp_path, 
     (SKEW); every collective of both ranks is recorded, DeepSpeed's parameter gathers included, and must be
     identical. Fails on a save of a partitioned policy (``save_tiny_policy`` before ``built_whole``) and on skip
     choices whose probe forwards ran as often as a rank's own skip draws asked (``PromptFilter._choose``)."""
-    import shlex
-
     from transformers import AutoModelForCausalLM
 
-    from rlvr.cli import main
     from rlvr.tuning import load_adapted
     from tests.arm_matrix import ARMS, STEPS
 
-    assert main(["launch", "--zero", "3", "--nproc", "2", "--main-port", "29581", "--dry-run", "--", "train"]) == 0
-    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
-    assert (
-        command[-3:] == ["-m", "rlvr.cli", "train"]
-        and "zero3.json" in command[command.index("--deepspeed_config_file") + 1]
-    )
-    program = [
-        str(Path(__file__).parent / "arm_matrix.py"),
-        str(tmp_path / "trace"),
-        str(tmp_path / "out"),
-        ",".join(ARMS),
-    ]
-    environment = fresh_cache_env(tmp_path, PYTHONPATH=str(Path(__file__).parent))
-    command[-3:] = traced(tmp_path / "trace", 5, program)
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+    finished = launch_arm_matrix(tmp_path, capsys, list(ARMS), 29581)
     assert_identical_collectives(tmp_path / "trace", finished)
     trace = collective_sequences(tmp_path / "trace")[0]
     assert [line[1] for line in trace if line[0] == "arm"] == list(ARMS)
@@ -244,3 +227,43 @@ def test_every_capability_under_rlvr_launch_zero3_from_an_empty_cache(tmp_path, 
         policy, _ = load_adapted(tmp_path / "out" / method / "model")
         moved = [p for n, p in policy.named_parameters() if "lora_B" in n or n.endswith("_svf_dz")]
         assert moved and any(p.abs().max() > 0 for p in moved), method
+
+
+def launch_arm_matrix(tmp_path, capsys, arms: list[str], port: int, **deepspeed: object):
+    """tests/arm_matrix.py on ``arms``, traced, under the command ``rlvr launch --zero 3 --nproc 2`` prints, on a new
+    home; ``deepspeed``: keys of its ZeRO-3 JSON changed (written to a copy)."""
+    import shlex
+
+    from rlvr.cli import main
+
+    assert main(["launch", "--zero", "3", "--nproc", "2", "--main-port", str(port), "--dry-run", "--", "train"]) == 0
+    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
+    assert command[-3:] == ["-m", "rlvr.cli", "train"]
+    if deepspeed:
+        where = command.index("--deepspeed_config_file") + 1
+        settings = json.loads(Path(command[where]).read_text())
+        settings["zero_optimization"].update(deepspeed)
+        command[where] = str(tmp_path / "zero3.json")
+        Path(command[where]).write_text(json.dumps(settings))
+    program = [
+        str(Path(__file__).parent / "arm_matrix.py"),
+        str(tmp_path / "trace"),
+        str(tmp_path / "out"),
+        ",".join(arms),
+    ]
+    command[-3:] = traced(tmp_path / "trace", 5, program)
+    environment = fresh_cache_env(tmp_path, PYTHONPATH=str(Path(__file__).parent))
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+
+
+@pytest.mark.slow
+def test_svf_saves_its_vectors_under_zero3_without_16bit_gathering(tmp_path, capsys):
+    """Without ``stage3_gather_16bit_weights_on_model_save`` transformers hands the saving rank an empty state
+    dict; the SVF vectors are gathered on every rank instead, and load back."""
+    from rlvr.tuning import load_adapted
+
+    finished = launch_arm_matrix(tmp_path, capsys, ["svf"], 29583, stage3_gather_16bit_weights_on_model_save=False)
+    assert_identical_collectives(tmp_path / "trace", finished)
+    policy, _ = load_adapted(tmp_path / "out" / "svf" / "model")
+    moved = [p for n, p in policy.named_parameters() if n.endswith("_svf_dz")]
+    assert moved and any(p.abs().max() > 0 for p in moved)

@@ -23,7 +23,7 @@ from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_b
 from rlvr.training.callbacks import PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
-from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf
+from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf, svf_state
 from rlvr.tuning.loading import is_adapter_directory
 from rlvr.tuning.svf import has_svf, is_svf_directory
 from rlvr.vllm_routing import VLLMRoutedExperts
@@ -81,6 +81,16 @@ def sync_merged_weights(trainer) -> None:
             return sync(*args, **kwargs)
 
     generation.sync_weights = sync_weights
+
+
+def gathered_svf_state(trainer) -> dict | None:
+    """An SVF policy's vectors and trained routers gathered on every rank under ZeRO-3 (every rank saves a model,
+    but only the main process writes: transformers gives it an empty state dict unless 16-bit gathering is on);
+    None for any other policy or launch."""
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if not (has_svf(policy) and zero3(trainer)):
+        return None
+    return svf_state(policy)
 
 
 def save_svf_policy(trainer, output_dir: str, state_dict: dict | None) -> bool:

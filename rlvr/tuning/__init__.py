@@ -10,7 +10,7 @@
 
 from rlvr.tuning.config import AdapterConfig
 from rlvr.tuning.loading import adapter_config, load_adapted
-from rlvr.tuning.svf import SVFConfig, apply_svf, load_svf, merged, save_svf
+from rlvr.tuning.svf import SVFConfig, apply_svf, load_svf, merged, save_svf, svf_state
 
 __all__ = [
     "AdapterConfig",
@@ -21,4 +21,5 @@ __all__ = [
     "load_svf",
     "merged",
     "save_svf",
+    "svf_state",
 ]

@@ -283,31 +283,45 @@ def merged(model: nn.Module):
                 module._svf_merged = False
 
 
+def svf_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The vectors (and trained routers) of ``model``, whole and on the CPU: what :func:`save_svf` writes. Under
+    DeepSpeed ZeRO-3 they are gathered, a collective: every rank must call this."""
+    routers = _trained_routers(model)
+    wanted = lambda name: name.endswith("_svf_dz") or name.startswith(routers)  # noqa: E731
+    with gathered([p for n, p in model.named_parameters() if wanted(n)]):
+        return {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if wanted(n)}
+
+
 def save_svf(model: nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
     """The vectors (and trained routers) of ``model`` and how to rebuild them, in ``directory``: what
-    :func:`load_svf` reads back onto the base policy. ``state_dict``: the model's, when a caller has gathered it
-    (ZeRO-3), else the model's own."""
+    :func:`load_svf` reads back onto the base policy. ``state_dict``: from :func:`svf_state` (or the model's
+    whole state dict), when a caller gathered it (ZeRO-3); else read here."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config: SVFConfig = model.svf_config
-    routers = tuple(f"{path}." for path in model.svf_targets.routers) if config.routers == "train" else ()
-
-    def wanted(name: str) -> bool:
-        return name.endswith("_svf_dz") or name.startswith(routers)
-
+    routers = _trained_routers(model)
     if state_dict is None:
-        with gathered([p for n, p in model.named_parameters() if wanted(n)]):
-            state_dict = {n: t.detach().cpu().clone() for n, t in model.state_dict().items() if wanted(n)}
+        state_dict = svf_state(model)
     vectors = {n: t.detach().cpu().float().contiguous() for n, t in state_dict.items() if n.endswith("_svf_dz")}
+    if not vectors:  # e.g. the empty state dict transformers passes under ZeRO-3 without 16-bit gathering
+        raise ValueError(
+            "save_svf: the state dict holds no SVF vectors; under DeepSpeed ZeRO-3 gather them on every rank with "
+            "rlvr.tuning.svf.svf_state(model) and pass that"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(vectors, str(directory / VECTORS_FILE))
     if routers:
         router_state = {n: t.detach().cpu().contiguous() for n, t in state_dict.items() if n.startswith(routers)}
         save_file(router_state, str(directory / ROUTERS_FILE))
     base = getattr(getattr(model, "config", None), "_name_or_path", "")
-    meta = {"method": "svf", "base_model_name_or_path": base, **asdict(config)}
+    meta = {"method": "svf", "base_model_name_or_path": base, **asdict(model.svf_config)}
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _trained_routers(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the routers an SVF policy trains as full parameters (none when they are frozen)."""
+    config: SVFConfig = model.svf_config
+    return tuple(f"{path}." for path in model.svf_targets.routers) if config.routers == "train" else ()
 
 
 def is_svf_directory(directory: str | Path) -> bool:

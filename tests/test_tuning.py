@@ -490,3 +490,26 @@ def test_rlvr_train_with_an_adapter_saves_what_loads_back(tmp_path, monkeypatch,
     meta = directory / ("adapter_config.json" if method == "lora" else "svf_config.json")
     base = json.loads(meta.read_text())["base_model_name_or_path"]
     assert_same_adapter(logprobs_in_a_fresh_process(directory, base, ids, tmp_path), expected)
+
+
+def test_syncing_a_bf16_lora_policy_leaves_its_frozen_weights_exact():
+    """The copy engine folds LoRA into the weights it sends after every optimizer step (``plain_state``); merging
+    and unmerging in bf16 (W + BA - BA) drifted the frozen base weights by rounding at every sync. After 50 syncs
+    they are bit-equal to before, and each sync sends the merged weights."""
+    import copy
+
+    from rlvr.tuning.plain import plain_state
+
+    model = tiny("qwen3_moe", torch.float32)
+    policy = get_peft_model(model, lora_config(AdapterConfig(method="lora", rank=8, experts=True), model))
+    perturb([p for n, p in policy.named_parameters() if "lora_B" in n], scale=0.5)
+    policy = policy.to(torch.bfloat16)
+    before = {n: t.clone() for n, t in policy.state_dict().items()}
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()  # (merged once, from the exact weights)
+    for _ in range(50):
+        with plain_state(policy) as sent:
+            assert sent.keys() == expected.keys()
+            assert all(torch.equal(sent[name], expected[name]) for name in expected)
+    after = policy.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert not any(module.merged for module in policy.modules() if hasattr(module, "merged"))

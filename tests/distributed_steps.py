@@ -149,6 +149,9 @@ def main() -> None:
             load_balancing_scope="forking",
         ),
     )
+    # SVF under ZeRO-3: each matrix's factors are partitioned as they are attached, before DeepSpeed initialises
+    factors = [p for n, p in trainer.model.named_parameters() if n.endswith(("_svf_u", "_svf_s", "_svf_vh"))]
+    factors_partitioned = bool(factors) and all(hasattr(p, "ds_id") for p in factors)
     trainer.train()
     fingerprint = parameter_fingerprint(trainer)  # a collective under ZeRO-3: every rank takes part
     if trainer.accelerator.is_main_process:
@@ -165,6 +168,7 @@ def main() -> None:
                     "sparse_head": trainer.sparse_head,
                     "steps": steps,
                     "parameters": fingerprint,
+                    "svf_factors_partitioned_before_training": factors_partitioned,
                 },
                 handle,
             )

@@ -303,3 +303,5 @@ def test_adapters_train_the_same_under_ddp_and_zero_2_3_as_in_one_process(tmp_pa
     for launch, run in results.items():
         assert run["world"] == 2 and run["deepspeed"] == (launch != "ddp"), launch
         _assert_same_training(run, one, launch)
+    # ZeRO-3 never holds every SVF factor whole: each matrix's are partitioned as they are made
+    assert results["zero3"]["svf_factors_partitioned_before_training"] == (method == "svf")

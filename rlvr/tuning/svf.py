@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -172,17 +173,23 @@ def _matrices(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module, 
 
 def apply_svf(model: nn.Module, config: SVFConfig) -> Targets:
     """Freeze ``model`` and give each targeted matrix its trainable singular-value vector (routers train as full
-    parameters with ``routers="train"``). Returns the targets. In place; the forward is unchanged at init."""
+    parameters with ``routers="train"``). Returns the targets. In place; the forward is unchanged at init.
+
+    One matrix at a time: under DeepSpeed ZeRO-3 (the policy partitioned as it loaded) each matrix is gathered,
+    decomposed and its factors and vector partitioned as the weights are before the next is gathered, so no
+    rank ever holds more than one whole matrix and its factors (every rank takes part in each gather)."""
     if has_svf(model):
         raise ValueError("the policy already has SVF vectors")
     targets = resolve_targets(model, list(config.target_modules), config.experts)
     matrices = _matrices(model, targets)
-    with gathered([module._parameters[name] for _, module, name in matrices]):  # ZeRO-3: partitioned at load
-        factors = _cached_factors(model, matrices, config.cache_dir)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for key, module, name in matrices:
-        _attach(module, name, factors[key])
+    for key, module, name, factors in _factors_one_at_a_time(model, matrices, config.cache_dir):
+        _attach(module, name, factors)
+        weight = module._parameters[name]
+        if hasattr(weight, "ds_id"):  # as DeepSpeed converts parameters it finds unpartitioned at initialize
+            added = [module._parameters[_suffix(name, part)] for part in (*FACTORS, "dz")]
+            weight.convert_to_zero_parameters(param_list=added)
     if config.routers == "train":
         for path in targets.routers:
             for parameter in model.get_submodule(path).parameters():
@@ -192,11 +199,13 @@ def apply_svf(model: nn.Module, config: SVFConfig) -> Targets:
 
 
 def _fingerprint(matrices) -> str:
+    """A digest of every targeted matrix's values (gathered one at a time under ZeRO-3)."""
     digest = hashlib.sha256()
     for key, module, name in matrices:
-        weight = module._parameters[name].detach().cpu().contiguous()
-        digest.update(f"{key}:{tuple(weight.shape)}:{weight.dtype}".encode())
-        digest.update(weight.view(torch.uint8).numpy().tobytes())
+        with gathered([module._parameters[name]]):
+            weight = module._parameters[name].detach().cpu().contiguous()
+            digest.update(f"{key}:{tuple(weight.shape)}:{weight.dtype}".encode())
+            digest.update(weight.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
 
 
@@ -209,29 +218,40 @@ def _cache_directory(model: nn.Module, cache_dir: str) -> Path:
     return Path(os.path.expanduser("~/.cache/rlvr/svf"))
 
 
-def _cached_factors(model: nn.Module, matrices, cache_dir: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Every matrix's decomposition, read from the cache when the same weights were decomposed before."""
-    from safetensors.torch import load_file, save_file
+def _factors_one_at_a_time(model: nn.Module, matrices, cache_dir: str) -> Iterator[tuple]:
+    """``(key, module, name, factors)`` of every matrix in turn: read from the cache when the same weights were
+    decomposed before (one matrix's factors at a time), else decomposed while the matrix is gathered, and cached.
+    Each matrix is gathered either way: a rank that finds the cache and one that does not (another job wrote it
+    in between) issue the same collectives."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     directory = _cache_directory(model, cache_dir)
     path = directory / f"factors-{_fingerprint(matrices)}.safetensors"
-    if path.is_file():
-        stored = load_file(str(path))
-        return {key: tuple(stored[f"{key}.{part}"] for part in FACTORS) for key, _, _ in matrices}
-    factors = {key: decompose(module._parameters[name], key) for key, module, name in matrices}
+    with contextlib.ExitStack() as stack:
+        cached = stack.enter_context(safe_open(str(path), framework="pt")) if path.is_file() else None
+        writes = cached is None and os.environ.get("LOCAL_RANK", "0") == "0"  # one host copy per node, written
+        flat = {}
+        for key, module, name in matrices:
+            with gathered([module._parameters[name]]):
+                if cached is not None:
+                    factors = tuple(cached.get_tensor(f"{key}.{part}") for part in FACTORS)
+                else:
+                    factors = decompose(module._parameters[name], key)
+            if writes:
+                flat.update(
+                    {f"{key}.{part}": t.detach().to("cpu", copy=True) for part, t in zip(FACTORS, factors, strict=True)}
+                )
+            yield key, module, name, factors
+    if not writes:
+        return
     try:
         directory.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(f".tmp-{os.getpid()}")
-        flat = {
-            f"{key}.{part}": t.detach().cpu().contiguous()
-            for key, fs in factors.items()
-            for part, t in zip(FACTORS, fs, strict=True)
-        }
         save_file(flat, str(staging))
         os.replace(staging, path)  # a reader never sees half a file
     except OSError as error:  # a read-only place: decompose again next time
         logger.warning("SVF factors not cached at %s: %s", path, error)
-    return factors
 
 
 def svf_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 from transformers import PreTrainedModel
@@ -33,7 +32,7 @@ from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutCon
 from rlvr.sparse_head import HeadTransform, text_only_loss_forward
 from rlvr.token_rules import TokenRulesConfig
 from rlvr.training import generation, setup
-from rlvr.training.callbacks import CheckpointedState, CorrectionBiasUpdate, RolloutTotals
+from rlvr.training.callbacks import CorrectionBiasUpdate, RolloutTotals, save_checkpointed_state
 from rlvr.training.forwards import measure_forward, replayed_forward, sparse_forward
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
@@ -87,7 +86,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
                                                 the forking-token log (``forking_log.ForkingTokenLog``)
     ``_save_checkpoint``, ``save_model``,       rollout totals in each checkpoint (``training.callbacks``);
     ``_save``, ``_load_from_checkpoint``        full checkpoints through ``from_pretrained``; SVF vectors
-                                                (gathered on every rank under ZeRO-3)
     ==========================================  ============================================================
 
     rlvr's instance state has class-level defaults (below), so a trainer built without ``__init__`` reads
@@ -354,17 +352,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         """TRL's checkpoint, plus rlvr's state (before ``on_save`` marks the checkpoint complete)."""
         super()._save_checkpoint(model, trial)
-        directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(directory) and _own(self, "forking", ForkingConfig) is not None:
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, CheckpointedState):  # the rollout totals, the prompt history
-                    callback.save(directory)
+        if _own(self, "forking", ForkingConfig) is not None:
+            save_checkpointed_state(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """TRL's save on every rank; an SVF policy under ZeRO-3 gathers its vectors on every rank first and saves
-        them whatever the 16-bit gathering setting (:func:`rlvr.training.setup.gathered_svf_state`)."""
-        state = setup.gathered_svf_state(self)
-        if state is None:
+        """TRL's save; SVF under ZeRO-3 gathers its vectors on every rank first (``setup.gathered_svf_state``)."""
+        if (state := setup.gathered_svf_state(self)) is None:
             return super().save_model(output_dir, _internal_call)
         self._save(output_dir or self.args.output_dir, state_dict=state)
 

@@ -12,7 +12,7 @@ launch's cache starts empty) and saves the final model; the others reuse the cac
 import os
 import sys
 
-STEPS = 3
+STEPS = 6
 COMMON = [
     "model.tiny.num_layers=2",
     "model.tiny.hidden_size=32",
@@ -39,8 +39,8 @@ ARMS = {
     "tree": ("tree", ["rollout.branches=1"]),
     "replay": ("replay", []),  # the routing recorded while sampling (the copy engine refuses ZeRO-3)
     "dynamic": ("dynamic", ["prompts.max_draws=2"]),
-    "skip_both": ("skip_both", ["prompts.max_draws=2", "grpo.max_steps=6"]),
-    "prune_both": ("prune_both", ["grpo.max_steps=6"]),
+    "skip_both": ("skip_both", ["prompts.max_draws=2"]),
+    "prune_both": ("prune_both", []),
     "clip_cov": ("clip_cov", []),
     "kl_cov": ("kl_cov", []),
     "entropy_advantage": ("entropy_advantage", []),

@@ -112,3 +112,13 @@ class PromptProbeState(CheckpointedState):
 
     def read(self, path: str) -> dict:
         return torch.load(path, weights_only=True)
+
+
+def save_checkpointed_state(trainer) -> None:
+    """rlvr's state kept in checkpoints (every :class:`CheckpointedState` callback: the rollout totals, the prompt
+    history and probe) into the checkpoint the trainer just wrote, from the process that saves."""
+    directory = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    if trainer.args.should_save and os.path.isdir(directory):
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, CheckpointedState):
+                callback.save(directory)

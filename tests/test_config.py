@@ -173,3 +173,17 @@ def test_a_warm_start_made_by_a_multi_process_launch_is_cached_apart(monkeypatch
     launched = config.warm_start_job()
     assert single.world_size == 1 and launched.world_size == 2
     assert cache_key(launched) != cache_key(single)
+
+
+def test_a_warm_start_under_a_bf16_launcher_trains_in_bf16_and_is_cached_apart(monkeypatch):
+    """TRL's zero3.yaml asks accelerate for bf16 and DeepSpeed refuses a trainer in another precision, so the warm
+    start follows the launcher (a plain run stays float32, its cache key unchanged)."""
+    from rlvr.warmstart import _launcher_bf16, cache_key
+
+    job = load_config(None, []).warm_start_job()
+    plain = cache_key(job)
+    assert not _launcher_bf16()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as accelerate launch sets it for a bf16 config
+    assert _launcher_bf16() and cache_key(job) != plain
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert cache_key(job) == plain

@@ -61,7 +61,7 @@ from rlvr.rollouts.config import RolloutConfig
 from rlvr.token_rules import TokenRulesConfig
 from rlvr.training.token_rule_step import check_token_rules
 from rlvr.tuning.config import AdapterConfig
-from rlvr.warmstart import WarmStartConfig, WarmStartJob
+from rlvr.warmstart import WarmStartConfig, WarmStartJob, launcher_bf16
 
 __all__ = [
     "ConfigError",
@@ -168,7 +168,7 @@ class RunConfig:
         if not torch.cuda.is_available():
             # Follow the launcher's mixed precision (accelerate configs such as TRL's zero2.yaml ask for bf16,
             # and DeepSpeed refuses a mismatch); a plain CPU run stays in float32.
-            kwargs.setdefault("bf16", os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16")
+            kwargs.setdefault("bf16", launcher_bf16())
             kwargs.setdefault("use_cpu", True)
         return kwargs
 

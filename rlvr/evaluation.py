@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.configuration import option, require
+from rlvr.models import gathered_whole
 
 
 @dataclass
@@ -102,20 +103,6 @@ def router_logits_off(model: PreTrainedModel):
             config.output_router_logits = previous
 
 
-@contextmanager
-def gathered_parameters(model: PreTrainedModel):
-    """Under DeepSpeed ZeRO-3, gather the full weights on every rank for generation (as TRL does)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield
-
-
 @torch.no_grad()
 def generate_completions(
     model: PreTrainedModel,
@@ -135,7 +122,7 @@ def generate_completions(
     model.eval()
     device = next(model.parameters()).device
     batches = range(0, len(texts), batch_size)
-    with router_logits_off(model), gathered_parameters(model):
+    with router_logits_off(model), gathered_whole(model):
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             batch_texts = texts[start : start + batch_size]
             batch_completions, batch_lengths = _generate_batch(

@@ -27,8 +27,9 @@ from rlvr.checkpoints import MarkCompleteCheckpoints
 from rlvr.config import RunConfig
 from rlvr.configuration import ConfigError
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
-from rlvr.evaluation import EvalResult, evaluate_accuracy, gathered_parameters, render_prompts
+from rlvr.evaluation import EvalResult, evaluate_accuracy, render_prompts
 from rlvr.models import (
+    gathered_whole,
     is_tiny,
     load_pretrained,
     remove_stale_staging,
@@ -248,7 +249,7 @@ def domain_routing(config: RunConfig, model, tokenizer, data: PreparedData) -> d
     if not data.eval_groups or not data.eval_solutions or not config.eval.enabled:
         return None
     try:
-        with gathered_parameters(model):
+        with gathered_whole(model):
             return routing_by_domain(
                 model,
                 tokenizer,

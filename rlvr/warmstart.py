@@ -116,12 +116,12 @@ def cache_key(job: WarmStartJob) -> str:
         "world_size": job.world_size,
         "format": 1,
     }
-    if _launcher_bf16():  # a launcher that asks for bf16 trains a different warm start (float32 keys unchanged)
+    if launcher_bf16():  # a launcher that asks for bf16 trains a different warm start (float32 keys unchanged)
         identity["bf16"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _launcher_bf16() -> bool:
+def launcher_bf16() -> bool:
     """Whether the launcher (``accelerate launch`` with an accelerate config such as TRL's zero3.yaml) asks for
     bf16 mixed precision."""
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
@@ -211,7 +211,7 @@ def run_warm_start(
         save_strategy="no",
         report_to=[],
         seed=job.seed,
-        bf16=_launcher_bf16(),  # DeepSpeed refuses a precision other than the launcher's; a plain run: float32
+        bf16=launcher_bf16(),  # DeepSpeed refuses a precision other than the launcher's; a plain run: float32
         use_cpu=job.use_cpu,
         dataloader_num_workers=0,
         disable_tqdm=False,

@@ -9,6 +9,7 @@ empty when it starts. DeepSpeed's compiled CPU ops are no part of rlvr's cache a
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,3 +24,11 @@ def fresh_cache_env(tmp_path: Path, **variables: str) -> dict[str, str]:
         get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
     )
     return {**os.environ, "HOME": str(home), "TORCH_EXTENSIONS_DIR": extensions, **variables}
+
+
+def printed_launch_command(capsys, launch_arguments: list[str], program: list[str]) -> list[str]:
+    """The command ``rlvr launch LAUNCH_ARGUMENTS --dry-run -- PROGRAM`` prints, as a list."""
+    from rlvr.cli import main
+
+    assert main(["launch", *launch_arguments, "--dry-run", "--", *program]) == 0
+    return shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlvr.collectives import Collectives, OneProcess
-from tests.launching import fresh_cache_env
+from tests.launching import fresh_cache_env, printed_launch_command
 
 RLVR = Path(__file__).resolve().parent.parent / "rlvr"
 TRACER = str(Path(__file__).parent / "collective_trace.py")
@@ -231,12 +231,7 @@ def test_every_capability_under_rlvr_launch_zero3_from_an_empty_cache(tmp_path, 
 def launch_arm_matrix(tmp_path, capsys, arms: list[str], port: int, **deepspeed: object):
     """tests/arm_matrix.py on ``arms``, traced, under the command ``rlvr launch --zero 3 --nproc 2`` prints, on a new
     home; ``deepspeed``: keys of its ZeRO-3 JSON changed (written to a copy)."""
-    import shlex
-
-    from rlvr.cli import main
-
-    assert main(["launch", "--zero", "3", "--nproc", "2", "--main-port", str(port), "--dry-run", "--", "train"]) == 0
-    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
+    command = printed_launch_command(capsys, ["--zero", "3", "--nproc", "2", "--main-port", str(port)], ["train"])
     assert command[-3:] == ["-m", "rlvr.cli", "train"]
     if deepspeed:
         where = command.index("--deepspeed_config_file") + 1

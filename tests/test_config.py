@@ -178,12 +178,12 @@ def test_a_warm_start_made_by_a_multi_process_launch_is_cached_apart(monkeypatch
 def test_a_warm_start_under_a_bf16_launcher_trains_in_bf16_and_is_cached_apart(monkeypatch):
     """TRL's zero3.yaml asks accelerate for bf16 and DeepSpeed refuses a trainer in another precision, so the warm
     start follows the launcher (a plain run stays float32, its cache key unchanged)."""
-    from rlvr.warmstart import _launcher_bf16, cache_key
+    from rlvr.warmstart import cache_key, launcher_bf16
 
     job = load_config(None, []).warm_start_job()
     plain = cache_key(job)
-    assert not _launcher_bf16()
+    assert not launcher_bf16()
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as accelerate launch sets it for a bf16 config
-    assert _launcher_bf16() and cache_key(job) != plain
+    assert launcher_bf16() and cache_key(job) != plain
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     assert cache_key(job) == plain

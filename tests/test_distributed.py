@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_collectives import assert_identical_collectives, traced
 
-from tests.launching import fresh_cache_env
+from tests.launching import fresh_cache_env, printed_launch_command
 
 SKEW = 5  # rank 1 samples at most max_completion_length - 5 tokens: its completions are narrower than rank 0's
 TINY = [
@@ -186,15 +186,10 @@ def test_launch_builds_the_accelerate_command(capsys):
 def test_rlvr_launch_zero3_on_cpu_with_eval(tmp_path, capsys):
     """The command ``rlvr launch --zero 3 --nproc 2`` runs (taken from its --dry-run), with the ranks' completion
     widths made unequal and every collective recorded."""
-    import shlex
-
-    from rlvr.cli import main
-
     output = tmp_path / "launched"
     overrides = [o for o in TINY if not o.startswith("eval.")] + ["eval.sampled_completions=1", "data.num_eval=8"]
-    launch = ["launch", "--zero", "3", "--nproc", "2", "--main-port", "29547", "--dry-run"]
-    assert main([*launch, "--", "quickstart", *overrides, f"output_dir={output}"]) == 0
-    command = shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))
+    launch = ["--zero", "3", "--nproc", "2", "--main-port", "29547"]
+    command = printed_launch_command(capsys, launch, ["quickstart", *overrides, f"output_dir={output}"])
     module = len(command) - 1 - command[::-1].index("-m")  # "python -m accelerate.commands.launch ... -m rlvr.cli ..."
     assert command[module : module + 2] == ["-m", "rlvr.cli"]
     command[module:] = traced(tmp_path / "trace", SKEW, command[module:])

@@ -33,22 +33,19 @@ def built_whole() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
-def is_partitioned(model: torch.nn.Module) -> bool:
-    """Whether DeepSpeed ZeRO-3 partitioned any parameter of ``model``."""
-    return any(hasattr(parameter, "ds_id") for parameter in model.parameters())
-
-
-@contextlib.contextmanager
-def gathered_whole(model: torch.nn.Module) -> Iterator[None]:
-    """Every parameter of ``model`` whole on this rank inside the block (a collective when ZeRO-3 partitioned
-    it: every rank must enter, in the same order); nothing to do for a model that is not partitioned."""
-    if not is_partitioned(model):
-        yield
-        return
+def gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """The full ``parameters`` within the block when DeepSpeed ZeRO-3 has partitioned them (a collective: every
+    rank must enter, in the same order; writes from ``modifier_rank`` kept); a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in parameters):
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        yield
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+
+
+def gathered_whole(model: torch.nn.Module):
+    """Every parameter of ``model`` whole on this rank within the block (see :func:`gathered`)."""
+    return gathered(list(model.parameters()))
 
 
 def staging_name(target: Path) -> Path:
@@ -77,5 +74,5 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from rlvr.configuration import ConfigError
+from rlvr.models.partitioned import gathered
 from rlvr.tuning.targets import Targets, resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -152,16 +153,6 @@ def _attach(module: nn.Module, name: str, factors) -> None:
         setattr(own, name, _adapted_parameter(name))
         module.__class__ = own
     module._svf_names.append(name)
-
-
-def gathered(parameters: list[nn.Parameter], modifier_rank: int | None = None):
-    """The full ``parameters`` within the block when DeepSpeed ZeRO-3 has partitioned them (writes from
-    ``modifier_rank`` kept); a no-op otherwise."""
-    if not any(hasattr(p, "ds_id") for p in parameters):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
 
 
 def _matrices(model: nn.Module, targets: Targets) -> list[tuple[str, nn.Module, str]]:

@@ -53,6 +53,7 @@ from rlvr.configuration import format_help as _format_help
 from rlvr.data.loader import DataConfig
 from rlvr.evaluation import EvalConfig
 from rlvr.forking import ForkingConfig, loss_normalization_unit
+from rlvr.models import is_tiny
 from rlvr.models.loading import ModelConfig
 from rlvr.moe.config import MoEConfig
 from rlvr.prompts.config import PromptsConfig
@@ -201,6 +202,15 @@ class RunConfig:
             raise ConfigError("moe.freeze_router: true, but peft.routers is 'train'; set peft.routers=freeze")
         if self.warm_start.enabled == "true":
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
+        warm_starts = self.warm_start.enabled == "true" or (
+            self.warm_start.enabled == "auto" and is_tiny(self.model.name_or_path)
+        )
+        if warm_starts and self.warm_start.num_train is None and self.data.num_train == 0:
+            raise ConfigError(
+                "warm_start.num_train: the warm start trains on data.num_train worked problems of the embedded task, "
+                "and data.num_train is 0 (all rows of the data source); set warm_start.num_train (e.g. 2000) or "
+                "warm_start.enabled=false"
+            )
 
     def _validate_rollout(self, arguments) -> None:
         """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process; the copy

@@ -26,7 +26,8 @@ from rlvr.callbacks import MetricsFile, PeriodicEval
 from rlvr.checkpoints import MarkCompleteCheckpoints
 from rlvr.config import RunConfig
 from rlvr.configuration import ConfigError
-from rlvr.data import generate_problems, make_prompt, problems_to_dataset, read_source, to_prompt_answer
+from rlvr.data import generate_problems, make_prompt, problems_to_dataset
+from rlvr.data.splits import TrainEvalRows, load_train_eval
 from rlvr.evaluation import EvalResult, evaluate_accuracy, render_prompts
 from rlvr.models import (
     gathered_whole,
@@ -118,6 +119,7 @@ def train(config: RunConfig) -> RunResult:
         generation_seconds=trainer.rollouts.generation_seconds_total,
         trainable_parameters=trainable_parameter_count(trainer.model),
         optimizer_state_bytes=optimizer_state_bytes(trainer.optimizer),
+        data_rows=data.rows,
     )
     run.write_summary(config, result)
     return result
@@ -147,6 +149,7 @@ class PreparedData:
     eval_expressions: set[str]  # embedded task only: keeps warm-start dev problems out of the eval set
     eval_groups: list[str] | None = None  # embedded task with several domains: the domain of each eval problem
     eval_solutions: list[str] | None = None  # embedded task: worked solutions (teacher-forced routing analysis)
+    rows: dict | None = None  # TrainEvalRows.record(): row counts and where the evaluation rows came from
 
 
 def prepare_data(config: RunConfig) -> PreparedData:
@@ -157,36 +160,26 @@ def prepare_data(config: RunConfig) -> PreparedData:
             eval_problems = generate_problems(data.task, "eval", data.num_eval, config.data_seed())
         except ValueError as error:  # the task's problem space is smaller than asked for
             raise ConfigError(f"data.num_train / data.num_eval: {error}") from None
+        train = problems_to_dataset(train_problems, data.system_prompt, chat=data.chat)
+        eval_prompts = [make_prompt(p.question, data.system_prompt, data.chat) for p in eval_problems]
+        origin = f"embedded task problems held out from training (data.task.eval_fraction={data.task.eval_fraction})"
         return PreparedData(
-            train=problems_to_dataset(train_problems, data.system_prompt, chat=data.chat),
-            eval_prompts=[make_prompt(p.question, data.system_prompt, data.chat) for p in eval_problems],
+            train=train,
+            eval_prompts=eval_prompts,
             eval_answers=[p.answer for p in eval_problems],
             eval_expressions={p.expression for p in eval_problems},
             eval_groups=[p.domain for p in eval_problems] if len(data.task.domains) > 1 else None,
             eval_solutions=[p.solution for p in eval_problems],
+            rows=TrainEvalRows(train, Dataset.from_dict({"prompt": eval_prompts}), origin).record(),
         )
 
-    def load(split: str, limit: int) -> Dataset:
-        raw = read_source(data.source, split, data.config_name)
-        if limit:
-            raw = raw.select(range(min(limit, len(raw))))
-        return to_prompt_answer(
-            raw,
-            data.question_column,
-            data.answer_column,
-            data.answer_format,
-            data.system_prompt,
-            data.chat,
-            source_name=f"{data.source} [{split}]",
-        )
-
-    train = load(data.train_split, data.num_train)
-    eval_set = load(data.eval_split, data.num_eval) if data.eval_split and data.num_eval else None
+    rows = load_train_eval(data, config.data_seed())  # DataError names the setting to change
     return PreparedData(
-        train=train,
-        eval_prompts=list(eval_set["prompt"]) if eval_set is not None else [],
-        eval_answers=list(eval_set["answer"]) if eval_set is not None else [],
+        train=rows.train,
+        eval_prompts=list(rows.eval["prompt"]) if rows.eval is not None else [],
+        eval_answers=list(rows.eval["answer"]) if rows.eval is not None else [],
         eval_expressions=set(),
+        rows=rows.record(),
     )
 
 

@@ -60,6 +60,7 @@ class RunResult:
     generation_seconds: float = 0.0  # wall time spent sampling training completions
     trainable_parameters: int = 0  # parameters the optimizer updated (adapters: the adapters and routers)
     optimizer_state_bytes: int = 0  # bytes of the optimizer's state on the main process after training
+    data_rows: dict | None = None  # rlvr.data.splits.TrainEvalRows.record(): counts, where the eval rows came from
 
 
 @dataclass
@@ -170,6 +171,7 @@ class RunDirectory:
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "rollout": vars(config.rollout),
             "world_size": result.world_size,
+            "data": result.data_rows,
             "eval_before": result.before.as_dict() if result.before else None,
             "eval_after": result.after.as_dict() if result.after else None,
             "warm_start": None
@@ -201,4 +203,12 @@ def summary_table(result: RunResult) -> str:
         lines.append(
             f"greedy accuracy change: {delta:+.3f}   ({result.steps} RL steps in {result.train_seconds:.0f} s)"
         )
+    rows = result.data_rows
+    if rows and rows["eval_rows"]:
+        lines.append(f"evaluated on: {rows['eval_rows']} rows, {rows['eval_from']}")
+        if rows["eval_on_training_rows"] or rows["eval_prompts_also_trained"]:
+            lines.append(
+                f"WARNING: {rows['eval_prompts_also_trained']} of the {rows['eval_rows']} evaluation prompts are also "
+                "training prompts: these accuracies are not held-out accuracies"
+            )
     return "\n".join(lines)

@@ -104,6 +104,8 @@ def test_tiny_end_to_end_run_writes_its_outputs(capsys, tmp_path):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["warm_start"]["steps"] == 4 and not summary["warm_start"]["cached"]
     assert 0.0 <= summary["eval_after"]["greedy_accuracy"] <= 1.0
+    assert summary["data"]["eval_from"].startswith("embedded task problems held out")
+    assert summary["data"]["eval_prompts_also_trained"] == 0 and "evaluated on:" in printed
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert any("forking/kept_fraction" in record for record in metrics)
     assert (output / "model" / "config.json").exists() and (output / "config.yaml").exists()

@@ -110,6 +110,9 @@ def test_yaml_scientific_notation_without_dot_is_a_number(tmp_path):
         (["reward.fallbacks=[last_word]"], r"reward.fallbacks\[0\]: must be one of answer_tag, latex, last_number"),
         (["reward.budget_seconds=0"], r"reward.budget_seconds: must be > 0"),
         (["moe.router_gate_scope=prompt"], r"moe.router_gate_scope: must be one of all, completion, forking"),
+        (["data.source=own.jsonl", "data.num_train=0"], r"warm_start.num_train: the warm start trains on data.num_tr"),
+        (["data.eval_fraction=1"], r"data.eval_fraction: must be in \[0, 1\)"),
+        (["data.eval_source=held.jsonl"], r"data.eval_source: applies to data sources other than the embedded"),
         (
             ["moe.load_balancing_coef=0.01", "grpo.router_aux_loss_coef=0.001"],
             r"moe.load_balancing_coef: TRL's grpo.router_aux_loss_coef",

@@ -3,10 +3,11 @@
 import json
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 from rlvr.data import (
     ArithmeticTask,
+    DataConfig,
     DataError,
     generate_problems,
     make_prompt,
@@ -15,6 +16,9 @@ from rlvr.data import (
     to_prompt_answer,
 )
 from rlvr.data.arithmetic import split_of
+from rlvr.data.splits import load_train_eval
+from rlvr.evaluation import EvalResult
+from rlvr.run_dir import RunResult, summary_table
 
 
 def _evaluate(expression: str) -> int:
@@ -129,3 +133,54 @@ def test_missing_file_and_bad_suffix(tmp_path):
     odd.write_text("x")
     with pytest.raises(DataError, match="unsupported file type"):
         read_source(str(odd), "train")
+
+
+def _numbered_rows(count):
+    return [{"question": f"What is {index} + 1?", "answer": str(index + 1)} for index in range(count)]
+
+
+def test_a_file_holds_out_seeded_rows_for_evaluation(tmp_path):
+    """A file has no 'test' split: the default eval_split holds out data.eval_fraction of its rows (seeded),
+    disjoint from the training rows and the same whatever num_train is (issue: it evaluated on the training rows)."""
+    source = _write_jsonl(tmp_path / "own.jsonl", _numbered_rows(40))
+    rows = load_train_eval(DataConfig(source=source, num_train=0), seed=3)
+    record = rows.record()
+    assert (record["train_rows"], record["eval_rows"], record["eval_prompts_also_trained"]) == (36, 4, 0)
+    assert not record["eval_on_training_rows"] and "held out" in record["eval_from"]
+    assert not set(rows.eval["answer"]) & set(rows.train["answer"])
+    fewer = load_train_eval(DataConfig(source=source, num_train=5, num_eval=2), seed=3)
+    assert list(fewer.eval["answer"]) == list(rows.eval["answer"])[:2]
+    assert list(fewer.train["answer"]) == list(rows.train["answer"])[:5]
+    other_seed = load_train_eval(DataConfig(source=source, num_train=0), seed=4)
+    assert list(other_seed.eval["answer"]) != list(rows.eval["answer"])
+
+
+def test_evaluation_on_training_rows_only_when_asked_and_then_said(tmp_path, caplog):
+    source = _write_jsonl(tmp_path / "own.jsonl", _numbered_rows(6))
+    with pytest.raises(DataError, match=r"has no splits.*data.eval_fraction > 0.*data.eval_source.*eval_split=train"):
+        load_train_eval(DataConfig(source=source, eval_fraction=0.0), seed=0)
+    with caplog.at_level("WARNING"):
+        rows = load_train_eval(DataConfig(source=source, eval_split="train"), seed=0)
+    assert "rows the policy trains on" in caplog.text
+    record = rows.record()
+    assert record["eval_on_training_rows"] and record["eval_prompts_also_trained"] == record["eval_rows"] == 6
+    result = RunResult(tmp_path, None, None, None, 0.0, 0, data_rows=record)
+    result.before = result.after = EvalResult(0.5, 0.5, 6, 4, 10.0)
+    assert "WARNING: 6 of the 6 evaluation prompts are also training prompts" in summary_table(result)
+
+
+def test_a_separate_eval_source_and_a_saved_split(tmp_path):
+    train = _write_jsonl(tmp_path / "train.jsonl", _numbered_rows(5))
+    held = _write_jsonl(tmp_path / "held.jsonl", _numbered_rows(8)[5:])
+    rows = load_train_eval(DataConfig(source=train, eval_source=held), seed=0)
+    assert list(rows.eval["answer"]) == ["6", "7", "8"] and len(rows.train) == 5
+    assert rows.record()["eval_from"] == f"data.eval_source {held}"
+    saved = tmp_path / "saved"
+    DatasetDict(
+        {"train": Dataset.from_list(_numbered_rows(4)), "test": Dataset.from_list(_numbered_rows(7)[4:])}
+    ).save_to_disk(str(saved))
+    rows = load_train_eval(DataConfig(source=str(saved)), seed=0)
+    assert list(rows.eval["answer"]) == ["5", "6", "7"] and rows.record()["eval_from"].endswith("[test]")
+    too_few = _write_jsonl(tmp_path / "one.jsonl", _numbered_rows(1))
+    with pytest.raises(DataError, match="leaves none to train on"):
+        load_train_eval(DataConfig(source=too_few), seed=0)

@@ -33,7 +33,18 @@ class DataConfig:
     )
     config_name: str | None = option(None, "hub dataset config (e.g. 'main' for openai/gsm8k)")
     train_split: str = option("train", "split to train on (hub datasets and dataset dicts)")
-    eval_split: str | None = option("test", "held-out split to evaluate on; null: no held-out evaluation")
+    eval_split: str | None = option(
+        "test",
+        "held-out split to evaluate on (null: no evaluation; the train split: the training rows, with a warning)",
+    )
+    eval_source: str | None = option(
+        None, "evaluate on this file, directory or hub dataset (its split data.eval_split) instead of data.source"
+    )
+    eval_fraction: float = option(
+        0.1,
+        "a source without splits (one file, one saved dataset): share of its rows held out for evaluation, "
+        "drawn with data.seed (0: refuse to evaluate it without data.eval_source)",
+    )
     question_column: str = option("question", "column holding the question")
     answer_column: str = option("answer", "column holding the gold answer")
     answer_format: str = option(
@@ -55,12 +66,26 @@ class DataConfig:
     def validate(self) -> None:
         require(self.num_train >= 0, "num_train", "must be >= 0")
         require(self.num_eval >= 0, "num_eval", "must be >= 0")
+        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        if self.eval_source is not None:
+            require(not self.embedded, "eval_source", "applies to data sources other than the embedded task")
         if self.embedded:
             require(self.num_train > 0, "num_train", "must be > 0 for the embedded task")
 
 
 class DataError(ValueError):
     """A data source that cannot be mapped to prompts and answers; the message names rows and columns."""
+
+
+def has_splits(source: str) -> bool:
+    """Whether ``source`` is read by split: a hub dataset, a saved dataset dict or a folder of data files. One
+    local file or one saved ``Dataset`` is a single set of rows (:func:`read_source` ignores the split)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return False
+    if path.is_dir() and (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        return False
+    return True
 
 
 def read_source(source: str, split: str, config_name: str | None = None) -> Dataset:

@@ -543,3 +543,67 @@ def test_every_rank_featurizes_candidates_as_often_with_the_probe(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
     assert max(first) > 1  # skipped candidates were replaced by further rounds
     assert first == second
+
+
+def test_assembly_keeps_a_sequence_level_ratio_when_a_call_has_one_token_completions():
+    """TRL's sequence-level importance-sampling ratio is (B, 1); a call whose completions are all one token wide
+    has C = 1 too, and its ratio must not be taken for a per-token tensor and padded (it was: sizes mismatched)."""
+    one_token = _batch([[5], [6]], [[7], [8]])  # C = 1
+    wider = _batch([[9], [10]], [[11, 12, 13], [14]])  # C = 3
+    for batch, ratios in ((one_token, [[0.5], [0.6]]), (wider, [[0.7], [0.8]])):
+        batch["importance_sampling_ratio"] = torch.tensor(ratios)  # (B, 1)
+    out = assemble_rows([one_token, wider], [(1, 0), (0, 1)], 0, "routing", ("num_items_in_batch",))
+    assert out["importance_sampling_ratio"].tolist() == [[pytest.approx(0.7)], [pytest.approx(0.6)]]
+    per_token = [_batch([[5]], [[7]]), _batch([[9]], [[11, 12, 13]])]  # (B, C) ratios stay per token
+    for batch in per_token:
+        batch["importance_sampling_ratio"] = batch["completion_mask"].float() * 0.5
+    out = assemble_rows(per_token, [(0, 0), (1, 0)], 0, "routing", ("num_items_in_batch",))
+    assert out["importance_sampling_ratio"].tolist() == [[0.5, 0.0, 0.0], [0.5, 0.5, 0.5]]
+
+
+@pytest.mark.parametrize(
+    "per_function, weights, sum_first, normalize_first",
+    [
+        ([[1, 0], [0, 2]], [1.0, 0.5], False, True),  # the weighted sum is constant, the normalised sum is not
+        ([[1, 0], [0, 1]], [1.0, 1.0], False, False),  # the normalised rewards cancel exactly
+        ([[1, 1], [0, 2]], [1.0, 1.0], True, True),
+        ([[1, 1], [3, 3]], [1.0, 1.0], False, False),
+    ],
+)
+def test_groups_vary_in_what_trls_advantage_compares(per_function, weights, sum_first, normalize_first):
+    """Under normalize_then_sum TRL's advantage compares the weighted sum of each function's group-normalised
+    rewards: a group whose weighted sum is constant can still carry a gradient there (it was dropped)."""
+    from rlvr.rewards.aggregation import compared_rewards
+
+    rewards = torch.tensor(per_function, dtype=torch.float32).T  # (G = 2, F = 2)
+    weight = torch.tensor(weights)
+    for aggregation, expected in (("sum_then_normalize", sum_first), ("normalize_then_sum", normalize_first)):
+        compared = compared_rewards(rewards, weight, 2, aggregation)
+        assert informative_groups(compared, 2).tolist() == [expected], aggregation
+
+
+def _alternating(completions, **_):  # 1, 0, 1, 0, ...: every group of 4 varies
+    return [float(index % 2 == 0) for index in range(len(completions))]
+
+
+def _complement_doubled(completions, **_):  # 0, 2, 0, 2, ...: with weight 0.5 the weighted sum is always 1
+    return [2.0 * (index % 2) for index in range(len(completions))]
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_dynamic_sampling_keeps_the_groups_trl_gives_an_advantage(tiny_checkpoint, tmp_path, aggregation):
+    trainer = make_trainer(tiny_checkpoint(), tmp_path, multi_objective_aggregation=aggregation)
+    trainer.reward_funcs = [_alternating, _complement_doubled]
+    trainer.reward_func_names = ["alternating", "complement_doubled"]
+    trainer.reward_processing_classes = [None, None]
+    trainer.reward_weights = torch.tensor([1.0, 0.5])
+    trainer.prompts = PromptsConfig(filter="dynamic", max_draws=1)
+    from rlvr.training import setup
+
+    trainer.prompt_filter = setup.prompt_filter(trainer)
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(_rows("eo"))
+    has_advantage = (batch["advantages"].view(-1, GENERATIONS).abs().sum(dim=1) > 0).tolist()
+    short = trainer._metrics["train"]["prompts/short_groups"][-1]
+    assert has_advantage == [aggregation == "normalize_then_sum"] * 2
+    assert short == (0 if aggregation == "normalize_then_sum" else 2)  # kept exactly the groups TRL trains

@@ -58,7 +58,12 @@ def assemble_rows(
         )
     prompt_width = max(batch["prompt_ids"].size(1) for batch in batches)
     completion_width = max(batch["completion_ids"].size(1) for batch in batches)
-    padded = [_pad(batch, prompt_width, completion_width, pad_token_id, routing_key) for batch in batches]
+    per_token = {  # (B, C) in every call; a (B, 1) value of a call with C > 1 is per sequence in every call
+        key
+        for key in keys & set(COMPLETION_SIDE)
+        if all(b[key].dim() == 2 and b[key].size(1) == b["completion_ids"].size(1) for b in batches)
+    }
+    padded = [_pad(batch, prompt_width, completion_width, pad_token_id, routing_key, per_token) for batch in batches]
     offsets = [0]
     for batch in batches:
         offsets.append(offsets[-1] + batch["prompt_ids"].size(0))
@@ -70,7 +75,9 @@ def assemble_rows(
     return out
 
 
-def _pad(batch: dict, prompt_width: int, completion_width: int, pad_token_id: int, routing_key: str | None) -> dict:
+def _pad(
+    batch: dict, prompt_width: int, completion_width: int, pad_token_id: int, routing_key: str | None, per_token: set
+) -> dict:
     prompt, completion = batch["prompt_ids"].size(1), batch["completion_ids"].size(1)
     left, right = prompt_width - prompt, completion_width - completion
     out = {}
@@ -78,7 +85,7 @@ def _pad(batch: dict, prompt_width: int, completion_width: int, pad_token_id: in
         if key in PROMPT_SIDE:
             fill = pad_token_id if PROMPT_SIDE[key] is None else PROMPT_SIDE[key]
             out[key] = F.pad(value, (left, 0), value=fill)
-        elif key in COMPLETION_SIDE and value.dim() == 2 and value.size(1) == completion:
+        elif key in per_token:
             fill = pad_token_id if COMPLETION_SIDE[key] is None else COMPLETION_SIDE[key]
             out[key] = F.pad(value, (0, right), value=fill)
         elif key == routing_key:  # (B, P + C, layers, k)

@@ -25,7 +25,9 @@ class PromptsConfig:
         4, "dynamic: generation calls per generation batch at most (the first included); then train on what is there"
     )
     variance_tolerance: float = option(
-        1e-6, "a group has no reward variance when the std of its weighted rewards is at most this"
+        1e-6,
+        "a group has no reward variance when the std of its weighted rewards is at most this (TRL's "
+        "normalize_then_sum: of the weighted sum of each function's group-normalised rewards)",
     )
     predictor: str = option(
         "",

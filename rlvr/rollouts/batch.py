@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from rlvr.rewards.aggregation import compared_rewards, weighted_rewards
 from rlvr.rewards.extraction import find_answer
 from rlvr.rollouts.branching import treerl_advantages
 from rlvr.rollouts.config import RolloutConfig
@@ -108,6 +109,8 @@ class Rollouts:
         self._tree: TreeRollout | None = None
         self._cost: GenerationCost | None = None
         self._rewards: torch.Tensor | None = None  # (B_all,) weighted rewards of the batch, all ranks
+        self._compared: torch.Tensor | None = None  # (B_all,) what TRL's advantage compares within a group
+        self.aggregation = "sum_then_normalize"  # TRL's multi_objective_aggregation
         self._distinct_answers: float | None = None
         self._settled: tuple[float, float] | None = None  # shares of all-right and all-wrong groups
         self.solved_reward = 0.5  # a settled group above this reward is all-right (``prompts.solved_reward``)
@@ -118,6 +121,15 @@ class Rollouts:
         if self._rewards is None:
             raise RuntimeError("the batch's rewards were not observed (TRL's _calculate_rewards did not run)")
         return self._rewards
+
+    @property
+    def compared_rewards(self) -> torch.Tensor:
+        """(B_all,) what TRL's group advantage compares within each group of the batch being produced: the
+        weighted rewards, or under ``normalize_then_sum`` the weighted sum of group-normalised rewards
+        (:mod:`rlvr.rewards.aggregation`). A group without variance in these has zero advantage."""
+        if self._compared is None:
+            raise RuntimeError("the batch's rewards were not observed (TRL's _calculate_rewards did not run)")
+        return self._compared
 
     def attach_engine(
         self,
@@ -147,7 +159,7 @@ class Rollouts:
         the routing record (:data:`ROUTING_KEY`), each row's prompt group (:data:`GROUP_IDS_KEY`) and,
         with ``rollout.advantage=treerl``, TreeRL's (B, C) advantages. Returns the batch and its metrics."""
         self.replay.start_batch()
-        self._tree = self._cost = self._rewards = self._distinct_answers = self._settled = None
+        self._tree = self._cost = self._rewards = self._compared = self._distinct_answers = self._settled = None
         self.logged_advantages = None
         batch = produce()
         training_logps = None
@@ -217,9 +229,9 @@ class Rollouts:
     ):
         """TRL's ``_calculate_rewards`` result ((B_all, F), all ranks) with the reward weights (F,), and the
         completions of all ranks: the rewards TreeRL's advantage needs and the distinct answers per group."""
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (B_all,)
-        rewards = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
-        self._rewards = rewards.masked_fill(unscorable, float("nan"))
+        self._rewards = weighted_rewards(rewards_per_func, weights)
+        if self._rewards.numel() % group_size == 0:
+            self._compared = compared_rewards(rewards_per_func, weights, group_size, self.aggregation)
         self._distinct_answers = distinct_answers(completions, group_size)
         if self._rewards.numel() % group_size == 0:
             self._settled = settled_groups(self._rewards, group_size, self.solved_reward)

@@ -35,7 +35,7 @@ def produce_batch(
         batch = produce(inputs)[0]
     else:
         batch, prompt_metrics = sampling.produce(
-            produce, lambda: rollouts.batch_rewards, inputs, trainer.state.global_step
+            produce, lambda: (rollouts.batch_rewards, rollouts.compared_rewards), inputs, trainer.state.global_step
         )
         for key, value in prompt_metrics.items():
             metrics_of_mode[key].append(value)

@@ -79,7 +79,7 @@ class PromptFilter:
     def produce(
         self,
         produce: Callable[[list[dict]], tuple[dict, dict[str, float]]],
-        rewards: Callable[[], torch.Tensor],
+        rewards: Callable[[], tuple[torch.Tensor, torch.Tensor]],
         inputs: list[dict],
         step: int,
     ) -> tuple[dict, dict[str, float]]:
@@ -87,7 +87,8 @@ class PromptFilter:
 
         Args:
             produce: rows -> (batch, metrics): TRL's generation and scoring with rlvr's keys (one call).
-            rewards: the (B_all,) weighted rewards of every rank's rows in the call just made.
+            rewards: the (B_all,) weighted rewards of every rank's rows in the call just made, and the (B_all,)
+                values TRL's group advantage compares (``Rollouts.compared_rewards``: informative groups vary in these).
             inputs: this rank's rows of the generation batch (whole groups).
             step: the optimizer step (draws and skip decisions depend on it).
 
@@ -105,7 +106,7 @@ class PromptFilter:
                 counts[3] += skipped
             sampled = len(prompts)  # the same on every rank
             batch, _ = produce([row for row in prompts for _ in range(G)])
-            call_rewards = rewards()  # (B_all,)
+            call_rewards, compared = rewards()  # (B_all,), (B_all,)
             unscored = torch.isnan(call_rewards.view(-1, G)).all(dim=1).nonzero()  # (groups,) all ranks: agreed
             if len(unscored):
                 group = int(unscored[0])
@@ -115,7 +116,7 @@ class PromptFilter:
                     f"(group {index} of process {rank} in generation call {call + 1} of step {step}): it cannot "
                     "be told informative or not; return a number for at least one completion of every prompt"
                 )
-            informative = informative_groups(call_rewards, G, self.settings.variance_tolerance)  # (groups, all ranks)
+            informative = informative_groups(compared, G, self.settings.variance_tolerance)  # (groups, all ranks)
             mine = informative[self.rank * sampled : (self.rank + 1) * sampled].tolist()
             for group, has_variance in enumerate(mine):  # without refill every sampled group is trained on
                 (kept if has_variance or not self.refill else spare).append((call, group))

@@ -170,6 +170,7 @@ def rollouts(trainer, measure: bool) -> Rollouts:
         gather=trainer.collectives.gather_rows,
     )
     sampler.solved_reward = trainer.prompts.solved_reward
+    sampler.aggregation = trainer.args.multi_objective_aggregation
     return sampler
 
 

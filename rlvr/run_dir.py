@@ -3,7 +3,8 @@
 ``<output_dir>/`` holds ``config.yaml`` (the validated config), ``metrics.jsonl`` (every train and
 eval record), ``forking_tokens.jsonl`` and ``routing.jsonl`` (written by the trainer),
 ``eval_before.json`` and ``domain_routing.json`` (cached so that a resumed run does not evaluate the
-starting policy again), ``summary.json`` (written last: a run with one has finished) and ``model/``.
+starting policy again), ``prompts.jsonl`` (under ``prompts.filter``: what happened to each prompt),
+``summary.json`` (written last: a run with one has finished) and ``model/``.
 
 Only rank 0 writes; :func:`is_main_process` is the one rank-0 test of the recipe.
 """
@@ -36,6 +37,7 @@ RUN_FILES = (
     "config.yaml",
     "eval_before.json",
     "domain_routing.json",
+    "prompts.jsonl",
 )
 GROWING_FILES = ("metrics.jsonl", "forking_tokens.jsonl", "routing.jsonl")  # cut back to the checkpoint on resume
 

@@ -31,8 +31,7 @@ from rlvr.prompts import PromptsConfig
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
 from rlvr.sparse_head import HeadTransform, text_only_loss_forward
 from rlvr.token_rules import TokenRulesConfig
-from rlvr.training import generation, setup
-from rlvr.training.callbacks import CorrectionBiasUpdate, RolloutTotals, save_checkpointed_state
+from rlvr.training import callbacks, generation, log_records, setup
 from rlvr.training.forwards import measure_forward, replayed_forward, sparse_forward
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
@@ -103,7 +102,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     token_rule_step: TokenRuleStep | None = None  # token_rules.rule other than none
     router_updates: RouterAwareUpdates | None = None  # None: a dense policy (or not built)
     rollouts: Rollouts = Rollouts(ReplayRecorder(None, "none"))  # records nothing: safe to share
-    rollout_totals: RolloutTotals | None = None
+    rollout_totals: callbacks.RolloutTotals | None = None
     loss_forward: LossForward | None = None  # set only while _compute_loss runs
     forking_log: ForkingTokenLog | None = None
     selection: ForkingSelection | None = None  # the forking tokens of each loss forward, and their records
@@ -147,13 +146,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
         setup.undo_forced_reentrant(self, asked_reentrant)  # PEFT under ZeRO-3, where DeepSpeed no longer needs it
         self.router_updates = setup.router_aware_updates(self)
         if self.router_updates is not None and self.moe.update_correction_bias:  # aux-loss-free balancing
-            self.add_callback(CorrectionBiasUpdate(self.router_updates))
+            self.add_callback(callbacks.CorrectionBiasUpdate(self.router_updates))
         self._check_rollout()
         engine_sampling = self.args.use_vllm or self.rollout.engine == "copy"  # numerics other than the trainer's
         self.rollouts = setup.rollouts(self, measure=engine_sampling)
         if engine_sampling:
             setup.attach_engine(self, lambda batch: measure_forward(self, batch))
-        self.rollout_totals = RolloutTotals(self.rollouts)
+        self.rollout_totals = callbacks.RolloutTotals(self.rollouts)
         self.add_callback(self.rollout_totals)
         self.loss_forward = None
         vocab_size = max(self.model.config.get_text_config().vocab_size, len(self._tokenizer))  # a processor has no len
@@ -353,7 +352,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """TRL's checkpoint, plus rlvr's state (before ``on_save`` marks the checkpoint complete)."""
         super()._save_checkpoint(model, trial)
         if _own(self, "forking", ForkingConfig) is not None:
-            save_checkpointed_state(self)
+            callbacks.save_checkpointed_state(self)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """TRL's save; SVF under ZeRO-3 gathers its vectors on every rank first (``setup.gathered_svf_state``)."""
@@ -365,6 +364,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """TRL's save; an SVF policy saves its vectors (and trained routers) alone (:mod:`rlvr.tuning.svf`)."""
         if not setup.save_svf_policy(self, output_dir or self.args.output_dir, state_dict):
             super()._save(output_dir, state_dict)
+
+    def _init_training_state(self, max_steps, steps_per_epoch, epochs, resume_from_checkpoint, trial):
+        """TRL's, then rlvr's state kept in the checkpoint resumed from, wherever it is (``CheckpointedState``)."""
+        trained = super()._init_training_state(max_steps, steps_per_epoch, epochs, resume_from_checkpoint, trial)
+        if _own(self, "forking", ForkingConfig) is not None:
+            callbacks.load_checkpointed_state(self, resume_from_checkpoint)
+        return trained
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume with the weights converted as ``from_pretrained`` converts them (fused MoE experts:
@@ -378,18 +384,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         selection, forking_log = _own(self, "selection", ForkingSelection), _own(self, "forking_log", ForkingTokenLog)
         if selection is None:  # not built by __init__: TRL's log
             return super().log(logs, start_time)
-        for function in self.reward_funcs:  # failure, timeout and parse-failure counts of rlvr's reward functions
-            pop_stats = getattr(function, "pop_stats", None)
-            if callable(pop_stats) and "loss" in logs:
-                logs.update(pop_stats().as_metrics(getattr(function, "__name__", type(function).__name__)))
-        mode = "train" if self.model.training else "eval"
-        for key, values in selection.step_metrics[mode].drain().items():  # one host read; TRL averages them
-            self._metrics[mode][key].extend(values)
+        log_records.before_log(self, selection, logs)  # reward-function failures, the step's device metrics
         super().log(logs, start_time)
-        if self.accelerator.is_main_process and forking_log is not None:
-            updates = _own(self, "router_updates", RouterAwareUpdates)
-            loads = updates.pop_expert_loads() if updates is not None else None
-            forking_log.write(self.args.output_dir, self.state.global_step, self.processing_class, loads)
+        log_records.after_log(self, forking_log, _own(self, "router_updates", RouterAwareUpdates))
 
 
 def _own(trainer, name: str, kind: type):

@@ -14,7 +14,7 @@ from rlvr.configuration import ConfigError
 from rlvr.moe.replay import NOT_RECORDED
 from rlvr.prompts import PromptsConfig
 from rlvr.prompts.assembly import assemble_rows
-from rlvr.prompts.groups import draw_prompts, informative_groups
+from rlvr.prompts.groups import PromptDraws, informative_groups
 from rlvr.rewards.text import completion_text
 from rlvr.rollouts import GROUP_IDS_KEY
 from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
@@ -49,12 +49,25 @@ def test_informative_groups_match_a_float64_loop_on_random_ties_and_unscorable_r
         informative_groups(torch.zeros(6), 4)
 
 
-def test_refill_draws_are_a_function_of_seed_step_and_draw():
-    first = draw_prompts(50, 8, seed=1, step=3, draw=1)
-    assert first == draw_prompts(50, 8, seed=1, step=3, draw=1)  # every rank, and after a resume
-    assert len(set(first)) == 8 and all(0 <= index < 50 for index in first)
-    assert first != draw_prompts(50, 8, seed=1, step=3, draw=2) != draw_prompts(50, 8, seed=1, step=4, draw=1)
-    assert len(draw_prompts(5, 12, seed=0, step=0, draw=1)) == 12  # more than the dataset: with replacement
+def test_draws_never_repeat_a_prompt_within_a_generation_batch_or_across_ranks():
+    """Refill and candidate draws: a function of seed and generation batch; nothing excluded (sampled this step),
+    nothing twice (rows with the same prompt are one prompt), disjoint across ranks taking unequal numbers."""
+    keys = [f"p{index % 40}" for index in range(50)]  # rows 40..49 repeat the prompts of rows 0..9
+    excluded = {"p0", "p1", "p2"}
+
+    def draws(rank, generation=5, world=3):
+        return PromptDraws(50, keys.__getitem__, excluded, 1, generation, rank, world)
+
+    taken = [draws(rank).take(count) for rank, count in zip(range(3), (4, 9, 6), strict=True)]
+    prompts = [keys[index] for rank_taken in taken for index in rank_taken]
+    assert len(prompts) == len(set(prompts)) == 19 and not set(prompts) & excluded
+    again = draws(1)
+    assert again.take(5) + again.take(4) == taken[1]  # in pieces or at once, after a resume: the same
+    assert draws(1, generation=6).take(9) != taken[1]
+    small = PromptDraws(6, lambda index: f"p{index}", set(), 0, 0, 0, 1)
+    first_pass = small.take(6)
+    assert sorted(first_pass) == list(range(6)) and small.repeated == 0
+    assert len(small.take(3)) == 3 and small.repeated == 3  # used up: dealt again, and counted
 
 
 def _batch(prompts: list[list[int]], completions: list[list[int]], layers: int = 1) -> dict:
@@ -502,8 +515,9 @@ def test_settled_group_shares_match_a_loop_by_kind():
 
 
 def _count_featurize_calls(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """One rank's skip choices over 30 (step, call) pairs with a fitted probe whose skip probabilities are near
-    1/2, so the ranks' own skip draws need different numbers of candidate rounds; records featurize calls."""
+    """One rank's skip choices over 30 (generation batch, call) pairs with a fitted probe whose skip probabilities
+    are near 1/2, so the ranks' own skip draws need different numbers of candidate rounds; records featurize
+    calls."""
     import os
 
     import torch.distributed as dist
@@ -525,10 +539,11 @@ def _count_featurize_calls(rank: int, world: int, init_file: str, out_dir: str) 
     fitted = torch.stack([torch.tensor([float(i % 8), float(i // 8)]) for i in range(64)])
     chooser.probe.observe(fitted, torch.full((64,), 0.16))  # p^4 + (1 - p)^4 ~ 1/2 for p = 0.16
     counts = []
-    for step in range(10):
+    for generation in range(10):
+        draws = PromptDraws(len(dataset), lambda index: f"prompt {index}", set(), 0, generation, rank, world)
         for call in range(3):
             calls[-1] = 0
-            chooser._choose(chooser._draw(4, step, call + 1), step, call)
+            chooser._choose([dataset[index] for index in draws.take(4)], draws, generation, call)
             counts.append(calls[-1])
     torch.save(counts, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

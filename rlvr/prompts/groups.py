@@ -24,11 +24,57 @@ def informative_groups(rewards: torch.Tensor, group_size: int, tolerance: float 
     return (count >= 2) & (variance.sqrt() > tolerance)
 
 
-def draw_prompts(dataset_size: int, count: int, seed: int, step: int, draw: int) -> list[int]:
-    """``count`` dataset indices for refill ``draw`` of optimizer step ``step``: a uniform draw without
-    replacement (with replacement once ``count`` exceeds the dataset), the same on every rank and after a
-    resume (a function of its arguments alone)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + draw)
-    if count <= dataset_size:
-        return torch.randperm(dataset_size, generator=generator)[:count].tolist()
-    return torch.randint(dataset_size, (count,), generator=generator).tolist()
+class PromptDraws:
+    """The further prompts one rank draws during one generation batch (refills and skip's candidates), without
+    replacement: never a prompt already sampled in this optimizer step on any rank, never one twice, never one
+    another rank draws.
+
+    Every rank walks the same seeded permutation of the dataset (a function of the seed and the generation
+    batch's number, so the same after a resume), passes over prompts in ``excluded`` and over repeats of a prompt
+    already dealt (rows with the same prompt are one prompt), and deals the rest round-robin: rank r takes the
+    r-th, (r + world)-th, ... of them. Ranks may take different numbers; the deal stays disjoint. Once the
+    dataset is used up, a new permutation is dealt and prompts repeat (counted in ``repeated``).
+
+    Args:
+        size: rows of the dataset.
+        key_of: a row index -> its prompt's key (:func:`rlvr.prompts.history.prompt_key`).
+        excluded: keys of the prompts no draw may return (those already sampled this step, every rank's).
+        seed, generation: the run's seed and the generation batch's number (the draws are a function of them).
+        rank, world: this process among the ranks.
+    """
+
+    def __init__(self, size: int, key_of, excluded: set[str], seed: int, generation: int, rank: int, world: int):
+        self.size, self.key_of, self.seed, self.generation = size, key_of, seed, generation
+        self.rank, self.world = rank, world
+        self.repeated = 0  # prompts this rank drew after the dataset was used up
+        self._cycle, self._dealt, self._turn = 0, set(excluded), 0
+        self._order, self._position = self._permutation(), 0
+
+    def take(self, count: int) -> list[int]:
+        """This rank's next ``count`` row indices."""
+        taken = []
+        while len(taken) < count:
+            index = self._next()
+            if self._turn % self.world == self.rank:
+                taken.append(index)
+                self.repeated += self._cycle > 0
+            self._turn += 1
+        return taken
+
+    def _next(self) -> int:
+        """The next row of the walk whose prompt was not dealt or excluded (a new permutation when none is left)."""
+        for _ in range(2):
+            while self._position < self.size:
+                index = self._order[self._position]
+                self._position += 1
+                key = self.key_of(index)
+                if key not in self._dealt:
+                    self._dealt.add(key)
+                    return index
+            self._cycle += 1  # the dataset is used up: deal it again
+            self._dealt, self._order, self._position = set(), self._permutation(), 0
+        raise ValueError("the training set has no prompts to draw")
+
+    def _permutation(self) -> list[int]:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.generation) * 1_009 + self._cycle)
+        return torch.randperm(self.size, generator=generator).tolist()

@@ -14,6 +14,13 @@
   -counting loss types loses their tokens). Every rank decodes the same number of groups per call (the most any
   rank kept; the others take back their least likely skipped prompts).
 
+Further prompts (refills, skip's candidates) are drawn without replacement (:class:`rlvr.prompts.groups.PromptDraws`):
+never one already sampled in the optimizer step, never one twice in a generation batch, never the same on two
+ranks. The draws and skip decisions are keyed by a count of generation batches, checkpointed with the per-prompt
+record (:mod:`rlvr.prompts.record`), so several generation batches per optimizer step draw differently and a
+resumed run draws what the uninterrupted one would; GRESO's exploration probabilities adapt once per optimizer
+step (:meth:`PromptFilter.end_step`).
+
 Every rank keeps whole groups of its own rows (so a group stays on one rank) and every rank makes the same
 number of generation calls (each call issues TRL's collectives): a rank that is full still samples while
 another is short. The batch handed to TRL has the size TRL asked for, so gradient accumulation,
@@ -30,14 +37,15 @@ import torch
 from rlvr.collectives import Collectives
 from rlvr.prompts.assembly import assemble_rows
 from rlvr.prompts.config import PromptsConfig
-from rlvr.prompts.groups import draw_prompts, informative_groups
+from rlvr.prompts.groups import PromptDraws, informative_groups
 from rlvr.prompts.history import FLOOR, RIGHT, WRONG, PromptHistory, prompt_key
 from rlvr.prompts.probe import PassRateProbe, zero_variance_probability
+from rlvr.prompts.record import PromptRecord, preview
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY
 from rlvr.rollouts.batch import group_ids
 from rlvr.training.selection import loss_mask
 
-CANDIDATE_DRAWS = 10_000  # draw ids of skip's candidates start here (refill calls use 1, 2, ...)
+COUNTS = 11  # the per-call counts summed over ranks (see _metrics)
 
 
 class PromptFilter:
@@ -48,7 +56,8 @@ class PromptFilter:
         collectives: the cross-rank collectives.
         dataset: the training prompts (rows as TRL's dataloader yields them).
         group_size: G, completions per prompt.
-        seed: the run's seed (draws and skip decisions are a function of it, the step and the call).
+        seed: the run's seed (draws and skip decisions are a function of it, the generation batch's number and
+            the call).
         rank, world: this process among the ranks.
         pad_token_id: the tokenizer's pad token.
     """
@@ -75,6 +84,12 @@ class PromptFilter:
             self.history = PromptHistory(settings.target_zero_variance, settings.solved_reward)
         self.probe = PassRateProbe(hidden_size) if predictor in ("probe", "both") else None
         self.skips, self.refill = predictor is not None, settings.refill
+        self.record = PromptRecord()  # what happened to each prompt (prompts.jsonl)
+        self.generations = 0  # training generation batches produced (checkpointed): the draws are keyed by it
+        self._step: int | None = None
+        self._step_keys: set[str] = set()  # prompts this rank sampled in the current optimizer step
+        self._pending = [0.0, 0.0, 0.0]  # this optimizer step's sampled, all-right and all-wrong groups (all ranks)
+        self._keys: dict[int, str] = {}  # dataset index -> prompt key
 
     def produce(
         self,
@@ -90,20 +105,29 @@ class PromptFilter:
             rewards: the (B_all,) weighted rewards of every rank's rows in the call just made, and the (B_all,)
                 values TRL's group advantage compares (``Rollouts.compared_rewards``: informative groups vary in these).
             inputs: this rank's rows of the generation batch (whole groups).
-            step: the optimizer step (draws and skip decisions depend on it).
+            step: the optimizer step (the prompts sampled in it are not drawn again in it).
 
         Returns the batch and the ``prompts/*`` metrics (all ranks).
         """
+        if step != self._step:  # a new optimizer step
+            self._step, self._step_keys = step, set()
+        generation, self.generations = self.generations, self.generations + 1
         G = self.group_size
         needed = len(inputs) // G  # groups of this rank (whole groups: checked when the filter is built)
         prompts = [inputs[group * G] for group in range(needed)]
-        batches, kept, spare = [], [], []
-        counts = torch.zeros(10, dtype=torch.float64)  # see _metrics
+        self._step_keys.update(prompt_key(row) for row in prompts)
+        excluded = set(self.collectives.gather_objects(sorted(self._step_keys)))  # every rank's, this step
+        draws = PromptDraws(len(self.dataset), self._key_of, excluded, self.seed, generation, self.rank, self.world)
+        batches, kept, spare, call_keys = [], [], [], []
+        counts = torch.zeros(COUNTS, dtype=torch.float64)  # see _metrics
         while True:
             call = len(batches)
+            predicted, features, considered = [False] * len(prompts), None, []
             if self.skips:
-                prompts, predicted, features, skipped = self._choose(prompts, step, call)
-                counts[3] += skipped
+                prompts, predicted, features, considered = self._choose(prompts, draws, generation, call)
+                counts[3] += sum(skipped for *_, skipped in considered)
+            call_keys.append([prompt_key(row) for row in prompts])
+            self._step_keys.update(call_keys[-1])
             sampled = len(prompts)  # the same on every rank
             batch, _ = produce([row for row in prompts for _ in range(G)])
             call_rewards, compared = rewards()  # (B_all,), (B_all,)
@@ -120,8 +144,7 @@ class PromptFilter:
             mine = informative[self.rank * sampled : (self.rank + 1) * sampled].tolist()
             for group, has_variance in enumerate(mine):  # without refill every sampled group is trained on
                 (kept if has_variance or not self.refill else spare).append((call, group))
-            if self.skips:
-                counts += self._observe(prompts, predicted, features, informative, call_rewards, sampled)
+            counts += self._observe(prompts, predicted, features, informative, call_rewards, sampled, considered)
             counts[0] += sampled
             batches.append(batch)
             device = batch["completion_mask"].device
@@ -130,10 +153,12 @@ class PromptFilter:
             missing = torch.tensor(float(max(needed - len(kept), 0)), device=device)
             if float(self.collectives.sum(missing)) == 0.0:
                 break
-            prompts = self._draw(needed, step, len(batches))
+            prompts = [self.dataset[index] for index in draws.take(needed)]
         if self.refill:  # the informative groups first, then zero-variance ones where the draws ran out
             short, empty = max(needed - len(kept), 0), 0
             picks = kept[:needed] + spare[:short]
+            dropped = [call_keys[call][group] for call, group in spare[short:]]
+            self.record.observe_dropped(self.collectives.gather_objects(dropped))
         else:  # every sampled group; the skipped places hold a sampled row, emptied below
             short, empty = mine.count(False), needed - len(kept)
             picks = kept + [(0, 0)] * empty
@@ -150,29 +175,40 @@ class PromptFilter:
         out[GROUP_IDS_KEY] = group_ids(len(inputs), G, self.rank, device)
         out["num_items_in_batch"] = self.collectives.sum(loss_mask(out).sum())  # TRL's: global, this batch's
         counts[1], counts[2] = float(counts[0]) - (needed - empty), float(short)
-        counts[9] = empty
+        counts[9], counts[10] = empty, draws.repeated
         return out, self._metrics(self.collectives.sum(counts.to(device)).tolist(), len(batches), needed)
 
-    def _draw(self, count: int, step: int, draw: int) -> list[dict]:
-        """This rank's ``count`` rows of draw ``draw``: ranks take consecutive slices of one global draw."""
-        drawn = draw_prompts(len(self.dataset), self.world * count, self.seed, step, draw)
-        return [self.dataset[index] for index in drawn[self.rank * count : (self.rank + 1) * count]]
+    def end_step(self) -> None:
+        """GRESO's adaptation of the exploration probabilities, once per optimizer step, from the shares of the
+        step's sampled groups that were all-right and all-wrong (``PromptFilterState`` calls it at step end)."""
+        sampled, right, wrong = self._pending
+        if self.history is not None and sampled:
+            self.history.adapt(right / sampled, wrong / sampled)  # the same on every rank
+        self._pending = [0.0, 0.0, 0.0]
+
+    def _key_of(self, index: int) -> str:
+        if index not in self._keys:
+            self._keys[index] = prompt_key(self.dataset[index])
+        return self._keys[index]
 
     def _choose(
-        self, candidates: list[dict], step: int, call: int
-    ) -> tuple[list[dict], list[bool], torch.Tensor | None, int]:
+        self, candidates: list[dict], draws: PromptDraws, generation: int, call: int
+    ) -> tuple[list[dict], list[bool], torch.Tensor | None, list[tuple[str, str, float, bool]]]:
         """This rank's prompts for one call: each candidate skipped with its predicted probability, replaced by
         candidates drawn afresh (``prompts.candidate_rounds`` draws at most), the batch topped up with the
         least likely skipped ones. Without refill: no further candidates, and the batch is topped up only to the
         number of prompts the rank keeping the most kept (at least one), so every rank decodes as many. Returns
         the prompts, whether each was predicted to give no variance (skip probability >= 0.5), their (N, D)
-        features (the probe's; else None) and how many were skipped.
+        features (the probe's; else None) and every candidate considered as (key, preview, skip probability,
+        skipped).
 
         The probe's features are a forward of the policy, a collective under ZeRO-3, and how many rounds a rank
         needs depends on its own skip draws: the ranks agree on each further round, and every rank draws and
         featurizes it (a rank already full discards it)."""
         needed = len(candidates)
-        generator = torch.Generator().manual_seed(((self.seed * 1_000_003 + step) * 1_009 + call) * 131 + self.rank)
+        generator = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + generation) * 1_009 + call) * 131 + self.rank
+        )
         chosen, passed, rounds = [], [], 0
         batch = list(candidates)
         while True:
@@ -186,16 +222,19 @@ class PromptFilter:
             if not self.refill or rounds >= self.settings.candidate_rounds or not self._any_rank_short(chosen, needed):
                 break
             rounds += 1
-            batch = self._draw(needed, step, CANDIDATE_DRAWS + call * 100 + rounds)
+            batch = [self.dataset[index] for index in draws.take(needed)]
         wanted = needed
         if not self.refill:  # the most any rank kept
             kept = torch.tensor([float(max(len(chosen), 1))], device=self.collectives.device)
             wanted = int(self.collectives.gather_rows(kept.view(1, 1)).max())
-        top_up = sorted(passed, key=lambda item: item[:2])[: wanted - len(chosen)]
+        ordered = sorted(passed, key=lambda item: item[:2])  # the least likely to give no variance first
+        top_up, still_skipped = ordered[: wanted - len(chosen)], ordered[wanted - len(chosen) :]
         chosen += [(probability, row, feature) for probability, _, row, feature in top_up]
+        considered = [(prompt_key(row), preview(row["prompt"]), p, False) for p, row, _ in chosen]
+        considered += [(prompt_key(row), preview(row["prompt"]), p, True) for p, _, row, _ in still_skipped]
         features = torch.stack([feature for _, _, feature in chosen]) if self.probe is not None else None
         predicted = [probability >= 0.5 for probability, _, _ in chosen]
-        return [row for _, row, _ in chosen], predicted, features, len(passed) - len(top_up)
+        return [row for _, row, _ in chosen], predicted, features, considered
 
     def _any_rank_short(self, chosen: list, needed: int) -> bool:
         """Whether any rank chose fewer than ``needed`` prompts (the same answer on every rank). Only the probe
@@ -218,26 +257,33 @@ class PromptFilter:
         probe = zero_variance_probability(pass_rates.double(), self.group_size).clamp(max=1 - FLOOR).tolist()
         return [max(h, p) for h, p in zip(history, probe, strict=True)], list(features)
 
-    def _observe(self, prompts, predicted, features, informative, rewards, sampled) -> torch.Tensor:
-        """Every rank's groups of a call into the history (the same on every rank), and this rank's counts:
-        [.., .., .., .., all-right groups, all-wrong groups, predicted and without variance, predicted with
-        variance, not predicted and without variance, ..] (the rest is counted by ``produce``)."""
+    def _observe(self, prompts, predicted, features, informative, rewards, sampled, considered) -> torch.Tensor:
+        """Every rank's groups of a call into the per-prompt record, the history and the probe (the same on every
+        rank), and this rank's counts: [.., .., .., .., all-right groups, all-wrong groups, predicted and without
+        variance, predicted with variance, not predicted and without variance, .., ..] (the rest is counted by
+        ``produce``)."""
         grouped = rewards.detach().double().view(len(informative), -1)  # (groups, G), all ranks
+        scored = ~torch.isnan(grouped)
+        passes = ((grouped > self.settings.solved_reward) & scored).sum(1) / scored.sum(1).clamp(min=1)  # (groups,)
         mine = slice(self.rank * sampled, (self.rank + 1) * sampled)
+        rows = [(prompt_key(row), preview(row["prompt"])) for row in prompts]
+        every_rank = self.collectives.gather_objects([(rows, considered)])  # one item per rank
+        sampled_rows = [row for rank_rows, _ in every_rank for row in rank_rows]  # (groups,)
+        self.record.observe_call(
+            sampled_rows, passes.tolist(), informative.tolist(), [c for _, rank_c in every_rank for c in rank_c]
+        )
         kinds = [None] * len(informative)
         if self.history is not None:
-            keys = self.collectives.gather_objects([prompt_key(row) for row in prompts])  # (groups, all ranks)
             means = torch.nanmean(grouped, dim=1).tolist()
             kinds = [
-                self.history.observe(k, bool(i), m) for k, i, m in zip(keys, informative.tolist(), means, strict=True)
+                self.history.observe(key, bool(i), m)
+                for (key, _), i, m in zip(sampled_rows, informative.tolist(), means, strict=True)
             ]
         if self.probe is not None:  # every rank fits the same probe on every rank's groups
             all_features = self.collectives.gather_rows(features.to(rewards.device), 0.0)  # (groups, D)
-            scored = ~torch.isnan(grouped)
-            passes = ((grouped > self.settings.solved_reward) & scored).sum(1) / scored.sum(1).clamp(min=1)
             self.probe.observe(all_features, passes)
         zero = [not value for value in informative[mine].tolist()]
-        counts = torch.zeros(10, dtype=torch.float64)
+        counts = torch.zeros(COUNTS, dtype=torch.float64)
         counts[4] = sum(kind == RIGHT for kind in kinds[mine])
         counts[5] = sum(kind == WRONG for kind in kinds[mine])
         counts[6] = sum(p and z for p, z in zip(predicted, zero, strict=True))
@@ -246,7 +292,7 @@ class PromptFilter:
         return counts
 
     def _metrics(self, counts: list[float], calls: int, needed: int) -> dict[str, float]:
-        generated, dropped, short, skipped, right, wrong, true_pos, false_pos, false_neg, empty = counts
+        generated, dropped, short, skipped, right, wrong, true_pos, false_pos, false_neg, empty, repeated = counts
         trained = self.world * needed - empty  # sampled groups in the batch (skipped places without refill aside)
         metrics = {
             "prompts/generation_calls": float(calls),
@@ -254,9 +300,10 @@ class PromptFilter:
             "prompts/dropped": dropped,
             "prompts/short_groups": short,
             "prompts/trained_zero_variance_share": short / trained,
+            "prompts/repeated_draws": repeated,  # drawn after the training set was used up in this batch
         }
-        if self.history is not None:
-            self.history.adapt(right / generated, wrong / generated)  # GRESO's step, the same on every rank
+        self._pending = [a + b for a, b in zip(self._pending, (generated, right, wrong), strict=True)]
+        if self.history is not None:  # adapted once per optimizer step (end_step)
             metrics["prompts/explore_right"] = self.history.explore[RIGHT]
             metrics["prompts/explore_wrong"] = self.history.explore[WRONG]
         if self.skips:

@@ -20,7 +20,7 @@ from rlvr.rollouts import ReplayRecorder, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.rollouts.tree import left_pad
 from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
-from rlvr.training.callbacks import PromptHistoryState, PromptProbeState
+from rlvr.training.callbacks import PromptFilterState, PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
 from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
 from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf, svf_state
@@ -223,7 +223,8 @@ def prompt_filter(trainer) -> PromptFilter | None:
         featurize=lambda rows: prompt_features(trainer, rows),
         hidden_size=trainer.model.config.get_text_config().hidden_size,
     )
-    # kept in checkpoints: a resumed run skips what the uninterrupted one would
+    # kept in checkpoints: a resumed run draws and skips what the uninterrupted one would
+    trainer.add_callback(PromptFilterState(chooser))
     if chooser.history is not None:
         trainer.add_callback(PromptHistoryState(chooser.history))
     if chooser.probe is not None:

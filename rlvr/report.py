@@ -52,6 +52,9 @@ def _mean_summary(runs: list[Run], key: str) -> float:
     return mean_std([math.nan if value is None else float(value) for value in values])[0]
 
 
+STARTS_INSIDE = "cannot tell (starts inside)"
+
+
 def _reach_step(runs: list[Run], low: float) -> int | None:
     """The first eval step at which the mean greedy accuracy of ``runs`` is at least ``low``."""
     steps, means, _ = mean_curve(runs, "eval/greedy_accuracy")
@@ -94,6 +97,8 @@ def summary_rows(groups: dict[str, list[Run]]) -> list[dict]:
             if reference_greedy and not math.isnan(final.low):
                 reach_step = _reach_step(finished, final.low)
                 reach = "no" if reach_step is None else reach_step
+                if reach_step == 0:  # it started inside the interval: the interval cannot tell it from full
+                    reach, reach_step = STARTS_INSIDE, None
                 decoded_to_reach = _decoded_at(finished, reach_step)
                 reference_to_reach = _decoded_at(reference, _reach_step(reference, final.low))
                 if reference_to_reach > 0:  # NaN when not logged; 0 when the baseline started inside it
@@ -198,7 +203,8 @@ def summary_lines(groups: dict[str, list[Run]], contrasts: list[tuple[str, str]]
         "each row is compared with (full; sparse+<arm> for the other starting policies of an upcycling compare); "
         "vs baseline = paired difference on the same problems and "
         "seeds; best = best mean greedy accuracy of any eval during training; reaches baseline = first eval step "
-        "where the arm's mean greedy accuracy is inside the baseline's final interval; seeds = RL seeds (cC/sS: "
+        "where the arm's mean greedy accuracy is inside the baseline's final interval (cannot tell: the arm's "
+        "accuracy before RL already was, so the interval cannot tell it from the baseline); seeds = RL seeds (cC/sS: "
         "construction seed C, RL seed S); gradient tokens = completion tokens with a non-zero policy-gradient "
         "weight per run; decoded tokens = completion tokens sampled for training per run (a forking tree's "
         "shared prefixes once); decoded to reach baseline = tokens decoded by the reaches-baseline step, and "

@@ -79,13 +79,14 @@ def adapter_lines(groups: dict[str, list[Run]]) -> list[str]:
         "Trainable parameters: what the optimizer updated (adapters and routers, or every weight); optimizer "
         "state: the bytes of its state after training (AdamW: two moments per trainable parameter), on the main "
         "process. Routing shift: total variation distance between the experts chosen in the first and in the "
-        "last logging window, mean over layers, on forking tokens and on the others (0: the same experts, 1: "
+        "last logging window, mean over layers, on the tokens each arm selected for the policy gradient (forking "
+        "arms: the forking tokens; full: every token) and on the others (0: the same experts, 1: "
         "disjoint ones); part of it is sampling noise (different completions in two windows), so compare arms "
         "with each other rather than with 0. Router entropy: over the last fifth of the logging steps. Means "
         "over runs.",
         "",
-        "| arm | method | runs | greedy | trainable parameters | optimizer state (MiB) | routing shift, forking "
-        "| routing shift, other | router entropy, forking | router entropy, other |",
+        "| arm | method | runs | greedy | trainable parameters | optimizer state (MiB) | routing shift, selected "
+        "| routing shift, other | router entropy, selected | router entropy, other |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in adapter_rows(groups):

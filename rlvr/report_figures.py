@@ -154,7 +154,7 @@ def plot_accuracy_against_entropy(groups: dict[str, list[Run]], path: Path) -> b
 
 
 def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Log-scale histogram of completion-token entropy, early vs late, forking threshold marked."""
+    """Log-scale histogram of completion-token entropy, early vs late, the arm's selection threshold marked."""
     plt = _pyplot()
     arms = [arm for arm, runs in groups.items() if any(run.forking for run in runs)]
     if not arms:
@@ -185,7 +185,7 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
                     statistics.fmean(thresholds),
                     linestyle="--",
                     color="C1" if phase == "late" else "C0",
-                    label=f"{phase} forking threshold {statistics.fmean(thresholds):.2g}",
+                    label=f"{phase} selection threshold {statistics.fmean(thresholds):.2g}",
                 )
         axis.set_xscale("log")
         axis.set_xlabel("token entropy (nats, log scale)")
@@ -197,7 +197,8 @@ def plot_entropy(groups: dict[str, list[Run]], path: Path) -> bool:
 
 
 def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
-    """Per-layer expert load on forking vs other tokens (last logging step, first seed of each arm)."""
+    """Per-layer expert load on the arm's selected vs unselected tokens (last logging step, first seed of each
+    arm; top arms select the forking tokens)."""
     plt = _pyplot()
     arms = [arm for arm, runs in groups.items() if any(run.routing for run in runs)]
     if not arms:
@@ -212,7 +213,8 @@ def plot_expert_load(groups: dict[str, list[Run]], path: Path) -> bool:
             if kind not in loads:
                 axis.axis("off")
                 continue
-            title = f"{arm} seed {run.seed}: {kind} tokens (step {run.routing[-1]['step']})"
+            label = {"forking": "selected", "other": "unselected"}[kind]  # top arms select the forking tokens
+            title = f"{arm} seed {run.seed}: {label} tokens (step {run.routing[-1]['step']})"
             _load_heatmap(figure, axis, loads[kind], title, top, "share of assignments")
     _save_figure(plt, figure, path)
     return True
@@ -324,18 +326,20 @@ CURVE_PANELS = [
     ),
     (
         "routing.png",
-        "Routing on forking vs other tokens",
+        "Routing on each arm's selected vs unselected tokens (top arms: the forking tokens)",
         [("moe/specialization_js", "routing specialisation (JS, bits)"), ("moe/routing_drift", "routing drift")],
     ),
     (
         "entropy_dynamics.png",
-        "Entropy dynamics: the policy's token entropy, on forking and other tokens, and what the rules touched",
+        "Entropy dynamics: the policy's token entropy, on the tokens each arm selects (top: the highest-entropy "
+        "forking tokens; bottom: the lowest-entropy; random: a random share) and on the rest, and what the rules "
+        "touched",
         [
             ("entropy", "mean token entropy (nats)"),
-            ("forking/entropy_kept", "entropy of forking tokens"),
-            ("forking/entropy_dropped", "entropy of other tokens"),
-            ("moe/router_entropy_forking", "router entropy, forking tokens"),
-            ("moe/router_entropy_other", "router entropy, other tokens"),
+            ("forking/entropy_kept", "entropy of the arm's selected tokens"),
+            ("forking/entropy_dropped", "entropy of its unselected tokens"),
+            ("moe/router_entropy_forking", "router entropy, selected tokens"),
+            ("moe/router_entropy_other", "router entropy, unselected tokens"),
             ("token_rules/touched_share", "share of tokens a token rule touched"),
         ],
     ),
@@ -364,7 +368,7 @@ FIGURES = [
     ("accuracy_seconds.png", "Eval accuracy against generation seconds", plot_accuracy_per_generation_second),
     ("training.png", "Reward, KL, clipping and entropy", _curves("training.png")),
     ("entropy.png", "Completion-token entropy, early vs late", plot_entropy),
-    ("expert_load.png", "Expert load per layer: forking vs other tokens", plot_expert_load),
+    ("expert_load.png", "Expert load per layer: each arm's selected vs unselected tokens", plot_expert_load),
     ("routing.png", "Routing specialisation and drift", _curves("routing.png")),
     ("entropy_dynamics.png", "Entropy dynamics per arm", _curves("entropy_dynamics.png")),
     ("accuracy_entropy.png", "Accuracy against entropy", plot_accuracy_against_entropy),

@@ -36,8 +36,8 @@ def reach(runs: list[Run], target: float) -> tuple[int | None, float, float]:
     decoded tokens and generation seconds spent by then (NaN when never reached)."""
     steps, means, _ = mean_curve(runs, "eval/greedy_accuracy")
     step = next((step for step, mean in zip(steps, means, strict=True) if mean >= target), None)
-    if step is None:
-        return None, math.nan, math.nan
+    if step is None or step == 0:  # never, or already before RL (nothing was spent to reach it)
+        return step, math.nan, math.nan
     spent = [
         mean_std([run.total_at(total, step) for run in runs])[0] for total in (DECODED_TOTAL, GENERATION_SECONDS_TOTAL)
     ]
@@ -115,7 +115,8 @@ def selective_lines(groups: dict[str, list[Run]]) -> list[str]:
         "groups showed: measured on the prompts that were sampled, which include the skipped-by-chance-not "
         "candidates (the exploration floor is the audited share). Decoded tokens and generation seconds are run "
         'totals; "to reach full" = spent by the first eval whose mean greedy accuracy reaches full\'s final mean '
-        f"(the point estimate; ratios in brackets are against {' and '.join(references)}).",
+        f"(the point estimate; ratios in brackets are against {' and '.join(references)}; before RL: the arm's "
+        "accuracy before RL already reached it, so nothing was spent to reach it).",
         "",
         "| arm | runs | greedy | sampled/step | skipped/step | dropped/step | zero-var sampled | zero-var trained "
         "| precision | recall | decoded tokens | generation s | reaches full at | decoded to reach "
@@ -130,7 +131,7 @@ def selective_lines(groups: dict[str, list[Run]]) -> list[str]:
         shares = [fmt(row[key], digits=2) for key in ("sampled_per_step", "skipped_per_step", "dropped_per_step")]
         quality = [fmt(row[key], digits=2) for key in ("sampled_zero_variance", "trained_zero_variance")]
         quality += [fmt(row[key], digits=2) for key in ("precision", "recall")]
-        reached = "no" if row["reach_step"] is None else str(row["reach_step"])
+        reached = {None: "no", 0: "before RL"}.get(row["reach_step"], str(row["reach_step"]))
         lines.append(
             f"| {arm} | {row['runs']} | {fmt(row['greedy'])} | "
             + " | ".join([*shares, *quality, costs[0], costs[1], reached, costs[2], costs[3]])

@@ -180,6 +180,32 @@ def test_decoded_tokens_to_reach_the_baseline_and_the_accuracy_per_token_figure(
     assert math.isnan({row["arm"]: row for row in summary_rows(groups)}["tree"]["decoded_to_reach"])
 
 
+def test_an_arm_starting_inside_the_baselines_interval_cannot_tell_not_reaches_at_zero(tmp_path):
+    """An arm whose accuracy before RL already lies inside the baseline's final interval "reached" it at step 0
+    with 0 tokens decoded: the table said "reaches baseline 0", which reads as matching full for free."""
+    from rlvr.report import STARTS_INSIDE, summary_lines, summary_rows
+    from rlvr.runs import Run
+
+    def run(arm, seed, accuracies):
+        metrics = [{"step": step, "rollout/decoded_tokens_total": 10 * step} for step in (10, 20)]
+        metrics += [{"step": step, "eval/greedy_accuracy": a} for step, a in zip((0, 10, 20), accuracies, strict=True)]
+        correct = [1.0] * 5 + [0.0] * 5
+        after = {"greedy_accuracy": accuracies[-1], "sampled_accuracy": 0.0, "greedy_correct": correct}
+        return Run(tmp_path / f"{arm}{seed}", arm, seed, {"decoded_tokens": 200, "eval_after": after}, metrics=metrics)
+
+    groups = {
+        "full": [run("full", seed, [0.1, 0.3, 0.5]) for seed in (0, 1)],
+        "bottom": [run("bottom", seed, [0.45, 0.5, 0.5]) for seed in (0, 1)],  # inside full's final interval
+        "forking": [run("forking", seed, [0.1, 0.5, 0.5]) for seed in (0, 1)],
+    }
+    rows = {row["arm"]: row for row in summary_rows(groups)}
+    assert rows["bottom"]["reaches_baseline"] == STARTS_INSIDE and math.isnan(rows["bottom"]["decoded_to_reach"])
+    assert rows["forking"]["reaches_baseline"] == 10 and rows["forking"]["decoded_to_reach"] == 100
+    table = "\n".join(summary_lines(groups))
+    bottom_line = next(line for line in table.splitlines() if line.startswith("| bottom |"))
+    assert "cannot tell (starts inside)" in bottom_line and "| 0 |" not in bottom_line
+
+
 def test_contrasts_pair_two_arms_in_the_report(tmp_path):
     """compare.contrasts adds verdicts for arm pairs other than "vs full": the manifest carries them, the
     report pairs the arms' per-problem results; pairs with an arm that did not run are left out."""
@@ -308,3 +334,17 @@ def test_an_arm_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     }
     by_panel = [[line.get_color() for line in axis.get_lines()] for axis in figures[0].axes[:2]]
     assert colours == {"full": "C0", "clip_cov": "C1"} and by_panel == [["C0", "C1"], ["C1"]]
+
+
+def test_panels_of_selection_dependent_metrics_say_they_are_each_arms_selected_tokens():
+    """forking/entropy_kept and moe/router_entropy_forking are measured on the tokens an arm selects: the
+    highest-entropy ones for top arms, the lowest for bottom, a random share for random. Labelled "forking
+    tokens", the panels compared different token sets under one name."""
+    from rlvr.report_figures import CURVE_PANELS, FIGURES
+
+    selection_dependent = {"forking/entropy_kept", "forking/entropy_dropped", "moe/router_entropy_forking"}
+    labels = {key: label for _, _, panels in CURVE_PANELS for key, label in panels if key in selection_dependent}
+    assert set(labels) == selection_dependent
+    assert all("selected" in label and "forking" not in label for label in labels.values()), labels
+    titles = {name: title for name, title, _ in FIGURES}
+    assert "selected" in titles["expert_load.png"] and "forking vs other" not in titles["expert_load.png"]

@@ -122,3 +122,15 @@ def test_no_section_without_selective_arms_and_the_seconds_figure(tmp_path):
         for run in runs:
             run.metrics = [{k: v for k, v in r.items() if k != "rollout/generation_seconds_total"} for r in run.metrics]
     assert not plot_accuracy_per_generation_second(groups, tmp_path / "none.png")
+
+
+def test_an_arm_already_at_fulls_accuracy_before_rl_is_said_so(tmp_path):
+    from rlvr.report_prompts import cost_rows, selective_lines
+
+    groups = groups_of(tmp_path)
+    for run in groups["skip_both"]:  # its accuracy before RL already is full's final 0.5
+        run.metrics = [r | {"eval/greedy_accuracy": 0.5} if r.get("step") == 0 else r for r in run.metrics]
+    skip = {row["arm"]: row for row in cost_rows(groups)}["skip_both"]
+    assert skip["reach_step"] == 0 and math.isnan(skip["decoded_to_reach"])
+    line = next(line for line in selective_lines(groups) if line.startswith("| skip_both |"))
+    assert "| before RL |" in line

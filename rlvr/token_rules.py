@@ -7,7 +7,9 @@ selection gathers it) and says, per token, one of three things the loss forward 
   Language Models*, arXiv 2505.22617, and its code in verl's ``core_algos.py``): per token
   ``cov = (A - mean A) * (log p - mean log p)`` over the unit's tokens; the gradient of a random
   ``max(int(r * N), 1)`` of the tokens with ``lb < cov < ub`` is stopped (paper: r = 2e-4, lb = 1, ub = 5),
-  tokens PPO's ratio clip already clips left out as verl leaves them out. Returns a keep mask.
+  tokens PPO's ratio clip already clips left out as verl leaves them out. Returns a keep mask. Only the policy
+  gradient stops: an entropy bonus (``grpo.entropy_coef``) still averages over every token it covers without
+  the rule, as verl's does over every response token (the trainer computes it itself then).
 * ``kl_cov``    -- KL-Cov (same paper): the top ``max(int(k * N), 1)`` tokens by ``cov`` get the penalty
   ``coef * |log p - log p_old|`` added to their per-token loss (paper: k = 2e-3 for 7B, 2e-4 for 32B,
   coef = 1). Returns a penalty mask. Under fully on-policy training ``log p = log p_old`` in value and the

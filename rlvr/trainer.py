@@ -34,7 +34,14 @@ from rlvr.token_rules import TokenRulesConfig
 from rlvr.training import callbacks, generation, log_records, setup
 from rlvr.training.forwards import measure_forward, replayed_forward, sparse_forward
 from rlvr.training.prompt_filter import PromptFilter
-from rlvr.training.selection import ForkingSelection, LossForward, MicroBatchSelection, loss_mask
+from rlvr.training.selection import (
+    ForkingSelection,
+    LossForward,
+    MicroBatchSelection,
+    entropy_bonus_mask,
+    loss_mask,
+    rlvr_entropy_bonus,
+)
 from rlvr.training.token_rule_step import TokenRuleStep
 from rlvr.trl_loading import zero3_leaves_as_trl_loads
 from rlvr.vllm_routing import routed_experts_returned
@@ -224,12 +231,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if _own(self, "forking", ForkingConfig) is None:  # not built by __init__: TRL's loss
             return super()._compute_loss(model, inputs)
         self.loss_forward = LossForward(inputs)
-        own_entropy_bonus = (
-            self._entropy_bonus_enabled
-            and not self.forking.mask_entropy_bonus
-            and self.forking.policy_tokens == "forking"
-        )
-        if own_entropy_bonus:  # TRL would restrict the bonus to the selected tokens; add it ourselves instead
+        own_entropy_bonus = self._entropy_bonus_enabled and rlvr_entropy_bonus(self.forking, self.token_rules.rule)
+        if own_entropy_bonus:  # TRL's would cover the loss weights' tokens only; add it ourselves instead
             self._entropy_bonus_enabled = False
         try:
             loss = super()._compute_loss(model, inputs)
@@ -241,8 +244,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 inputs["advantages"] = self.loss_forward.original_advantages  # entropy_advantage replaced them
             self.loss_forward = None
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0  # as TRL scales
-        if own_entropy_bonus:  # mean entropy over all completion tokens
-            mask = loss_mask(inputs).to(state.entropies.dtype)
+        if own_entropy_bonus:  # mean entropy over its tokens (whatever a token rule stopped)
+            mask = entropy_bonus_mask(self.forking, inputs, state.selection).to(state.entropies.dtype)
             bonus = (state.entropies * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
             loss = loss - self.entropy_coef * bonus
         if state.router_loss is not None:

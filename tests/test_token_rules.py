@@ -225,6 +225,45 @@ def test_clip_cov_in_the_trainer_stops_the_drawn_tokens_gradient(tiny_checkpoint
     assert logged["token_rules/touched_share"][-1] == pytest.approx(int(0.25 * int(mask.sum())) / int(mask.sum()))
 
 
+def test_clip_cov_leaves_the_entropy_bonus_on_every_token(tiny_checkpoint, tmp_path):
+    """Clip-Cov stops the policy gradient of its drawn tokens, not their entropy bonus: the bonus is the mean
+    entropy over every completion token, as verl averages it (TRL's bonus followed the loss weights, so the
+    stopped tokens left its sum and its normaliser)."""
+    from rlvr.forking import ForkingConfig
+    from tests.test_trainer import make_batch, make_trainer
+
+    rules = TokenRulesConfig(rule="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=-1e9, clip_cov_ub=1e9)
+    trainer = make_trainer(
+        tiny_checkpoint(),
+        tmp_path,
+        forking=ForkingConfig(policy_tokens="all"),
+        token_rules=rules,
+        loss_type="dapo",
+        entropy_coef=0.05,
+    )
+    batch = make_batch(trainer)
+    mask = batch["completion_mask"].bool()
+
+    def reference():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        length = batch["completion_ids"].size(1)
+        logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -length - 1 : -1]
+        all_logps = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
+        logps = all_logps.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        entropies = -(all_logps.exp() * all_logps).sum(-1)  # with gradient: the bonus's
+        real = mask.flatten().nonzero().squeeze(1)
+        generator = torch.Generator().manual_seed(0 * 1_000_003 + trainer._step + 7_919)  # the trainer's stream
+        stopped = real[torch.randperm(len(real), generator=generator)[: int(0.25 * len(real))]]
+        keep = torch.ones(mask.numel(), dtype=torch.float64)
+        keep[stopped] = 0.0
+        per_token = -batch["advantages"].double().unsqueeze(1) * torch.exp(logps - logps.detach())
+        policy = (per_token * keep.view_as(mask) * mask).sum() / mask.sum()
+        return policy - 0.05 * (entropies * mask).sum() / mask.sum()
+
+    compare_with_reference(trainer, batch, reference)
+
+
 def test_entropy_advantage_in_the_trainer_shapes_each_tokens_advantage(tiny_checkpoint, tmp_path):
     from rlvr.forking import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
@@ -313,6 +352,7 @@ def test_no_rule_leaves_the_loss_bit_for_bit(tiny_checkpoint, tmp_path):
         (["token_rules.rule=entropy_advantage", "forking.selection=random"], "control arm"),
         (["token_rules.kl_cov_coef=-1"], "token_rules.kl_cov_coef"),
         (["token_rules.rule=sometimes"], "token_rules.rule"),
+        (["token_rules.rule=clip_cov", "grpo.use_adaptive_entropy=true"], "adaptive entropy controller"),
     ],
 )
 def test_bad_rule_settings_fail_before_any_model_is_built(overrides, key):

@@ -49,6 +49,24 @@ def loss_mask(inputs: dict) -> torch.Tensor:
     return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
+def rlvr_entropy_bonus(forking: ForkingConfig, rule: str) -> bool:
+    """Whether rlvr computes the entropy bonus itself instead of TRL, whose bonus covers the tokens of the entropy
+    mask rlvr hands it (the loss weights): with ``forking.mask_entropy_bonus=false`` on forking tokens (the bonus
+    on every token), and with Clip-Cov, whose stopped tokens would leave the bonus too (verl's bonus averages over
+    every response token; Clip-Cov only stops their policy gradient)."""
+    return (not forking.mask_entropy_bonus and forking.policy_tokens == "forking") or rule == "clip_cov"
+
+
+def entropy_bonus_mask(forking: ForkingConfig, inputs: dict, selection: MicroBatchSelection) -> torch.Tensor:
+    """(B, T) the tokens rlvr's entropy bonus averages over: the forking tokens under
+    ``forking.mask_entropy_bonus`` with forking-token updates (TRL's choice), else every completion token; never
+    narrowed by a token rule."""
+    mask = loss_mask(inputs).bool()
+    if forking.mask_entropy_bonus and forking.policy_tokens == "forking":
+        mask = mask & selection.keep
+    return mask
+
+
 class ForkingSelection:
     """Exact top-k forking tokens over the micro-batch of every rank, and the records of them.
 

@@ -40,6 +40,12 @@ def check_token_rules(settings: TokenRulesConfig, forking: ForkingConfig, args) 
             f"token_rules.rule={rule}: forking.selection={forking.selection} is a control arm of the forking "
             "selection, not a selection to combine a rule with: use selection top or policy_tokens all"
         )
+    if rule == "clip_cov" and getattr(args, "use_adaptive_entropy", False):
+        raise ConfigError(
+            "token_rules.rule=clip_cov: rlvr computes the entropy bonus itself (on every token, not only those "
+            "Clip-Cov leaves a gradient), which TRL's adaptive entropy controller does not drive; use a fixed "
+            "grpo.entropy_coef"
+        )
     on_policy = args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps
     if rule == "kl_cov" and on_policy:
         raise ConfigError(

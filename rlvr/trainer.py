@@ -138,7 +138,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         kwargs["peft_config"] = setup.adapters(model, kwargs.get("peft_config"))  # SVF is applied here, LoRA by TRL
         if isinstance(model, torch.nn.Module):
             register_zero3_leaves(model)  # before DeepSpeed wraps it (in train())
-        training_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        training_args = setup.rlvr_defaults(kwargs.get("args", args[2] if len(args) > 2 else None), self.moe)
         vllm_replay = bool(getattr(training_args, "use_vllm", False)) and self.moe.routing_replay == "rollout"
         asked_reentrant = (getattr(training_args, "gradient_checkpointing_kwargs", None) or {}).get("use_reentrant")
         # a model id: TRL loads the policy and the reference model itself; with vLLM it builds the engine

@@ -219,3 +219,25 @@ def test_the_tiny_policy_cache_is_published_whole(tmp_path, monkeypatch):
     # A second process finds it and builds nothing.
     recipe.prepare_policy(config, data=None, accuracy_fn=None)
     assert len(written) == 1
+
+
+def test_own_jsonl_with_skip_writes_the_prompt_record_and_says_which_rows_evaluation_used(capsys, tmp_path):
+    """A user's own file and prompts.filter=skip: evaluation is on held-out rows (not the training rows it
+    was on before), the summary says so, and the run directory has the per-prompt record."""
+    data = tmp_path / "own.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a in range(6) for b in range(5))
+    )
+    output = tmp_path / "run"
+    overrides = [*TINY, f"output_dir={output}", f"warm_start.cache_dir={tmp_path / 'cache'}"]
+    code = main(["train", "--config", "quickstart", f"data.source={data}", "prompts.filter=skip", *overrides])
+    assert code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((output / "summary.json").read_text())
+    rows = summary["data"]
+    assert (rows["train_rows"], rows["eval_rows"], rows["eval_prompts_also_trained"]) == (27, 3, 0)
+    assert "held out (data.eval_fraction=0.1" in rows["eval_from"] and not rows["eval_on_training_rows"]
+    assert f"evaluated on: 3 rows, 3 rows of {data} held out" in printed
+    record = [json.loads(line) for line in (output / "prompts.jsonl").read_text().splitlines()]
+    assert record and sum(row["sampled"] for row in record) >= 2 * 2  # 2 steps x 2 prompts at least
+    assert all(row["pass_rate"] is None or 0 <= row["pass_rate"] <= 1 for row in record)

@@ -110,6 +110,41 @@ def test_top_entropy_quantile_is_refused_with_the_replacement(tiny_checkpoint, t
         )
 
 
+def test_a_users_grpo_config_gets_rlvrs_router_aux_loss_default(tiny_checkpoint, tmp_path):
+    """The README's promise on the library path: left unset, TRL's router_aux_loss_coef took the model's own
+    (0.001 for Qwen3-MoE) and added a load-balancing loss over every token; rlvr makes it 0. A number the
+    user sets is kept, and refused beside rlvr's own load-balancing loss."""
+    from trl import GRPOConfig
+
+    from rlvr import ForkingGRPOTrainer, MoEConfig, arithmetic_exact
+    from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
+
+    def build(moe=None, **settings):
+        args = GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            **settings,
+        )
+        return ForkingGRPOTrainer(
+            model=tiny_checkpoint("qwen3_moe"),
+            reward_funcs=arithmetic_exact,
+            args=args,
+            train_dataset=problems_to_dataset(generate_problems(ArithmeticTask(), "train", 8, 0)),
+            moe=moe,
+        )
+
+    unset = build()
+    assert unset.router_aux_loss_coef == 0.0 and not unset.aux_loss_enabled
+    kept = build(router_aux_loss_coef=0.001)
+    assert kept.router_aux_loss_coef == 0.001 and kept.aux_loss_enabled
+    with pytest.raises(ValueError, match="added twice"):
+        build(moe=MoEConfig(load_balancing_coef=0.01), router_aux_loss_coef=0.001)
+
+
 @pytest.mark.slow
 def test_model_given_as_a_path_under_zero3_registers_leaves_on_policy_and_reference(tiny_checkpoint, tmp_path):
     """TRL loads both models inside __init__ and wraps the reference model in DeepSpeed there: every MoE

@@ -622,3 +622,13 @@ def test_dynamic_sampling_keeps_the_groups_trl_gives_an_advantage(tiny_checkpoin
     short = trainer._metrics["train"]["prompts/short_groups"][-1]
     assert has_advantage == [aggregation == "normalize_then_sum"] * 2
     assert short == (0 if aggregation == "normalize_then_sum" else 2)  # kept exactly the groups TRL trains
+
+
+def test_the_docs_say_where_rlvr_parts_from_verl_and_greso():
+    """verl raises once max_num_gen_batches calls are spent (it does not top up); GRESO skips and adapts only
+    after the first epoch, rlvr from the first step. The module docs said otherwise, or nothing."""
+    from rlvr.prompts import history
+    from rlvr.training import prompt_filter
+
+    assert "verl raises" in prompt_filter.__doc__ and "trains on what there is" in prompt_filter.__doc__
+    assert "after the first epoch" in history.__doc__ and "from the first optimizer step" in history.__doc__

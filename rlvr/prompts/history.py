@@ -12,6 +12,8 @@ What rlvr changes: GRESO labels a prompt by the mean of its 0/1 rewards (all-rig
 <= 0.11). rlvr's rewards are weighted sums that need not be 0/1, so a group counts only when it truly has no
 variance (:func:`rlvr.prompts.groups.informative_groups`), and its kind is whether its common reward is above
 ``solved_reward``. GRESO counts per epoch (each prompt once per epoch); here per time a prompt is sampled.
+GRESO starts skipping and adapting ``p`` after the first epoch, once every prompt has a history; rlvr skips
+and adapts from the first optimizer step (a prompt not yet sampled has no streak, so it is never skipped).
 A prompt is known by a hash of its prompt field, the same on every rank and across a resume.
 """
 

@@ -2,9 +2,11 @@
 
 * ``dynamic``: DAPO's dynamic sampling (Yu et al., 2025, arXiv 2503.14476, section 3.2). A group whose G
   rewards are all equal has zero advantage and gives no policy gradient; such groups are dropped and more
-  prompts sampled until the batch is full of groups with reward variance. As verl ships it
-  (``algorithm.filter_groups``), each extra generation call samples a whole generation batch of new prompts,
-  and after ``max_num_gen_batches`` calls the step trains on what there is.
+  prompts sampled until the batch is full of groups with reward variance. As in verl
+  (``algorithm.filter_groups``), each extra generation call samples a whole generation batch of new prompts.
+  Where they part: after ``max_num_gen_batches`` calls verl raises (its advice: easier data, or 0 for no
+  limit); after ``prompts.max_draws`` calls rlvr trains on what there is, fills the batch with zero-variance
+  groups and logs how many (``prompts/short_groups``).
 * ``skip``: before each call, every prompt is skipped with GRESO's probability (:mod:`rlvr.prompts.history`)
   and replaced by further candidates; after it, groups still without variance are dropped as above.
 * ``skip`` with ``refill=false``: one call on the prompts not skipped; nothing replaces the skipped ones, whose

@@ -153,6 +153,25 @@ def router_aware_updates(trainer) -> RouterAwareUpdates | None:
     return updates
 
 
+def rlvr_defaults(args, moe):
+    """The ``GRPOConfig`` a user hands the trainer, with rlvr's default where TRL's is left unset:
+    ``router_aux_loss_coef`` None makes TRL add the model's own load-balancing loss (0.001 for Qwen3-MoE) over
+    every token, beside rlvr's token-scoped router losses; rlvr sets it to 0, as its YAML path does and as verl
+    and NeMo-RL do in RL. A number set by the user is kept (refused beside ``moe.load_balancing_coef``, which
+    would add the same loss twice)."""
+    if args is None or not hasattr(args, "router_aux_loss_coef"):
+        return args
+    if args.router_aux_loss_coef is None:
+        args.router_aux_loss_coef = 0.0
+        logger.info("GRPOConfig.router_aux_loss_coef unset: rlvr uses 0.0 (set a number to keep TRL's aux loss)")
+    elif args.router_aux_loss_coef and moe.load_balancing_coef > 0:
+        raise ValueError(
+            "moe.load_balancing_coef: GRPOConfig.router_aux_loss_coef is also set; the load-balancing loss would "
+            "be added twice. Keep one (rlvr's can be scoped to completion or forking tokens)."
+        )
+    return args
+
+
 def rollouts(trainer, measure: bool) -> Rollouts:
     """The generation side of ``trainer`` (:class:`rlvr.rollouts.Rollouts`): routing recorded for the replay
     ``moe.routing_replay`` asks for (and for the mismatch metrics when ``measure``: an engine samples)."""

@@ -16,7 +16,7 @@ from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
 from rlvr.report_adapters import adapter_lines
 from rlvr.report_cells import baseline_of, construction_clusters, fmt, interval_cell
 from rlvr.report_figures import CURVE_PANELS, FIGURES, own_share_figures, split_panels
-from rlvr.report_prompts import selective_lines
+from rlvr.report_prompts import prompt_figures, selective_lines, skip_lines
 from rlvr.report_sections import collapsed, domain_sections, mismatch_lines, routing_verdict_lines
 from rlvr.runs import CompareRecords, Run, mean_curve, mean_std
 
@@ -263,11 +263,11 @@ def write_report(paths: list[Path], out_dir: Path | None = None, records: Compar
     for name, title, draw in FIGURES:
         if draw(groups, out_dir / name):
             figures.append((title, name))
-    lines += selective_lines(groups)
+    lines += selective_lines(groups) + skip_lines(groups)
     lines += adapter_lines(groups)
     lines += mismatch_lines(groups)
     lines += domain_sections(groups, records.starting_policies)
-    figures += own_share_figures(groups, out_dir)
+    figures += own_share_figures(groups, out_dir) + prompt_figures(groups, out_dir)
     for title, name in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     flat = [note for _, _, panels in CURVE_PANELS for note in split_panels(groups, panels)[1]]

@@ -1,13 +1,16 @@
 """The report's section on selective rollouts (``prompts.filter``): where each arm's generation went (prompts
 sampled, skipped before sampling, dropped after), what it cost against ``full`` and ``dynamic`` (decoded tokens,
-generation seconds, both to reach ``full``'s final accuracy), and the zero-variance share of the sampled groups
-per epoch. No torch, transformers or TRL."""
+generation seconds, both to reach ``full``'s final accuracy), the zero-variance share of the sampled groups
+per epoch, and which prompts a skipping arm skipped: its skip rate against their pass rate (``prompts.jsonl``).
+No torch, transformers or TRL."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rlvr.report_cells import fmt
+from rlvr.report_figures import _pyplot, _save_figure
 from rlvr.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, mean_curve, mean_std
 
 ZERO_VARIANCE = "frac_reward_zero_std"  # TRL's share of sampled groups whose rewards all agree (every call)
@@ -158,3 +161,63 @@ def selective_lines(groups: dict[str, list[Run]]) -> list[str]:
             ]
             lines.append(f"| {arm} | " + " | ".join(cells + ["—"] * (epochs - len(values))) + " |")
     return lines
+
+
+# pass-rate buckets of the per-prompt record: (label, does a pass rate belong to it)
+PASS_RATE_BUCKETS = (
+    ("never sampled", lambda rate: rate is None),
+    ("0", lambda rate: rate is not None and rate == 0.0),
+    ("(0, 0.5]", lambda rate: rate is not None and 0.0 < rate <= 0.5),
+    ("(0.5, 1)", lambda rate: rate is not None and 0.5 < rate < 1.0),
+    ("1", lambda rate: rate is not None and rate == 1.0),
+)
+
+
+def skip_by_pass_rate(runs: list[Run]) -> list[tuple[float, int]]:
+    """Per pass-rate bucket of :data:`PASS_RATE_BUCKETS`: the share of the times its prompts were candidates that
+    they were skipped (skipped / (skipped + sampled), pooled over the bucket's prompts and the runs; NaN with no
+    prompt) and how many prompts (summed over runs)."""
+    out = []
+    for _, belongs in PASS_RATE_BUCKETS:
+        rows = [row for run in runs for row in run.prompts if belongs(row.get("pass_rate"))]
+        skipped, sampled = sum(row["skipped"] for row in rows), sum(row["sampled"] for row in rows)
+        out.append((skipped / (skipped + sampled) if skipped + sampled else math.nan, len(rows)))
+    return out
+
+
+def skip_lines(groups: dict[str, list[Run]]) -> list[str]:
+    """The table of skip rate by pass rate, for arms that skipped a prompt (empty otherwise)."""
+    arms = {arm: runs for arm, runs in groups.items() if any(row["skipped"] for run in runs for row in run.prompts)}
+    if not arms:
+        return []
+    lines = [
+        "",
+        "Which prompts were skipped (from each run's `prompts.jsonl`): per bucket of a prompt's pass rate (the mean "
+        "share of its sampled completions above `prompts.solved_reward`), skip rate = skipped / (skipped + sampled) "
+        "over its prompts and runs, with the number of prompts. A skipper that saves generation on the prompts the "
+        "policy always (1) or never (0) solves shows high rates there and low ones in between.",
+        "",
+        "| arm | " + " | ".join(label for label, _ in PASS_RATE_BUCKETS) + " |",
+        "|---|" + "---|" * len(PASS_RATE_BUCKETS),
+    ]
+    for arm, runs in arms.items():
+        cells = [f"{fmt(rate, digits=2)} ({count})" for rate, count in skip_by_pass_rate(runs)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def prompt_figures(groups: dict[str, list[Run]], out_dir: Path) -> list[tuple[str, str]]:
+    """The skip rate of every prompt against its pass rate, one panel per arm that skipped: ``(title, file)``."""
+    arms = [arm for arm, runs in groups.items() if any(row["skipped"] for run in runs for row in run.prompts)]
+    if not arms:
+        return []
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), squeeze=False)
+    for axis, arm in zip(axes[0], arms, strict=True):
+        rows = [row for run in groups[arm] for row in run.prompts if row.get("pass_rate") is not None]
+        rates = [row["skipped"] / (row["skipped"] + row["sampled"]) for row in rows]
+        axis.scatter([row["pass_rate"] for row in rows], rates, s=10, alpha=0.5)
+        axis.set(title=arm, xlabel="pass rate of its sampled groups", ylabel="skip rate", xlim=(-0.05, 1.05))
+    name = "skip_pass_rate.png"
+    _save_figure(plt, figure, out_dir / name)
+    return [("Skip rate against pass rate, one point per sampled prompt and run", name)]

@@ -34,6 +34,7 @@ class Run:
     domain_routing: dict | None = None  # {"before": ..., "after": ...} of rlvr.moe.domains.routing_by_domain
     construction: int | None = None  # upcycling compares: the seed the starting policy was built with
     config: dict = field(default_factory=dict)  # the run's config.yaml
+    prompts: list[dict] = field(default_factory=list)  # prompts.jsonl: what prompts.filter did to each prompt
 
     @property
     def replicate(self) -> tuple[int, int]:
@@ -96,6 +97,7 @@ def load_run(directory: Path) -> Run:
         metrics=_read_jsonl(directory / "metrics.jsonl"),
         forking=_read_jsonl(directory / "forking_tokens.jsonl"),
         routing=_read_jsonl(directory / "routing.jsonl"),
+        prompts=_read_jsonl(directory / "prompts.jsonl"),
         domain_routing=json.loads((directory / "domain_routing.json").read_text())
         if (directory / "domain_routing.json").exists()
         else None,

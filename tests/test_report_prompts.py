@@ -134,3 +134,26 @@ def test_an_arm_already_at_fulls_accuracy_before_rl_is_said_so(tmp_path):
     assert skip["reach_step"] == 0 and math.isnan(skip["decoded_to_reach"])
     line = next(line for line in selective_lines(groups) if line.startswith("| skip_both |"))
     assert "| before RL |" in line
+
+
+def test_skip_rate_against_pass_rate_from_the_per_prompt_record(tmp_path):
+    """Two skip runs: always-solved prompts were skipped 3 times in 4 (6 of 8 candidacies), never-solved ones 1 in
+    4, the one in between never; a prompt never sampled (skipped twice) is its own bucket."""
+    from rlvr.report_prompts import prompt_figures, skip_by_pass_rate, skip_lines
+
+    def row(prompt_id, pass_rate, sampled, skipped):
+        return {"prompt_id": prompt_id, "pass_rate": pass_rate, "sampled": sampled, "skipped": skipped}
+
+    groups = groups_of(tmp_path)
+    groups["skip_both"][0].prompts = [row("a", 1.0, 1, 3), row("b", 0.0, 3, 1), row("c", 0.25, 4, 0)]
+    groups["skip_both"][1].prompts = [row("a", 1.0, 1, 3), row("d", None, 0, 2)]
+    buckets = skip_by_pass_rate(groups["skip_both"])
+    assert buckets[0] == (1.0, 1) and buckets[1] == (0.25, 1) and buckets[2] == (0.0, 1)
+    assert math.isnan(buckets[3][0]) and buckets[3][1] == 0 and buckets[4] == (0.75, 2)
+    line = next(line for line in skip_lines(groups) if line.startswith("| skip_both |"))
+    assert line == "| skip_both | 1.00 (1) | 0.25 (1) | 0.00 (1) | n/a (0) | 0.75 (2) |"
+    assert not any(line.startswith("| full |") for line in skip_lines(groups))  # it skipped nothing
+    assert prompt_figures(groups, tmp_path) == [
+        ("Skip rate against pass rate, one point per sampled prompt and run", "skip_pass_rate.png")
+    ]
+    assert (tmp_path / "skip_pass_rate.png").stat().st_size > 5000

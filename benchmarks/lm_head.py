@@ -1,7 +1,7 @@
 """The LM head backward on forking tokens only: loss step and saved-for-backward memory, rlvr vs stock TRL.
 
 Stock TRL runs its own forking-token method (``top_entropy_quantile=rho``) through its fused LM head,
-which recomputes the logits of every scored position in backward. rlvr's sparse head (rlvr.sparse_head)
+which recomputes the logits of every scored position in backward. rlvr's sparse head (rlvr.training.sparse_head)
 scores every completion position once without a graph and projects only the selected ones with
 gradient. Both see the same synthetic batch (short prompts, full-length completions, random advantages),
 timed interleaved in one process; memory is the bytes of the tensors autograd saves for backward
@@ -25,12 +25,12 @@ import torch
 from common import SavedBytes, odd_length_reward, quiet, synthetic_batch
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr.config import load_config
-from rlvr.forking import ForkingConfig
+from rlvr.forking.selection import ForkingConfig
 from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_pretrained
 from rlvr.moe.config import MoEConfig
-from rlvr.packaged import QUICKSTART
+from rlvr.run.config import load_config
 from rlvr.trainer import ForkingGRPOTrainer
+from rlvr.utils.packaged import QUICKSTART
 
 
 def model_specs() -> dict[str, tuple[TinyMoESpec, int]]:

@@ -43,15 +43,15 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, GptOssConfig, PretrainedConfig, Qwen3MoeConfig
 from trl import GRPOConfig
 
-from rlvr.compare import load_experiment_config
-from rlvr.forking import ForkingConfig
+from rlvr.experiment.compare import load_experiment_config
+from rlvr.forking.selection import ForkingConfig
 from rlvr.models import build_char_tokenizer
-from rlvr.packaged import CONFIG_ROOT
 from rlvr.trainer import ForkingGRPOTrainer
 from rlvr.tuning import AdapterConfig
 from rlvr.tuning.lora import lora_parameter_count
 from rlvr.tuning.svf import svf_parameter_count
 from rlvr.tuning.targets import resolve_targets
+from rlvr.utils.packaged import CONFIG_ROOT
 
 GIB = 2**30
 MODEL_STATE_BYTES = 16  # per parameter: mixed-precision Adam under ZeRO (bf16 weight + grad, fp32 master, m, v)

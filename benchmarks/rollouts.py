@@ -42,9 +42,9 @@ from rlvr.rollouts.tree import ForkingTreeSampler, completion_lengths, left_pad
 
 def quickstart_model():
     """The quickstart's policy after its (cached) warm start, and its training prompts' token ids."""
-    from rlvr.config import load_config
-    from rlvr.packaged import QUICKSTART
-    from rlvr.recipe import prepare_data, prepare_policy, resolve_rewards
+    from rlvr.run.config import load_config
+    from rlvr.run.recipe import prepare_data, prepare_policy, resolve_rewards
+    from rlvr.utils.packaged import QUICKSTART
 
     config = load_config(QUICKSTART)
     data = prepare_data(config)

@@ -29,7 +29,7 @@ from common import (
     save_model,
 )
 
-from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import ROUTING_KEY, ForkingGRPOTrainer
 
 

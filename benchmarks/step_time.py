@@ -30,7 +30,7 @@ from common import (
 )
 from trl import GRPOTrainer
 
-from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import ForkingGRPOTrainer
 
 

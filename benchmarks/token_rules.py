@@ -22,8 +22,8 @@ import tempfile
 import torch
 from common import add_model_arguments, build_trainer, fixed_batch, interleaved_loss_steps, quiet, save_model
 
-from rlvr.forking import ForkingConfig
-from rlvr.token_rules import TokenRulesConfig
+from rlvr.forking.selection import ForkingConfig
+from rlvr.forking.token_rules import TokenRulesConfig
 from rlvr.trainer import ForkingGRPOTrainer
 
 RULES = {

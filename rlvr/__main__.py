@@ -1,5 +1,5 @@
 """``python -m rlvr ...`` is ``rlvr ...``."""
 
-from rlvr.cli import entry_point
+from rlvr.cli.main import entry_point
 
 entry_point()

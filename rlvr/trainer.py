@@ -20,17 +20,15 @@ import torch
 from transformers import PreTrainedModel
 from trl import GRPOTrainer
 
-from rlvr.collectives import Collectives, OneProcess
-from rlvr.forking import ForkingConfig, loss_normalization_unit, mask_gradient
-from rlvr.forking_log import ForkingTokenLog
+from rlvr.forking.log import ForkingTokenLog
+from rlvr.forking.selection import ForkingConfig, loss_normalization_unit, mask_gradient
+from rlvr.forking.token_rules import TokenRulesConfig
 from rlvr.models.loading import expose_backbone, runs_as_reference
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.moe.zero3 import register_zero3_leaves
 from rlvr.prompts import PromptsConfig
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY, ReplayRecorder, RolloutConfig, Rollouts
-from rlvr.sparse_head import HeadTransform, text_only_loss_forward
-from rlvr.token_rules import TokenRulesConfig
 from rlvr.training import callbacks, generation, log_records, setup
 from rlvr.training.forwards import measure_forward, replayed_forward, sparse_forward
 from rlvr.training.prompt_filter import PromptFilter
@@ -42,9 +40,11 @@ from rlvr.training.selection import (
     loss_mask,
     rlvr_entropy_bonus,
 )
+from rlvr.training.sparse_head import HeadTransform, text_only_loss_forward
 from rlvr.training.token_rule_step import TokenRuleStep
-from rlvr.trl_loading import zero3_leaves_as_trl_loads
-from rlvr.vllm_routing import routed_experts_returned
+from rlvr.training.trl_loading import zero3_leaves_as_trl_loads
+from rlvr.training.vllm_routing import routed_experts_returned
+from rlvr.utils.collectives import Collectives, OneProcess
 
 __all__ = ["GROUP_IDS_KEY", "ROUTING_KEY", "ForkingGRPOTrainer"]
 
@@ -60,7 +60,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for dense models when left at its defaults.
         rollout: how training completions are sampled (:class:`rlvr.rollouts.config.RolloutConfig`).
         prompts: which prompts a step spends generation on (:class:`rlvr.prompts.config.PromptsConfig`).
-        token_rules: an entropy intervention in the loss forward (:class:`rlvr.token_rules.TokenRulesConfig`).
+        token_rules: an entropy intervention in the loss forward (:class:`rlvr.forking.token_rules.TokenRulesConfig`).
         peft_config: a PEFT config, passed to TRL, or :class:`rlvr.tuning.SVFConfig` (applied by rlvr).
         *args, **kwargs: passed to :class:`trl.GRPOTrainer` unchanged. Do not set
             ``args.top_entropy_quantile``: ``forking.rho`` replaces it.

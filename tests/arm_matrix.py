@@ -3,7 +3,7 @@
     <rlvr launch's accelerate command> tests/collective_trace.py TRACE_DIR SKEW tests/arm_matrix.py \
         TRACE_DIR OUT ARM[,ARM...]
 
-Each arm is ``rlvr train --config quickstart --arm ...`` on a small tiny MoE, run by ``rlvr.cli.main`` in this
+Each arm is ``rlvr train --config quickstart --arm ...`` on a small tiny MoE, run by ``rlvr.cli.main.main`` in this
 process, one after another. Before each, every rank writes ``["arm", NAME]`` into its collective trace, so a
 mismatch is named by the arm it happened in. The first arm builds the tiny policy and a short warm start (the
 launch's cache starts empty) and saves the final model; the others reuse the cache and save nothing.
@@ -50,9 +50,9 @@ ARMS = {
 
 
 def main() -> int:
-    from rlvr import commands
-    from rlvr.cli import main as rlvr
-    from rlvr.shutdown import end_distributed
+    from rlvr.cli import commands
+    from rlvr.cli.main import main as rlvr
+    from rlvr.cli.shutdown import end_distributed
 
     commands.end_distributed = lambda: None  # one process group for every arm; destroyed at the end
 
@@ -71,6 +71,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from rlvr.shutdown import exit_process
+    from rlvr.cli.shutdown import exit_process
 
     exit_process(main())

@@ -23,10 +23,10 @@ import warnings
 import torch
 from trl import GRPOConfig
 
-from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.cli.shutdown import end_distributed, exit_process
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import load_pretrained
-from rlvr.shutdown import end_distributed, exit_process
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
 from rlvr.tuning import AdapterConfig, adapter_config
 
@@ -176,5 +176,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.shutdown)
+    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.cli.shutdown)
     exit_process(0)

@@ -28,7 +28,7 @@ def fresh_cache_env(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 def printed_launch_command(capsys, launch_arguments: list[str], program: list[str]) -> list[str]:
     """The command ``rlvr launch LAUNCH_ARGUMENTS --dry-run -- PROGRAM`` prints, as a list."""
-    from rlvr.cli import main
+    from rlvr.cli.main import main
 
     assert main(["launch", *launch_arguments, "--dry-run", "--", *program]) == 0
     return shlex.split(capsys.readouterr().out.strip().removeprefix("rlvr launch: "))

@@ -19,9 +19,9 @@ import torch
 from trl import GRPOConfig
 
 from rlvr import ForkingConfig, ForkingGRPOTrainer, MoEConfig, arithmetic_exact
+from rlvr.cli.shutdown import end_distributed, exit_process
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.moe import find_moe_layers
-from rlvr.shutdown import end_distributed, exit_process
 
 
 def leaf_flags(model: torch.nn.Module) -> list[bool]:
@@ -63,5 +63,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.shutdown)
+    end_distributed()  # then no interpreter finalization under live gloo threads (see rlvr.cli.shutdown)
     exit_process(0)

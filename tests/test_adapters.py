@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model
 
-from rlvr.config import MoEConfig
 from rlvr.models import load_pretrained
 from rlvr.models.loading import runs_as_reference
+from rlvr.run.config import MoEConfig
 from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

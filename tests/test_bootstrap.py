@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
+from rlvr.report.intervals import Interval, mean_interval, paired_difference, verdict
 
 
 def test_constant_scores_have_a_zero_width_interval():

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from rlvr.cli import CONFIG_DIR as CONFIGS
-from rlvr.cli import main
-from rlvr.progress import format_log_line
+from rlvr.cli.main import CONFIG_DIR as CONFIGS
+from rlvr.cli.main import main
+from rlvr.run.progress import format_log_line
 
 TINY = [
     "model.tiny.num_layers=1",
@@ -197,8 +197,8 @@ def test_math_reward_failure_counts_reach_the_metrics_file(tmp_path):
 def test_the_tiny_policy_cache_is_published_whole(tmp_path, monkeypatch):
     """Ranks of one launch share the cache: a policy appears under its final name only once it is complete
     (a config without weights there made the other rank's from_pretrained fail)."""
-    import rlvr.recipe as recipe
-    from rlvr.config import load_config
+    import rlvr.run.recipe as recipe
+    from rlvr.run.config import load_config
 
     real_save = recipe.save_tiny_policy
     written = []

@@ -1,4 +1,4 @@
-"""rlvr.collectives: every collective rlvr issues goes through it, keeps dtypes, agrees shapes, and runs on
+"""rlvr.utils.collectives: every collective rlvr issues goes through it, keeps dtypes, agrees shapes, and runs on
 the accelerator's device; ranks holding unequal data issue identical collectives."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rlvr.collectives import Collectives, OneProcess
+from rlvr.utils.collectives import Collectives, OneProcess
 from tests.launching import fresh_cache_env, printed_launch_command
 
 RLVR = Path(__file__).resolve().parent.parent / "rlvr"
@@ -37,11 +37,11 @@ def test_no_rlvr_module_calls_a_collective_except_the_helper():
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if DIRECT_COLLECTIVE.search(line):
                 offenders.append(f"{path.relative_to(RLVR.parent)}:{number}: {line.strip()}")
-    assert offenders == [], "collectives outside rlvr/collectives.py:\n" + "\n".join(offenders)
+    assert offenders == [], "collectives outside rlvr/utils/collectives.py:\n" + "\n".join(offenders)
 
 
 def test_the_source_check_finds_what_the_trainer_used_to_call():
-    before = [  # the trainer's calls before rlvr.collectives
+    before = [  # the trainer's calls before rlvr.utils.collectives
         "all_mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask, dim=1))",
         "return self.accelerator.reduce(values, reduction='sum')",
         "rewards, gather_object(completions), self._group_size()",

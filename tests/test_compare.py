@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from rlvr.cli import CONFIG_DIR, main
-from rlvr.compare import plan_runs, run_compare
-from rlvr.evaluation import pass_at_k
-from rlvr.report import write_report
+from rlvr.cli.main import CONFIG_DIR, main
+from rlvr.experiment.compare import plan_runs, run_compare
+from rlvr.report.summary import write_report
+from rlvr.run.evaluation import pass_at_k
 
 COMPARE_CONFIG = str(CONFIG_DIR / "compare" / "quickstart.yaml")
 TINY = [
@@ -148,9 +148,9 @@ def test_pass_at_k_matches_brute_force(n, c, k):
 def test_decoded_tokens_to_reach_the_baseline_and_the_accuracy_per_token_figure(tmp_path):
     """Hand-made runs: the tree arm enters full's final interval at step 20 having decoded 300 tokens;
     full enters it at step 30 (its last eval) having decoded 900: 300 / 900 = 0.33x."""
-    from rlvr.report import summary_rows
-    from rlvr.report_figures import plot_accuracy_per_decoded_token
-    from rlvr.runs import Run
+    from rlvr.report.figures import plot_accuracy_per_decoded_token
+    from rlvr.report.runs import Run
+    from rlvr.report.summary import summary_rows
 
     def run(arm, seed, accuracies, per_step, correct):
         metrics = [{"step": step, "rollout/decoded_tokens_total": per_step * step} for step in (10, 20, 30)]
@@ -183,8 +183,8 @@ def test_decoded_tokens_to_reach_the_baseline_and_the_accuracy_per_token_figure(
 def test_an_arm_starting_inside_the_baselines_interval_cannot_tell_not_reaches_at_zero(tmp_path):
     """An arm whose accuracy before RL already lies inside the baseline's final interval "reached" it at step 0
     with 0 tokens decoded: the table said "reaches baseline 0", which reads as matching full for free."""
-    from rlvr.report import STARTS_INSIDE, summary_lines, summary_rows
-    from rlvr.runs import Run
+    from rlvr.report.runs import Run
+    from rlvr.report.summary import STARTS_INSIDE, summary_lines, summary_rows
 
     def run(arm, seed, accuracies):
         metrics = [{"step": step, "rollout/decoded_tokens_total": 10 * step} for step in (10, 20)]
@@ -209,9 +209,9 @@ def test_an_arm_starting_inside_the_baselines_interval_cannot_tell_not_reaches_a
 def test_contrasts_pair_two_arms_in_the_report(tmp_path):
     """compare.contrasts adds verdicts for arm pairs other than "vs full": the manifest carries them, the
     report pairs the arms' per-problem results; pairs with an arm that did not run are left out."""
-    from rlvr.compare import CompareConfig
-    from rlvr.report import summary_lines
-    from rlvr.runs import Run
+    from rlvr.experiment.compare import CompareConfig
+    from rlvr.report.runs import Run
+    from rlvr.report.summary import summary_lines
 
     def run(arm, seed, correct, decoded):
         after = {"greedy_accuracy": sum(correct) / len(correct), "sampled_accuracy": 0.0}
@@ -236,8 +236,8 @@ def test_contrasts_pair_two_arms_in_the_report(tmp_path):
     assert "(sampled) tree vs full_g6: +0.500" in text
     assert "**Contrasts**" not in "\n".join(summary_lines(groups, []))
     # the manifest carries the contrasts to the report
-    from rlvr.compare import ExperimentConfig, PlannedRun, write_manifest
-    from rlvr.runs import CompareRecords
+    from rlvr.experiment.compare import ExperimentConfig, PlannedRun, write_manifest
+    from rlvr.report.runs import CompareRecords
 
     config = ExperimentConfig()
     config.compare.contrasts = ["tree:full", "tree:full_g6"]
@@ -250,9 +250,9 @@ def test_mismatch_table_averages_each_runs_metrics_and_counts_collapsed_runs(tmp
     """Hand-made runs: the table's cells are the mean over runs of each run's mean over logging steps; a run
     whose reward falls to a quarter of its best and stays there counts as collapsed, a dip that recovers
     does not; runs without an engine add no section."""
-    from rlvr.report import collapsed, mismatch_lines
-    from rlvr.report_figures import plot_curves
-    from rlvr.runs import Run
+    from rlvr.report.figures import plot_curves
+    from rlvr.report.runs import Run
+    from rlvr.report.summary import collapsed, mismatch_lines
 
     def run(arm, seed, flips, rewards):
         metrics = [{"step": 5 * (i + 1), "mismatch/router_flips": f} for i, f in enumerate(flips)]
@@ -270,7 +270,7 @@ def test_mismatch_table_averages_each_runs_metrics_and_counts_collapsed_runs(tmp
     text = "\n".join(mismatch_lines(groups))
     assert "| full | 0.2 ± 0 | 1/2 |" in text and "| replay | 0.1 ± 0 | 0/2 |" in text
     assert "| arm | router flips | collapsed |" in text  # columns only for what was logged
-    from rlvr.report_figures import CURVE_PANELS
+    from rlvr.report.figures import CURVE_PANELS
 
     panels = next(entry[2] for entry in CURVE_PANELS if entry[0] == "mismatch.png")
     assert plot_curves(groups, panels, tmp_path / "mismatch.png", "mismatch")
@@ -283,8 +283,8 @@ def test_mismatch_table_averages_each_runs_metrics_and_counts_collapsed_runs(tmp
 def test_entropy_figures_draw_per_arm_and_skip_runs_without_entropy(tmp_path):
     """The entropy-dynamics panels and accuracy against late entropy (one point per run); nothing is drawn
     from runs that logged no entropy."""
-    from rlvr.report_figures import FIGURES, plot_accuracy_against_entropy
-    from rlvr.runs import Run
+    from rlvr.report.figures import FIGURES, plot_accuracy_against_entropy
+    from rlvr.report.runs import Run
 
     def run(arm, seed, entropy_end, accuracy):
         metrics = [
@@ -310,8 +310,8 @@ def test_entropy_figures_draw_per_arm_and_skip_runs_without_entropy(tmp_path):
 def test_an_arm_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     """A panel where the first arm logged nothing (a token rule's share) still draws the second arm in the
     second arm's colour."""
-    from rlvr import report_figures
-    from rlvr.runs import Run
+    from rlvr.report import figures as report_figures
+    from rlvr.report.runs import Run
 
     def run(arm, metrics):
         return Run(tmp_path / arm, arm, 0, {"eval_after": {"greedy_accuracy": 0.5}}, metrics=metrics)
@@ -340,7 +340,7 @@ def test_panels_of_selection_dependent_metrics_say_they_are_each_arms_selected_t
     """forking/entropy_kept and moe/router_entropy_forking are measured on the tokens an arm selects: the
     highest-entropy ones for top arms, the lowest for bottom, a random share for random. Labelled "forking
     tokens", the panels compared different token sets under one name."""
-    from rlvr.report_figures import CURVE_PANELS, FIGURES
+    from rlvr.report.figures import CURVE_PANELS, FIGURES
 
     selection_dependent = {"forking/entropy_kept", "forking/entropy_dropped", "moe/router_entropy_forking"}
     labels = {key: label for _, _, panels in CURVE_PANELS for key, label in panels if key in selection_dependent}

@@ -2,9 +2,11 @@
 
 import pytest
 
-from rlvr.compare import load_experiment_config as load_config  # what the CLI reads: run sections + compare's
-from rlvr.config import ConfigError, format_help, parse_overrides
-from rlvr.packaged import CONFIG_ROOT
+from rlvr.experiment.compare import (
+    load_experiment_config as load_config,  # what the CLI reads: run sections + compare's
+)
+from rlvr.run.config import ConfigError, format_help, parse_overrides
+from rlvr.utils.packaged import CONFIG_ROOT
 
 CONFIGS = CONFIG_ROOT
 
@@ -154,7 +156,7 @@ def test_help_lists_every_key_with_its_help():
 def test_the_warm_start_trains_on_its_own_number_of_problems_and_keys_its_cache_by_it():
     """A small RL set (data.num_train) can keep a warm start trained on many worked problems; a warm start
     trained on a different number of problems is a different warm start, cached under another key."""
-    from rlvr.warmstart import cache_key
+    from rlvr.run.warm_start import cache_key
 
     small = load_config(None, ["data.num_train=96"])
     kept = load_config(None, ["data.num_train=96", "warm_start.num_train=1000"])
@@ -168,7 +170,7 @@ def test_the_warm_start_trains_on_its_own_number_of_problems_and_keys_its_cache_
 
 def test_a_warm_start_made_by_a_multi_process_launch_is_cached_apart(monkeypatch):
     """Under DDP each supervised step sees every rank's batch: another warm start than one process makes."""
-    from rlvr.warmstart import cache_key
+    from rlvr.run.warm_start import cache_key
 
     config = load_config(None, [])
     single = config.warm_start_job()
@@ -181,7 +183,7 @@ def test_a_warm_start_made_by_a_multi_process_launch_is_cached_apart(monkeypatch
 def test_a_warm_start_under_a_bf16_launcher_trains_in_bf16_and_is_cached_apart(monkeypatch):
     """TRL's zero3.yaml asks accelerate for bf16 and DeepSpeed refuses a trainer in another precision, so the warm
     start follows the launcher (a plain run stays float32, its cache key unchanged)."""
-    from rlvr.warmstart import cache_key, launcher_bf16
+    from rlvr.run.warm_start import cache_key, launcher_bf16
 
     job = load_config(None, []).warm_start_job()
     plain = cache_key(job)

@@ -1,4 +1,4 @@
-"""The generic config loader (rlvr.configuration) on a config tree it has never seen, and the loss-type table."""
+"""The generic config loader (rlvr.utils.options) on a config tree it has never seen, and the loss-type table."""
 
 import dataclasses
 import re
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlvr.configuration import (
+from rlvr.forking.selection import LOSS_NORMALIZATION_UNITS, loss_normalization_unit
+from rlvr.utils.options import (
     ConfigError,
     describe_fields,
     option,
@@ -16,7 +17,6 @@ from rlvr.configuration import (
     require,
     validate_tree,
 )
-from rlvr.forking import LOSS_NORMALIZATION_UNITS, loss_normalization_unit
 
 ENGINE_OPTIONS = frozenset({"lr", "steps"})
 
@@ -76,7 +76,7 @@ def test_help_lists_every_leaf_with_its_shown_default():
 
 
 def test_the_loader_knows_no_section_by_name():
-    import rlvr.configuration as configuration
+    import rlvr.utils.options as configuration
 
     text = Path(configuration.__file__).read_text()
     code = re.sub(r'""".*?"""', "", text, flags=re.S)  # docstrings may give examples
@@ -94,7 +94,7 @@ def test_every_trl_loss_type_has_a_normalisation_unit():
 
 
 def test_an_unknown_loss_type_is_a_config_error_naming_the_key():
-    from rlvr.config import load_config
+    from rlvr.run.config import load_config
 
     with pytest.raises(ConfigError, match=r"^grpo\.loss_type: .*'made_up'"):
         load_config(None, ["grpo.loss_type=made_up"])

@@ -17,8 +17,8 @@ from rlvr.data import (
 )
 from rlvr.data.arithmetic import split_of
 from rlvr.data.splits import load_train_eval
-from rlvr.evaluation import EvalResult
-from rlvr.run_dir import RunResult, summary_table
+from rlvr.run.directory import RunResult, summary_table
+from rlvr.run.evaluation import EvalResult
 
 
 def _evaluate(expression: str) -> int:

@@ -140,7 +140,7 @@ def test_deepspeed_zero_on_cpu_with_trls_own_accelerate_configs(tmp_path, stage,
 
 
 def test_launch_builds_the_accelerate_command(capsys):
-    from rlvr.cli import main
+    from rlvr.cli.main import main
 
     code = main(
         [
@@ -220,7 +220,7 @@ def _tiny_model_with_spread_entropies(directory):
 def test_zero2_and_zero3_two_process_training_matches_one_process(tmp_path):
     """Three optimizer steps on one fixed global batch (generation replaced: see tests/distributed_steps.py),
     forking-token loss with router gates, a load-balancing loss on forking tokens and the LM head on
-    forking tokens only (rlvr.sparse_head, the head gathered under ZeRO-3): one plain process vs
+    forking tokens only (rlvr.training.sparse_head, the head gathered under ZeRO-3): one plain process vs
     2 processes under TRL's own zero2.yaml / zero3.yaml (float32).
 
     Tolerance: 1e-5 relative on every logged loss, gradient norm, entropy and forking threshold, and on

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
-from rlvr.evaluation import evaluate_accuracy
 from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe
 from rlvr.moe.domains import routing_by_domain
+from rlvr.run.evaluation import evaluate_accuracy
 
 PROMPTS = ["Compute: 2+3", "Compute: 7*8+1", "Compute: 1-1+4", "Compute: 9*9"]
 SOLUTIONS = ["2+3=5\n\\boxed{5}", "7*8=56\n56+1=57\n\\boxed{57}", "1-1=0\n0+4=4\n\\boxed{4}", "9*9=81\n\\boxed{81}"]
@@ -128,7 +128,7 @@ def test_accuracy_per_group():
     from unittest import mock
 
     # generation replaced by fixed completions: this checks the bookkeeping per group, not a model
-    with mock.patch("rlvr.evaluation.generate_completions", return_value=(["1", "x", "3", "4"], [1, 1, 1, 1])):
+    with mock.patch("rlvr.run.evaluation.generate_completions", return_value=(["1", "x", "3", "4"], [1, 1, 1, 1])):
         result = evaluate_accuracy(
             None, None, ["a", "b", "c", "d"], ["1", "2", "3", "5"], reward, 4, groups=["p", "q", "p", "q"]
         )

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from trl import GRPOTrainer
 
-from rlvr.config import ForkingConfig, MoEConfig
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import ForkingGRPOTrainer
 from tests.test_trainer import ROWS, make_batch, make_trainer
 

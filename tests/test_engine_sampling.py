@@ -12,8 +12,6 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from rlvr.config import load_config
-from rlvr.configuration import ConfigError
 from rlvr.models import ARCHITECTURES, build_char_tokenizer, build_tiny_moe
 from rlvr.moe.config import MoEConfig
 from rlvr.moe.hooks import RoutingHooks
@@ -23,7 +21,9 @@ from rlvr.rollouts.copy_engine import CopyEngine
 from rlvr.rollouts.engine_routing import engine_routing_record
 from rlvr.rollouts.mismatch import logprob_mismatch, routing_flips
 from rlvr.rollouts.tree import left_pad, right_pad
-from rlvr.vllm_routing import VLLMRoutedExperts, routed_experts_returned
+from rlvr.run.config import load_config
+from rlvr.training.vllm_routing import VLLMRoutedExperts, routed_experts_returned
+from rlvr.utils.options import ConfigError
 from tests.test_forking_rollouts import _batch
 from tests.test_moe import SPEC
 from tests.test_trainer import ROWS, make_trainer

@@ -6,7 +6,7 @@ import pytest
 import torch
 from host_reads import count_host_reads
 
-from rlvr.forking import (
+from rlvr.forking.selection import (
     count_to_keep,
     loss_weights,
     quantile_threshold_mask,

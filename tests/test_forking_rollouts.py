@@ -7,10 +7,10 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from rlvr.config import load_config
-from rlvr.configuration import ConfigError
 from rlvr.rollouts import RolloutConfig
 from rlvr.rollouts.branching import treerl_advantages
+from rlvr.run.config import load_config
+from rlvr.utils.options import ConfigError
 from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer, odd_length_reward
 
 TREE = RolloutConfig(mode="forking_tree", branches=1, min_prefix=1, min_suffix=1, advantage="treerl")
@@ -178,8 +178,8 @@ def test_rollout_config_errors_name_the_key(overrides, key):
 def test_every_arm_trains_on_forking_trees(tiny_checkpoint, tmp_path, arm):
     """The packaged arm overlays (selection, controls, router-aware gates) with forking-tree rollouts and
     TreeRL's (B, T) advantages: a training step runs and the arm's share of gradient tokens holds."""
-    from rlvr.config import load_config
-    from rlvr.packaged import arm_path
+    from rlvr.run.config import load_config
+    from rlvr.utils.packaged import arm_path
 
     config = load_config([arm_path(arm)])
     trainer = make_trainer(tiny_checkpoint(), tmp_path, forking=config.forking, moe=config.moe, max_steps=1)

@@ -140,7 +140,7 @@ def test_installed_wheel_runs_from_any_directory(installed, tmp_path):
     ],
 )
 def test_config_mistakes_get_one_line(capsys, arguments, message):
-    from rlvr.cli import main
+    from rlvr.cli.main import main
 
     assert main(["validate", *arguments]) == 2
     error = capsys.readouterr().err
@@ -148,8 +148,8 @@ def test_config_mistakes_get_one_line(capsys, arguments, message):
 
 
 def test_trl_flags_are_grpo_keys():
-    from rlvr.config import load_config
-    from rlvr.packaged import resolve_config
+    from rlvr.run.config import load_config
+    from rlvr.utils.packaged import resolve_config
 
     config = load_config(
         [resolve_config("quickstart")], ["--max_steps", "3", "--learning_rate", "1e-6", "num_generations=4"]
@@ -163,7 +163,7 @@ def test_trl_flags_are_grpo_keys():
 
 
 def test_packaged_names_resolve_per_command():
-    from rlvr.packaged import CONFIG_ROOT, resolve_config
+    from rlvr.utils.packaged import CONFIG_ROOT, resolve_config
 
     assert resolve_config("quickstart") == CONFIG_ROOT / "quickstart.yaml"
     assert resolve_config("quickstart", "compare") == CONFIG_ROOT / "compare" / "quickstart.yaml"
@@ -172,7 +172,7 @@ def test_packaged_names_resolve_per_command():
 
 
 def test_configs_copy_out_never_overwrites(tmp_path, capsys):
-    from rlvr.cli import main
+    from rlvr.cli.main import main
 
     assert main(["configs", "--copy", "compare/quickstart", "--to", str(tmp_path)]) == 0
     assert (tmp_path / "quickstart.yaml").read_text().startswith("# The central experiment")
@@ -196,7 +196,7 @@ def test_configs_copy_out_never_overwrites(tmp_path, capsys):
     ],
 )
 def test_unreadable_data_files_get_one_line_naming_file_and_line(tmp_path, capsys, name, content, message):
-    from rlvr.cli import main
+    from rlvr.cli.main import main
 
     path = tmp_path / name
     path.write_text(content)
@@ -237,3 +237,36 @@ def test_every_module_is_at_most_400_lines():
     lengths = {str(path.relative_to(root.parent)): len(path.read_text().splitlines()) for path in root.rglob("*.py")}
     too_long = {path: lines for path, lines in sorted(lengths.items()) if lines > 400}
     assert not too_long, f"modules over 400 lines (split them by job): {too_long}"
+
+
+def test_the_top_level_is_a_few_packages_each_saying_what_it_holds_and_may_import():
+    """The house rule: at most 8 top-level modules beside __init__/__main__ (the rest lives in packages, one per
+    capability), and every package's __init__ opens with a docstring saying what lives there and what it may
+    import (the layers of pyproject.toml's import-linter contracts)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "rlvr"
+    modules = sorted(path.name for path in root.glob("*.py") if path.name not in ("__init__.py", "__main__.py"))
+    assert len(modules) <= 8, f"top-level modules (move them into a package): {modules}"
+    for package in sorted(path for path in root.iterdir() if (path / "__init__.py").exists()):
+        docstring = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        assert len(docstring) > 80 and "import" in docstring, f"rlvr/{package.name}/__init__.py: say what lives here"
+
+
+def test_modules_imported_by_their_earlier_names_say_where_they_went():
+    import importlib
+
+    import rlvr
+    import rlvr.config
+    import rlvr.run.config
+
+    assert rlvr.config is rlvr.run.config and rlvr.config.load_config is rlvr.run.config.load_config
+    from rlvr.report import write_report  # the report package keeps the report's entry point
+    from rlvr.trainer import ForkingGRPOTrainer
+
+    assert callable(write_report) and ForkingGRPOTrainer.__module__ == "rlvr.trainer"
+    for old, new in rlvr.MOVED.items():
+        with pytest.raises(ModuleNotFoundError, match=f"^{old} moved: import {new}$"):
+            importlib.import_module(old)
+        importlib.import_module(new)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from rlvr.config import load_config
-from rlvr.configuration import ConfigError
 from rlvr.moe.replay import NOT_RECORDED
 from rlvr.prompts import PromptsConfig
 from rlvr.prompts.assembly import assemble_rows
 from rlvr.prompts.groups import PromptDraws, informative_groups
 from rlvr.rewards.text import completion_text
 from rlvr.rollouts import GROUP_IDS_KEY
+from rlvr.run.config import load_config
+from rlvr.utils.options import ConfigError
 from tests.test_trainer import GENERATIONS, ROWS, _dataset, make_trainer
 
 
@@ -393,8 +393,8 @@ def test_dynamic_sampling_with_trees_and_an_engine_keeps_every_key_aligned(tiny_
     """TreeRL's (B, C) advantages, the engine's sampling log-probs and its routing record, assembled from several
     generation calls, still describe their own rows: the trained batch's loss runs and routing records cover
     exactly the real tokens."""
-    from rlvr.config import MoEConfig
     from rlvr.rollouts import ROUTING_KEY, RolloutConfig
+    from rlvr.run.config import MoEConfig
     from rlvr.training import setup
 
     trainer = make_trainer(tiny_checkpoint(), tmp_path, rollout=RolloutConfig(**rollout), moe=MoEConfig(**moe))
@@ -522,8 +522,8 @@ def _count_featurize_calls(rank: int, world: int, init_file: str, out_dir: str) 
 
     import torch.distributed as dist
 
-    from rlvr.collectives import Collectives
     from rlvr.training.prompt_filter import PromptFilter
+    from rlvr.utils.collectives import Collectives
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     dataset = [{"prompt": f"prompt {index}", "index": index} for index in range(64)]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from rlvr.report_adapters import adapter_lines, adapter_rows, routing_shift, total_variation
-from rlvr.runs import Run
+from rlvr.report.adapters import adapter_lines, adapter_rows, routing_shift, total_variation
+from rlvr.report.runs import Run
 
 
 def make_run(tmp_path, arm, seed, method, trainable, loads, entropies=(1.0, 2.0)):

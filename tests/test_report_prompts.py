@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rlvr.runs import Run
+from rlvr.report.runs import Run
 
 CONFIG = {"data": {"num_train": 96}, "grpo": {"per_device_train_batch_size": 64, "num_generations": 8}}  # 12 steps
 
@@ -78,7 +78,7 @@ def groups_of(tmp_path):
 
 
 def test_zero_variance_share_per_epoch_buckets_log_rows_by_the_epoch_their_step_ends_in(tmp_path):
-    from rlvr.report_prompts import steps_per_epoch, zero_variance_by_epoch
+    from rlvr.report.prompts import steps_per_epoch, zero_variance_by_epoch
 
     groups = groups_of(tmp_path)
     assert steps_per_epoch(groups["full"][0]) == 12
@@ -89,7 +89,7 @@ def test_zero_variance_share_per_epoch_buckets_log_rows_by_the_epoch_their_step_
 def test_costs_to_reach_fulls_final_accuracy_and_ratios(tmp_path):
     """full ends at 0.5 and first reaches it at step 36 (3600 tokens, 72 s); dynamic reaches it at step 12
     (2400 tokens, 48 s: 0.67x); skip_both at step 24 (1200 tokens, 36 s: 0.33x and 0.5x)."""
-    from rlvr.report_prompts import cost_rows, selective_lines
+    from rlvr.report.prompts import cost_rows, selective_lines
 
     groups = groups_of(tmp_path)
     rows = {row["arm"]: row for row in cost_rows(groups)}
@@ -111,8 +111,8 @@ def test_costs_to_reach_fulls_final_accuracy_and_ratios(tmp_path):
 
 
 def test_no_section_without_selective_arms_and_the_seconds_figure(tmp_path):
-    from rlvr.report_figures import plot_accuracy_per_generation_second
-    from rlvr.report_prompts import selective_lines
+    from rlvr.report.figures import plot_accuracy_per_generation_second
+    from rlvr.report.prompts import selective_lines
 
     groups = groups_of(tmp_path)
     assert selective_lines({"full": groups["full"]}) == []
@@ -125,7 +125,7 @@ def test_no_section_without_selective_arms_and_the_seconds_figure(tmp_path):
 
 
 def test_an_arm_already_at_fulls_accuracy_before_rl_is_said_so(tmp_path):
-    from rlvr.report_prompts import cost_rows, selective_lines
+    from rlvr.report.prompts import cost_rows, selective_lines
 
     groups = groups_of(tmp_path)
     for run in groups["skip_both"]:  # its accuracy before RL already is full's final 0.5
@@ -139,7 +139,7 @@ def test_an_arm_already_at_fulls_accuracy_before_rl_is_said_so(tmp_path):
 def test_skip_rate_against_pass_rate_from_the_per_prompt_record(tmp_path):
     """Two skip runs: always-solved prompts were skipped 3 times in 4 (6 of 8 candidacies), never-solved ones 1 in
     4, the one in between never; a prompt never sampled (skipped twice) is its own bucket."""
-    from rlvr.report_prompts import prompt_figures, skip_by_pass_rate, skip_lines
+    from rlvr.report.prompts import prompt_figures, skip_by_pass_rate, skip_lines
 
     def row(prompt_id, pass_rate, sampled, skipped):
         return {"prompt_id": prompt_id, "pass_rate": pass_rate, "sampled": sampled, "skipped": skipped}

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from rlvr.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
-from rlvr.cli import main
+from rlvr.cli.main import main
+from rlvr.run.checkpoints import COMPLETE_MARKER, latest_complete_checkpoint, truncate_jsonl
 from tests.launching import fresh_cache_env
 
 SLOW_REWARD = """

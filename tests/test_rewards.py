@@ -60,9 +60,9 @@ def test_overlong_penalty_is_daPO_soft_punishment(length, expected):
 
 
 def test_overlong_penalty_settings_are_checked_and_built_from_config():
-    from rlvr.config import ConfigError, load_config
-    from rlvr.recipe import resolve_rewards
     from rlvr.rewards.format import OverlongPenalty
+    from rlvr.run.config import ConfigError, load_config
+    from rlvr.run.recipe import resolve_rewards
 
     with pytest.raises(ValueError, match="cache"):
         OverlongPenalty(max_length=10, cache=0)

@@ -1,12 +1,12 @@
-"""The LM head on forking tokens only (rlvr.sparse_head) against a plain float64 reference."""
+"""The LM head on forking tokens only (rlvr.training.sparse_head) against a plain float64 reference."""
 
 import contextlib
 
 import pytest
 import torch
 
-from rlvr import sparse_head
-from rlvr.sparse_head import HeadTransform, SelectedLogProbs, logprobs_and_entropy, sparse_completion_logprobs
+from rlvr.training import sparse_head
+from rlvr.training.sparse_head import HeadTransform, SelectedLogProbs, logprobs_and_entropy, sparse_completion_logprobs
 
 
 def reference(hidden, weight, bias, targets, transform):
@@ -168,7 +168,7 @@ def _trainers(
     tiny_checkpoint, tmp_path, architecture="qwen3_moe", rho=0.2, dtype="float64", moe=None, kernel="auto", **grpo
 ):
     """(sparse, stock): the same trainer with forking.sparse_lm_head true and false."""
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_trainer
 
     made = {}
@@ -207,7 +207,7 @@ def test_sparse_loss_forward_gives_trls_gradients(tiny_checkpoint, tmp_path, arc
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo"])
 @pytest.mark.parametrize("rho", [0.05, 0.2, 1.0])
 def test_sparse_loss_forward_matches_the_float64_reference_to_1e_10(tiny_checkpoint, tmp_path, loss_type, rho):
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import loss_and_grads, make_batch, make_trainer, reference_loss
 
     trainer = make_trainer(
@@ -239,8 +239,8 @@ def test_an_empty_selection_trains_nothing_and_does_not_fail(tiny_checkpoint, tm
 
 
 def test_sparse_head_is_used_only_where_it_is_exact(tiny_checkpoint, tmp_path):
-    from rlvr.configuration import ConfigError
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
+    from rlvr.utils.options import ConfigError
     from tests.test_trainer import make_trainer
 
     auto = make_trainer(tiny_checkpoint(), tmp_path / "a", forking=ForkingConfig(rho=0.2))

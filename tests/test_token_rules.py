@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from rlvr.configuration import ConfigError
-from rlvr.token_rules import (
+from rlvr.forking.token_rules import (
     RULES,
     TOKEN_RULES,
     TokenRuleInputs,
@@ -18,6 +17,7 @@ from rlvr.token_rules import (
     kl_cov_penalty,
     token_covariance,
 )
+from rlvr.utils.options import ConfigError
 
 
 def random_unit(rows=4, width=7, seed=0):
@@ -200,7 +200,7 @@ def compare_with_reference(trainer, batch, reference):
 def test_clip_cov_in_the_trainer_stops_the_drawn_tokens_gradient(tiny_checkpoint, tmp_path):
     """Every real token is a candidate (bounds wide open): the trainer draws int(r * N) of them from its stream
     and drops them from the sum of TRL's dapo loss, not from its normaliser (verl's corr)."""
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
 
     rules = TokenRulesConfig(rule="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=-1e9, clip_cov_ub=1e9)
@@ -229,7 +229,7 @@ def test_clip_cov_leaves_the_entropy_bonus_on_every_token(tiny_checkpoint, tmp_p
     """Clip-Cov stops the policy gradient of its drawn tokens, not their entropy bonus: the bonus is the mean
     entropy over every completion token, as verl averages it (TRL's bonus followed the loss weights, so the
     stopped tokens left its sum and its normaliser)."""
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
 
     rules = TokenRulesConfig(rule="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=-1e9, clip_cov_ub=1e9)
@@ -265,7 +265,7 @@ def test_clip_cov_leaves_the_entropy_bonus_on_every_token(tiny_checkpoint, tmp_p
 
 
 def test_entropy_advantage_in_the_trainer_shapes_each_tokens_advantage(tiny_checkpoint, tmp_path):
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
 
     rules = TokenRulesConfig(rule="entropy_advantage", alpha=0.4, kappa=2.0)
@@ -291,7 +291,7 @@ def test_entropy_advantage_in_the_trainer_shapes_each_tokens_advantage(tiny_chec
 def test_kl_cov_in_the_trainer_adds_the_penalty_on_the_top_covariance_tokens(tiny_checkpoint, tmp_path):
     """Off-policy (old log-probs moved away from the policy's): TRL's clipped dapo loss plus coef * |log p -
     log p_old| on the top int(k * N) tokens by covariance, a token mean over the micro-batch."""
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
 
     rules = TokenRulesConfig(rule="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=0.7)
@@ -330,7 +330,7 @@ def test_kl_cov_in_the_trainer_adds_the_penalty_on_the_top_covariance_tokens(tin
 
 
 def test_no_rule_leaves_the_loss_bit_for_bit(tiny_checkpoint, tmp_path):
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import loss_and_grads, make_batch, make_trainer
 
     plain = make_trainer(tiny_checkpoint(), tmp_path / "plain", forking=ForkingConfig(rho=0.2))
@@ -356,7 +356,7 @@ def test_no_rule_leaves_the_loss_bit_for_bit(tiny_checkpoint, tmp_path):
     ],
 )
 def test_bad_rule_settings_fail_before_any_model_is_built(overrides, key):
-    from rlvr.config import load_config
+    from rlvr.run.config import load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
@@ -365,7 +365,7 @@ def test_bad_rule_settings_fail_before_any_model_is_built(overrides, key):
 def test_clip_cov_among_forking_tokens_draws_from_the_selected_ones(tiny_checkpoint, tmp_path):
     """With forking updates the candidates are the top-rho tokens: the loss is the forking loss (a mean over the
     k selected tokens) with the drawn int(r * k) of them left out of the sum, through the sparse LM head."""
-    from rlvr.forking import ForkingConfig
+    from rlvr.forking.selection import ForkingConfig
     from tests.test_trainer import make_batch, make_trainer
 
     rules = TokenRulesConfig(rule="clip_cov", clip_cov_ratio=0.3, clip_cov_lb=-1e9, clip_cov_ub=1e9)

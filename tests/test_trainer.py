@@ -9,11 +9,11 @@ import pytest
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from rlvr.config import ForkingConfig, MoEConfig
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import ARCHITECTURES, load_pretrained
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.rewards.text import completion_text
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import ForkingGRPOTrainer
 
 GENERATIONS = 4
@@ -417,8 +417,8 @@ def test_hybrid_gates_stop_router_and_expert_gradient_outside_forking_decisions(
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("arm", ["full", "forking", "forking_router", "hybrid", "random", "bottom"])
 def test_every_arm_trains_two_steps_on_every_family(tiny_checkpoint, tmp_path, architecture, arm):
-    from rlvr.config import load_config
-    from rlvr.packaged import arm_path
+    from rlvr.run.config import load_config
+    from rlvr.utils.packaged import arm_path
 
     config = load_config(arm_path(arm))
     trainer = make_trainer(

@@ -11,14 +11,14 @@ import torch
 from peft import get_peft_model
 from transformers import TrainerCallback
 
-from rlvr.config import ForkingConfig, MoEConfig
-from rlvr.configuration import ConfigError
 from rlvr.models import ARCHITECTURES, TinyMoESpec, build_tiny_moe, load_pretrained
 from rlvr.moe import find_moe_layers
+from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.tuning import AdapterConfig, SVFConfig, apply_svf, load_svf, merged, save_svf
 from rlvr.tuning.lora import lora_config, lora_parameter_count
 from rlvr.tuning.svf import decompose, svf_parameter_count, svf_parameters
 from rlvr.tuning.targets import resolve_targets
+from rlvr.utils.options import ConfigError
 from tests.test_sparse_head import close
 from tests.test_trainer import loss_and_grads, make_batch, make_trainer
 
@@ -337,7 +337,7 @@ def test_a_trained_adapter_loads_into_a_fresh_process_with_the_same_log_probs(ti
 
 
 def test_bad_settings_fail_naming_the_key(tiny_checkpoint, monkeypatch):
-    from rlvr.config import load_config
+    from rlvr.run.config import load_config
 
     with pytest.raises(ConfigError, match=r"^peft.method: must be one of none, lora, svf; got 'qlora'"):
         load_config(overrides=["peft.method=qlora"])
@@ -460,7 +460,7 @@ def test_rlvr_train_with_an_adapter_saves_what_loads_back(tmp_path, monkeypatch,
     """``rlvr train --config quickstart peft.method=...`` on the tiny MoE: the run's model/ holds the adapter
     alone (PEFT's files, or the SVF vectors), trained off the identity, and a fresh process loading it onto the
     base policy computes the same log-probs as this one; the summary counts what trained."""
-    from rlvr.cli import main
+    from rlvr.cli.main import main
     from rlvr.tuning import load_adapted
     from tests.test_cli import TINY
 

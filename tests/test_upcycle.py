@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlvr.cli import main
+from rlvr.cli.main import main
 from rlvr.models import TinyMoESpec, build_char_tokenizer, build_tiny_moe, load_pretrained
+from rlvr.models.upcycle import MANIFEST, UpcycleError, upcycle
 from rlvr.moe.hooks import RoutingHooks
-from rlvr.packaged import CONFIG_ROOT
-from rlvr.upcycle import MANIFEST, UpcycleError, upcycle
+from rlvr.utils.packaged import CONFIG_ROOT
 
 SPEC = TinyMoESpec(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, expert_size=24)
 FFN = (".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight")
@@ -113,7 +113,7 @@ def test_mean_hidden_router_prefers_each_domains_expert(tmp_path):
     torch.testing.assert_close(router.sum(0), torch.zeros_like(router[0]), atol=1e-6, rtol=0)  # centred
     assert router.abs().sum() > 0
     # the router scores each domain's own mean hidden state highest on that domain's expert
-    from rlvr.upcycle import domain_mean_hidden
+    from rlvr.models.upcycle import domain_mean_hidden
 
     means = [
         domain_mean_hidden(*load_pretrained(str(tmp_path / name)), texts)[0].double()
@@ -261,7 +261,7 @@ UPCYCLE_CONFIG = str(CONFIG_ROOT / "compare" / "upcycle.yaml")
 
 
 def test_plan_runs_with_starting_policies(tmp_path):
-    from rlvr.compare import plan_runs
+    from rlvr.experiment.compare import plan_runs
 
     overrides = [f"output_dir={tmp_path}", "upcycle.construction_seeds=[4,7]", "compare.seeds=[0]"]
     output_dir, runs = plan_runs([UPCYCLE_CONFIG], overrides, None, None)
@@ -285,7 +285,7 @@ def test_plan_runs_with_starting_policies(tmp_path):
 
 
 def test_the_packaged_upcycling_compares_run_three_construction_seeds_by_two_rl_seeds():
-    from rlvr.compare import load_experiment_config as load_config
+    from rlvr.experiment.compare import load_experiment_config as load_config
 
     for name in ("upcycle.yaml", "upcycle_reverse.yaml"):
         config = load_config([str(CONFIG_ROOT / "compare" / name)])
@@ -311,8 +311,8 @@ def test_the_packaged_upcycling_compares_run_three_construction_seeds_by_two_rl_
     ],
 )
 def test_upcycle_config_errors_name_the_key(overrides, message):
-    from rlvr.compare import load_experiment_config as load_config
-    from rlvr.config import ConfigError
+    from rlvr.experiment.compare import load_experiment_config as load_config
+    from rlvr.run.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config([UPCYCLE_CONFIG], overrides)
@@ -403,8 +403,8 @@ def test_warm_start_cache_key_follows_the_checkpoint_not_just_its_path(tmp_path)
     """An upcycled checkpoint rebuilt at the same path must not reuse the warm start of its old weights."""
     import os
 
-    from rlvr.compare import load_experiment_config as load_config
-    from rlvr.warmstart import cache_key as key_of_job
+    from rlvr.experiment.compare import load_experiment_config as load_config
+    from rlvr.run.warm_start import cache_key as key_of_job
 
     def cache_key(config):  # the warm start's key, from the job the run config builds
         return key_of_job(config.warm_start_job())

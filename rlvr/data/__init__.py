@@ -1,4 +1,7 @@
-"""Data: the embedded arithmetic task and loaders for HF datasets, all mapped to (prompt, answer)."""
+"""Data: the embedded tasks (``arithmetic.py``, ``countdown.py``), loaders for local files and HF datasets
+(``loader.py``), the training and evaluation rows of a source (``splits.py``), all mapped to (prompt, answer)
+(``records.py``). May import only :mod:`rlvr.utils` (no TRL); rewards and the run use it.
+"""
 
 from rlvr.data.arithmetic import DOMAINS, ArithmeticTask, Problem, generate_problems, solve, split_of
 from rlvr.data.loader import DataConfig, DataError, extract_answer, read_source, to_prompt_answer

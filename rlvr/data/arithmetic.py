@@ -26,8 +26,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from rlvr.configuration import option
 from rlvr.data.countdown import gold_answer, random_countdown, worked_steps
+from rlvr.utils.options import option
 
 SPLITS = ("train", "eval")
 DOMAINS = ("addition", "multiplication", "countdown", "reverse")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from rlvr.configuration import option, require
 from rlvr.data.arithmetic import ArithmeticTask
 from rlvr.data.records import make_prompt
+from rlvr.utils.options import option, require
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ANSWER_FORMATS = ("raw", "gsm8k")

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr.configuration import option, require
 from rlvr.models.partitioned import built_whole, gathered_whole
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
+from rlvr.utils.options import option, require
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def save_weights_on_this_rank(model: PreTrainedModel, directory: str | os.PathLi
 
     transformers >= 5.25 writes weights only on global rank 0 once ``torch.distributed`` is initialised.
     Each rank of a launch builds its own copy of a tiny policy or a warm start in a staging directory and
-    publishes it (:func:`rlvr.warmstart.publish_directory`); without its weights, a rank that published
+    publishes it (:func:`rlvr.run.warm_start.publish_directory`); without its weights, a rank that published
     first would leave a directory with a config and no model under the shared name. A model partitioned by
     ZeRO-3 is gathered first: then every rank must call this, as every rank of a launch does.
     """

@@ -36,7 +36,7 @@ from transformers import (
     Qwen3NextConfig,
 )
 
-from rlvr.configuration import option, require
+from rlvr.utils.options import option, require
 
 
 @dataclass

@@ -8,6 +8,8 @@
 * :mod:`rlvr.moe.hooks`     -- forward hooks that record routing and apply the gates
 * :mod:`rlvr.moe.losses`    -- token-scoped load-balancing loss and router z-loss
 * :mod:`rlvr.moe.stats`     -- routing analytics: forking vs other tokens
+
+May import only :mod:`rlvr.utils` (no TRL); the trainer's components apply it.
 """
 
 from rlvr.moe.adapters import ADAPTERS, MoEAdapter, MoELayer, UnknownMoEArchitecture, find_moe_layers

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlvr.configuration import option, require
+from rlvr.utils.options import option, require
 
 GATE_SCOPES = ("all", "completion", "forking")
 ROUTER_LOSS_SCOPES = ("none", "all", "completion", "forking")

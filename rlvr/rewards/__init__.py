@@ -1,4 +1,6 @@
-"""Verifiable reward functions with TRL's interface: ``f(completions, **columns) -> list[float]``."""
+"""Verifiable reward functions with TRL's interface: ``f(completions, **columns) -> list[float]``, and
+several functions' rewards combined as TRL combines them (``aggregation.py``). May import :mod:`rlvr.data` and
+:mod:`rlvr.utils` (no TRL: a reward function is a plain function)."""
 
 from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
 from rlvr.rewards.math import MathAccuracy, math_accuracy

@@ -11,11 +11,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from rlvr.configuration import ConfigError, option, require
 from rlvr.rewards.extraction import FALLBACKS
 from rlvr.rewards.format import OverlongPenalty, boxed_format, think_answer_format
 from rlvr.rewards.math import MathAccuracy, math_accuracy
 from rlvr.rewards.task import CountdownExact, arithmetic_exact, countdown_exact, embedded_exact, letters_exact
+from rlvr.utils.options import ConfigError, option, require
 
 RewardFunction = Callable[..., list]
 

@@ -7,7 +7,7 @@ for routing replay (:mod:`rlvr.rollouts.routing`), tags each row with its prompt
 sampling cost. The rollout engine with numerics of its own (:mod:`rlvr.rollouts.copy_engine`), the layout
 of an engine's routed experts (:mod:`rlvr.rollouts.engine_routing`) and the mismatch metrics
 (:mod:`rlvr.rollouts.mismatch`) live here too. Code that changes *what is sampled* belongs in this package,
-not in the trainer.
+not in the trainer. May import tuning, moe, rewards, data, models and utils (no TRL).
 """
 
 from rlvr.rollouts.batch import GROUP_IDS_KEY, ROUTING_KEY, Rollouts

@@ -76,9 +76,10 @@ class Rollouts:
         settings: the ``rollout`` section (how completions are sampled).
         eos_token_ids, pad_token_id: the tokenizer's, for the tree sampler.
         sum_across_ranks: sums a tensor over ranks (the identity on one process;
-            :meth:`rlvr.collectives.Collectives.sum` in the trainer).
+            :meth:`rlvr.utils.collectives.Collectives.sum` in the trainer).
         gather: ``(tensor, pad_value)`` -> the (B_all, ...) rows of every rank, padded after dim 0 with
-            ``pad_value``, dtype kept (the identity on one process; :meth:`rlvr.collectives.Collectives.gather_rows`).
+            ``pad_value``, dtype kept (the identity on one process;
+            :meth:`rlvr.utils.collectives.Collectives.gather_rows`).
     """
 
     def __init__(

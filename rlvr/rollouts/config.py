@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlvr.configuration import option, require
+from rlvr.utils.options import option, require
 
 MODES = ("iid", "forking_tree")
 ADVANTAGES = ("group", "treerl")

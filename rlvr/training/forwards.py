@@ -10,7 +10,7 @@ import torch
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from rlvr.moe.hooks import RoutingHooks
-from rlvr.sparse_head import MULTIMODAL_KEYS, HeadTransform, sparse_completion_logprobs
+from rlvr.training.sparse_head import MULTIMODAL_KEYS, HeadTransform, sparse_completion_logprobs
 
 
 def sparse_loss_forward(
@@ -24,13 +24,13 @@ def sparse_loss_forward(
     cast_lm_head_to_fp32: bool,
     autocast: Callable,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss forward through :func:`rlvr.sparse_head.sparse_completion_logprobs`: every completion
+    """The loss forward through :func:`rlvr.training.sparse_head.sparse_completion_logprobs`: every completion
     token's log-prob and entropy without a graph, ``select`` ((B, T) entropies -> (B, T) bool kept tokens),
     then the LM head with gradient on the selected tokens only.
 
     Args:
         model: the policy as the trainer calls it (DDP/DeepSpeed wrappers kept), patched by
-            :func:`rlvr.sparse_head.add_sparse_head_route`.
+            :func:`rlvr.training.sparse_head.add_sparse_head_route`.
         input_ids, attention_mask: (B, L) prompt and completion; the last ``logits_to_keep`` are the completion.
         transform: the policy's logit transform (temperature, soft-capping, scale).
         kernel: ``forking.sparse_head_kernel``.
@@ -112,7 +112,7 @@ def measure_forward(trainer, batch: dict) -> torch.Tensor:
 
 def sparse_forward(trainer, model, input_ids, attention_mask, logits_to_keep):
     """The loss forward of ``trainer`` with the LM head's gradient on the forking tokens only
-    (:mod:`rlvr.sparse_head`): the forking selection runs inside the forward, on the entropies."""
+    (:mod:`rlvr.training.sparse_head`): the forking selection runs inside the forward, on the entropies."""
     state = trainer.loss_forward
 
     def select(entropies: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ device metrics before it, the forking-token and routing record after it."""
 
 from __future__ import annotations
 
-from rlvr.forking_log import ForkingTokenLog
+from rlvr.forking.log import ForkingTokenLog
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.training.selection import ForkingSelection
 

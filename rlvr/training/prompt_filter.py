@@ -36,7 +36,6 @@ from collections.abc import Callable
 
 import torch
 
-from rlvr.collectives import Collectives
 from rlvr.prompts.assembly import assemble_rows
 from rlvr.prompts.config import PromptsConfig
 from rlvr.prompts.groups import PromptDraws, informative_groups
@@ -46,6 +45,7 @@ from rlvr.prompts.record import PromptRecord, preview
 from rlvr.rollouts import GROUP_IDS_KEY, ROUTING_KEY
 from rlvr.rollouts.batch import group_ids
 from rlvr.training.selection import loss_mask
+from rlvr.utils.collectives import Collectives
 
 COUNTS = 11  # the per-call counts summed over ranks (see _metrics)
 

@@ -2,8 +2,8 @@
 
 *Beyond the 80/20 Rule* (Wang et al., 2025, arXiv 2506.01939): the policy gradient is kept on the
 ``k = ceil(rho * n)`` highest-entropy completion tokens of each scope unit. :class:`ForkingSelection` runs
-:func:`rlvr.forking.select_forking_tokens` over the micro-batch of every rank (gathered through
-:mod:`rlvr.collectives`), hands back this rank's keep mask and loss weights, and records what it selected
+:func:`rlvr.forking.selection.select_forking_tokens` over the micro-batch of every rank (gathered through
+:mod:`rlvr.utils.collectives`), hands back this rank's keep mask and loss weights, and records what it selected
 (selection metrics, the gradient-token count, the forking-token log) as device tensors, read when logged.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr.collectives import Collectives
-from rlvr.device_metrics import DeviceMetrics
-from rlvr.forking import ForkingConfig, loss_weights, select_forking_tokens, selection_stats
-from rlvr.forking_log import ForkingTokenLog
+from rlvr.forking.log import ForkingTokenLog
+from rlvr.forking.selection import ForkingConfig, loss_weights, select_forking_tokens, selection_stats
 from rlvr.rollouts import GROUP_IDS_KEY
+from rlvr.utils.collectives import Collectives
+from rlvr.utils.device_metrics import DeviceMetrics
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ForkingSelection:
     Args:
         forking: the ``forking`` section (rho, selection, scope, normalisation).
         normalization_unit: the unit TRL's loss type averages over (:func:`rlvr.forking.loss_normalization_unit`).
-        collectives: the cross-rank collectives (:mod:`rlvr.collectives`).
+        collectives: the cross-rank collectives (:mod:`rlvr.utils.collectives`).
         forking_log: what rank 0 writes about forking tokens.
         seed: the run's seed; the random control draws one stream per micro-step from it, the same on every rank.
         rank: this process's index among the ranks.

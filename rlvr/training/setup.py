@@ -13,20 +13,20 @@ import os
 import torch
 from accelerate.utils import is_peft_model
 
-from rlvr.configuration import ConfigError
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.rollouts import ReplayRecorder, Rollouts
 from rlvr.rollouts.copy_engine import CopyEngine, CopyEngineGeneration
 from rlvr.rollouts.tree import left_pad
-from rlvr.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
 from rlvr.training.callbacks import PromptFilterState, PromptHistoryState, PromptProbeState
 from rlvr.training.prompt_filter import PromptFilter
+from rlvr.training.sparse_head import HeadTransform, add_sparse_head_route, sparse_head_blockers
 from rlvr.training.token_rule_step import TokenRuleStep, check_token_rules
+from rlvr.training.vllm_routing import VLLMRoutedExperts
 from rlvr.tuning import SVFConfig, apply_svf, load_svf, merged, save_svf, svf_state
 from rlvr.tuning.loading import is_adapter_directory
 from rlvr.tuning.svf import has_svf, is_svf_directory
-from rlvr.vllm_routing import VLLMRoutedExperts
+from rlvr.utils.options import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def attach_engine(trainer, measure_forward) -> None:
 
 def sparse_head_transform(trainer) -> HeadTransform | None:
     """The logit transform when the loss forward projects only the forking tokens through the LM head with
-    gradient (:mod:`rlvr.sparse_head`; the model gets that route), or None: only where that gives TRL's
+    gradient (:mod:`rlvr.training.sparse_head`; the model gets that route), or None: only where that gives TRL's
     gradient exactly. Logs the reason once."""
     setting = trainer.forking.sparse_lm_head
     blockers = sparse_head_blockers(trainer)
@@ -344,7 +344,7 @@ def sparse_head_transform(trainer) -> HeadTransform | None:
         return None
     add_sparse_head_route(trainer.model)
     if main:
-        logger.info("LM head: backward on the forking tokens only (rlvr.sparse_head)")
+        logger.info("LM head: backward on the forking tokens only (rlvr.training.sparse_head)")
     return HeadTransform.of(trainer.model.config, trainer.temperature)
 
 

@@ -1,4 +1,4 @@
-"""The ``token_rules`` entropy intervention inside the loss forward: the rule of :mod:`rlvr.token_rules` applied
+"""The ``token_rules`` entropy intervention inside the loss forward: the rule of :mod:`rlvr.forking.token_rules` applied
 over the micro-batch of every rank (gathered as the forking selection gathers it), and what each rank's loss
 takes from it.
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from rlvr.collectives import Collectives
-from rlvr.configuration import ConfigError
-from rlvr.forking import ForkingConfig
-from rlvr.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
+from rlvr.forking.selection import ForkingConfig
+from rlvr.forking.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
 from rlvr.training.selection import LossForward, loss_mask
+from rlvr.utils.collectives import Collectives
+from rlvr.utils.options import ConfigError
 
 
 def check_token_rules(settings: TokenRulesConfig, forking: ForkingConfig, args) -> None:

@@ -6,6 +6,8 @@
 * :mod:`rlvr.tuning.svf`     -- singular-value fine-tuning (Transformer²), rlvr's own
 * :mod:`rlvr.tuning.loading` -- the PEFT or SVF config of a run, a trained adapter loaded onto its base policy
 * :mod:`rlvr.tuning.plain`   -- the adapted policy as plain weights under the base model's names (inference engines)
+
+May import :mod:`rlvr.moe`, :mod:`rlvr.models` and :mod:`rlvr.utils` (PEFT, not TRL).
 """
 
 from rlvr.tuning.config import AdapterConfig

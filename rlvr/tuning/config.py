@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from rlvr.configuration import ConfigError, option, require
+from rlvr.utils.options import ConfigError, option, require
 
 METHODS = ("none", "lora", "svf")
 ROUTER_CHOICES = ("train", "freeze")

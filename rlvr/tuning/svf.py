@@ -43,9 +43,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlvr.configuration import ConfigError
 from rlvr.models.partitioned import gathered
 from rlvr.tuning.targets import Targets, resolve_targets
+from rlvr.utils.options import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from rlvr.configuration import ConfigError
 from rlvr.moe import UnknownMoEArchitecture, find_moe_layers
+from rlvr.utils.options import ConfigError
 
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # the fused routed-expert matrices of every family
 

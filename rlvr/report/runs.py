@@ -19,7 +19,7 @@ import yaml
 
 DECODED_TOTAL = "rollout/decoded_tokens_total"  # the logged running total of decoded training tokens
 GENERATION_SECONDS_TOTAL = "rollout/generation_seconds_total"  # ... and of seconds spent generating them
-MANIFEST = "compare.json"  # a compare's directory: its arms, seeds and run directories (written by rlvr.compare)
+MANIFEST = "compare.json"  # a compare's directory: its arms, seeds and run directories (written by rlvr compare)
 
 
 @dataclass

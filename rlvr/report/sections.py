@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from rlvr.bootstrap import Interval, mean_interval, paired_difference
-from rlvr.report_cells import baseline_of, construction_clusters, fmt, interval_cell
-from rlvr.runs import Run, mean_std
+from rlvr.report.cells import baseline_of, construction_clusters, fmt, interval_cell
+from rlvr.report.intervals import Interval, mean_interval, paired_difference
+from rlvr.report.runs import Run, mean_std
 
 
 def routing_measure(runs: list[Run], key: str, phase: str) -> Interval:

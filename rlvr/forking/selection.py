@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr.configuration import ConfigError, option, require
+from rlvr.utils.options import ConfigError, option, require
 
 SELECTIONS = ("top", "bottom", "random")
 SCOPES = ("micro_batch", "sequence", "group")

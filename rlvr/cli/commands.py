@@ -1,5 +1,5 @@
 """What each ``rlvr`` command does: its own arguments and its run, one pair per command (the table that
-maps names to them is :data:`rlvr.cli.COMMANDS`). Heavy imports happen inside the runs, so ``rlvr --help``
+maps names to them is :data:`rlvr.cli.main.COMMANDS`). Heavy imports happen inside the runs, so ``rlvr --help``
 stays fast."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from rlvr.config import ConfigError, RunConfig, to_dict
-from rlvr.packaged import CONFIG_ROOT, QUICKSTART, arm_names, arm_path, copy_config, list_configs, resolve_config
-from rlvr.shutdown import end_distributed
+from rlvr.cli.shutdown import end_distributed
+from rlvr.run.config import ConfigError, RunConfig, to_dict
+from rlvr.utils.packaged import CONFIG_ROOT, QUICKSTART, arm_names, arm_path, copy_config, list_configs, resolve_config
 
 
 def quiet_libraries() -> None:
@@ -71,7 +71,7 @@ def _single_run_config(paths: list, overrides: list[str], command: str) -> RunCo
     """The config of one run. A file may also hold ``rlvr compare``'s sections (``compare``, ``upcycle``: the
     packaged compare and model configs do), read with the experiment's config and not used by one run;
     starting policies built by upcycling exist only inside a compare, so ``upcycle.inits`` is refused."""
-    from rlvr.compare import load_experiment_config
+    from rlvr.experiment.compare import load_experiment_config
 
     config = load_experiment_config(paths, overrides)
     if config.upcycle.inits:
@@ -84,7 +84,7 @@ def _single_run_config(paths: list, overrides: list[str], command: str) -> RunCo
 
 def run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = _run_config(args, overrides)
-    from rlvr.recipe import is_main_process, summary_table, train
+    from rlvr.run.recipe import is_main_process, summary_table, train
 
     quiet_libraries()
     try:
@@ -134,11 +134,11 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from rlvr.compare import config_factory, plan_runs
-    from rlvr.compare import run_compare as run_all
-    from rlvr.recipe import train
-    from rlvr.report import summary_lines, write_report
-    from rlvr.runs import CompareRecords
+    from rlvr.experiment.compare import config_factory, plan_runs
+    from rlvr.experiment.compare import run_compare as run_all
+    from rlvr.report.runs import CompareRecords
+    from rlvr.report.summary import summary_lines, write_report
+    from rlvr.run.recipe import train
 
     try:
         seeds = None if args.seeds is None else [int(seed) for seed in args.seeds.split(",") if seed.strip()]
@@ -170,7 +170,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace, overrides: list[str]) -> int:
-    from rlvr.report import write_report
+    from rlvr.report.summary import write_report
 
     directories = [Path(d) for d in args.directories]
     for directory in directories:
@@ -184,7 +184,7 @@ def run_report(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlvr.upcycle import METHODS, ROUTER_INITS
+    from rlvr.models.upcycle import METHODS, ROUTER_INITS
 
     parser.add_argument(
         "--dense", nargs="+", required=True, metavar="DIR", help="dense checkpoints (btx: one per expert)"
@@ -213,7 +213,7 @@ def add_upcycle_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_samples(path: str) -> list[str]:
     """Router samples: one per line; in a .jsonl file, the ``text`` field of each record."""
-    from rlvr.upcycle import UpcycleError
+    from rlvr.models.upcycle import UpcycleError
 
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
@@ -231,7 +231,7 @@ def _read_samples(path: str) -> list[str]:
 
 
 def run_upcycle(args: argparse.Namespace, overrides: list[str]) -> int:
-    from rlvr.upcycle import upcycle
+    from rlvr.models.upcycle import upcycle
 
     samples = [_read_samples(path) for path in args.router_samples] if args.router_samples else None
     out = upcycle(
@@ -250,7 +250,7 @@ def run_upcycle(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlvr.launch import add_arguments
+    from rlvr.cli.launch import add_arguments
 
     add_arguments(parser)
 

@@ -1,7 +1,7 @@
 """``rlvr report RUN_DIR...``: one ``report.md`` with tables and PNG figures from finished (or partial) runs.
 
-Everything is loaded first (:class:`rlvr.runs.CompareRecords`), then rendered: the summary table with
-bootstrap intervals and verdict lines, the figures of :data:`rlvr.report_figures.FIGURES`, the
+Everything is loaded first (:class:`rlvr.report.runs.CompareRecords`), then rendered: the summary table with
+bootstrap intervals and verdict lines, the figures of :data:`rlvr.report.figures.FIGURES`, the
 multi-domain sections, the forking tokens, the list of runs. A report of a half-finished compare says
 which runs are missing.
 """
@@ -12,13 +12,13 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from rlvr.bootstrap import Interval, mean_interval, paired_difference, verdict
-from rlvr.report_adapters import adapter_lines
-from rlvr.report_cells import baseline_of, construction_clusters, fmt, interval_cell
-from rlvr.report_figures import CURVE_PANELS, FIGURES, own_share_figures, split_panels
-from rlvr.report_prompts import prompt_figures, selective_lines, skip_lines
-from rlvr.report_sections import collapsed, domain_sections, mismatch_lines, routing_verdict_lines
-from rlvr.runs import CompareRecords, Run, mean_curve, mean_std
+from rlvr.report.adapters import adapter_lines
+from rlvr.report.cells import baseline_of, construction_clusters, fmt, interval_cell
+from rlvr.report.figures import CURVE_PANELS, FIGURES, own_share_figures, split_panels
+from rlvr.report.intervals import Interval, mean_interval, paired_difference, verdict
+from rlvr.report.prompts import prompt_figures, selective_lines, skip_lines
+from rlvr.report.runs import CompareRecords, Run, mean_curve, mean_std
+from rlvr.report.sections import collapsed, domain_sections, mismatch_lines, routing_verdict_lines
 
 __all__ = [  # the sections' functions are the report's too
     "baseline_of",

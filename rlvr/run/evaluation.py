@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr.configuration import option, require
 from rlvr.models import gathered_whole
+from rlvr.utils.options import option, require
 
 
 @dataclass

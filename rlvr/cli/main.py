@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlvr import __version__
-from rlvr.commands import (
+from rlvr.cli.commands import (
     add_compare_arguments,
     add_config_arguments,
     add_configs_arguments,
@@ -37,9 +37,9 @@ from rlvr.commands import (
     run_upcycle,
     run_validate,
 )
-from rlvr.config import ConfigError, RunConfig, format_help
-from rlvr.packaged import CONFIG_ROOT
-from rlvr.shutdown import exit_process
+from rlvr.cli.shutdown import exit_process
+from rlvr.run.config import ConfigError, RunConfig, format_help
+from rlvr.utils.packaged import CONFIG_ROOT
 
 CONFIG_DIR = CONFIG_ROOT  # the packaged configs (rlvr/configs/)
 
@@ -58,7 +58,7 @@ class Command:
 
 
 def _experiment_schema() -> type:
-    from rlvr.compare import ExperimentConfig
+    from rlvr.experiment.compare import ExperimentConfig
 
     return ExperimentConfig
 
@@ -170,7 +170,7 @@ def _error_label(error: ValueError) -> str | None:
     """The label of an rlvr error's one-line message (each is a ValueError); None for anything else,
     which is a bug and keeps its traceback."""
     from rlvr.data import DataError
-    from rlvr.upcycle import UpcycleError
+    from rlvr.models.upcycle import UpcycleError
 
     labels = ((ConfigError, "config error: "), (DataError, "data error: "), (UpcycleError, ""))
     return next((label for kind, label in labels if isinstance(error, kind)), None)
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] == "launch":  # everything after "--" is the command to launch
-        from rlvr.launch import launch
+        from rlvr.cli.launch import launch
 
         split = argv.index("--") if "--" in argv else len(argv)
         return launch(parser.parse_args(argv[:split]), argv[split + 1 :])
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    """``rlvr`` and ``python -m rlvr``: :func:`main`, then exit (see :mod:`rlvr.shutdown` for ranks)."""
+    """``rlvr`` and ``python -m rlvr``: :func:`main`, then exit (see :mod:`rlvr.cli.shutdown` for ranks)."""
     exit_process(main())
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from rlvr.checkpoints import latest_complete_checkpoint, truncate_jsonl
-from rlvr.config import RunConfig
-from rlvr.configuration import ConfigError, to_dict
-from rlvr.evaluation import EvalResult
-from rlvr.warmstart import WarmStartResult
+from rlvr.run.checkpoints import latest_complete_checkpoint, truncate_jsonl
+from rlvr.run.config import RunConfig
+from rlvr.run.evaluation import EvalResult
+from rlvr.run.warm_start import WarmStartResult
+from rlvr.utils.options import ConfigError, to_dict
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Console progress: TRL's progress bar with one short line per logging step instead of a metrics dict.
 
-Every metric still goes to ``<output_dir>/metrics.jsonl`` (see :class:`rlvr.callbacks.MetricsFile`);
+Every metric still goes to ``<output_dir>/metrics.jsonl`` (see :class:`rlvr.run.callbacks.MetricsFile`);
 the console shows the few numbers a person watches during a run.
 """
 

@@ -12,7 +12,7 @@ import shutil
 from importlib.resources import files
 from pathlib import Path
 
-from rlvr.configuration import ConfigError
+from rlvr.utils.options import ConfigError
 
 CONFIG_ROOT = Path(str(files("rlvr") / "configs"))
 ARMS_DIR = CONFIG_ROOT / "arms"

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rlvr.packaged import DEEPSPEED_DIR
+from rlvr.utils.packaged import DEEPSPEED_DIR
 
 
 def config_files(zero: int, offload: bool) -> tuple[Path, Path]:

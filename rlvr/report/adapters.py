@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from rlvr.report_cells import fmt
-from rlvr.runs import Run, mean_std
+from rlvr.report.cells import fmt
+from rlvr.report.runs import Run, mean_std
 
 ROUTER_ENTROPY = ("moe/router_entropy_forking", "moe/router_entropy_other")
 

@@ -70,7 +70,7 @@ class VLLMRoutedExperts:
     Args:
         generation: TRL's ``VLLMGeneration`` (colocate or server mode).
         process_index, num_processes: this process among the trainer's.
-        broadcast: ``broadcast(list, from_process)`` (:meth:`rlvr.collectives.Collectives.broadcast_objects`):
+        broadcast: ``broadcast(list, from_process)`` (:meth:`rlvr.utils.collectives.Collectives.broadcast_objects`):
             in server mode the main process alone talks to the server.
     """
 

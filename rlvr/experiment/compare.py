@@ -5,7 +5,7 @@ their arm (and seed). Runs go to ``<output_dir>/<arm>-seed<seed>/``. A run count
 its ``summary.json`` exists (written last), so an interrupted compare skips finished runs and starts
 unfinished ones over. Every run's config is validated before the first run starts.
 
-With ``upcycle.inits`` (see :mod:`rlvr.upcycle_policies`), every arm also runs from each starting
+With ``upcycle.inits`` (see :mod:`rlvr.experiment.starting_policies`), every arm also runs from each starting
 policy as built with each of ``upcycle.construction_seeds``: runs go to
 ``<output_dir>/<init>-<arm>-c<construction seed>-seed<seed>/`` and are labelled ``<init>+<arm>``.
 """
@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlvr.config import RunConfig, load_config
-from rlvr.configuration import ConfigError, option, require, require_integers
-from rlvr.packaged import arm_names, arm_path
-from rlvr.runs import MANIFEST
-from rlvr.upcycle_policies import UpcycleConfig, build_policies, run_overrides
+from rlvr.experiment.starting_policies import UpcycleConfig, build_policies, run_overrides
+from rlvr.report.runs import MANIFEST
+from rlvr.run.config import RunConfig, load_config
+from rlvr.utils.options import ConfigError, option, require, require_integers
+from rlvr.utils.packaged import arm_names, arm_path
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ExperimentConfig(RunConfig):
 def load_experiment_config(
     paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """An experiment config from YAML files and overrides, validated (see :func:`rlvr.config.load_config`)."""
+    """An experiment config from YAML files and overrides, validated (see :func:`rlvr.run.config.load_config`)."""
     return load_config(paths, overrides, ExperimentConfig)
 
 

@@ -33,14 +33,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from rlvr.config import RunConfig
-from rlvr.configuration import option, require, require_integers
 from rlvr.data import generate_problems, make_prompt
-from rlvr.evaluation import render_prompts
 from rlvr.models import ARCHITECTURES, DENSE_ARCHITECTURES, load_pretrained
-from rlvr.recipe import domain_routing, prepare_data, prepare_policy, resolve_rewards
-from rlvr.upcycle import MANIFEST, upcycle
-from rlvr.warmstart import WarmStartResult
+from rlvr.models.upcycle import MANIFEST, upcycle
+from rlvr.run.config import RunConfig
+from rlvr.run.evaluation import render_prompts
+from rlvr.run.recipe import domain_routing, prepare_data, prepare_policy, resolve_rewards
+from rlvr.run.warm_start import WarmStartResult
+from rlvr.utils.options import option, require, require_integers
 
 POLICIES_DIR = "policies"
 INITS = ("btx", "sparse", "scratch")

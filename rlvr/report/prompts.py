@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rlvr.report_cells import fmt
-from rlvr.report_figures import _pyplot, _save_figure
-from rlvr.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, mean_curve, mean_std
+from rlvr.report.cells import fmt
+from rlvr.report.figures import _pyplot, _save_figure
+from rlvr.report.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, mean_curve, mean_std
 
 ZERO_VARIANCE = "frac_reward_zero_std"  # TRL's share of sampled groups whose rewards all agree (every call)
 ALL_RIGHT = "rollout/all_right_groups"  # the share of sampled groups whose completions were all right

@@ -26,11 +26,11 @@ from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from rlvr.configuration import ConfigError, option, require
 from rlvr.data import ArithmeticTask, generate_problems, make_prompt, problems_to_dataset
-from rlvr.evaluation import evaluate_accuracy
 from rlvr.models import remove_stale_staging, save_weights_on_this_rank, staging_name
-from rlvr.progress import use_compact_progress
+from rlvr.run.evaluation import evaluate_accuracy
+from rlvr.run.progress import use_compact_progress
+from rlvr.utils.options import ConfigError, option, require
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WarmStartConfig:
 @dataclass(frozen=True)
 class WarmStartJob:
     """One warm start: its own section, and the values of the run it needs (the policy, the task, seeds and
-    sizes); the run config builds it (:meth:`rlvr.config.RunConfig.warm_start_job`)."""
+    sizes); the run config builds it (:meth:`rlvr.run.config.RunConfig.warm_start_job`)."""
 
     settings: WarmStartConfig
     model_name: str  # ``model.name_or_path`` as configured (``tiny:<arch>`` or a checkpoint)

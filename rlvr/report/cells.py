@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from rlvr.bootstrap import Interval
-from rlvr.runs import Run
+from rlvr.report.intervals import Interval
+from rlvr.report.runs import Run
 
 
 def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
@@ -27,7 +27,7 @@ def baseline_of(arm: str, groups: dict[str, list[Run]]) -> str | None:
 
 def construction_clusters(runs: list[Run]) -> list | None:
     """The construction seed of each run, where runs come from built starting policies: runs sharing one
-    are resampled together (rlvr.bootstrap); None for plain compares (each run is its own draw)."""
+    are resampled together (rlvr.report.intervals); None for plain compares (each run is its own draw)."""
     constructions = [run.construction for run in runs]
     return None if any(construction is None for construction in constructions) else constructions
 

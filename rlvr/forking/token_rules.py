@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlvr.configuration import option, require
+from rlvr.utils.options import option, require
 
 RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage")
 

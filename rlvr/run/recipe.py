@@ -5,7 +5,7 @@
 3. policy    -- tiny MoE (saved, then loaded like a hub model) or a hub/local checkpoint, warm-started
                when tiny (cached)
 4. eval before RL, then ForkingGRPOTrainer.train(), then eval after RL
-5. outputs   -- the run directory (:mod:`rlvr.run_dir`): metrics.jsonl, summary.json, model/
+5. outputs   -- the run directory (:mod:`rlvr.run.directory`): metrics.jsonl, summary.json, model/
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import GRPOConfig
 
-from rlvr.callbacks import MetricsFile, PeriodicEval
-from rlvr.checkpoints import MarkCompleteCheckpoints
-from rlvr.config import RunConfig
-from rlvr.configuration import ConfigError
 from rlvr.data import generate_problems, make_prompt, problems_to_dataset
 from rlvr.data.splits import TrainEvalRows, load_train_eval
-from rlvr.evaluation import EvalResult, evaluate_accuracy, render_prompts
 from rlvr.models import (
     gathered_whole,
     is_tiny,
@@ -40,11 +35,16 @@ from rlvr.models import (
 )
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.domains import routing_by_domain
-from rlvr.progress import use_compact_progress
-from rlvr.run_dir import RunDirectory, RunResult, is_main_process, summary_table
+from rlvr.run.callbacks import MetricsFile, PeriodicEval
+from rlvr.run.checkpoints import MarkCompleteCheckpoints
+from rlvr.run.config import RunConfig
+from rlvr.run.directory import RunDirectory, RunResult, is_main_process, summary_table
+from rlvr.run.evaluation import EvalResult, evaluate_accuracy, render_prompts
+from rlvr.run.progress import use_compact_progress
+from rlvr.run.warm_start import publish_directory, run_warm_start
 from rlvr.trainer import ForkingGRPOTrainer
 from rlvr.tuning import adapter_config
-from rlvr.warmstart import publish_directory, run_warm_start
+from rlvr.utils.options import ConfigError
 
 __all__ = ["RunResult", "is_main_process", "summary_table", "train"]
 

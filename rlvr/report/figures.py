@@ -6,7 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
-from rlvr.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, cost_curve, mean_curve
+from rlvr.report.runs import DECODED_TOTAL, GENERATION_SECONDS_TOTAL, Run, cost_curve, mean_curve
 
 
 def _pyplot():

@@ -6,10 +6,12 @@ completions and advantages; everything after generation is the real thing: TRL's
 forking-token loss, rlvr's router gates and load-balancing loss, the backward, gradient clipping and
 AdamW, under DeepSpeed when launched with a ZeRO accelerate config. Each rank takes its consecutive share
 of the rows, as TRL's sampler would give it. ``lora`` / ``svf`` train adapters instead of the whole policy
-(``peft.method``, routers trained, experts included). Rank 0 writes ``<out>/steps.json``: the logged metrics of
+(``peft.method``, routers trained, experts included). ``ep`` loads the policy with expert parallelism over
+every rank (``parallel.ep_size``: experts sharded, dense weights under FSDP2), then also saves it and reads the
+saved checkpoint back (``saved_parameters``). Rank 0 writes ``<out>/steps.json``: the logged metrics of
 every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
 
-    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal] [lora | svf]
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal] [lora | svf] [ep]
     accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
         tests/distributed_steps.py MODEL_DIR OUT_DIR
 """
@@ -26,6 +28,7 @@ from trl import GRPOConfig
 from rlvr.cli.shutdown import end_distributed, exit_process
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import load_pretrained
+from rlvr.models.parallel import ParallelConfig
 from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
 from rlvr.tuning import AdapterConfig, adapter_config
@@ -93,7 +96,8 @@ def unequal_shares(shares: list[dict], generation: int) -> list[dict]:
 
 
 def parameter_fingerprint(trainer) -> dict[str, list[float]]:
-    """(sum, sum of squares) of every parameter, gathered first under ZeRO-3."""
+    """(sum, sum of squares) of every parameter, gathered first under ZeRO-3 (expert parallelism: the full
+    tensor of every sharded one)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     named = list(model.named_parameters())
     gathered = contextlib.nullcontext()
@@ -102,7 +106,11 @@ def parameter_fingerprint(trainer) -> dict[str, list[float]]:
 
         gathered = deepspeed.zero.GatheredParameters([p for _, p in named])
     with gathered:
-        return {name: [float(p.double().sum()), float(p.double().pow(2).sum())] for name, p in named}
+        return moments({name: p.full_tensor() if hasattr(p, "full_tensor") else p for name, p in named})
+
+
+def moments(parameters: dict) -> dict[str, list[float]]:
+    return {name: [float(p.double().sum()), float(p.double().pow(2).sum())] for name, p in parameters.items()}
 
 
 def main() -> None:
@@ -131,7 +139,8 @@ def main() -> None:
         max_grad_norm=1.0,
         disable_tqdm=True,
     )
-    model, tokenizer = load_pretrained(model_dir)
+    parallel = ParallelConfig(ep_size=world if "ep" in flags else 1)
+    model, tokenizer = load_pretrained(model_dir, parallel=parallel)
     adapter = AdapterConfig(method=method, rank=4, svf_cache_dir=os.path.join(out_dir, "svf"))
     trainer = FixedBatchTrainer(
         peft_config=adapter_config(adapter, model),
@@ -154,6 +163,12 @@ def main() -> None:
     factors_partitioned = bool(factors) and all(hasattr(p, "ds_id") for p in factors)
     trainer.train()
     fingerprint = parameter_fingerprint(trainer)  # a collective under ZeRO-3: every rank takes part
+    saved = None
+    if parallel.enabled:  # the final model saved whole (every rank takes part) and read back
+        trainer.save_model(os.path.join(out_dir, "model"))
+        if trainer.accelerator.is_main_process:
+            reloaded, _ = load_pretrained(os.path.join(out_dir, "model"))
+            saved = moments(dict(reloaded.named_parameters()))
     if trainer.accelerator.is_main_process:
         steps = [
             {key: record[key] for key in LOGGED if key in record}
@@ -169,6 +184,8 @@ def main() -> None:
                     "steps": steps,
                     "parameters": fingerprint,
                     "svf_factors_partitioned_before_training": factors_partitioned,
+                    "expert_parallel": parallel.ep_size,
+                    "saved_parameters": saved,
                 },
                 handle,
             )

@@ -1,7 +1,9 @@
-"""``rlvr launch``: build the ``accelerate launch`` command for a DeepSpeed ZeRO job, print it, run it.
+"""``rlvr launch``: build the launch command for a multi-process job, print it, run it.
 
-rlvr adds no process management: multi-node runs use accelerate's own launcher on every node (or
-under SLURM's ``srun``), with the same command and a different ``--node-rank``.
+``--zero 2|3``: ``accelerate launch`` with rlvr's DeepSpeed ZeRO configs. ``--ep N``: ``torchrun`` with the
+run's ``parallel.ep_size=N`` (expert parallelism through transformers, dense weights under FSDP2; no
+DeepSpeed). rlvr adds no process management: multi-node runs use the launcher on every node (or under
+SLURM's ``srun``), with the same command and a different ``--node-rank``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def config_files(zero: int, offload: bool) -> tuple[Path, Path]:
 
 
 def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[str]:
+    if (args.zero is None) == (args.ep is None):
+        raise ValueError("give one of --zero 2|3 (DeepSpeed ZeRO) and --ep N (expert parallelism)")
+    if args.ep is not None:
+        return expert_parallel_command(args, rlvr_arguments)
     accelerate_yaml, deepspeed_json = config_files(args.zero, args.offload)
     command = [
         sys.executable,
@@ -51,8 +57,31 @@ def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[s
     return command + ["-m", "rlvr.cli", *rlvr_arguments]
 
 
+def expert_parallel_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[str]:
+    """``torchrun`` on every process of every node, the run told its ``parallel.ep_size``."""
+    world = args.nproc * args.nnodes
+    if args.ep < 2 or world % args.ep:
+        raise ValueError(f"--ep {args.ep}: needs 2 or more ranks per expert group, dividing the {world} processes")
+    if args.offload:
+        raise ValueError("--offload is DeepSpeed's (--zero 3); expert parallelism does not offload")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
+    command += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
+    if args.nnodes > 1:
+        if not args.main_addr:
+            raise ValueError("--nnodes > 1 needs --main-addr (the address of node 0)")
+        command += ["--master-addr", args.main_addr]
+    if args.main_port:
+        command += ["--master-port", str(args.main_port)]
+    return command + ["-m", "rlvr.cli", *rlvr_arguments, f"parallel.ep_size={args.ep}"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--zero", type=int, choices=(2, 3), required=True, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--zero", type=int, choices=(2, 3), help="DeepSpeed ZeRO stage (or --ep)")
+    parser.add_argument(
+        "--ep",
+        type=int,
+        help="expert parallelism over N ranks (torchrun; experts sharded, dense weights under FSDP2; or --zero)",
+    )
     parser.add_argument(
         "--offload", action="store_true", help="offload optimizer states and parameters to CPU (ZeRO-3)"
     )
@@ -68,7 +97,7 @@ def launch(args: argparse.Namespace, rlvr_arguments: list[str]) -> int:
     if not rlvr_arguments:
         print(
             "rlvr launch: give the rlvr command after --, e.g. "
-            "rlvr launch --zero 3 --nproc 8 -- train --config my.yaml",
+            "rlvr launch --zero 3 --nproc 8 -- train --config my.yaml (or --ep 8)",
             file=sys.stderr,
         )
         return 2

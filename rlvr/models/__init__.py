@@ -1,6 +1,7 @@
 """Policies: tiny MoE factory, offline tokenizer, the shared ``from_pretrained`` loading path, ZeRO-3
-partitioning helpers (``partitioned.py``) and MoE upcycling of dense policies (``upcycle.py``: Branch-Train-MiX,
-sparse upcycling). May import only :mod:`rlvr.utils` (no TRL)."""
+partitioning helpers (``partitioned.py``), expert parallelism through transformers (``parallel.py``) and MoE
+upcycling of dense policies (``upcycle.py``: Branch-Train-MiX, sparse upcycling). May import only
+:mod:`rlvr.utils` (no TRL)."""
 
 from rlvr.models.loading import (
     DTYPES,

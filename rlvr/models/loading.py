@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlvr.models.parallel import ParallelConfig, check_expert_parallel, distributed_config, world_size
 from rlvr.models.partitioned import built_whole, gathered_whole
 from rlvr.models.tiny import ARCHITECTURES, DENSE_ARCHITECTURES, TinyMoESpec, build_tiny_moe, tiny_moe_config
 from rlvr.models.tokenizer import build_char_tokenizer
@@ -113,9 +114,10 @@ def expose_backbone(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_pretrained(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False, parallel: ParallelConfig | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub id or local directory).
+    """Load a causal LM and its tokenizer with ``from_pretrained`` (hub id or local directory); with
+    ``parallel.ep_size > 1``, its experts sharded over the ranks (:mod:`rlvr.models.parallel`).
 
     The tokenizer is set up for RL: left padding, a pad token (the eos token when it has none).
     """
@@ -125,7 +127,14 @@ def load_pretrained(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    kwargs = {}
+    if parallel is not None and parallel.enabled:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        check_expert_parallel(parallel, config.get_text_config(), world_size())
+        kwargs["distributed_config"] = distributed_config(parallel, world_size())
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
+    )
     text_config = model.config.get_text_config()
     if getattr(text_config, "output_router_logits", False):
         # Saved by a trainer that computed the MoE aux loss (e.g. SFTTrainer). Left on, every generate()

@@ -43,6 +43,7 @@ from rlvr.forking.selection import ForkingConfig, loss_normalization_unit
 from rlvr.forking.token_rules import TokenRulesConfig
 from rlvr.models import is_tiny
 from rlvr.models.loading import ModelConfig
+from rlvr.models.parallel import ParallelConfig
 from rlvr.moe.config import MoEConfig
 from rlvr.prompts.config import PromptsConfig
 from rlvr.rewards.registry import RewardConfig
@@ -117,6 +118,9 @@ class RunConfig:
     )
     peft: AdapterConfig = option(
         AdapterConfig, "adapters instead of full fine-tuning: LoRA (experts included) or SVF (Transformer²)"
+    )
+    parallel: ParallelConfig = option(
+        ParallelConfig, "expert parallelism instead of DeepSpeed ZeRO (launch with rlvr launch --ep N)"
     )
     warm_start: WarmStartConfig = option(WarmStartConfig, "supervised warm start of tiny policies")
     eval: EvalConfig = option(EvalConfig, "held-out accuracy before/after training")
@@ -202,6 +206,8 @@ class RunConfig:
             raise ConfigError("moe.freeze_router: true, but peft.routers is 'train'; set peft.routers=freeze")
         if self.warm_start.enabled == "true":
             require(self.data.embedded, "warm_start.enabled", "needs the embedded task's worked solutions")
+        if self.parallel.enabled:
+            self._validate_expert_parallel()
         warm_starts = self.warm_start.enabled == "true" or (
             self.warm_start.enabled == "auto" and is_tiny(self.model.name_or_path)
         )
@@ -211,6 +217,23 @@ class RunConfig:
                 "and data.num_train is 0 (all rows of the data source); set warm_start.num_train (e.g. 2000) or "
                 "warm_start.enabled=false"
             )
+
+    def _validate_expert_parallel(self) -> None:
+        """What an expert-parallel run cannot do yet, refused before any model is built."""
+        untested = {
+            "peft.method": self.peft.enabled,  # adapters on sharded experts
+            "rollout.engine=copy": self.rollout.engine == "copy",
+            "grpo.use_vllm": bool(self.grpo.get("use_vllm")),  # TRL's weight sync would send each rank's shard
+            "moe.routing_replay": self.moe.routing_replay != "none",
+            "resume": self.resume,  # transformers saves only the model of a model sharded at load
+            "grpo.save_strategy": self.grpo.get("save_strategy", "no") != "no",
+        }
+        for key, on in untested.items():
+            if on:
+                raise ConfigError(
+                    f"parallel.ep_size={self.parallel.ep_size}: {key} is not supported with expert parallelism yet "
+                    "(the final model is saved whole; see the README's expert-parallelism section)"
+                )
 
     def _validate_rollout(self, arguments) -> None:
         """Forking trees: G leaves per prompt from (1 + branches) per root, whole groups on each process; the copy

@@ -209,7 +209,7 @@ def prepare_policy(config: RunConfig, data: PreparedData, accuracy_fn: Callable)
         _, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
         warm_result = run_warm_start(config.warm_start_job(), Path(name), tokenizer, accuracy_fn, data.eval_expressions)
         name = str(warm_result.path)
-    model, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code)
+    model, tokenizer = load_pretrained(name, config.model.dtype, config.model.trust_remote_code, config.parallel)
     return model, tokenizer, warm_result
 
 

@@ -1,0 +1,71 @@
+"""Expert parallelism through transformers: each rank holds ``num_experts / ep_size`` of every MoE layer's
+experts, tokens reach them by all-to-all, and the dense weights are sharded by FSDP2 over every rank.
+
+DeepSpeed ZeRO-3 gathers all of a layer's experts on every rank for every forward and backward, though a
+token activates ``top_k`` of them; expert parallelism moves the tokens instead. transformers builds it at
+load time from the model family's ``base_model_ep_plan`` (``DistributedConfig(ep_size=..., fsdp_size=...)``);
+TRL's ``GRPOTrainer`` trains such a model unchanged, and rlvr's router-aware machinery sees the same router
+outputs and expert-block inputs and outputs per rank as under data parallelism (the experts' all-to-all happens
+inside the block). Tensor parallelism stays off: GRPO slices each generation batch by process index, so every
+rank must hold its own batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from rlvr.utils.options import option, require
+
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass
+class ParallelConfig:
+    """The ``parallel`` config section (launch with ``rlvr launch --ep N``)."""
+
+    ep_size: int = option(
+        1,
+        "expert parallelism: ranks that split each MoE layer's experts (1: off; N > 1: the policy loads through "
+        "transformers' DistributedConfig, experts sharded over N ranks, dense weights under FSDP2; no DeepSpeed)",
+    )
+
+    def validate(self) -> None:
+        require(self.ep_size >= 1, "ep_size", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ep_size > 1
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_expert_parallel(settings: ParallelConfig, text_config, world: int) -> None:
+    """What expert parallelism cannot run with, as one-line errors naming ``parallel.ep_size``."""
+    ep = settings.ep_size
+    if world == 1:
+        raise ValueError(f"parallel.ep_size={ep}: expert parallelism needs {ep} processes (rlvr launch --ep {ep})")
+    if world % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the number of processes ({world})")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(
+            f"parallel.ep_size={ep}: a DeepSpeed launch shards every parameter itself (ZeRO); expert parallelism "
+            "shards experts through transformers and FSDP2 instead: launch with rlvr launch --ep, not --zero"
+        )
+    if not getattr(type(text_config), "base_model_ep_plan", None):
+        raise ValueError(
+            f"parallel.ep_size={ep}: transformers has no expert-parallel plan for {text_config.model_type} "
+            "(base_model_ep_plan); use DeepSpeed ZeRO (rlvr launch --zero 3)"
+        )
+    experts = next((getattr(text_config, name) for name in EXPERT_COUNT_FIELDS if hasattr(text_config, name)), None)
+    if not experts or experts % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the number of experts per layer ({experts})")
+
+
+def distributed_config(settings: ParallelConfig, world: int):
+    """transformers' ``DistributedConfig``: experts over ``ep_size`` ranks, FSDP2 over all ``world`` (tp 1)."""
+    from transformers.distributed import DistributedConfig
+
+    return DistributedConfig(ep_size=settings.ep_size, fsdp_size=world)

@@ -89,7 +89,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
     ``_generate_single_turn``,                  TreeRL advantages and ``rollout/*`` metrics
     ``_calculate_rewards``                      (``rollouts.Rollouts``; ``prompts.filter``: ``PromptFilter``)
     ``log``                                     reward-function failure counts, the step's device metrics,
-                                                the forking-token log (``forking_log.ForkingTokenLog``)
+                                                the forking-token log (``forking.log.ForkingTokenLog``)
     ``_save_checkpoint``, ``save_model``,       rollout totals in each checkpoint (``training.callbacks``);
     ``_save``, ``_load_from_checkpoint``        full checkpoints through ``from_pretrained``; SVF vectors
     ==========================================  ============================================================

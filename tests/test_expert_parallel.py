@@ -46,10 +46,20 @@ TINY = [  # a run of seconds: one MoE layer of 4 experts, a 4-step warm start, 2
         (["grpo.save_strategy=steps"], r"grpo.save_strategy is not supported"),
     ],
 )
-def test_what_expert_parallelism_cannot_do_yet_is_refused_naming_the_key(overrides, message):
+def test_what_expert_parallelism_cannot_do_yet_is_refused_naming_the_key(overrides, message, monkeypatch):
+    monkeypatch.setattr("rlvr.run.config.world_size", lambda: 2)  # as in a 2-process launch
     ep = [] if "ep_size=0" in overrides[0] else ["parallel.ep_size=2"]
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*ep, *overrides])
+
+
+def test_a_launch_that_cannot_hold_the_experts_fails_before_any_model_is_built(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=2: expert parallelism needs 2 processes"):
+        load_config(None, ["parallel.ep_size=2"])
+    monkeypatch.setattr("rlvr.run.config.world_size", lambda: 3)
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=2 must divide the number of processes \(3\)"):
+        load_config(None, ["parallel.ep_size=2"])
 
 
 def test_the_layout_is_checked_against_the_launch_and_the_model(monkeypatch):

@@ -43,7 +43,23 @@ def world_size() -> int:
 
 
 def check_expert_parallel(settings: ParallelConfig, text_config, world: int) -> None:
-    """What expert parallelism cannot run with, as one-line errors naming ``parallel.ep_size``."""
+    """What expert parallelism cannot run with, as one-line errors naming ``parallel.ep_size``: the launch
+    (:func:`check_launch`) and the model (a family with an expert-parallel plan, experts the ranks can split)."""
+    check_launch(settings, world)
+    ep = settings.ep_size
+    if not getattr(type(text_config), "base_model_ep_plan", None):
+        raise ValueError(
+            f"parallel.ep_size={ep}: transformers has no expert-parallel plan for {text_config.model_type} "
+            "(base_model_ep_plan); use DeepSpeed ZeRO (rlvr launch --zero 3)"
+        )
+    experts = next((getattr(text_config, name) for name in EXPERT_COUNT_FIELDS if hasattr(text_config, name)), None)
+    if not experts or experts % ep:
+        raise ValueError(f"parallel.ep_size={ep} must divide the number of experts per layer ({experts})")
+
+
+def check_launch(settings: ParallelConfig, world: int) -> None:
+    """The processes of the launch can hold ``ep_size`` expert shards, without DeepSpeed (checked before any
+    model is built)."""
     ep = settings.ep_size
     if world == 1:
         raise ValueError(f"parallel.ep_size={ep}: expert parallelism needs {ep} processes (rlvr launch --ep {ep})")
@@ -54,14 +70,6 @@ def check_expert_parallel(settings: ParallelConfig, text_config, world: int) -> 
             f"parallel.ep_size={ep}: a DeepSpeed launch shards every parameter itself (ZeRO); expert parallelism "
             "shards experts through transformers and FSDP2 instead: launch with rlvr launch --ep, not --zero"
         )
-    if not getattr(type(text_config), "base_model_ep_plan", None):
-        raise ValueError(
-            f"parallel.ep_size={ep}: transformers has no expert-parallel plan for {text_config.model_type} "
-            "(base_model_ep_plan); use DeepSpeed ZeRO (rlvr launch --zero 3)"
-        )
-    experts = next((getattr(text_config, name) for name in EXPERT_COUNT_FIELDS if hasattr(text_config, name)), None)
-    if not experts or experts % ep:
-        raise ValueError(f"parallel.ep_size={ep} must divide the number of experts per layer ({experts})")
 
 
 def distributed_config(settings: ParallelConfig, world: int):

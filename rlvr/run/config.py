@@ -43,7 +43,7 @@ from rlvr.forking.selection import ForkingConfig, loss_normalization_unit
 from rlvr.forking.token_rules import TokenRulesConfig
 from rlvr.models import is_tiny
 from rlvr.models.loading import ModelConfig
-from rlvr.models.parallel import ParallelConfig
+from rlvr.models.parallel import ParallelConfig, check_launch, world_size
 from rlvr.moe.config import MoEConfig
 from rlvr.prompts.config import PromptsConfig
 from rlvr.rewards.registry import RewardConfig
@@ -219,7 +219,12 @@ class RunConfig:
             )
 
     def _validate_expert_parallel(self) -> None:
-        """What an expert-parallel run cannot do yet, refused before any model is built."""
+        """What an expert-parallel run cannot do yet, refused before any model is built (with the launch it
+        needs: the model's own checks come when it loads)."""
+        try:
+            check_launch(self.parallel, world_size())
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         untested = {
             "peft.method": self.peft.enabled,  # adapters on sharded experts
             "rollout.engine=copy": self.rollout.engine == "copy",

@@ -157,8 +157,8 @@ def rlvr_defaults(args, moe):
     """The ``GRPOConfig`` a user hands the trainer, with rlvr's default where TRL's is left unset:
     ``router_aux_loss_coef`` None makes TRL add the model's own load-balancing loss (0.001 for Qwen3-MoE) over
     every token, beside rlvr's token-scoped router losses; rlvr sets it to 0, as its YAML path does and as verl
-    and NeMo-RL do in RL. A number set by the user is kept (refused beside ``moe.load_balancing_coef``, which
-    would add the same loss twice)."""
+    and NeMo-RL do in RL, on the config object itself. A number set by the user is kept (refused beside
+    ``moe.load_balancing_coef``, which would add the same loss twice)."""
     if args is None or not hasattr(args, "router_aux_loss_coef"):
         return args
     if args.router_aux_loss_coef is None:

@@ -34,7 +34,18 @@ from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
 from rlvr.tuning import AdapterConfig, adapter_config
 
 GLOBAL_ROWS, GENERATIONS, PROMPT, COMPLETION, STEPS = 16, 4, 6, 12, 3
-LOGGED = ("loss", "grad_norm", "entropy", "forking/threshold", "forking/kept_tokens", "moe/load_balancing_loss")
+LOGGED = (
+    "loss",
+    "grad_norm",
+    "entropy",
+    "forking/threshold",
+    "forking/kept_tokens",
+    "moe/load_balancing_loss",
+    "moe/specialization_js",  # routing analytics: every rank's tokens pooled
+    "moe/router_entropy_forking",
+    "moe/router_entropy_other",
+    "moe/load_imbalance",
+)
 
 
 def fixed_global_batch(vocab: int) -> dict:

@@ -103,7 +103,8 @@ def test_launch_ep_builds_a_torchrun_command_with_the_runs_ep_size(capsys):
 def test_two_ranks_holding_two_experts_each_train_as_one_process_holding_four(tmp_path):
     """Three optimizer steps of the forking_router arm on one fixed global batch (tests/distributed_steps.py:
     forking-token loss, router and expert gates on forking decisions, a load-balancing loss over them, the LM
-    head on forking tokens only), one plain process vs 2 processes with parallel.ep_size=2 (each rank holds
+    head on forking tokens only; the routing analytics pooled over ranks), one plain process vs 2 processes
+    with parallel.ep_size=2 (each rank holds
     2 of every layer's 4 experts; tokens reach them by all-to-all; dense weights under FSDP2).
 
     Tolerance as for ZeRO (1e-5 relative on every logged value and parameter moment): the runs add the same

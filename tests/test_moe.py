@@ -411,6 +411,46 @@ def test_vectorised_analytics_match_the_per_layer_reference(seed):
         assert fast.load_other == pytest.approx(slow.load_other)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_analytics_pooled_over_ranks_are_those_of_the_whole_batch(seed):
+    """Two ranks' tokens pooled by one all-reduce of their sums: the loads, entropies, imbalance, drift and
+    specialisation one process holding both halves computes (they were each rank's own: rank 0's logged
+    specialisation was 0.037 where the whole batch's is 0.003). Rank 1 has no forking token."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, experts, layers = 40, 6, 2
+    probabilities = [torch.softmax(torch.randn(tokens, experts, generator=generator), -1) for _ in range(layers)]
+    used = [torch.topk(p, 2).indices for p in probabilities]
+    live = [torch.topk(p + 0.3 * torch.rand(tokens, experts, generator=generator), 2).indices for p in probabilities]
+    completion = torch.rand(tokens, generator=generator) < 0.8
+    forking = completion & (torch.rand(tokens, generator=generator) < 0.3)
+    forking[25:] = False
+    whole = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
+    halves = [slice(0, 25), slice(25, tokens)]
+    sent = []
+
+    def keep(values):  # rank 1's all-reduce: remember what it sends
+        sent.append(values.clone())
+        return values
+
+    def rank(part, total):
+        return routing_by_layer(
+            [u[part] for u in used],
+            [p[part] for p in probabilities],
+            forking[part],
+            completion[part],
+            live_indices=[v[part] for v in live],
+            sum_across_ranks=total,
+        )
+
+    rank(halves[1], keep)
+    pooled = rank(halves[0], lambda values: values + sent[0])  # rank 0: its sums plus rank 1's
+    for name in ("specialization", "router_entropy_forking", "router_entropy_other", "imbalance", "drift"):
+        torch.testing.assert_close(getattr(pooled, name), getattr(whole, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled.load_forking, whole.load_forking)
+    alone = rank(halves[0], None)
+    assert not torch.allclose(alone.specialization, whole.specialization)
+
+
 @pytest.mark.parametrize("empty", ["forking", "other", "completion"])
 def test_vectorised_analytics_of_an_empty_token_class_are_nan_like_the_reference(empty):
     generator = torch.Generator().manual_seed(3)

@@ -123,13 +123,17 @@ def routing_by_layer(
     forking: torch.Tensor,
     completion: torch.Tensor,
     live_indices: list[torch.Tensor] | None = None,
+    sum_across_ranks=None,
 ) -> RoutingByLayer:
     """:func:`layer_routing` for every layer at once, on the device: masked sums over stacked tensors, no
     boolean indexing and no host read (a trainer reads the metrics once per logging step).
 
     ``indices`` per layer (N, k) (the experts used), ``probabilities`` per layer (N, E),
     ``forking``/``completion`` (N,) bool, ``live_indices`` per layer (N, k) when routing was replayed.
-    Statistics of an empty token class are NaN.
+    ``sum_across_ranks`` (an all-reduce sum; every rank calls this in step): the statistics of every rank's
+    tokens, pooled as one batch (expert counts, entropy sums and token counts summed before any ratio), so a
+    multi-process run logs what one process holding the whole batch would. Statistics of an empty token class
+    are NaN.
     """
     forking, completion = forking.bool().reshape(-1), completion.bool().reshape(-1)
     other = completion & ~forking
@@ -138,17 +142,28 @@ def routing_by_layer(
     layers, _, top_k = used.shape
     num_experts = probs.shape[-1]
 
-    def loads(tokens: torch.Tensor) -> torch.Tensor:  # (layers, E), rows sum to 1 (NaN if no tokens)
+    def counts(tokens: torch.Tensor) -> torch.Tensor:  # (layers, E) top-k assignments of the tokens per expert
         weights = tokens.to(torch.float32).repeat_interleave(top_k).expand(layers, -1)  # (layers, N * k)
-        counts = torch.zeros(layers, num_experts, device=used.device).scatter_add_(1, used.reshape(layers, -1), weights)
-        return counts / counts.sum(-1, keepdim=True)
+        return torch.zeros(layers, num_experts, device=used.device).scatter_add_(1, used.reshape(layers, -1), weights)
 
     router_entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)  # (layers, N)
+    sums = [counts(forking), counts(other), counts(completion)]  # 3 x (layers, E)
+    sums += [(router_entropy * forking).sum(-1), (router_entropy * other).sum(-1)]  # 2 x (layers,)
+    sums += [torch.stack([forking.sum(), other.sum(), completion.sum()]).to(torch.float32).to(used.device)]  # (3,)
+    if live_indices is not None:
+        live = torch.stack(live_indices).long().to(used.device)
+        differs = ~(torch.sort(used, -1).values == torch.sort(live, -1).values).all(-1)  # (layers, N)
+        sums.append((differs & completion).sum(-1).to(torch.float32))  # (layers,)
+    if sum_across_ranks is not None:
+        sizes = [part.numel() for part in sums]
+        pooled = sum_across_ranks(torch.cat([part.reshape(-1) for part in sums]))
+        sums = [piece.view_as(part) for piece, part in zip(pooled.split(sizes), sums, strict=True)]
+    count_forking, count_other, count_all, entropy_forking, entropy_other, tokens = sums[:6]
 
-    def entropies(tokens: torch.Tensor) -> torch.Tensor:  # (layers,) mean over the tokens
-        return (router_entropy * tokens).sum(-1) / tokens.sum()
+    def loads(assignments: torch.Tensor) -> torch.Tensor:  # (layers, E), rows sum to 1 (NaN if no tokens)
+        return assignments / assignments.sum(-1, keepdim=True)
 
-    load_forking, load_other, load_all = loads(forking), loads(other), loads(completion)
+    load_forking, load_other, load_all = loads(count_forking), loads(count_other), loads(count_all)
     mixture = 0.5 * (load_forking + load_other)
 
     def kl_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -157,19 +172,14 @@ def routing_by_layer(
     specialization = 0.5 * kl_bits(load_forking, mixture) + 0.5 * kl_bits(load_other, mixture)
     # kl_bits skips NaN entries (p > 0 is False): an empty class must still give NaN
     specialization = torch.where(load_forking.isnan().any(-1) | load_other.isnan().any(-1), math.nan, specialization)
-    drift = None
-    if live_indices is not None:
-        live = torch.stack(live_indices).long().to(used.device)
-        differs = ~(torch.sort(used, -1).values == torch.sort(live, -1).values).all(-1)  # (layers, N)
-        drift = (differs & completion).sum(-1) / completion.sum()  # NaN without completion tokens
     return RoutingByLayer(
         load_forking=load_forking,
         load_other=load_other,
         specialization=specialization,
-        router_entropy_forking=entropies(forking),
-        router_entropy_other=entropies(other),
+        router_entropy_forking=entropy_forking / tokens[0],
+        router_entropy_other=entropy_other / tokens[1],
         imbalance=load_all.amax(-1) * num_experts,
-        drift=drift,
+        drift=sums[6] / tokens[2] if live_indices is not None else None,  # NaN without completion tokens
     )
 
 

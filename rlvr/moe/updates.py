@@ -128,6 +128,7 @@ class RouterAwareUpdates:
                 forking.reshape(-1),
                 completion.reshape(-1),
                 live_indices=routing.live_indices or None,
+                sum_across_ranks=self._pooling.get("sum_across_ranks"),  # every rank's tokens, as one batch
             )
             metrics.update(summarize(layers))
             for name, loads in (("forking", layers.load_forking), ("other", layers.load_other)):

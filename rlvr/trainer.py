@@ -206,12 +206,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         generate = super()._generate_single_turn
         if rollouts is None:  # not built by __init__: TRL's sampling
             return generate(prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
-        if not rollouts.branches(self.model.training):
-            return rollouts.generate(generate, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
-        if images is not None or multimodal_fields:
-            raise ValueError("rollout.mode=forking_tree supports text-only prompts")
-        with generation.generation_model(self) as model:
-            return rollouts.generate_tree(model, prompt_ids, num_generations, self.generation_config)
+        return generation.sample(
+            self, rollouts, generate, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+        )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # all ranks

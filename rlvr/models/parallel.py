@@ -12,6 +12,7 @@ rank must hold its own batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -77,3 +78,27 @@ def distributed_config(settings: ParallelConfig, world: int):
     from transformers.distributed import DistributedConfig
 
     return DistributedConfig(ep_size=settings.ep_size, fsdp_size=world)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(model):
+    """Under FSDP2 (the dense weights of an expert-parallel policy): every FSDP module keeps its weights gathered
+    from its first forward to the end of the block, so generation gathers them once per call instead of once
+    per decoded token (torch's ``set_reshard_after_forward``, whose documentation suggests this for evaluation);
+    afterwards each resharded and set back as for training (the root, as FSDP2 sets it, keeps its own). Does
+    nothing to a model without FSDP2 modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not modules:
+        yield
+        return
+    root = modules[0]
+    root.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        root.set_reshard_after_forward(True)
+        root.set_reshard_after_forward(False, recurse=False)
+        for module in modules:
+            module.reshard()

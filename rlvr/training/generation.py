@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from trl.models import unwrap_model_for_generation
 
+from rlvr.models.parallel import gathered_for_generation
 from rlvr.rollouts import Rollouts
 from rlvr.training.prompt_filter import PromptFilter
 
@@ -41,6 +42,31 @@ def produce_batch(
             metrics_of_mode[key].append(value)
     log_batch(rollouts, merge_calls(calls), metrics_of_mode, trainer._logs)
     return batch
+
+
+def sample(
+    trainer,
+    rollouts: Rollouts,
+    trl_generate: Callable,
+    prompt_ids,
+    images,
+    multimodal_fields,
+    num_generations,
+    *args,
+    **kwargs,
+):
+    """TRL's ``_generate_single_turn`` (``trl_generate``) through ``rollouts``: i.i.d. as TRL samples, or forking
+    trees. Under expert parallelism the dense weights FSDP2 shards are gathered once for the whole call
+    (:func:`rlvr.models.parallel.gathered_for_generation`), not in every decoding forward."""
+    with gathered_for_generation(trainer.model):
+        if not rollouts.branches(trainer.model.training):
+            return rollouts.generate(
+                trl_generate, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if images is not None or multimodal_fields:
+            raise ValueError("rollout.mode=forking_tree supports text-only prompts")
+        with generation_model(trainer) as model:
+            return rollouts.generate_tree(model, prompt_ids, num_generations, trainer.generation_config)
 
 
 @contextlib.contextmanager

@@ -16,23 +16,7 @@ from rlvr.models.tiny import TinyMoESpec, tiny_moe_config
 from rlvr.run.config import load_config
 from rlvr.utils.options import ConfigError
 from tests.launching import fresh_cache_env, printed_launch_command
-
-TINY = [  # a run of seconds: one MoE layer of 4 experts, a 4-step warm start, 2 RL steps
-    "model.tiny.num_layers=1",
-    "model.tiny.hidden_size=32",
-    "model.tiny.expert_size=32",
-    "model.tiny.num_experts=4",
-    "data.num_train=64",
-    "data.num_eval=8",
-    "eval.sampled_completions=1",
-    "warm_start.max_steps=4",
-    "warm_start.eval_every=2",
-    "warm_start.num_dev=8",
-    "grpo.logging_steps=1",
-    "grpo.per_device_train_batch_size=8",
-    "grpo.num_generations=4",
-    "grpo.max_completion_length=16",
-]
+from tests.test_cli import TINY  # a run of seconds: one MoE layer of 4 experts, a 4-step warm start
 
 
 @pytest.mark.parametrize(

@@ -169,16 +169,30 @@ def test_out_of_range_settings_name_the_key(field, value):
 # In the trainer: its loss and gradient against a hand-built float64 loss
 
 
-def policy_forward(trainer, batch):
-    """(B, T) float64 log-probs with gradient and detached entropies of the batch's completions."""
+def policy_forward(trainer, batch, entropy_gradient: bool = False):
+    """(B, T) float64 log-probs with gradient and entropies of the batch's completions (detached unless
+    ``entropy_gradient``: an entropy bonus's)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     length = batch["completion_ids"].size(1)
     logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -length - 1 : -1]
     all_logps = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
     logps = all_logps.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    entropies = -(all_logps.exp() * all_logps).sum(-1).detach()
-    return logps, entropies
+    entropies = -(all_logps.exp() * all_logps).sum(-1)
+    return logps, entropies if entropy_gradient else entropies.detach()
+
+
+def clip_cov_policy_loss(trainer, batch, logps, ratio: float):
+    """TRL's dapo loss with the int(ratio * N) tokens the trainer's Clip-Cov stream draws (every real token a
+    candidate) dropped from its sum, not from its normaliser (verl's corr)."""
+    mask = batch["completion_mask"].bool()
+    real = mask.flatten().nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(0 * 1_000_003 + trainer._step + 7_919)  # the trainer's stream
+    stopped = real[torch.randperm(len(real), generator=generator)[: int(ratio * len(real))]]
+    keep = torch.ones(mask.numel(), dtype=torch.float64)
+    keep[stopped] = 0.0
+    per_token = -batch["advantages"].double().unsqueeze(1) * torch.exp(logps - logps.detach())
+    return (per_token * keep.view_as(mask) * mask).sum() / mask.sum()
 
 
 def grads_of(trainer, loss):
@@ -212,13 +226,7 @@ def test_clip_cov_in_the_trainer_stops_the_drawn_tokens_gradient(tiny_checkpoint
 
     def reference():
         logps, _ = policy_forward(trainer, batch)
-        real = mask.flatten().nonzero().squeeze(1)
-        generator = torch.Generator().manual_seed(0 * 1_000_003 + trainer._step + 7_919)  # the trainer's stream
-        stopped = real[torch.randperm(len(real), generator=generator)[: int(0.25 * len(real))]]
-        keep = torch.ones(mask.numel(), dtype=torch.float64)
-        keep[stopped] = 0.0
-        per_token = -batch["advantages"].double().unsqueeze(1) * torch.exp(logps - logps.detach())
-        return (per_token * keep.view_as(mask) * mask).sum() / mask.sum()
+        return clip_cov_policy_loss(trainer, batch, logps, 0.25)
 
     compare_with_reference(trainer, batch, reference)
     logged = trainer.selection.step_metrics["train"].drain()
@@ -245,20 +253,8 @@ def test_clip_cov_leaves_the_entropy_bonus_on_every_token(tiny_checkpoint, tmp_p
     mask = batch["completion_mask"].bool()
 
     def reference():
-        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        length = batch["completion_ids"].size(1)
-        logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -length - 1 : -1]
-        all_logps = torch.log_softmax(logits.double(), dim=-1)  # (B, T, V)
-        logps = all_logps.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-        entropies = -(all_logps.exp() * all_logps).sum(-1)  # with gradient: the bonus's
-        real = mask.flatten().nonzero().squeeze(1)
-        generator = torch.Generator().manual_seed(0 * 1_000_003 + trainer._step + 7_919)  # the trainer's stream
-        stopped = real[torch.randperm(len(real), generator=generator)[: int(0.25 * len(real))]]
-        keep = torch.ones(mask.numel(), dtype=torch.float64)
-        keep[stopped] = 0.0
-        per_token = -batch["advantages"].double().unsqueeze(1) * torch.exp(logps - logps.detach())
-        policy = (per_token * keep.view_as(mask) * mask).sum() / mask.sum()
+        logps, entropies = policy_forward(trainer, batch, entropy_gradient=True)
+        policy = clip_cov_policy_loss(trainer, batch, logps, 0.25)
         return policy - 0.05 * (entropies * mask).sum() / mask.sum()
 
     compare_with_reference(trainer, batch, reference)

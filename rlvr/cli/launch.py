@@ -48,13 +48,20 @@ def build_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[s
         "--machine_rank",
         str(args.node_rank),
     ]
+    command += node_zero(args, "--main_process_ip", "--main_process_port")
+    return command + ["-m", "rlvr.cli", *rlvr_arguments]
+
+
+def node_zero(args: argparse.Namespace, address_flag: str, port_flag: str) -> list[str]:
+    """The launcher's flags for node 0's address (needed with several nodes) and port, in its spelling."""
+    flags = []
     if args.nnodes > 1:
         if not args.main_addr:
             raise ValueError("--nnodes > 1 needs --main-addr (the address of node 0)")
-        command += ["--main_process_ip", args.main_addr]
+        flags += [address_flag, args.main_addr]
     if args.main_port:
-        command += ["--main_process_port", str(args.main_port)]
-    return command + ["-m", "rlvr.cli", *rlvr_arguments]
+        flags += [port_flag, str(args.main_port)]
+    return flags
 
 
 def expert_parallel_command(args: argparse.Namespace, rlvr_arguments: list[str]) -> list[str]:
@@ -66,12 +73,7 @@ def expert_parallel_command(args: argparse.Namespace, rlvr_arguments: list[str])
         raise ValueError("--offload is DeepSpeed's (--zero 3); expert parallelism does not offload")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc)]
     command += ["--nnodes", str(args.nnodes), "--node-rank", str(args.node_rank)]
-    if args.nnodes > 1:
-        if not args.main_addr:
-            raise ValueError("--nnodes > 1 needs --main-addr (the address of node 0)")
-        command += ["--master-addr", args.main_addr]
-    if args.main_port:
-        command += ["--master-port", str(args.main_port)]
+    command += node_zero(args, "--master-addr", "--master-port")
     return command + ["-m", "rlvr.cli", *rlvr_arguments, f"parallel.ep_size={args.ep}"]
 
 

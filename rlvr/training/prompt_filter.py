@@ -128,7 +128,7 @@ class PromptFilter:
             if self.skips:
                 prompts, predicted, features, considered = self._choose(prompts, draws, generation, call)
                 counts[3] += sum(skipped for *_, skipped in considered)
-            call_keys.append([prompt_key(row) for row in prompts])
+            call_keys.append([prompt_key(row) for row in prompts])  # (groups,) this rank's, this call
             self._step_keys.update(call_keys[-1])
             sampled = len(prompts)  # the same on every rank
             batch, _ = produce([row for row in prompts for _ in range(G)])
@@ -146,7 +146,9 @@ class PromptFilter:
             mine = informative[self.rank * sampled : (self.rank + 1) * sampled].tolist()
             for group, has_variance in enumerate(mine):  # without refill every sampled group is trained on
                 (kept if has_variance or not self.refill else spare).append((call, group))
-            counts += self._observe(prompts, predicted, features, informative, call_rewards, sampled, considered)
+            counts += self._observe(
+                prompts, call_keys[-1], predicted, features, informative, call_rewards, sampled, considered
+            )
             counts[0] += sampled
             batches.append(batch)
             device = batch["completion_mask"].device
@@ -259,7 +261,7 @@ class PromptFilter:
         probe = zero_variance_probability(pass_rates.double(), self.group_size).clamp(max=1 - FLOOR).tolist()
         return [max(h, p) for h, p in zip(history, probe, strict=True)], list(features)
 
-    def _observe(self, prompts, predicted, features, informative, rewards, sampled, considered) -> torch.Tensor:
+    def _observe(self, prompts, keys, predicted, features, informative, rewards, sampled, considered) -> torch.Tensor:
         """Every rank's groups of a call into the per-prompt record, the history and the probe (the same on every
         rank), and this rank's counts: [.., .., .., .., all-right groups, all-wrong groups, predicted and without
         variance, predicted with variance, not predicted and without variance, .., ..] (the rest is counted by
@@ -268,7 +270,7 @@ class PromptFilter:
         scored = ~torch.isnan(grouped)
         passes = ((grouped > self.settings.solved_reward) & scored).sum(1) / scored.sum(1).clamp(min=1)  # (groups,)
         mine = slice(self.rank * sampled, (self.rank + 1) * sampled)
-        rows = [(prompt_key(row), preview(row["prompt"])) for row in prompts]
+        rows = [(key, preview(row["prompt"])) for key, row in zip(keys, prompts, strict=True)]
         every_rank = self.collectives.gather_objects([(rows, considered)])  # one item per rank
         sampled_rows = [row for rank_rows, _ in every_rank for row in rank_rows]  # (groups,)
         self.record.observe_call(

@@ -18,10 +18,23 @@ resolution. Per GPU under ZeRO-3 with N GPUs:
 
     model states / N  +  two gathered layers  +  activations at full depth  +  the recipe's vLLM share
 
+Under expert parallelism over E ranks (``rlvr launch --ep E``; transformers shards each layer's experts over E
+ranks and FSDP2 shards everything again over the N / E replicas: the model states are split N ways as under
+ZeRO-3) a layer gathers its dense weights whole but only its own E-th of the experts, and the ranks exchange
+the routed tokens instead: per GPU
+
+    model states / N  +  two layers (dense whole, experts / E)  +  activations  +  all-to-all buffers  +  vLLM
+
+with the all-to-all buffers of one layer (send and receive, dispatch and combine: 4 x tokens x top-k x hidden
+in bf16) and activations as measured in one process, which computes every expert on its own tokens: under
+balanced routing a rank computes as many expert rows as its tokens choose. Each layout's fewest GPUs is a
+multiple of E.
+
     python benchmarks/recipe_memory.py                          # on a GPU: both recipes at 2 and 4 layers
     python benchmarks/recipe_memory.py --recipes gpt_oss_20b --gpu-gib 141
     python benchmarks/recipe_memory.py --shrink 64 --rows 2 --prompt 8 --completion 16   # a CPU smoke run
     python benchmarks/recipe_memory.py --states-only --recipes qwen3_30b_a3b,qwen3_30b_a3b_lora,qwen3_30b_a3b_svf
+    python benchmarks/recipe_memory.py --states-only --recipes qwen3_30b_a3b_ep   # ZeRO-3 and EP 2 .. 64 layouts
 
 On a CPU there is no allocator peak: the activations column is then the bytes autograd saves for backward,
 a lower bound, and the GPU counts printed from it are not an answer.
@@ -108,7 +121,9 @@ RECIPES = {
     "qwen3_30b_a3b_lora": Recipe(qwen3_30b_a3b, 48),
     "gpt_oss_20b_lora": Recipe(gpt_oss_20b, 24),
     "qwen3_30b_a3b_svf": Recipe(qwen3_30b_a3b, 48),  # the lora recipe with peft.method=svf
+    "qwen3_30b_a3b_ep": Recipe(qwen3_30b_a3b, 48),  # expert parallelism (parallel.ep_size)
 }
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def recipe_settings(name: str):
@@ -135,9 +150,11 @@ def shrunk(config: PretrainedConfig, factor: int) -> PretrainedConfig:
     return config
 
 
-def parameter_count(config: PretrainedConfig) -> int:
+def parameter_count(config: PretrainedConfig, experts_only: bool = False) -> int:
+    """Parameters of the model (``experts_only``: of its routed experts, which expert parallelism shards)."""
     with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for name, p in model.named_parameters() if not experts_only or ".experts." in name)
 
 
 @dataclass
@@ -265,15 +282,20 @@ class Plan:
     activations: float  # bytes at full depth; 0 when not measured
     vllm: float  # bytes the colocated vLLM engine holds during training (0: not colocated, or asleep)
     gpu: float  # bytes per GPU
+    layer_expert_parameters: int = 0  # the routed experts' share of one layer (expert parallelism shards them)
+    exchange_bytes: float = 0.0  # expert parallelism: one layer's all-to-all buffers (dispatch and combine)
 
-    def per_gpu(self, gpus: int, offload: bool = False) -> float:
+    def per_gpu(self, gpus: int, offload: bool = False, ep: int = 1) -> float:
+        """Bytes per GPU on ``gpus`` GPUs: ZeRO-3 (``ep`` 1) or experts over ``ep`` ranks under FSDP2."""
         states = 0.0 if offload else self.state_bytes / gpus
-        return states + 2 * 2 * self.layer_parameters + self.activations + self.vllm
+        gathered = self.layer_parameters - self.layer_expert_parameters * (1 - 1 / ep)  # dense whole, experts / ep
+        exchange = self.exchange_bytes if ep > 1 else 0.0
+        return states + 2 * 2 * gathered + self.activations + exchange + self.vllm
 
-    def fewest_gpus(self) -> int | None:
-        """Fewest GPUs with a share that fits (None: not even the unsharded part fits in one)."""
-        room = self.gpu - self.per_gpu(1, offload=True)
-        return max(1, math.ceil(self.state_bytes / room)) if room > 0 else None
+    def fewest_gpus(self, ep: int = 1) -> int | None:
+        """Fewest GPUs with a share that fits, a multiple of ``ep`` (None: not even the unsharded part fits)."""
+        room = self.gpu - self.per_gpu(1, offload=True, ep=ep)
+        return ep * math.ceil(max(1, math.ceil(self.state_bytes / room)) / ep) if room > 0 else None
 
 
 def plan(recipe: Recipe, grpo: dict, adapter: AdapterConfig, activations: float, args) -> Plan:
@@ -281,7 +303,10 @@ def plan(recipe: Recipe, grpo: dict, adapter: AdapterConfig, activations: float,
     awake = colocated and not grpo.get("vllm_enable_sleep_mode", False)
     gpu = args.gpu_gib * GIB
     one, two = (parameter_count(shrunk(recipe.config(layers), args.shrink)) for layers in (1, 2))
+    experts = parameter_count(shrunk(recipe.config(1), args.shrink), experts_only=True)
     count = counted(shrunk(recipe.config(recipe.layers), args.shrink), adapter)
+    config = shrunk(recipe.config(1), args.shrink)
+    tokens = args.rows * (args.prompt + args.completion) if hasattr(args, "rows") else 0
     return Plan(
         parameters=count.parameters,
         state_bytes=count.state_bytes,
@@ -290,7 +315,15 @@ def plan(recipe: Recipe, grpo: dict, adapter: AdapterConfig, activations: float,
         activations=activations,
         vllm=float(grpo.get("vllm_gpu_memory_utilization", 0.9)) * gpu if awake else 0.0,
         gpu=gpu,
+        layer_expert_parameters=experts,
+        exchange_bytes=4 * tokens * config.num_experts_per_tok * config.hidden_size * 2,
     )
+
+
+def expert_parallel_sizes(config: PretrainedConfig, largest: int = 64) -> list[int]:
+    """The expert-parallel sizes a layout can use: powers of two that divide the expert count."""
+    experts = next(getattr(config, name) for name in EXPERT_COUNT_FIELDS if getattr(config, name, None))
+    return [size for size in (2, 4, 8, 16, 32, 64) if size <= min(largest, experts) and experts % size == 0]
 
 
 def report(
@@ -342,12 +375,31 @@ def report(
         print(f"  fewest GPUs without offload: {tensor_parallel} (vLLM's tensor parallel; {needed} by memory alone)")
     else:
         print(f"  fewest GPUs without offload: {needed if needed is not None else 'none'}")
+    if adapter.enabled:
+        print("  expert parallelism: not with adapters yet (rlvr refuses peft.method under parallel.ep_size)")
+    else:
+        layouts(budget, recipe, args, getattr(args, "recipe_ep", 1))
     if budget.vllm:
         tensor_parallel = int(grpo.get("vllm_tensor_parallel_size", 1))
         engine = 2 * budget.parameters / tensor_parallel
         left = budget.vllm - engine
         verdict = f"leaves {size(left)} of its share for KV cache" if left > 0 else "more than its share"
         print(f"  vLLM: bf16 weights {size(engine)} per GPU at tensor parallel {tensor_parallel}: {verdict}")
+
+
+def layouts(budget: Plan, recipe: Recipe, args, recipe_ep: int) -> None:
+    """ZeRO-3 beside each expert-parallel size: the layer a rank gathers, bytes per GPU, the fewest GPUs."""
+    print(
+        f"  layouts (per {args.gpu_gib:g} GiB GPU; EP adds {size(budget.exchange_bytes)} of all-to-all buffers; "
+        f"* = this recipe's):"
+    )
+    print(f"    {'layout':<8} {'gathered layer':>14} {'8 GPUs':>11} {'16 GPUs':>11} {'32 GPUs':>11} {'fewest':>7}")
+    for ep in [1, *expert_parallel_sizes(shrunk(recipe.config(1), args.shrink))]:
+        gathered = 2 * (budget.layer_parameters - budget.layer_expert_parameters * (1 - 1 / ep))
+        cells = [size(budget.per_gpu(count, ep=ep)) if count % ep == 0 else "-" for count in (8, 16, 32)]
+        fewest = budget.fewest_gpus(ep)
+        label = ("ZeRO-3" if ep == 1 else f"EP {ep}") + ("*" if ep == recipe_ep else "")
+        print(f"    {label:<8} {size(gathered):>14} {cells[0]:>11} {cells[1]:>11} {cells[2]:>11} {fewest or 'none':>7}")
 
 
 def main() -> None:
@@ -381,6 +433,7 @@ def main() -> None:
                 **vars(args),
                 "rows": args.rows or int(grpo["per_device_train_batch_size"]),
                 "completion": args.completion or int(grpo["max_completion_length"]),
+                "recipe_ep": settings.parallel.ep_size,
             }
         )
         measured = [measure(shrunk(recipe.config(layers), args.shrink), grpo, shape, device) for layers in depths]

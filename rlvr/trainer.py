@@ -172,7 +172,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self.token_rule_step = setup.token_rule_step(self)
         self.head_transform = setup.sparse_head_transform(self)
         self.sparse_head = self.head_transform is not None
-        setup.sync_merged_weights(self)  # SVF: an inference engine receives plain weights
+        setup.engine_weight_sync(self)  # an inference engine receives plain, whole weights (SVF merged, EP gathered)
 
     def _check_rollout(self) -> None:
         setup.check_rollout(self)  # what the rollout section cannot run with, as one-line errors

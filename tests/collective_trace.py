@@ -23,6 +23,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 
 # collective -> (position, keyword) of the tensor it sends; None: nothing to describe
@@ -38,6 +39,8 @@ SENT = {
     "scatter": (0, "tensor"),
     "all_to_all": (1, "input_tensor_list"),
     "all_to_all_single": (1, "input"),
+    "all_gather_single": (1, "input_tensor"),  # FSDP2's all-gather (torch >= 2.12)
+    "reduce_scatter_single": (1, "input"),  # FSDP2's reduce-scatter
     "all_gather_coalesced": (1, "input_tensor_list"),
     "all_reduce_coalesced": (0, "tensors"),
     "_all_gather_base": (1, "input_tensor"),
@@ -49,6 +52,12 @@ SENT = {
     "gather_object": None,
     "scatter_object_list": None,
 }
+
+
+# functional collectives (DTensor, transformers' expert-parallel all-to-all): recorded as "functional.<name>",
+# the tensor they send is always the first argument
+FUNCTIONAL = ("all_to_all_single", "all_to_all_single_autograd", "all_gather_tensor", "all_gather_tensor_autograd")
+FUNCTIONAL += ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_tensor_autograd", "broadcast")
 
 
 def describe(value) -> list:
@@ -64,7 +73,7 @@ def record_collectives(path: str) -> None:
     def recorded(name, function):
         @functools.wraps(function)
         def call(*args, **kwargs):
-            where = SENT[name]
+            where = SENT.get(name, (0, "self"))
             sent = None if where is None else (args[where[0]] if len(args) > where[0] else kwargs.get(where[1]))
             with open(path, "a") as handle:
                 handle.write(json.dumps([name, *describe(sent)]) + "\n")
@@ -72,7 +81,12 @@ def record_collectives(path: str) -> None:
 
         return call
 
+    for name in FUNCTIONAL:  # before transformers imports them by name
+        if hasattr(funcol, name):
+            setattr(funcol, name, recorded(f"functional.{name}", getattr(funcol, name)))
     for name in SENT:
+        if not hasattr(c10d, name):
+            continue  # an op of another torch version
         original = getattr(c10d, name)
         wrapped = recorded(name, original)
         setattr(c10d, name, wrapped)  # what torch's own object collectives call

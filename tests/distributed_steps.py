@@ -8,10 +8,13 @@ AdamW, under DeepSpeed when launched with a ZeRO accelerate config. Each rank ta
 of the rows, as TRL's sampler would give it. ``lora`` / ``svf`` train adapters instead of the whole policy
 (``peft.method``, routers trained, experts included). ``ep`` loads the policy with expert parallelism over
 every rank (``parallel.ep_size``: experts sharded, dense weights under FSDP2), then also saves it and reads the
-saved checkpoint back (``saved_parameters``). Rank 0 writes ``<out>/steps.json``: the logged metrics of
+saved checkpoint back (``saved_parameters``). The arm (default ``forking_router``): ``forking`` (the forking-token
+loss alone), ``forking_router`` (plus router and expert gates on forking decisions and a load-balancing loss over
+them), ``replay`` (forking_router with recorded experts forced in every training forward: routing replay, one
+position in four left to the router). Rank 0 writes ``<out>/steps.json``: the logged metrics of
 every step and a fingerprint (sum, sum of squares) of every trained parameter at the end.
 
-    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal] [lora | svf] [ep]
+    python tests/distributed_steps.py MODEL_DIR OUT_DIR [unequal] [lora | svf] [ep] [forking | replay]
     accelerate launch --config_file <trl>/accelerate_configs/zero3.yaml --num_processes 2 \\
         tests/distributed_steps.py MODEL_DIR OUT_DIR
 """
@@ -29,11 +32,13 @@ from rlvr.cli.shutdown import end_distributed, exit_process
 from rlvr.data import ArithmeticTask, generate_problems, problems_to_dataset
 from rlvr.models import load_pretrained
 from rlvr.models.parallel import ParallelConfig
+from rlvr.rollouts import ROUTING_KEY
 from rlvr.run.config import ForkingConfig, MoEConfig
 from rlvr.trainer import GROUP_IDS_KEY, ForkingGRPOTrainer
 from rlvr.tuning import AdapterConfig, adapter_config
 
 GLOBAL_ROWS, GENERATIONS, PROMPT, COMPLETION, STEPS = 16, 4, 6, 12, 3
+ARMS = ("forking", "forking_router", "replay")
 LOGGED = (
     "loss",
     "grad_norm",
@@ -45,15 +50,17 @@ LOGGED = (
     "moe/router_entropy_forking",
     "moe/router_entropy_other",
     "moe/load_imbalance",
+    "moe/routing_drift",  # replay: how often the live router chose other experts than the forced ones
 )
 
 
-def fixed_global_batch(vocab: int) -> dict:
+def fixed_global_batch(vocab: int, routing: tuple[int, int, int] | None = None) -> dict:
+    """The global batch; with ``routing`` = (layers, experts, k), recorded experts to replay as well."""
     generator = torch.Generator().manual_seed(123)
     completion_mask = torch.ones(GLOBAL_ROWS, COMPLETION, dtype=torch.long)
     lengths = torch.randint(2, COMPLETION + 1, (GLOBAL_ROWS,), generator=generator)
     completion_mask[torch.arange(COMPLETION)[None, :] >= lengths[:, None]] = 0  # right padding
-    return {
+    batch = {
         "prompt_ids": torch.randint(5, vocab, (GLOBAL_ROWS, PROMPT), generator=generator),  # (B, P)
         "prompt_mask": torch.ones(GLOBAL_ROWS, PROMPT, dtype=torch.long),  # (B, P)
         "completion_ids": torch.randint(5, vocab, (GLOBAL_ROWS, COMPLETION), generator=generator),  # (B, C)
@@ -62,6 +69,18 @@ def fixed_global_batch(vocab: int) -> dict:
         "num_items_in_batch": completion_mask.sum(),  # global, as TRL gathers it
         GROUP_IDS_KEY: torch.arange(GLOBAL_ROWS) // GENERATIONS,  # (B,)
     }
+    if routing is not None:
+        batch[ROUTING_KEY] = recorded_experts(generator, *routing)
+    return batch
+
+
+def recorded_experts(generator: torch.Generator, layers: int, experts: int, k: int) -> torch.Tensor:
+    """(B, P + C, layers, k) distinct experts per position (a random choice, as a sampler's router might make);
+    one position in four -1 (not recorded: the router's own choice stands)."""
+    scores = torch.rand(GLOBAL_ROWS, PROMPT + COMPLETION, layers, experts, generator=generator)
+    chosen = scores.topk(k, dim=-1).indices  # (B, P + C, layers, k)
+    unrecorded = torch.rand(GLOBAL_ROWS, PROMPT + COMPLETION, generator=generator) < 0.25  # (B, P + C)
+    return chosen.masked_fill(unrecorded[:, :, None, None], -1).to(torch.int16)
 
 
 class FixedBatchTrainer(ForkingGRPOTrainer):
@@ -70,11 +89,12 @@ class FixedBatchTrainer(ForkingGRPOTrainer):
 
     unequal = False
     generations = 0
+    routing: tuple[int, int, int] | None = None  # (layers, experts, k) to replay recorded experts
 
     def _generate_and_score_completions(self, inputs):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         rows = GLOBAL_ROWS // world
-        batch = fixed_global_batch(len(self.processing_class))
+        batch = fixed_global_batch(len(self.processing_class), self.routing)
         shares = [
             {key: value[r * rows : (r + 1) * rows] if value.dim() else value for key, value in batch.items()}
             for r in range(world)
@@ -95,6 +115,8 @@ def unequal_shares(shares: list[dict], generation: int) -> list[dict]:
         if rank > 0:
             width = COMPLETION - 3 * rank
             share["completion_ids"] = share["completion_ids"][:, :width]
+            if ROUTING_KEY in share:
+                share[ROUTING_KEY] = share[ROUTING_KEY][:, : PROMPT + width]
             mask = share["completion_mask"][:, :width].clone()
             if generation == 0:
                 mask[:2] = 0  # fewer scored rows than rank 0
@@ -130,6 +152,7 @@ def main() -> None:
     flags = set(sys.argv[3:])
     FixedBatchTrainer.unequal = "unequal" in flags
     method = next((name for name in ("lora", "svf") if name in flags), "none")
+    arm = next((name for name in ARMS if name in flags), "forking_router")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = GRPOConfig(  # built before the model loads, so that ZeRO-3 partitions it as it loads
         output_dir=os.path.join(out_dir, "trainer"),
@@ -153,6 +176,18 @@ def main() -> None:
     parallel = ParallelConfig(ep_size=world if "ep" in flags else 1)
     model, tokenizer = load_pretrained(model_dir, parallel=parallel)
     adapter = AdapterConfig(method=method, rank=4, svf_cache_dir=os.path.join(out_dir, "svf"))
+    moe = MoEConfig()  # forking: the forking-token loss alone (routing analytics on)
+    if arm != "forking":  # router and expert gradients from forking decisions, a load-balancing loss over them
+        moe = MoEConfig(
+            router_gate_scope="forking",
+            expert_gate_scope="forking",
+            load_balancing_coef=0.01,
+            load_balancing_scope="forking",
+            routing_replay="old_policy" if arm == "replay" else "none",
+        )
+    if arm == "replay":
+        text = model.config.get_text_config()
+        FixedBatchTrainer.routing = (text.num_hidden_layers, text.num_experts, text.num_experts_per_tok)
     trainer = FixedBatchTrainer(
         peft_config=adapter_config(adapter, model),
         model=model,
@@ -161,13 +196,7 @@ def main() -> None:
         train_dataset=problems_to_dataset(generate_problems(ArithmeticTask(), "train", 64, 0)),
         processing_class=tokenizer,
         forking=ForkingConfig(rho=0.2, scope="micro_batch", sparse_lm_head="true"),  # LM head on forking tokens
-        # the forking_router arm: router and expert gradients from forking decisions, LB loss over them
-        moe=MoEConfig(
-            router_gate_scope="forking",
-            expert_gate_scope="forking",
-            load_balancing_coef=0.01,
-            load_balancing_scope="forking",
-        ),
+        moe=moe,
     )
     # SVF under ZeRO-3: each matrix's factors are partitioned as they are attached, before DeepSpeed initialises
     factors = [p for n, p in trainer.model.named_parameters() if n.endswith(("_svf_u", "_svf_s", "_svf_vh"))]
@@ -190,6 +219,7 @@ def main() -> None:
             json.dump(
                 {
                     "world": world,
+                    "arm": arm,
                     "deepspeed": trainer.is_deepspeed_enabled,
                     "sparse_head": trainer.sparse_head,
                     "steps": steps,

@@ -37,6 +37,41 @@ def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
     assert recipe_memory.Plan(10, 160, 10, 1, 70 * gib, 20 * gib, 80 * gib).fewest_gpus() is None
 
 
+def test_under_expert_parallelism_a_rank_gathers_the_dense_weights_and_its_share_of_the_experts():
+    gib = recipe_memory.GIB
+    budget = recipe_memory.Plan(
+        parameters=10 * gib,
+        state_bytes=16 * 10 * gib,
+        trainable=10 * gib,
+        layer_parameters=gib // 4,
+        activations=3 * gib,
+        vllm=20 * gib,
+        gpu=80 * gib,
+        layer_expert_parameters=gib // 8,  # half of each layer is routed experts
+        exchange_bytes=gib,
+    )
+    zero3 = (16 * 10 / 8 + 2 * 2 / 4 + 3 + 20) * gib
+    assert budget.per_gpu(8) == pytest.approx(zero3)  # no all-to-all without expert parallelism
+    dense, experts = 2 * 2 * (gib / 8), 2 * 2 * (gib / 8) / 4
+    assert budget.per_gpu(8, ep=4) == pytest.approx((16 * 10 / 8 + 3 + 20 + 1) * gib + dense + experts)
+    assert budget.fewest_gpus() == 3 and budget.fewest_gpus(ep=2) == 4 and budget.fewest_gpus(ep=8) == 8
+
+
+def test_the_expert_parallel_recipe_plans_its_layout_beside_zero3():
+    """models/qwen3_30b_a3b_ep loads without a launch (to plan it), and its states fit 16 x 80 GiB as EP 8."""
+    settings = recipe_memory.recipe_settings("qwen3_30b_a3b_ep")
+    assert settings.parallel.ep_size == 8 and settings.grpo["save_strategy"] == "no"
+    recipe = recipe_memory.RECIPES["qwen3_30b_a3b_ep"]
+    shape = Namespace(gpu_gib=80.0, shrink=1, rows=8, prompt=256, completion=2048)
+    budget = recipe_memory.plan(recipe, settings.grpo, settings.peft, 0.0, shape)
+    experts = 128 * 3 * 2048 * 768  # gate, up and down projections of 128 experts
+    assert budget.layer_expert_parameters == experts and experts / budget.layer_parameters == pytest.approx(
+        0.97, abs=0.005
+    )
+    assert budget.fewest_gpus(ep=8) == 16 and budget.per_gpu(16, ep=8) < 80 * recipe_memory.GIB
+    assert recipe_memory.expert_parallel_sizes(recipe.config(1)) == [2, 4, 8, 16, 32, 64]
+
+
 def test_the_recipes_as_shipped_fit_their_vllm_share():
     """The exact part of the plan: vLLM's bf16 weights per GPU fit in its colocated share."""
     for name, recipe in recipe_memory.RECIPES.items():

@@ -102,3 +102,19 @@ def gathered_for_generation(model):
         root.set_reshard_after_forward(False, recurse=False)
         for module in modules:
             module.reshard()
+
+
+def full_tensors(named_parameters):
+    """``(name, tensor)`` pairs with every sharded one (a DTensor: an expert-parallel or FSDP2 weight) gathered
+    whole: ``full_tensor()`` is a collective, so every rank iterates, as TRL's weight sync does."""
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in named_parameters:
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def sync_full_tensors(generation) -> None:
+    """TRL's vLLM weight sync (``VLLMGeneration._iter_named_params``) made to send whole tensors of a policy
+    loaded with expert parallelism: without FSDP set up through accelerate it would send each rank's shard."""
+    iterate = generation._iter_named_params
+    generation._iter_named_params = lambda: full_tensors(iterate())

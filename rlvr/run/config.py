@@ -218,26 +218,39 @@ class RunConfig:
                 "warm_start.enabled=false"
             )
 
+    def check_launch(self) -> None:
+        """The processes of this launch can run the config (expert parallelism needs ``ep_size`` of them, and no
+        DeepSpeed): checked when a run starts, before any model is built; a config alone (to plan or inspect
+        a recipe) loads anywhere."""
+        if self.parallel.enabled:
+            try:
+                check_launch(self.parallel, world_size())
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+
     def _validate_expert_parallel(self) -> None:
-        """What an expert-parallel run cannot do yet, refused before any model is built (with the launch it
-        needs: the model's own checks come when it loads)."""
-        try:
-            check_launch(self.parallel, world_size())
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        untested = {
-            "peft.method": self.peft.enabled,  # adapters on sharded experts
-            "rollout.engine=copy": self.rollout.engine == "copy",
-            "grpo.use_vllm": bool(self.grpo.get("use_vllm")),  # TRL's weight sync would send each rank's shard
-            "moe.routing_replay": self.moe.routing_replay != "none",
-            "resume": self.resume,  # transformers saves only the model of a model sharded at load
-            "grpo.save_strategy": self.grpo.get("save_strategy", "no") != "no",
+        """What an expert-parallel run cannot do yet, refused with the config (the launch is checked when the run
+        starts, :meth:`check_launch`; the model's own checks come when it loads)."""
+        unsupported = {  # key -> why not
+            "peft.method": (self.peft.enabled, "adapters on experts a rank holds only a shard of are not built yet"),
+            "rollout.engine=copy": (
+                self.rollout.engine == "copy",
+                "the copy engine keeps a whole copy of the policy on every rank, which expert parallelism avoids",
+            ),
+            "resume": (
+                self.resume,
+                "transformers saves a model sharded at load without its optimizer state (save_only_model)",
+            ),
+            "grpo.save_strategy": (
+                self.grpo.get("save_strategy", "no") != "no",
+                "checkpoints of a model sharded at load cannot be resumed; the final model is saved whole",
+            ),
         }
-        for key, on in untested.items():
+        for key, (on, why) in unsupported.items():
             if on:
                 raise ConfigError(
-                    f"parallel.ep_size={self.parallel.ep_size}: {key} is not supported with expert parallelism yet "
-                    "(the final model is saved whole; see the README's expert-parallelism section)"
+                    f"parallel.ep_size={self.parallel.ep_size}: {key} is not supported with expert parallelism yet: "
+                    f"{why} (see the README's expert-parallelism section)"
                 )
 
     def _validate_rollout(self, arguments) -> None:

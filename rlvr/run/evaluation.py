@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlvr.models import gathered_whole
+from rlvr.models.parallel import gathered_for_generation
 from rlvr.utils.options import option, require
 
 
@@ -122,7 +123,9 @@ def generate_completions(
     model.eval()
     device = next(model.parameters()).device
     batches = range(0, len(texts), batch_size)
-    with router_logits_off(model), gathered_whole(model):
+    # ZeRO-3: every parameter gathered for the whole evaluation; FSDP2 (expert parallelism): the dense weights
+    # gathered once per generate call, not once per decoded token
+    with router_logits_off(model), gathered_whole(model), gathered_for_generation(model):
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             batch_texts = texts[start : start + batch_size]
             batch_completions, batch_lengths = _generate_batch(

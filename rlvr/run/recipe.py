@@ -51,6 +51,7 @@ __all__ = ["RunResult", "is_main_process", "summary_table", "train"]
 
 def train(config: RunConfig) -> RunResult:
     """Run one training job described by ``config`` (already validated)."""
+    config.check_launch()  # e.g. expert parallelism over more processes than launched
     run = RunDirectory.open(config)  # resume or start over; config.yaml
     run_start = time.time()
     set_seed(config.seed)

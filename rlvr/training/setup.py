@@ -1,5 +1,6 @@
 """What ``ForkingGRPOTrainer`` builds or decides once: adapters, router-aware updates, the rollout checks, the
-engine behind TRL's vLLM interface, the LM-head choice, the routers' learning rate, and checkpoint loads.
+engine behind TRL's vLLM interface and what its weight sync sends, the LM-head choice, the routers' learning
+rate, and checkpoint loads.
 
 Each function reads the TRL trainer it is given (its settings as TRL resolved them) and returns what it
 built; none of them is called per step.
@@ -12,7 +13,9 @@ import os
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
 
+from rlvr.models.parallel import sync_full_tensors
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.updates import RouterAwareUpdates
 from rlvr.rollouts import ReplayRecorder, Rollouts
@@ -58,6 +61,18 @@ def adapters(model, peft_config):
         raise ValueError("peft_config=SVFConfig(...) needs the policy as a model instance, not a model id")
     apply_svf(model, peft_config)
     return None
+
+
+def engine_weight_sync(trainer) -> None:
+    """What an inference engine receives on TRL's weight sync: an SVF policy's merged weights
+    (:func:`sync_merged_weights`), an expert-parallel policy's sharded weights whole
+    (:func:`rlvr.models.parallel.sync_full_tensors`)."""
+    sync_merged_weights(trainer)
+    generation = getattr(trainer, "vllm_generation", None)
+    if hasattr(generation, "_iter_named_params") and any(
+        isinstance(p, DTensor) for p in trainer.accelerator.unwrap_model(trainer.model).parameters()
+    ):
+        sync_full_tensors(generation)
 
 
 def sync_merged_weights(trainer) -> None:

@@ -19,9 +19,10 @@ def test_the_full_configs_have_the_published_parameter_counts(name, billions):
     assert recipe_memory.parameter_count(recipe.config(recipe.layers)) / 1e9 == pytest.approx(billions, abs=0.05)
 
 
-def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
+def example_plan(**expert_parallel) -> recipe_memory.Plan:
+    """10 Gi parameters in 16 B states, a quarter-Gi-parameter layer, 3 GiB of activations, 20 GiB of vLLM."""
     gib = recipe_memory.GIB
-    budget = recipe_memory.Plan(
+    return recipe_memory.Plan(
         parameters=10 * gib,
         state_bytes=16 * 10 * gib,
         trainable=10 * gib,
@@ -29,7 +30,13 @@ def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
         activations=3 * gib,
         vllm=20 * gib,
         gpu=80 * gib,
+        **expert_parallel,
     )
+
+
+def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
+    gib = recipe_memory.GIB
+    budget = example_plan()
     assert budget.per_gpu(8) == pytest.approx((16 * 10 / 8 + 2 * 2 / 4 + 3 + 20) * gib)
     assert budget.per_gpu(8, offload=True) == pytest.approx((1 + 3 + 20) * gib)
     assert budget.fewest_gpus() == 3  # 160 GiB of states into 80 - 24 = 56 GiB of room each
@@ -39,17 +46,7 @@ def test_the_plan_adds_sharded_states_gathered_layers_activations_and_vllm():
 
 def test_under_expert_parallelism_a_rank_gathers_the_dense_weights_and_its_share_of_the_experts():
     gib = recipe_memory.GIB
-    budget = recipe_memory.Plan(
-        parameters=10 * gib,
-        state_bytes=16 * 10 * gib,
-        trainable=10 * gib,
-        layer_parameters=gib // 4,
-        activations=3 * gib,
-        vllm=20 * gib,
-        gpu=80 * gib,
-        layer_expert_parameters=gib // 8,  # half of each layer is routed experts
-        exchange_bytes=gib,
-    )
+    budget = example_plan(layer_expert_parameters=gib // 8, exchange_bytes=gib)  # half of each layer is experts
     zero3 = (16 * 10 / 8 + 2 * 2 / 4 + 3 + 20) * gib
     assert budget.per_gpu(8) == pytest.approx(zero3)  # no all-to-all without expert parallelism
     dense, experts = 2 * 2 * (gib / 8), 2 * 2 * (gib / 8) / 4

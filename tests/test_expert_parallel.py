@@ -141,14 +141,17 @@ def test_ranks_with_unequal_batches_issue_the_same_collectives_under_expert_para
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("replay", ["none", "rollout"])
+@pytest.mark.parametrize("replay", ["none", "rollout", "old_policy"])
 def test_rlvr_launch_ep_trains_from_an_empty_cache(tmp_path, capsys, replay):
     """The quickstart through rlvr launch --ep 2 on 2 CPU processes: warm start, eval, 3 RL steps with the
-    experts sharded, the final model saved whole; with rollout routing replay, the experts each rank's routers
-    chose while generating (all-to-all inside every decoding step) forced in its training forwards."""
+    experts sharded, the final model saved whole; with routing replay, the experts each rank's routers chose
+    while generating (rollout: all-to-all inside every decoding step), or in TRL's old-policy forward of a
+    generation batch that serves two optimizer steps (old_policy), forced in its training forwards."""
     output = tmp_path / "run"
     program = ["train", "--config", "quickstart", f"output_dir={output}", *TINY, "grpo.max_steps=3"]
     program.append(f"moe.routing_replay={replay}")
+    if replay == "old_policy":  # the old policy differs from the current one at every second step
+        program += ["grpo.steps_per_generation=2", "grpo.per_device_train_batch_size=4"]
     command = printed_launch_command(capsys, ["--ep", "2", "--nproc", "2", "--main-port", "29673"], program)
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=fresh_cache_env(tmp_path))
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -156,7 +159,7 @@ def test_rlvr_launch_ep_trains_from_an_empty_cache(tmp_path, capsys, replay):
     assert summary["steps"] == 3 and summary["world_size"] == 2 and summary["eval_after"] is not None
     steps = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     replayed = [step for step in steps if "moe/routing_drift" in step]
-    assert len(replayed) == (3 if replay == "rollout" else 0)
+    assert len(replayed) == (0 if replay == "none" else 3)
     from rlvr.models import load_pretrained
 
     model, _ = load_pretrained(str(output / "model"))

@@ -5,12 +5,15 @@ interleaved in one process (rotating, medians). The rules run on the forking tok
 tokens, KL-Cov on the top-covariance forking tokens, entropy advantage on the forking tokens). Every trainer
 takes two optimizer steps per generation batch (``num_iterations=2``: KL-Cov needs old log-probs that differ
 from the policy's), and the batch carries old log-probs 0.1 nats off the policy's, so KL-Cov's penalty and
-Clip-Cov's exclusion of PPO-clipped tokens do real work.
+Clip-Cov's exclusion of PPO-clipped tokens do real work. STAPO silences spurious forking tokens; Archer keeps
+every token (it sets its own high-entropy tokens per response), so it is timed against ``full`` (every token, no
+rule), with its clip ranges and without its KL term (a reference forward, TRL's cost of any ``beta``).
 
     python benchmarks/token_rules.py
     python benchmarks/token_rules.py --repeats 50
 
-Prints the median loss step (forward + backward) of each trainer and its ratio to ``forking``.
+Prints the median loss step (forward + backward) of each trainer and its ratio to its baseline (``forking``, or
+``full`` for Archer).
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from rlvr.forking.selection import ForkingConfig
 from rlvr.forking.token_rules import TokenRulesConfig
 from rlvr.trainer import ForkingGRPOTrainer
 
-RULES = {
-    "forking": TokenRulesConfig(),
-    "clip_cov": TokenRulesConfig(rule="clip_cov", clip_cov_ratio=2e-3),
-    "kl_cov": TokenRulesConfig(rule="kl_cov", kl_cov_ratio=2e-3),
-    "entropy_advantage": TokenRulesConfig(rule="entropy_advantage"),
+FORKING, FULL = ForkingConfig(rho=0.2), ForkingConfig(policy_tokens="all")
+RULES = {  # name -> (forking section, token rule, the trainer it is compared with)
+    "forking": (FORKING, TokenRulesConfig(), "forking"),
+    "clip_cov": (FORKING, TokenRulesConfig(rule="clip_cov", clip_cov_ratio=2e-3), "forking"),
+    "kl_cov": (FORKING, TokenRulesConfig(rule="kl_cov", kl_cov_ratio=2e-3), "forking"),
+    "entropy_advantage": (FORKING, TokenRulesConfig(rule="entropy_advantage"), "forking"),
+    "stapo": (FORKING, TokenRulesConfig(rule="stapo"), "forking"),
+    "full": (FULL, TokenRulesConfig(), "full"),
+    "archer": (FULL, TokenRulesConfig(rule="archer"), "full"),
 }
 
 
@@ -48,10 +55,10 @@ def main() -> None:
                 args,
                 f"{scratch}/{name}",
                 {"num_iterations": 2},
-                forking=ForkingConfig(rho=0.2),
+                forking=forking,
                 token_rules=rules,
             )
-            for name, rules in RULES.items()
+            for name, (forking, rules, _) in RULES.items()
         }
         batch = fixed_batch(trainers["forking"], args)
         completion = batch["completion_mask"]
@@ -64,12 +71,12 @@ def main() -> None:
             )
         batch["old_per_token_logps"] = logps + offsets
         times = interleaved_loss_steps(trainers, dict.fromkeys(trainers, batch), args.repeats)
-    base = statistics.median(times["forking"])
     print(f"\n{args.arch}: {args.layers} layers, hidden {args.hidden}, {args.batch} completions x {args.length} tokens")
-    print(f"{'trainer':20}{'loss step (s)':>16}{'vs forking':>12}")
+    print(f"{'trainer':20}{'loss step (s)':>16}{'ratio':>8}  baseline")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:20}{median:16.4f}{median / base:12.3f}   (median of {len(values)})")
+        median, baseline = statistics.median(values), RULES[name][2]
+        ratio = median / statistics.median(times[baseline])
+        print(f"{name:20}{median:16.4f}{ratio:8.3f}  {baseline}   (median of {len(values)})")
 
 
 if __name__ == "__main__":

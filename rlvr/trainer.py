@@ -237,8 +237,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         finally:
             if own_entropy_bonus:
                 self._entropy_bonus_enabled = True
-            if self.loss_forward is not None and self.loss_forward.original_advantages is not None:
-                inputs["advantages"] = self.loss_forward.original_advantages  # entropy_advantage replaced them
+            for undo in self.loss_forward.undo if self.loss_forward is not None else ():
+                undo()  # what a token rule replaced for this forward: advantages, clip ranges, reference log-probs
             self.loss_forward = None
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1.0  # as TRL scales
         if own_entropy_bonus:  # mean entropy over its tokens (whatever a token rule stopped)

@@ -53,6 +53,8 @@ def test_arm_overlays_change_only_the_forking_section():
         "clip_higher": {"epsilon", "epsilon_high"},
         "adaptive_entropy": {"use_adaptive_entropy", "entropy_coef", "entropy_coef_delta", "entropy_target"},
         "kl_cov": {"num_iterations"},
+        "archer": {"num_iterations", "beta", "use_bias_correction_kl", "delta"},  # its KL and dual clip
+        "stapo": {"num_iterations"},
         "lora": {"learning_rate"},
         "lora_attention": {"learning_rate"},
         "svf": {"learning_rate"},

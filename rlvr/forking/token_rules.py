@@ -18,6 +18,17 @@ selection gathers it) and says, per token, one of three things the loss forward 
   An Entropy Perspective*, arXiv 2506.14758): ``A' = A + min(alpha * H.detach(), |A| / kappa)``, per token.
   A zero advantage stays zero. Returns the (B, T) advantages.
 
+* ``archer``    -- Archer's dual-token constraints (Wang et al., 2025, *Stabilizing Knowledge, Promoting
+  Reasoning: Dual-Token Constraints for RLVR*, arXiv 2507.15778, and its code, ArcherCodeR's ``dp_actor.py``):
+  every token keeps its gradient; within each response the tokens whose entropy exceeds the response's
+  ``q``-quantile (``torch.nanquantile``, q = 0.8) are reasoning tokens, clipped at ``1 +- eps_reasoning`` (0.5)
+  with no KL term, the others knowledge tokens, clipped at ``1 +- eps_knowledge`` (0.2) with the KL term
+  (``grpo.beta``). Returns a (B, T) clip range and the tokens without KL.
+* ``stapo``     -- S2T, silencing spurious tokens (Liu et al., 2026, *STAPO: Stabilizing Reinforcement Learning for
+  LLMs by Silencing Rare Spurious Tokens*, arXiv 2602.15620): the gradient of a token is stopped when its
+  advantage is positive, its probability below ``tau_p`` (0.01) and its entropy below ``tau_h``, the unit's
+  ``q``-quantile of entropy (q = 0.05). Returns a keep mask.
+
 Ties in ``cov`` are broken toward the earlier token (row-major), so a selection is a function of its inputs.
 ``N`` counts the unit's real completion tokens (``mask``); padding never enters a mean or a selection.
 Shapes: ``B`` rows, ``T`` completion positions. Plain PyTorch, no TRL import.
@@ -25,6 +36,7 @@ Shapes: ``B`` rows, ``T`` completion positions. Plain PyTorch, no TRL import.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +44,8 @@ import torch
 
 from rlvr.utils.options import option, require
 
-RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage")
+RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage", "archer", "stapo")
+STOPPING_RULES = ("clip_cov", "stapo")  # rules that stop tokens' policy gradient through the loss weights
 
 
 @dataclass
@@ -42,7 +55,8 @@ class TokenRulesConfig:
     rule: str = option(
         "none",
         "none; clip_cov: stop the gradient of a random share of high-covariance tokens; kl_cov: penalise "
-        "|log p - log p_old| on the highest-covariance tokens; entropy_advantage: A + min(alpha H, |A| / kappa)",
+        "|log p - log p_old| on the highest-covariance tokens; entropy_advantage: A + min(alpha H, |A| / kappa); "
+        "archer: a looser clip and no KL on each response's high-entropy tokens; stapo: silence spurious tokens",
         RULES,
     )
     clip_cov_ratio: float = option(2e-4, "clip_cov: share r of the unit's tokens whose gradient is stopped")
@@ -52,6 +66,15 @@ class TokenRulesConfig:
     kl_cov_coef: float = option(1.0, "kl_cov: weight of |log p - log p_old| on the penalised tokens")
     alpha: float = option(0.4, "entropy_advantage: weight of the detached token entropy added to the advantage")
     kappa: float = option(2.0, "entropy_advantage: the entropy term is at most |A| / kappa")
+    archer_quantile: float = option(
+        0.8, "archer: a response's tokens with entropy above this quantile of its entropies are reasoning tokens"
+    )
+    archer_clip_knowledge: float = option(0.2, "archer: clip range 1 +- this on knowledge (low-entropy) tokens")
+    archer_clip_reasoning: float = option(0.5, "archer: clip range 1 +- this on reasoning (high-entropy) tokens")
+    stapo_probability: float = option(0.01, "stapo: a spurious token's probability is below this (tau_p)")
+    stapo_entropy_quantile: float = option(
+        0.05, "stapo: a spurious token's entropy is below this quantile of the unit's token entropies (tau_h)"
+    )
 
     def validate(self) -> None:
         require(0.0 < self.clip_cov_ratio <= 1.0, "clip_cov_ratio", f"must be in (0, 1]; got {self.clip_cov_ratio}")
@@ -64,6 +87,17 @@ class TokenRulesConfig:
         require(self.kl_cov_coef >= 0.0, "kl_cov_coef", f"must be >= 0; got {self.kl_cov_coef}")
         require(self.alpha >= 0.0, "alpha", f"must be >= 0; got {self.alpha}")
         require(self.kappa > 0.0, "kappa", f"must be > 0; got {self.kappa}")
+        require(0.0 < self.archer_quantile < 1.0, "archer_quantile", f"must be in (0, 1); got {self.archer_quantile}")
+        for key in ("archer_clip_knowledge", "archer_clip_reasoning"):
+            require(0.0 < getattr(self, key) < 1.0, key, f"must be in (0, 1); got {getattr(self, key)}")
+        require(
+            0.0 < self.stapo_probability <= 1.0, "stapo_probability", f"must be in (0, 1]; got {self.stapo_probability}"
+        )
+        require(
+            0.0 <= self.stapo_entropy_quantile <= 1.0,
+            "stapo_entropy_quantile",
+            f"must be in [0, 1]; got {self.stapo_entropy_quantile}",
+        )
 
 
 @dataclass
@@ -81,13 +115,16 @@ class TokenRuleInputs:
 @dataclass
 class TokenRuleEffect:
     """What the loss forward applies: any of a keep mask (gradient stopped where False), a penalty mask (the
-    KL-Cov term added where True) and replacement (B, T) advantages. ``touched`` is the (B, T) bool of tokens
-    the rule changed (for the share logged)."""
+    KL-Cov term added where True), replacement (B, T) advantages, a (B, T) clip range ``epsilon`` (the ratio
+    clipped to ``[1 - epsilon, 1 + epsilon]`` per token) and the tokens left out of the KL term. ``touched`` is
+    the (B, T) bool of tokens the rule changed or singled out (for the share logged)."""
 
     touched: torch.Tensor
     keep: torch.Tensor | None = None
     penalty: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
+    clip_range: torch.Tensor | None = None  # (B, T) float64 (archer)
+    no_kl: torch.Tensor | None = None  # (B, T) bool (archer)
     covariance: torch.Tensor | None = None  # (B, T) float64 cov the rule selected by (clip_cov, kl_cov)
 
 
@@ -161,6 +198,37 @@ def entropy_advantage(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> To
     bonus = torch.minimum(settings.alpha * inputs.entropies.detach(), advantages.abs() / settings.kappa)
     bonus = bonus.masked_fill(~mask, 0.0)
     return TokenRuleEffect(touched=mask & (bonus != 0), advantages=advantages + bonus)
+
+
+@register_token_rule("archer")
+def archer(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """Per response: reasoning tokens (entropy above the response's ``archer_quantile``, linear interpolation over
+    its real tokens, as ``torch.nanquantile`` in the authors' code) get the clip range ``archer_clip_reasoning``
+    and no KL; the rest ``archer_clip_knowledge`` and the KL term. A response without real tokens has none."""
+    mask = inputs.mask.bool()
+    entropies = inputs.entropies.detach().double().masked_fill(~mask, math.nan)  # (B, T)
+    threshold = torch.nanquantile(entropies, settings.archer_quantile, dim=-1, keepdim=True)  # (B, 1); NaN: empty
+    reasoning = (entropies > threshold) & mask
+    clip_range = torch.where(
+        reasoning,
+        torch.tensor(settings.archer_clip_reasoning, dtype=torch.float64),
+        torch.tensor(settings.archer_clip_knowledge, dtype=torch.float64),
+    )
+    return TokenRuleEffect(touched=reasoning, clip_range=clip_range, no_kl=reasoning)
+
+
+@register_token_rule("stapo")
+def stapo(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """S2T: real tokens with a positive advantage, probability below ``stapo_probability`` and entropy below the
+    unit's ``stapo_entropy_quantile`` (linear interpolation over its real tokens) have their gradient stopped."""
+    mask = inputs.mask.bool()
+    if not bool(mask.any()):
+        return TokenRuleEffect(touched=mask.clone(), keep=torch.ones_like(mask))
+    entropies = inputs.entropies.detach().double()
+    tau_h = torch.quantile(entropies[mask], settings.stapo_entropy_quantile)
+    probabilities = inputs.log_probs.detach().double().exp()
+    spurious = mask & (inputs.advantages > 0) & (probabilities < settings.stapo_probability) & (entropies < tau_h)
+    return TokenRuleEffect(touched=spurious, keep=~spurious)
 
 
 def kl_cov_penalty(

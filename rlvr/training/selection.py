@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from rlvr.forking.log import ForkingTokenLog
 from rlvr.forking.selection import ForkingConfig, loss_weights, select_forking_tokens, selection_stats
+from rlvr.forking.token_rules import STOPPING_RULES
 from rlvr.rollouts import GROUP_IDS_KEY
 from rlvr.utils.collectives import Collectives
 from rlvr.utils.device_metrics import DeviceMetrics
@@ -40,7 +41,7 @@ class LossForward:
     router_loss: torch.Tensor | None = None  # scoped load-balancing / z-loss of the forward
     log_probs: torch.Tensor | None = None  # (B, T) with gradient: for KL-Cov's penalty (token_rules)
     penalty: torch.Tensor | None = None  # (B, T) bool: KL-Cov's penalised tokens
-    original_advantages: torch.Tensor | None = None  # the batch's advantages while entropy_advantage replaces them
+    undo: list = field(default_factory=list)  # callables putting back what a token rule replaced for the forward
 
 
 def loss_mask(inputs: dict) -> torch.Tensor:
@@ -52,9 +53,9 @@ def loss_mask(inputs: dict) -> torch.Tensor:
 def rlvr_entropy_bonus(forking: ForkingConfig, rule: str) -> bool:
     """Whether rlvr computes the entropy bonus itself instead of TRL, whose bonus covers the tokens of the entropy
     mask rlvr hands it (the loss weights): with ``forking.mask_entropy_bonus=false`` on forking tokens (the bonus
-    on every token), and with Clip-Cov, whose stopped tokens would leave the bonus too (verl's bonus averages over
-    every response token; Clip-Cov only stops their policy gradient)."""
-    return (not forking.mask_entropy_bonus and forking.policy_tokens == "forking") or rule == "clip_cov"
+    on every token), and with Clip-Cov or STAPO, whose stopped tokens would leave the bonus too (verl's bonus
+    averages over every response token; these rules only stop the policy gradient)."""
+    return (not forking.mask_entropy_bonus and forking.policy_tokens == "forking") or rule in STOPPING_RULES
 
 
 def entropy_bonus_mask(forking: ForkingConfig, inputs: dict, selection: MicroBatchSelection) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.tensor import DTensor
 
+from rlvr.forking.token_rules import STOPPING_RULES
 from rlvr.models.parallel import sync_full_tensors
 from rlvr.moe import UnknownMoEArchitecture
 from rlvr.moe.updates import RouterAwareUpdates
@@ -43,7 +44,7 @@ def entropy_mask_switch(trainer) -> float:
             "ForkingGRPOTrainer replaces GRPOConfig.top_entropy_quantile with an exact top-k: pass "
             "forking=ForkingConfig(rho=...) and leave top_entropy_quantile at 1.0"
         )
-    weighted = trainer.forking.policy_tokens == "forking" or trainer.token_rules.rule == "clip_cov"  # per-token
+    weighted = trainer.forking.policy_tokens == "forking" or trainer.token_rules.rule in STOPPING_RULES
     return 0.0 if weighted else 1.0
 
 
@@ -214,11 +215,7 @@ def token_rule_step(trainer) -> TokenRuleStep | None:
     if trainer.token_rules.rule == "none":
         return None
     check_token_rules(trainer.token_rules, trainer.forking, trainer.args)
-    rank = trainer.accelerator.process_index
-    epsilons = (trainer.epsilon_low, trainer.epsilon_high)
-    return TokenRuleStep(
-        trainer.token_rules, trainer.forking, trainer.collectives, int(trainer.args.seed), rank, epsilons
-    )
+    return TokenRuleStep(trainer)
 
 
 def prompt_filter(trainer) -> PromptFilter | None:

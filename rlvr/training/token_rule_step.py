@@ -10,6 +10,13 @@ takes from it.
   none: at the ratio of 1 of a first pass over a batch they agree).
 * ``entropy_advantage``: the shaped (B, T) advantages replace ``inputs["advantages"]`` for the forward that
   computed them (TRL reads them after the forward); the caller puts the originals back.
+* ``archer``: the (B, T) clip range replaces TRL's ``epsilon_low`` and ``epsilon_high`` for the forward (TRL's
+  ``clamp(ratio, 1 - eps_low, 1 + eps_high)`` takes tensors), and the reference log-probs of the reasoning
+  tokens are set to the policy's own (detached), so that TRL's k3 KL term and its gradient are 0 there; both put
+  back after the loss. TRL's KL term is a token mean over all the micro-batch's tokens where the authors' code
+  means it over the knowledge tokens alone (1 / 0.8 larger per token at q = 0.8): the arm scales ``grpo.beta``.
+* ``stapo``: the keep mask multiplies the loss weights, as Clip-Cov's (the silenced tokens leave the sum, not
+  the normaliser).
 
 Candidates are the real completion tokens, or the forking tokens with ``forking.policy_tokens=forking``
 ("Clip-Cov among forking tokens").
@@ -20,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from rlvr.forking.selection import ForkingConfig
-from rlvr.forking.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
+from rlvr.forking.token_rules import STOPPING_RULES, TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
 from rlvr.training.selection import LossForward, loss_mask
 from rlvr.utils.collectives import Collectives
 from rlvr.utils.options import ConfigError
@@ -40,11 +47,23 @@ def check_token_rules(settings: TokenRulesConfig, forking: ForkingConfig, args) 
             f"token_rules.rule={rule}: forking.selection={forking.selection} is a control arm of the forking "
             "selection, not a selection to combine a rule with: use selection top or policy_tokens all"
         )
-    if rule == "clip_cov" and getattr(args, "use_adaptive_entropy", False):
+    if rule in STOPPING_RULES and getattr(args, "use_adaptive_entropy", False):
         raise ConfigError(
-            "token_rules.rule=clip_cov: rlvr computes the entropy bonus itself (on every token, not only those "
-            "Clip-Cov leaves a gradient), which TRL's adaptive entropy controller does not drive; use a fixed "
+            f"token_rules.rule={rule}: rlvr computes the entropy bonus itself (on every token, not only those the "
+            "rule leaves a gradient), which TRL's adaptive entropy controller does not drive; use a fixed "
             "grpo.entropy_coef"
+        )
+    if rule == "archer" and forking.policy_tokens == "forking":
+        raise ConfigError(
+            "token_rules.rule=archer: Archer keeps every token's gradient and sets its own high-entropy tokens per "
+            "response (a looser clip, no KL); use forking.policy_tokens=all"
+        )
+    clipped_losses = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+    if rule == "archer" and (args.loss_type not in clipped_losses or args.importance_sampling_level != "token"):
+        raise ConfigError(
+            f"token_rules.rule=archer: sets a clip range per token, which grpo.loss_type={args.loss_type} with "
+            f"importance_sampling_level={args.importance_sampling_level} has not; use loss_type dapo (or grpo, "
+            "bnpo, dr_grpo, luspo) with token-level importance sampling"
         )
     on_policy = args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps
     if rule == "kl_cov" and on_policy:
@@ -56,28 +75,17 @@ def check_token_rules(settings: TokenRulesConfig, forking: ForkingConfig, args) 
 
 
 class TokenRuleStep:
-    """Applies one token rule in each loss forward.
+    """Applies one token rule in each loss forward of ``trainer`` (a ``ForkingGRPOTrainer``), reading its
+    ``token_rules`` section (the rule, not ``none``), its ``forking`` section (which tokens are candidates), its
+    collectives, its seed (clip_cov's draw: one stream per micro-step, the same on every rank), its rank, and
+    TRL's clip range (tokens the ratio clip already clips are not clip_cov's; archer replaces it per token)."""
 
-    Args:
-        settings: the ``token_rules`` section (its rule is not ``none``).
-        forking: the ``forking`` section (which tokens are candidates).
-        collectives: the cross-rank collectives.
-        seed: the run's seed (clip_cov's draw: one stream per micro-step, the same on every rank).
-        rank: this process's index.
-        epsilons: TRL's (epsilon_low, epsilon_high): tokens the ratio clip already clips are not clip_cov's.
-    """
-
-    def __init__(
-        self,
-        settings: TokenRulesConfig,
-        forking: ForkingConfig,
-        collectives: Collectives,
-        seed: int,
-        rank: int,
-        epsilons: tuple[float, float],
-    ):
-        self.settings, self.forking, self.collectives = settings, forking, collectives
-        self.seed, self.rank, self.epsilons = seed, rank, epsilons
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.settings, self.forking = trainer.token_rules, trainer.forking
+        self.collectives: Collectives = trainer.collectives
+        self.seed, self.rank = int(trainer.args.seed), trainer.accelerator.process_index
+        self.epsilons = (trainer.epsilon_low, trainer.epsilon_high)
 
     def apply(self, state: LossForward, log_probs: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """The rule on this forward: ``state``'s weights, advantages or penalty changed in place. Returns the
@@ -108,13 +116,30 @@ class TokenRuleStep:
         if effect.penalty is not None:
             state.penalty = effect.penalty[mine]
         if effect.advantages is not None:
-            state.original_advantages = inputs["advantages"]
-            inputs["advantages"] = effect.advantages[mine].to(inputs["advantages"].dtype)
+            original = inputs["advantages"]
+            inputs["advantages"] = effect.advantages[mine].to(original.dtype)
+            state.undo.append(lambda: inputs.__setitem__("advantages", original))
+        if effect.clip_range is not None:
+            self._clip_per_token(state, effect.clip_range[mine].to(log_probs.dtype))
+        if effect.no_kl is not None and "ref_per_token_logps" in inputs:
+            reference = inputs["ref_per_token_logps"]  # (B, T); k3 KL and its gradient vanish where it equals log p
+            inputs["ref_per_token_logps"] = torch.where(effect.no_kl[mine], log_probs.detach(), reference)
+            state.undo.append(lambda: inputs.__setitem__("ref_per_token_logps", reference))
         tokens = unit.mask.sum().clamp(min=1)
         metrics = {"token_rules/touched_share": effect.touched.sum() / tokens}
         if effect.covariance is not None:
             metrics["token_rules/mean_covariance"] = effect.covariance.sum() / tokens
         return metrics
+
+    def _clip_per_token(self, state: LossForward, clip_range: torch.Tensor) -> None:
+        """TRL's clip range replaced by a (B, T) one for this forward, put back after the loss."""
+        trainer, original = self.trainer, (self.trainer.epsilon_low, self.trainer.epsilon_high)
+        trainer.epsilon_low = trainer.epsilon_high = clip_range
+
+        def put_back():
+            trainer.epsilon_low, trainer.epsilon_high = original
+
+        state.undo.append(put_back)
 
     def penalty_loss(self, state: LossForward, accumulation: float) -> torch.Tensor | None:
         """KL-Cov's term for this micro-batch (None for the other rules), scaled as TRL scales its loss."""

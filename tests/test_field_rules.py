@@ -1,0 +1,226 @@
+"""The field's answers to the forking-token mask as token rules: Archer (arXiv 2507.15778) against a float64 port
+of its authors' loss (ArcherCodeR: ``verl/workers/actor/dp_actor.py`` and ``verl/trainer/ppo/core_algos.py``),
+and STAPO's S2T (arXiv 2602.15620, no code published) against a loop written from the paper's definition; random
+inputs, ties, padding, one token, an empty unit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlvr.forking.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule
+from rlvr.utils.options import ConfigError
+from tests.test_token_rules import compare_with_reference, policy_forward, random_unit
+
+
+def interpolated_quantile(values: list[float], q: float) -> float:
+    """numpy's default (linear) quantile of a list, by hand."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# --------------------------------------------------------------------------------------------------
+# Archer: classification per response, against a loop
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_archer_marks_the_tokens_above_each_responses_entropy_quantile(seed):
+    advantages, log_probs, entropies, mask = random_unit(rows=5, width=9, seed=seed)
+    mask[2] = False  # a response without real tokens: no reasoning tokens
+    mask[3, 1:] = False  # one token: the quantile is its own entropy, which it does not exceed
+    entropies[0, 1] = entropies[0, 4] = entropies[0, 0]  # ties
+    settings = TokenRulesConfig(rule="archer", archer_quantile=0.8, archer_clip_knowledge=0.2)
+    effect = apply_rule("archer", TokenRuleInputs(advantages, log_probs, entropies, mask), settings)
+    for row in range(mask.size(0)):
+        real = [float(entropies[row, t]) for t in range(mask.size(1)) if mask[row, t]]
+        threshold = interpolated_quantile(real, 0.8) if real else math.inf
+        for t in range(mask.size(1)):
+            reasoning = bool(mask[row, t]) and float(entropies[row, t]) > threshold
+            assert bool(effect.touched[row, t]) == reasoning == bool(effect.no_kl[row, t]), (row, t)
+            assert float(effect.clip_range[row, t]) == (0.5 if reasoning else 0.2), (row, t)
+    assert not effect.touched[2].any() and not effect.touched[3].any()
+    assert effect.keep is None and effect.advantages is None and effect.penalty is None
+
+
+# --------------------------------------------------------------------------------------------------
+# STAPO: spurious tokens, against a loop
+
+
+def loop_spurious(advantages, log_probs, entropies, mask, tau_p: float, q: float) -> set:
+    tokens = [(b, t) for b in range(mask.size(0)) for t in range(mask.size(1)) if mask[b, t]]
+    if not tokens:
+        return set()
+    tau_h = interpolated_quantile([float(entropies[b, t]) for b, t in tokens], q)
+    return {
+        (b, t)
+        for b, t in tokens
+        if float(advantages[b, t]) > 0 and math.exp(float(log_probs[b, t])) < tau_p and float(entropies[b, t]) < tau_h
+    }
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(("tau_p", "q"), [(0.01, 0.05), (0.3, 0.5), (1.0, 1.0)])
+def test_stapo_silences_positive_rare_confident_tokens(seed, tau_p, q):
+    advantages, log_probs, entropies, mask = random_unit(rows=6, width=8, seed=seed)
+    entropies[1, :3] = entropies[0, 0]  # ties at the threshold stay (strictly below it is spurious)
+    settings = TokenRulesConfig(rule="stapo", stapo_probability=tau_p, stapo_entropy_quantile=q)
+    effect = apply_rule("stapo", TokenRuleInputs(advantages, log_probs, entropies, mask), settings)
+    expected = loop_spurious(advantages, log_probs, entropies, mask, tau_p, q)
+    silenced = {(b, t) for b, t in effect.touched.nonzero().tolist()}
+    assert silenced == expected
+    assert torch.equal(effect.keep, ~effect.touched)
+    if (tau_p, q) == (0.3, 0.5):
+        assert expected  # the case tests something
+
+
+def test_stapo_on_an_empty_unit_and_one_token_silences_nothing():
+    settings = TokenRulesConfig(rule="stapo", stapo_probability=1.0, stapo_entropy_quantile=1.0)
+    empty = torch.zeros(2, 3, dtype=torch.bool)
+    values = torch.zeros(2, 3, dtype=torch.float64)
+    effect = apply_rule("stapo", TokenRuleInputs(values + 1, values - 5, values, empty), settings)
+    assert not effect.touched.any() and effect.keep.all()
+    one = empty.clone()
+    one[0, 0] = True  # tau_h is its own entropy, which it is not below
+    effect = apply_rule("stapo", TokenRuleInputs(values + 1, values - 5, values, one), settings)
+    assert not effect.touched.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# In the trainer: Archer against a float64 port of the authors' loss; STAPO against TRL's loss minus the
+# silenced tokens
+
+
+def archer_authors_loss(log_prob, old_log_prob, ref_log_prob, advantages, response_mask, entropy, settings, beta):
+    """Archer's actor loss in float64, as its authors compute it (``use_token_entropy_separate``, dual clip
+    ``clip_ratio_c``, ``kl_loss_type=low_var_kl``, ``loss_agg_mode=token-mean``), except the KL normaliser: the
+    authors mean the KL over the knowledge tokens, TRL (and rlvr) over every token; ``beta`` is TRL's."""
+    mask = response_mask.double()
+    masked_entropy = torch.where(response_mask.bool(), entropy.detach(), torch.nan)
+    quantile = torch.nanquantile(masked_entropy, q=settings.archer_quantile, dim=-1, keepdim=True)
+    knowledge = (masked_entropy <= quantile) & response_mask.bool()  # the authors' "high_entropy_mask"
+    negative_approx_kl = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    low, high = settings.archer_clip_knowledge, settings.archer_clip_reasoning
+    clipped = torch.where(knowledge, torch.clamp(ratio, 1 - low, 1 + low), torch.clamp(ratio, 1 - high, 1 + high))
+    pg_losses2 = -advantages * clipped
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_losses3 = -advantages * 10.0  # clip_ratio_c of the authors' scripts
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    pg_loss = (pg_losses * mask).sum() / mask.sum()
+    kl = ref_log_prob - log_prob
+    low_var_kl = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    return pg_loss + beta * (low_var_kl * knowledge).sum() / mask.sum()
+
+
+def test_archer_in_the_trainer_is_the_authors_loss(tiny_checkpoint, tmp_path):
+    """Off-policy (old and reference log-probs moved away from the policy's): rlvr's Archer through TRL's dapo
+    loss, with TRL's two-sided clip ``delta`` at the authors' dual-clip bound 10 and TRL's ratio weighting of the
+    KL term off, equals the authors' loss (KL normaliser as noted) in value and gradient."""
+    from rlvr.forking.selection import ForkingConfig
+    from tests.test_trainer import make_batch, make_trainer
+
+    rules = TokenRulesConfig(rule="archer", archer_clip_knowledge=0.05, archer_clip_reasoning=0.15)
+    beta = 0.3  # large, so that the KL term's share of the gradient is checked
+    trainer = make_trainer(
+        tiny_checkpoint(),
+        tmp_path,
+        forking=ForkingConfig(policy_tokens="all"),
+        token_rules=rules,
+        loss_type="dapo",
+        num_iterations=2,
+        beta=beta,
+        delta=10.0,
+        use_bias_correction_kl=False,  # the authors' KL term is not weighted by the ratio (TRL's default is)
+    )
+    batch = make_batch(trainer)
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        current, _ = policy_forward(trainer, batch)
+    offsets = (torch.rand(mask.shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.6
+    batch["old_per_token_logps"] = (current + offsets.double()).float()  # ratios from 0.74 to 1.35
+    batch["ref_per_token_logps"] = (current - offsets.double().flip(0)).float()
+    reference_logps = batch["ref_per_token_logps"].clone()
+
+    def reference():
+        logps, entropies = policy_forward(trainer, batch)
+        advantages = batch["advantages"].double().unsqueeze(1).expand_as(logps)
+        old, ref = batch["old_per_token_logps"].double(), batch["ref_per_token_logps"].double()
+        return archer_authors_loss(logps, old, ref, advantages, mask, entropies, rules, beta)
+
+    inputs = dict(batch)
+    compare_with_reference(trainer, inputs, reference)
+    assert torch.equal(inputs["ref_per_token_logps"], reference_logps)  # put back after the loss
+    assert trainer.epsilon_low == trainer.epsilon_high == 0.2  # TRL's clip range put back
+    share = trainer.selection.step_metrics["train"].drain()["token_rules/touched_share"][-1]
+    assert 0.1 < share < 0.3  # each response's top ~20% by entropy
+
+
+def test_stapo_in_the_trainer_drops_the_silenced_tokens_from_the_sum(tiny_checkpoint, tmp_path):
+    """Thresholds wide enough for a tiny model to have spurious tokens: TRL's dapo loss with the silenced tokens
+    left out of its sum, not of its normaliser."""
+    from rlvr.forking.selection import ForkingConfig
+    from tests.test_trainer import make_batch, make_trainer
+
+    rules = TokenRulesConfig(rule="stapo", stapo_probability=0.5, stapo_entropy_quantile=0.6)
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, forking=ForkingConfig(policy_tokens="all"), token_rules=rules, loss_type="dapo"
+    )
+    batch = make_batch(trainer)
+    mask = batch["completion_mask"].bool()
+    with torch.no_grad():
+        logps, entropies = policy_forward(trainer, batch)
+    advantages = batch["advantages"].double().unsqueeze(1).expand_as(logps)
+    spurious = loop_spurious(advantages, logps, entropies, mask, 0.5, 0.6)
+    assert spurious and len(spurious) < int(mask.sum())
+
+    def reference():
+        logps, _ = policy_forward(trainer, batch)
+        keep = mask.double()
+        for b, t in spurious:
+            keep[b, t] = 0.0
+        per_token = -batch["advantages"].double().unsqueeze(1) * torch.exp(logps - logps.detach())
+        return (per_token * keep).sum() / mask.sum()
+
+    compare_with_reference(trainer, batch, reference)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["token_rules.rule=archer"], "token_rules.rule=archer: Archer keeps every token's gradient"),
+        (["token_rules.rule=archer", "forking.policy_tokens=all", "grpo.loss_type=sapo"], "grpo.loss_type=sapo"),
+        (["token_rules.archer_quantile=1.0"], "token_rules.archer_quantile: must be in (0, 1)"),
+        (["token_rules.archer_clip_reasoning=0"], "token_rules.archer_clip_reasoning"),
+        (["token_rules.stapo_probability=0"], "token_rules.stapo_probability"),
+        (["token_rules.stapo_entropy_quantile=2"], "token_rules.stapo_entropy_quantile"),
+    ],
+)
+def test_what_the_field_rules_cannot_run_with_fails_before_any_model_is_built(overrides, message):
+    from rlvr.run.config import load_config
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("arm", ["archer", "stapo"])
+def test_the_field_arms_train_from_their_packaged_overlays(tmp_path, arm):
+    """``rlvr train --config quickstart --arm archer|stapo`` (a tiny run): the rule's share of tokens is logged
+    (Archer's reasoning tokens, about a fifth of each response; STAPO's silenced ones)."""
+    import json
+
+    from tests.test_cli import train_arm
+
+    logged, output = train_arm(tmp_path, arm)
+    assert "token_rules/touched_share" in logged
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    shares = [record["token_rules/touched_share"] for record in records if "token_rules/touched_share" in record]
+    assert shares and all(0.0 <= share <= 1.0 for share in shares)
+    if arm == "archer":
+        assert all(0.1 < share < 0.3 for share in shares) and "kl" in logged  # TRL logs its KL term

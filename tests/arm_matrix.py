@@ -44,6 +44,10 @@ ARMS = {
     "clip_cov": ("clip_cov", []),
     "kl_cov": ("kl_cov", []),
     "entropy_advantage": ("entropy_advantage", []),
+    "archer": ("archer", []),  # a clip range per token, the reference model's KL (ZeRO-3 partitions it too)
+    "stapo": ("stapo", ["token_rules.stapo_probability=1.0", "token_rules.stapo_entropy_quantile=0.5"]),  # silences
+    "gtpo": ("gtpo", []),  # every rank's rows with their prompt groups
+    "grpo_s": ("grpo_s", []),
     "lora": ("lora", ["save_model=true"]),
     "svf": ("svf", ["save_model=true"]),
 }

@@ -200,6 +200,8 @@ def test_stapo_in_the_trainer_drops_the_silenced_tokens_from_the_sum(tiny_checkp
         (["token_rules.archer_clip_reasoning=0"], "token_rules.archer_clip_reasoning"),
         (["token_rules.stapo_probability=0"], "token_rules.stapo_probability"),
         (["token_rules.stapo_entropy_quantile=2"], "token_rules.stapo_entropy_quantile"),
+        (["token_rules.rule=gtpo", "grpo.gradient_accumulation_steps=2"], "grpo.steps_per_generation=2 splits"),
+        (["token_rules.gtpo_entropy_weight=-1"], "token_rules.gtpo_entropy_weight: must be >= 0"),
     ],
 )
 def test_what_the_field_rules_cannot_run_with_fails_before_any_model_is_built(overrides, message):
@@ -209,10 +211,11 @@ def test_what_the_field_rules_cannot_run_with_fails_before_any_model_is_built(ov
         load_config(None, overrides)
 
 
-@pytest.mark.parametrize("arm", ["archer", "stapo"])
+@pytest.mark.parametrize("arm", ["archer", "stapo", "gtpo", "grpo_s"])
 def test_the_field_arms_train_from_their_packaged_overlays(tmp_path, arm):
-    """``rlvr train --config quickstart --arm archer|stapo`` (a tiny run): the rule's share of tokens is logged
-    (Archer's reasoning tokens, about a fifth of each response; STAPO's silenced ones)."""
+    """``rlvr train --config quickstart --arm archer|stapo|gtpo|grpo_s`` (a tiny run): the rule's share of tokens
+    is logged (Archer's reasoning tokens, about a fifth of each response; STAPO's silenced ones; the tokens GTPO
+    and GRPO-S give an advantage)."""
     import json
 
     from tests.test_cli import train_arm
@@ -224,3 +227,155 @@ def test_the_field_arms_train_from_their_packaged_overlays(tmp_path, arm):
     assert shares and all(0.0 <= share <= 1.0 for share in shares)
     if arm == "archer":
         assert all(0.1 < share < 0.3 for share in shares) and "kl" in logged  # TRL logs its KL term
+
+
+# --------------------------------------------------------------------------------------------------
+# GTPO and GRPO-S: entropy-weighted rewards, against loops written from the paper's definitions
+
+
+def grouped_unit(seed: int, zero_entropy: bool = False):
+    """Four groups of 4 rows: a mixed group, a group that all scored the same (advantage 0), a mixed group with
+    one row at exactly the group mean (advantage 0) and one with a single token, and a group of successes only
+    (positive advantages everywhere, as a batch not normalised per group can have: no reward signal either)."""
+    advantages, log_probs, entropies, mask = random_unit(rows=16, width=6, seed=seed)
+    sequence = [1.2, -0.4, -0.4, 0.7, 0.0, 0.0, 0.0, 0.0, 0.9, 0.0, -1.1, -0.3, 0.2, 0.5, 0.1, 0.3]
+    advantages = torch.tensor(sequence, dtype=torch.float64)[:, None].expand(16, 6).contiguous()
+    mask[9] = False
+    mask[9, 0] = True  # one token
+    entropies[1, :2] = entropies[0, :2]  # ties
+    if zero_entropy:
+        entropies[10, 0] = 0.0  # a failure's weight 1 / H at the floor
+    groups = torch.arange(16) // 4
+    return advantages, log_probs, entropies, mask, groups
+
+
+def loop_normalised(rewards: dict) -> dict:
+    values = list(rewards.values())
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return {key: (value - mean) / (std + 1e-4) for key, value in rewards.items()}
+
+
+def loop_gtpo(advantages, entropies, mask, groups, a1, a2) -> dict:
+    result = {}
+    for group in sorted(set(groups.tolist())):
+        rows = [r for r in range(len(groups)) if groups[r] == group]
+        sign = {r: (float(advantages[r, 0]) > 0) - (float(advantages[r, 0]) < 0) for r in rows}
+        real = [(r, t) for r in rows for t in range(mask.size(1)) if mask[r, t]]
+        if not (any(s > 0 for s in sign.values()) and any(s < 0 for s in sign.values())):
+            result |= dict.fromkeys(real, 0.0)
+            continue
+        rewards = {}
+        for r, t in real:
+            if sign[r] > 0:
+                alive = [k for k in rows if sign[k] > 0 and mask[k, t]]
+                total = sum(float(entropies[k, t]) for k in alive)
+                share = len(alive) * float(entropies[r, t]) / total if total > 0 else 0.0
+                rewards[(r, t)] = a1 + a2 * share
+            elif sign[r] < 0:
+                alive = [k for k in rows if sign[k] < 0 and mask[k, t]]
+                inverse = {k: 1.0 / max(float(entropies[k, t]), 1e-6) for k in alive}
+                rewards[(r, t)] = -a1 - a2 * len(alive) * inverse[r] / sum(inverse.values())
+            else:
+                rewards[(r, t)] = 0.0
+        result |= loop_normalised(rewards)
+    return result
+
+
+def loop_grpo_s(advantages, entropies, mask, groups, a1, a2) -> dict:
+    result = {}
+    for group in sorted(set(groups.tolist())):
+        rows = [r for r in range(len(groups)) if groups[r] == group and mask[r].any()]
+        sign = {r: (float(advantages[r, 0]) > 0) - (float(advantages[r, 0]) < 0) for r in rows}
+        mean_entropy = {
+            r: sum(float(entropies[r, t]) for t in range(mask.size(1)) if mask[r, t]) / int(mask[r].sum()) for r in rows
+        }
+        if not (any(s > 0 for s in sign.values()) and any(s < 0 for s in sign.values())):
+            result |= dict.fromkeys(rows, 0.0)
+            continue
+        successes = [r for r in rows if sign[r] > 0]
+        failures = [r for r in rows if sign[r] < 0]
+        rewards = {}
+        for r in rows:
+            if sign[r] > 0:
+                rewards[r] = a1 + a2 * len(successes) * mean_entropy[r] / sum(mean_entropy[k] for k in successes)
+            elif sign[r] < 0:
+                inverse = {k: 1.0 / max(mean_entropy[k], 1e-6) for k in failures}
+                rewards[r] = -a1 - a2 * len(failures) * inverse[r] / sum(inverse.values())
+            else:
+                rewards[r] = 0.0
+        result |= loop_normalised(rewards)
+    return result
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("a1", "a2"), [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)])
+@pytest.mark.parametrize("zero_entropy", [False, True])
+def test_gtpo_token_rewards_match_a_loop(seed, a1, a2, zero_entropy):
+    advantages, log_probs, entropies, mask, groups = grouped_unit(seed, zero_entropy)
+    settings = TokenRulesConfig(rule="gtpo", gtpo_outcome_weight=a1, gtpo_entropy_weight=a2)
+    effect = apply_rule("gtpo", TokenRuleInputs(advantages, log_probs, entropies, mask, groups=groups), settings)
+    expected = loop_gtpo(advantages, entropies, mask, groups, a1, a2)
+    for (r, t), value in expected.items():
+        assert float(effect.advantages[r, t]) == pytest.approx(value, rel=1e-9, abs=1e-9), (r, t)
+    assert not effect.advantages[~mask].any()  # padding
+    assert not effect.advantages[4:8].any() and not effect.advantages[12:].any()  # groups without reward signal
+    if a2 == 0.0:  # no entropy term: within a group every success gets the same advantage, every failure too
+        assert len({round(float(v), 9) for v in effect.advantages[0][mask[0]]}) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("a1", "a2"), [(1.0, 1.0), (0.5, 2.0)])
+def test_grpo_s_sequence_rewards_match_a_loop(seed, a1, a2):
+    advantages, log_probs, entropies, mask, groups = grouped_unit(seed, zero_entropy=True)
+    settings = TokenRulesConfig(rule="grpo_s", gtpo_outcome_weight=a1, gtpo_entropy_weight=a2)
+    effect = apply_rule("grpo_s", TokenRuleInputs(advantages, log_probs, entropies, mask, groups=groups), settings)
+    expected = loop_grpo_s(advantages, entropies, mask, groups, a1, a2)
+    for r, value in expected.items():
+        row = effect.advantages[r][mask[r]]
+        assert torch.allclose(row, torch.full_like(row, value), rtol=1e-9, atol=1e-9), r
+    assert not effect.advantages[~mask].any()
+
+
+def test_gtpo_without_groups_fails_with_a_clear_error():
+    advantages, log_probs, entropies, mask, _ = grouped_unit(0)
+    with pytest.raises(ValueError, match="prompt group"):
+        apply_rule("gtpo", TokenRuleInputs(advantages, log_probs, entropies, mask), TokenRulesConfig(rule="gtpo"))
+
+
+@pytest.mark.parametrize("rule", ["gtpo", "grpo_s"])
+def test_entropy_weighted_advantages_in_the_trainer(tiny_checkpoint, tmp_path, rule):
+    """TRL's dapo loss with the rule's (B, T) advantages (from the batch's prompt groups and the policy's
+    entropies) in place of the batch's; the batch's own advantages are put back after the loss."""
+    from rlvr.forking.selection import ForkingConfig
+    from rlvr.rollouts import GROUP_IDS_KEY
+    from tests.test_trainer import make_batch, make_trainer
+
+    rules = TokenRulesConfig(rule=rule, gtpo_outcome_weight=1.0, gtpo_entropy_weight=1.0)
+    trainer = make_trainer(
+        tiny_checkpoint(), tmp_path, forking=ForkingConfig(policy_tokens="all"), token_rules=rules, loss_type="dapo"
+    )
+    batch = make_batch(trainer)
+    mask = batch["completion_mask"].bool()
+    original = batch["advantages"].clone()
+    loop = loop_gtpo if rule == "gtpo" else loop_grpo_s
+    with torch.no_grad():
+        _, entropies = policy_forward(trainer, batch)
+    sequence = batch["advantages"].double()[:, None].expand_as(entropies)
+    expected = loop(sequence, entropies, mask, batch[GROUP_IDS_KEY], 1.0, 1.0)
+    shaped = torch.zeros_like(entropies)
+    for key, value in expected.items():
+        if rule == "gtpo":
+            shaped[key] = value
+        else:
+            shaped[key] = torch.where(mask[key], value, 0.0)
+    assert shaped.abs().sum() > 0
+
+    def reference():
+        logps, _ = policy_forward(trainer, batch)
+        per_token = -shaped * torch.exp(logps - logps.detach())
+        return (per_token * mask).sum() / mask.sum()
+
+    inputs = dict(batch)
+    compare_with_reference(trainer, inputs, reference)
+    assert torch.equal(inputs["advantages"], original)

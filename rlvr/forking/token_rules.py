@@ -28,6 +28,16 @@ selection gathers it) and says, per token, one of three things the loss forward 
   LLMs by Silencing Rare Spurious Tokens*, arXiv 2602.15620): the gradient of a token is stopped when its
   advantage is positive, its probability below ``tau_p`` (0.01) and its entropy below ``tau_h``, the unit's
   ``q``-quantile of entropy (q = 0.05). Returns a keep mask.
+* ``gtpo`` / ``grpo_s`` -- entropy-weighted rewards (Tan et al., 2025, *GTPO and GRPO-S: Token and Sequence-Level
+  Reward Shaping with Policy Entropy*, arXiv 2508.04349). In each group, a completion with a positive
+  advantage is a success (outcome +1), one with a negative advantage a failure (-1). GTPO rewards the token at
+  position t of a success ``a1 + a2 * d_t * H_{i,t} / sum_{k in S_t} H_{k,t}`` (S_t: the successes with a
+  token at t, d_t = |S_t|) and of a failure ``-a1 - a2 * h_t * (1 / H_{j,t}) / sum_{k in F_t} 1 / H_{k,t}``,
+  then normalises the group's token rewards (mean, std over its real tokens). GRPO-S does the same per
+  sequence with each completion's mean entropy and normalises over the group's completions. A group without
+  both a success and a failure keeps advantage 0, as under DAPO's dynamic sampling the paper builds on (its
+  entropy terms alone would otherwise make advantages of a group without a reward signal). Returns (B, T)
+  advantages. No code of the authors is published; this follows the paper's definitions.
 
 Ties in ``cov`` are broken toward the earlier token (row-major), so a selection is a function of its inputs.
 ``N`` counts the unit's real completion tokens (``mask``); padding never enters a mean or a selection.
@@ -44,7 +54,7 @@ import torch
 
 from rlvr.utils.options import option, require
 
-RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage", "archer", "stapo")
+RULES = ("none", "clip_cov", "kl_cov", "entropy_advantage", "archer", "stapo", "gtpo", "grpo_s")
 STOPPING_RULES = ("clip_cov", "stapo")  # rules that stop tokens' policy gradient through the loss weights
 
 
@@ -56,7 +66,8 @@ class TokenRulesConfig:
         "none",
         "none; clip_cov: stop the gradient of a random share of high-covariance tokens; kl_cov: penalise "
         "|log p - log p_old| on the highest-covariance tokens; entropy_advantage: A + min(alpha H, |A| / kappa); "
-        "archer: a looser clip and no KL on each response's high-entropy tokens; stapo: silence spurious tokens",
+        "archer: a looser clip and no KL on each response's high-entropy tokens; stapo: silence spurious tokens; "
+        "gtpo / grpo_s: entropy-weighted token / sequence rewards",
         RULES,
     )
     clip_cov_ratio: float = option(2e-4, "clip_cov: share r of the unit's tokens whose gradient is stopped")
@@ -75,6 +86,8 @@ class TokenRulesConfig:
     stapo_entropy_quantile: float = option(
         0.05, "stapo: a spurious token's entropy is below this quantile of the unit's token entropies (tau_h)"
     )
+    gtpo_outcome_weight: float = option(1.0, "gtpo / grpo_s: weight a1 of the outcome (+1 success, -1 failure)")
+    gtpo_entropy_weight: float = option(1.0, "gtpo / grpo_s: weight a2 of the entropy-weighted share")
 
     def validate(self) -> None:
         require(0.0 < self.clip_cov_ratio <= 1.0, "clip_cov_ratio", f"must be in (0, 1]; got {self.clip_cov_ratio}")
@@ -93,6 +106,8 @@ class TokenRulesConfig:
         require(
             0.0 < self.stapo_probability <= 1.0, "stapo_probability", f"must be in (0, 1]; got {self.stapo_probability}"
         )
+        for key in ("gtpo_outcome_weight", "gtpo_entropy_weight"):
+            require(getattr(self, key) >= 0.0, key, f"must be >= 0; got {getattr(self, key)}")
         require(
             0.0 <= self.stapo_entropy_quantile <= 1.0,
             "stapo_entropy_quantile",
@@ -110,6 +125,7 @@ class TokenRuleInputs:
     mask: torch.Tensor  # bool: real completion tokens (and, combined with forking, the selected ones)
     generator: torch.Generator | None = None  # clip_cov's random draw (the same stream on every rank)
     clipped: torch.Tensor | None = None  # bool: tokens PPO's ratio clip already clips (not clip_cov candidates)
+    groups: torch.Tensor | None = None  # (B,) each row's prompt group (gtpo, grpo_s)
 
 
 @dataclass
@@ -229,6 +245,72 @@ def stapo(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffec
     probabilities = inputs.log_probs.detach().double().exp()
     spurious = mask & (inputs.advantages > 0) & (probabilities < settings.stapo_probability) & (entropies < tau_h)
     return TokenRuleEffect(touched=spurious, keep=~spurious)
+
+
+ENTROPY_FLOOR = 1e-6  # a failure's weight is 1 / H: an entropy of 0 counts as this
+ADVANTAGE_EPS = 1e-4  # added to the std, as TRL's GRPO advantages add it
+
+
+def _outcomes(inputs: TokenRuleInputs) -> torch.Tensor:
+    """(B,) +1 success, -1 failure, 0 neither (a completion that scored its group's mean)."""
+    if inputs.groups is None:
+        raise ValueError("gtpo / grpo_s need each row's prompt group")
+    return torch.sign(inputs.advantages[:, 0].double())
+
+
+def _share(values: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``count * v / sum(v)`` over ``members`` along dim 0 (per column), 0 elsewhere; (N, ...)."""
+    values = values.masked_fill(~members, 0.0)
+    return members.sum(0) * values / values.sum(0).clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _normalised(rewards: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``(r - mean) / (std + eps)`` over ``members`` (unbiased std, as TRL's GRPO), 0 elsewhere."""
+    count = members.sum()
+    mean = (rewards * members).sum() / count.clamp(min=1)
+    variance = (((rewards - mean) * members) ** 2).sum() / (count - 1).clamp(min=1)
+    return ((rewards - mean) / (variance.sqrt() + ADVANTAGE_EPS)).masked_fill(~members, 0.0)
+
+
+@register_token_rule("gtpo")
+def gtpo(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """GTPO's entropy-weighted token rewards, normalised per group over its real tokens (module docstring)."""
+    mask, outcome = inputs.mask.bool(), _outcomes(inputs)
+    entropies = inputs.entropies.detach().double().clamp(min=0.0)  # (B, T)
+    a1, a2 = settings.gtpo_outcome_weight, settings.gtpo_entropy_weight
+    advantages = torch.zeros_like(entropies)
+    for group in torch.unique(inputs.groups):
+        rows = inputs.groups == group
+        real, sign = mask[rows], outcome[rows]  # (G, T), (G,)
+        if not (bool((sign > 0).any()) and bool((sign < 0).any())):
+            continue  # no success or no failure: no reward signal
+        success, failure = real & (sign > 0)[:, None], real & (sign < 0)[:, None]
+        rewards = a1 * sign[:, None] + a2 * _share(entropies[rows], success)  # (G, T)
+        rewards = rewards - a2 * _share(1.0 / entropies[rows].clamp(min=ENTROPY_FLOOR), failure)
+        advantages[rows] = _normalised(rewards, real)
+    return TokenRuleEffect(touched=mask & (advantages != 0), advantages=advantages)
+
+
+@register_token_rule("grpo_s")
+def grpo_s(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
+    """GRPO-S: the same per sequence, with each completion's mean token entropy (module docstring)."""
+    mask, outcome = inputs.mask.bool(), _outcomes(inputs)
+    lengths = mask.sum(1)  # (B,)
+    entropies = (inputs.entropies.detach().double().clamp(min=0.0) * mask).sum(1) / lengths.clamp(min=1)  # (B,)
+    a1, a2 = settings.gtpo_outcome_weight, settings.gtpo_entropy_weight
+    sequence = torch.zeros_like(entropies)  # (B,)
+    for group in torch.unique(inputs.groups):
+        rows = inputs.groups == group
+        sign = outcome[rows]
+        if not (bool((sign > 0).any()) and bool((sign < 0).any())):
+            continue
+        present = lengths[rows] > 0
+        success, failure = present & (sign > 0), present & (sign < 0)
+        rewards = a1 * sign + a2 * _share(entropies[rows], success)
+        rewards = rewards - a2 * _share(1.0 / entropies[rows].clamp(min=ENTROPY_FLOOR), failure)
+        sequence[rows] = _normalised(rewards, present)
+    advantages = sequence[:, None].expand_as(mask).masked_fill(~mask, 0.0)
+    return TokenRuleEffect(touched=mask & (advantages != 0), advantages=advantages)
 
 
 def kl_cov_penalty(

@@ -17,6 +17,8 @@ takes from it.
   means it over the knowledge tokens alone (1 / 0.8 larger per token at q = 0.8): the arm scales ``grpo.beta``.
 * ``stapo``: the keep mask multiplies the loss weights, as Clip-Cov's (the silenced tokens leave the sum, not
   the normaliser).
+* ``gtpo`` / ``grpo_s``: their (B, T) advantages replace TRL's, as entropy_advantage's; the rule reads every rank's
+  rows with their prompt groups, which must be whole in the micro-batch (``steps_per_generation=1``).
 
 Candidates are the real completion tokens, or the forking tokens with ``forking.policy_tokens=forking``
 ("Clip-Cov among forking tokens").
@@ -28,6 +30,7 @@ import torch
 
 from rlvr.forking.selection import ForkingConfig
 from rlvr.forking.token_rules import STOPPING_RULES, TokenRuleInputs, TokenRulesConfig, apply_rule, kl_cov_penalty
+from rlvr.rollouts import GROUP_IDS_KEY
 from rlvr.training.selection import LossForward, loss_mask
 from rlvr.utils.collectives import Collectives
 from rlvr.utils.options import ConfigError
@@ -65,6 +68,12 @@ def check_token_rules(settings: TokenRulesConfig, forking: ForkingConfig, args) 
             f"importance_sampling_level={args.importance_sampling_level} has not; use loss_type dapo (or grpo, "
             "bnpo, dr_grpo, luspo) with token-level importance sampling"
         )
+    if rule in ("gtpo", "grpo_s") and args.steps_per_generation != 1:
+        raise ConfigError(
+            f"token_rules.rule={rule}: compares the completions of a group with each other, so every micro-batch "
+            f"must hold whole groups; grpo.steps_per_generation={args.steps_per_generation} splits TRL's shuffled "
+            "generation batch: set grpo.steps_per_generation=1 (and gradient_accumulation_steps=1)"
+        )
     on_policy = args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps
     if rule == "kl_cov" and on_policy:
         raise ConfigError(
@@ -98,6 +107,7 @@ class TokenRuleStep:
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         advantages = advantages.expand_as(log_probs).to(log_probs.dtype)  # (B, T)
         clipped = self._clipped(inputs, log_probs.detach(), advantages)
+        groups = inputs.get(GROUP_IDS_KEY) if self.settings.rule in ("gtpo", "grpo_s") else None  # (B,)
         gather = self.collectives.gather_rows
         unit = TokenRuleInputs(
             advantages=gather(advantages, 0.0),  # (world * B, T_max)
@@ -106,6 +116,7 @@ class TokenRuleStep:
             mask=gather(candidates, False),
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + step + 7_919),
             clipped=None if clipped is None else gather(clipped, False),
+            groups=None if groups is None else gather(groups, -1),  # (world * B,)
         )
         effect = apply_rule(self.settings.rule, unit, self.settings)
         rows, length = mask.shape

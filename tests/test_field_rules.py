@@ -379,3 +379,17 @@ def test_entropy_weighted_advantages_in_the_trainer(tiny_checkpoint, tmp_path, r
     inputs = dict(batch)
     compare_with_reference(trainer, inputs, reference)
     assert torch.equal(inputs["advantages"], original)
+
+
+@pytest.mark.parametrize("arm", ["archer", "stapo", "gtpo", "grpo_s"])
+def test_the_field_arms_validate_on_countdown_and_in_the_methods_compare(arm, tmp_path):
+    """``rlvr train --config countdown --arm ARM`` and each planned run of ``rlvr compare --config methods``
+    load and validate (countdown holds whole groups per micro-batch: GTPO's condition)."""
+    from rlvr.experiment.compare import load_experiment_config, plan_runs
+    from rlvr.utils.packaged import CONFIG_ROOT
+
+    config = load_experiment_config([CONFIG_ROOT / "countdown.yaml", CONFIG_ROOT / "arms" / f"{arm}.yaml"])
+    assert config.token_rules.rule == arm and config.forking.policy_tokens == "all"
+    _, runs = plan_runs([str(CONFIG_ROOT / "compare" / "methods.yaml")], [f"output_dir={tmp_path}"], [arm], None)
+    assert len(runs) == 3 and all(run.config.token_rules.rule == arm for run in runs)
+    assert all(run.config.grpo["num_iterations"] == 2 for run in runs)

@@ -12,7 +12,7 @@ import torch
 
 from rlvr.forking.token_rules import TokenRuleInputs, TokenRulesConfig, apply_rule
 from rlvr.utils.options import ConfigError
-from tests.test_token_rules import compare_with_reference, policy_forward, random_unit
+from tests.test_token_rules import compare_with_reference, policy_forward, random_unit, rule_trainer
 
 
 def interpolated_quantile(values: list[float], q: float) -> float:
@@ -123,17 +123,14 @@ def test_archer_in_the_trainer_is_the_authors_loss(tiny_checkpoint, tmp_path):
     """Off-policy (old and reference log-probs moved away from the policy's): rlvr's Archer through TRL's dapo
     loss, with TRL's two-sided clip ``delta`` at the authors' dual-clip bound 10 and TRL's ratio weighting of the
     KL term off, equals the authors' loss (KL normaliser as noted) in value and gradient."""
-    from rlvr.forking.selection import ForkingConfig
-    from tests.test_trainer import make_batch, make_trainer
+    from tests.test_trainer import make_batch
 
     rules = TokenRulesConfig(rule="archer", archer_clip_knowledge=0.05, archer_clip_reasoning=0.15)
     beta = 0.3  # large, so that the KL term's share of the gradient is checked
-    trainer = make_trainer(
-        tiny_checkpoint(),
+    trainer = rule_trainer(
+        tiny_checkpoint,
         tmp_path,
-        forking=ForkingConfig(policy_tokens="all"),
-        token_rules=rules,
-        loss_type="dapo",
+        rules,
         num_iterations=2,
         beta=beta,
         delta=10.0,
@@ -165,13 +162,10 @@ def test_archer_in_the_trainer_is_the_authors_loss(tiny_checkpoint, tmp_path):
 def test_stapo_in_the_trainer_drops_the_silenced_tokens_from_the_sum(tiny_checkpoint, tmp_path):
     """Thresholds wide enough for a tiny model to have spurious tokens: TRL's dapo loss with the silenced tokens
     left out of its sum, not of its normaliser."""
-    from rlvr.forking.selection import ForkingConfig
-    from tests.test_trainer import make_batch, make_trainer
+    from tests.test_trainer import make_batch
 
     rules = TokenRulesConfig(rule="stapo", stapo_probability=0.5, stapo_entropy_quantile=0.6)
-    trainer = make_trainer(
-        tiny_checkpoint(), tmp_path, forking=ForkingConfig(policy_tokens="all"), token_rules=rules, loss_type="dapo"
-    )
+    trainer = rule_trainer(tiny_checkpoint, tmp_path, rules)
     batch = make_batch(trainer)
     mask = batch["completion_mask"].bool()
     with torch.no_grad():
@@ -347,14 +341,11 @@ def test_gtpo_without_groups_fails_with_a_clear_error():
 def test_entropy_weighted_advantages_in_the_trainer(tiny_checkpoint, tmp_path, rule):
     """TRL's dapo loss with the rule's (B, T) advantages (from the batch's prompt groups and the policy's
     entropies) in place of the batch's; the batch's own advantages are put back after the loss."""
-    from rlvr.forking.selection import ForkingConfig
     from rlvr.rollouts import GROUP_IDS_KEY
-    from tests.test_trainer import make_batch, make_trainer
+    from tests.test_trainer import make_batch
 
     rules = TokenRulesConfig(rule=rule, gtpo_outcome_weight=1.0, gtpo_entropy_weight=1.0)
-    trainer = make_trainer(
-        tiny_checkpoint(), tmp_path, forking=ForkingConfig(policy_tokens="all"), token_rules=rules, loss_type="dapo"
-    )
+    trainer = rule_trainer(tiny_checkpoint, tmp_path, rules)
     batch = make_batch(trainer)
     mask = batch["completion_mask"].bool()
     original = batch["advantages"].clone()

@@ -195,6 +195,15 @@ def clip_cov_policy_loss(trainer, batch, logps, ratio: float):
     return (per_token * keep.view_as(mask) * mask).sum() / mask.sum()
 
 
+def rule_trainer(tiny_checkpoint, tmp_path, rules: TokenRulesConfig, **grpo):
+    """A trainer with ``rules`` over every completion token (``policy_tokens=all``) and TRL's dapo loss."""
+    from rlvr.forking.selection import ForkingConfig
+    from tests.test_trainer import make_trainer
+
+    forking = ForkingConfig(policy_tokens="all")
+    return make_trainer(tiny_checkpoint(), tmp_path, forking=forking, token_rules=rules, loss_type="dapo", **grpo)
+
+
 def grads_of(trainer, loss):
     trainer.model.zero_grad(set_to_none=True)
     loss.backward()

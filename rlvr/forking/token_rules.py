@@ -37,7 +37,7 @@ selection gathers it) and says, per token, one of three things the loss forward 
   sequence with each completion's mean entropy and normalises over the group's completions. A group without
   both a success and a failure keeps advantage 0, as under DAPO's dynamic sampling the paper builds on (its
   entropy terms alone would otherwise make advantages of a group without a reward signal). Returns (B, T)
-  advantages. No code of the authors is published; this follows the paper's definitions.
+  advantages. No code of the authors was available to port; this follows the paper's definitions.
 
 Ties in ``cov`` are broken toward the earlier token (row-major), so a selection is a function of its inputs.
 ``N`` counts the unit's real completion tokens (``mask``); padding never enters a mean or a selection.
@@ -131,8 +131,8 @@ class TokenRuleInputs:
 @dataclass
 class TokenRuleEffect:
     """What the loss forward applies: any of a keep mask (gradient stopped where False), a penalty mask (the
-    KL-Cov term added where True), replacement (B, T) advantages, a (B, T) clip range ``epsilon`` (the ratio
-    clipped to ``[1 - epsilon, 1 + epsilon]`` per token) and the tokens left out of the KL term. ``touched`` is
+    KL-Cov term added where True), replacement (B, T) advantages, a (B, T) ``clip_range`` (the ratio clipped to
+    ``[1 - clip_range, 1 + clip_range]`` per token) and the tokens left out of the KL term. ``touched`` is
     the (B, T) bool of tokens the rule changed or singled out (for the share logged)."""
 
     touched: torch.Tensor

@@ -389,15 +389,22 @@ def test_rollout_record_matches_the_full_forward_routing(architecture):
     assert same_set.all(-1)[real].all()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_vectorised_analytics_match_the_per_layer_reference(seed):
+def random_routing(seed: int, tokens: int, layers: int, completion_share: float, experts: int = 6):
+    """Per layer (N, E) router probabilities, the top-2 experts used and a live choice from noisier scores; (N,)
+    forking and completion masks."""
     generator = torch.Generator().manual_seed(seed)
-    tokens, experts, layers = 50, 6, 3
     probabilities = [torch.softmax(torch.randn(tokens, experts, generator=generator), -1) for _ in range(layers)]
     used = [torch.topk(p, 2).indices for p in probabilities]
     live = [torch.topk(p + 0.3 * torch.rand(tokens, experts, generator=generator), 2).indices for p in probabilities]
-    completion = torch.rand(tokens, generator=generator) < 0.7
+    completion = torch.rand(tokens, generator=generator) < completion_share
     forking = completion & (torch.rand(tokens, generator=generator) < 0.3)
+    return probabilities, used, live, forking, completion
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_analytics_match_the_per_layer_reference(seed):
+    tokens, layers = 50, 3
+    probabilities, used, live, forking, completion = random_routing(seed, tokens, layers, completion_share=0.7)
     with count_host_reads() as reads:
         routing = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
         summarize(routing)
@@ -416,13 +423,8 @@ def test_analytics_pooled_over_ranks_are_those_of_the_whole_batch(seed):
     """Two ranks' tokens pooled by one all-reduce of their sums: the loads, entropies, imbalance, drift and
     specialisation one process holding both halves computes (they were each rank's own: rank 0's logged
     specialisation was 0.037 where the whole batch's is 0.003). Rank 1 has no forking token."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens, experts, layers = 40, 6, 2
-    probabilities = [torch.softmax(torch.randn(tokens, experts, generator=generator), -1) for _ in range(layers)]
-    used = [torch.topk(p, 2).indices for p in probabilities]
-    live = [torch.topk(p + 0.3 * torch.rand(tokens, experts, generator=generator), 2).indices for p in probabilities]
-    completion = torch.rand(tokens, generator=generator) < 0.8
-    forking = completion & (torch.rand(tokens, generator=generator) < 0.3)
+    tokens = 40
+    probabilities, used, live, forking, completion = random_routing(seed, tokens, layers=2, completion_share=0.8)
     forking[25:] = False
     whole = routing_by_layer(used, probabilities, forking, completion, live_indices=live)
     halves = [slice(0, 25), slice(25, tokens)]

@@ -272,12 +272,21 @@ def _normalised(rewards: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return ((rewards - mean) / (variance.sqrt() + ADVANTAGE_EPS)).masked_fill(~members, 0.0)
 
 
+def _entropy_weighted(
+    sign: torch.Tensor, entropies: torch.Tensor, success: torch.Tensor, failure: torch.Tensor, settings
+) -> torch.Tensor:
+    """GTPO's and GRPO-S's shaped rewards of one group: ``a1 * outcome``, plus ``a2`` times the successes'
+    entropy share, minus ``a2`` times the failures' inverse-entropy share (per position or per sequence)."""
+    a1, a2 = settings.gtpo_outcome_weight, settings.gtpo_entropy_weight
+    inverse = 1.0 / entropies.clamp(min=ENTROPY_FLOOR)
+    return a1 * sign + a2 * _share(entropies, success) - a2 * _share(inverse, failure)
+
+
 @register_token_rule("gtpo")
 def gtpo(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect:
     """GTPO's entropy-weighted token rewards, normalised per group over its real tokens (module docstring)."""
     mask, outcome = inputs.mask.bool(), _outcomes(inputs)
     entropies = inputs.entropies.detach().double().clamp(min=0.0)  # (B, T)
-    a1, a2 = settings.gtpo_outcome_weight, settings.gtpo_entropy_weight
     advantages = torch.zeros_like(entropies)
     for group in torch.unique(inputs.groups):
         rows = inputs.groups == group
@@ -285,8 +294,7 @@ def gtpo(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffect
         if not (bool((sign > 0).any()) and bool((sign < 0).any())):
             continue  # no success or no failure: no reward signal
         success, failure = real & (sign > 0)[:, None], real & (sign < 0)[:, None]
-        rewards = a1 * sign[:, None] + a2 * _share(entropies[rows], success)  # (G, T)
-        rewards = rewards - a2 * _share(1.0 / entropies[rows].clamp(min=ENTROPY_FLOOR), failure)
+        rewards = _entropy_weighted(sign[:, None], entropies[rows], success, failure, settings)  # (G, T)
         advantages[rows] = _normalised(rewards, real)
     return TokenRuleEffect(touched=mask & (advantages != 0), advantages=advantages)
 
@@ -297,7 +305,6 @@ def grpo_s(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffe
     mask, outcome = inputs.mask.bool(), _outcomes(inputs)
     lengths = mask.sum(1)  # (B,)
     entropies = (inputs.entropies.detach().double().clamp(min=0.0) * mask).sum(1) / lengths.clamp(min=1)  # (B,)
-    a1, a2 = settings.gtpo_outcome_weight, settings.gtpo_entropy_weight
     sequence = torch.zeros_like(entropies)  # (B,)
     for group in torch.unique(inputs.groups):
         rows = inputs.groups == group
@@ -306,8 +313,7 @@ def grpo_s(inputs: TokenRuleInputs, settings: TokenRulesConfig) -> TokenRuleEffe
             continue
         present = lengths[rows] > 0
         success, failure = present & (sign > 0), present & (sign < 0)
-        rewards = a1 * sign + a2 * _share(entropies[rows], success)
-        rewards = rewards - a2 * _share(1.0 / entropies[rows].clamp(min=ENTROPY_FLOOR), failure)
+        rewards = _entropy_weighted(sign, entropies[rows], success, failure, settings)  # (G,)
         sequence[rows] = _normalised(rewards, present)
     advantages = sequence[:, None].expand_as(mask).masked_fill(~mask, 0.0)
     return TokenRuleEffect(touched=mask & (advantages != 0), advantages=advantages)
